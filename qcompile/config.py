@@ -1,0 +1,69 @@
+"""Frozen, validated configuration records shared by the pipeline stages."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+
+CALIBRATORS: tuple[str, ...] = ("minmax", "percentile", "mse")
+LAYOUTS: tuple[str, ...] = ("NCHW", "NHWC")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image file becomes the model's float input.
+
+    Images are decoded as RGB, resized so the short side is ``resize``
+    (``size`` when 0), centre-cropped to ``size``, scaled to [0, 1] when
+    ``scale01`` and then normalised ``(x - mean) / std`` per channel.
+    """
+
+    size: int = 224
+    resize: int = 0
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    layout: str = "NCHW"
+    scale01: bool = True
+    grayscale: bool = False
+
+    def __post_init__(self) -> None:
+        if self.size <= 0:
+            raise UsageError(f"--size must be positive, got {self.size}")
+        if self.layout not in LAYOUTS:
+            raise UsageError(f"--layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if len(self.mean) != len(self.std) or any(s == 0 for s in self.std):
+            raise UsageError("--mean and --std need the same length and a non-zero std")
+
+
+@dataclass(frozen=True)
+class CalibSpec:
+    """Where calibration data comes from and how ranges are measured."""
+
+    source: str = "synthetic"  # a directory, or "synthetic"
+    method: str = "minmax"
+    num_samples: int = 32
+    batch_size: int = 8
+    percentile: float = 99.99
+    seed: int = 0
+    preprocess: Preprocess = field(default_factory=Preprocess)
+
+    def __post_init__(self) -> None:
+        if self.method not in CALIBRATORS:
+            raise UsageError(f"--calibrator must be one of {CALIBRATORS}, got {self.method!r}")
+        if self.num_samples <= 0 or self.batch_size <= 0:
+            raise UsageError("--calib-samples and batch size must be positive")
+        if not 50.0 < self.percentile <= 100.0:
+            raise UsageError(f"--percentile must be in (50, 100], got {self.percentile}")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What to quantize and how: uniform bit-width today, per-layer plans later."""
+
+    bits: int = 8
+    first_last_bits: int = 8  # precision of the first conv and the last dense
+
+    def __post_init__(self) -> None:
+        for b in (self.bits, self.first_last_bits):
+            if b not in (4, 8):
+                raise UsageError(f"--bits must be 4 or 8, got {b}")

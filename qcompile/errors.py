@@ -1,0 +1,67 @@
+"""Error classes, one per exit code, so the CLI can map failures to distinct statuses.
+
+Every error carries a single-line message that names the offending node or option
+and what to do about it; the CLI prints it and exits with ``exit_code``.
+"""
+from __future__ import annotations
+
+
+class QCompileError(Exception):
+    """Base class. ``exit_code`` is what the CLI exits with."""
+
+    exit_code: int = 1
+
+
+class UsageError(QCompileError):
+    """Bad option or argument (mirrors click's own usage code)."""
+
+    exit_code = 2
+
+
+class BadModelError(QCompileError):
+    """Missing, truncated, non-ONNX, invalid or hostile model file."""
+
+    exit_code = 3
+
+
+class UnsupportedOpError(QCompileError):
+    """The model uses an operator or attribute qcompile cannot lower."""
+
+    exit_code = 4
+
+
+class BuildError(QCompileError):
+    """TVM failed to compile or export the module."""
+
+    exit_code = 5
+
+
+class DataError(QCompileError):
+    """Calibration or evaluation data is missing or malformed."""
+
+    exit_code = 6
+
+
+class ArtifactError(QCompileError):
+    """An artifact directory is missing, incomplete or from another version."""
+
+    exit_code = 7
+
+
+class InfeasibleBudgetError(QCompileError):
+    """No bit plan satisfies the requested budgets."""
+
+    exit_code = 8
+
+
+class DeviceError(QCompileError):
+    """The requested device (e.g. a CUDA GPU) is not present."""
+
+    exit_code = 9
+
+
+EXIT_CODES: dict[str, int] = {
+    cls.__name__: cls.exit_code
+    for cls in (UsageError, BadModelError, UnsupportedOpError, BuildError,
+                DataError, ArtifactError, InfeasibleBudgetError, DeviceError)
+}

@@ -1,0 +1,108 @@
+"""The one in-memory graph every stage passes along.
+
+A ``Graph`` is a single-input, single-output DAG of ``Node``s in topological
+order.  The importer produces it with ONNX-like ops; ``prepare`` rewrites it into
+the canonical op set below, whose float semantics are what calibration measures
+and what quantization approximates.
+
+Canonical ops after ``prepare`` (``attrs`` / ``params``):
+
+=========  ==================================================================
+conv       params w (O, I/group, kh, kw) f32, b (O,) f32;
+           attrs strides (2), pads (top, left, bottom, right), dilations (2),
+           group, act (lo, hi) floats or None (relu = (0, inf), relu6 = (0, 6))
+dense      params w (N, K) f32, b (N,) f32; attrs act.  y = x @ w.T + b
+add        two activation inputs; attrs act
+clip       attrs lo, hi (a standalone Relu/Clip that could not be fused)
+maxpool    attrs kernel (2), strides (2), pads (4), dilations (2)
+avgpool    attrs kernel, strides, pads, count_include_pad (bool)
+gap        global average pool, keeps dims (N, C, 1, 1)
+flatten    attrs axis
+reshape    attrs shape (fully resolved, no -1 / 0)
+concat     attrs axis
+softmax    attrs axis; only allowed as the graph's last node
+=========  ==================================================================
+
+Tensor names are the ONNX tensor names.  When a rewrite fuses nodes, the fused
+node keeps the name of the *last* fused tensor (e.g. Conv+BN+Relu writes the Relu
+output), so calibration can read every tensor straight from onnxruntime.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import numpy as np
+
+CANONICAL_OPS: frozenset[str] = frozenset(
+    {"conv", "dense", "add", "clip", "maxpool", "avgpool", "gap", "flatten",
+     "reshape", "concat", "softmax"})
+
+
+def _freeze(d: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(d or {}))
+
+
+@dataclass(frozen=True)
+class Node:
+    """One operator. ``inputs`` are activation tensors; weights live in ``params``."""
+
+    op: str
+    name: str
+    inputs: tuple[str, ...]
+    output: str
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+    params: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        object.__setattr__(self, "attrs", _freeze(self.attrs))
+        object.__setattr__(self, "params", _freeze(self.params))
+
+    def with_(self, **changes: Any) -> "Node":
+        """A copy with some fields replaced (nodes are immutable)."""
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Graph:
+    """A single-input, single-output DAG in topological order."""
+
+    input: str
+    input_shape: tuple[int, ...]
+    output: str
+    nodes: tuple[Node, ...]
+    shapes: Mapping[str, tuple[int, ...]]
+    source: str = ""  # file name or model name, for messages and reports
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nodes", tuple(self.nodes))
+        object.__setattr__(self, "input_shape", tuple(self.input_shape))
+        object.__setattr__(self, "shapes", _freeze(self.shapes))
+
+    def producer(self, tensor: str) -> Node | None:
+        """The node that writes ``tensor`` (None for the graph input)."""
+        for n in self.nodes:
+            if n.output == tensor:
+                return n
+        return None
+
+    def consumers(self, tensor: str) -> list[Node]:
+        """Nodes that read ``tensor``, in graph order."""
+        return [n for n in self.nodes if tensor in n.inputs]
+
+    def with_nodes(self, nodes: list[Node] | tuple[Node, ...]) -> "Graph":
+        """A copy with a new node list (shapes are kept)."""
+        return replace(self, nodes=tuple(nodes))
+
+    def validate(self) -> None:
+        """Check topological order and that every input is defined."""
+        defined = {self.input}
+        for n in self.nodes:
+            missing = [t for t in n.inputs if t not in defined]
+            if missing:
+                raise ValueError(f"node {n.name!r} reads undefined tensor(s) {missing}")
+            defined.add(n.output)
+        if self.output not in defined:
+            raise ValueError(f"graph output {self.output!r} is never produced")
