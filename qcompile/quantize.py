@@ -1,0 +1,279 @@
+"""Float canonical graph + calibration thresholds -> integer-only ``QGraph``.
+
+Scheme (HAWQ-V3 style, zero points always 0):
+- weights per-output-channel symmetric, ``q = clip(round(w / s_w), -qmax, qmax)``;
+- activations per-tensor, unsigned after a fused ReLU/ReLU6, signed otherwise;
+- bias int32 with scale ``s_w * s_x``;
+- every rescale is dyadic ``m / 2^s`` with ``m < 2^31``, so ``int32 * m`` fits int64.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Protocol
+
+import numpy as np
+
+from .config import QuantSpec
+from .errors import UnsupportedOpError
+from .graph import Graph, Node
+from .qgraph import INT32, QGraph, QNode, QTensor, QType
+
+M_BITS = 31      # dyadic multipliers are below 2^31
+MAX_SHIFT = 62   # keeps the rounding constant 2^(s-1) inside int64
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
+
+
+class Observer(Protocol):
+    def threshold(self, signed: bool, bits: int) -> float: ...
+
+
+def dyadic(M: np.ndarray | float, max_shift: int = MAX_SHIFT) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Elementwise m, r, s (int64) with ``m / 2^s ~= M`` and ``m < 2^31``."""
+    M = np.asarray(M, dtype=np.float64)
+    if np.any(M < 0) or not np.all(np.isfinite(M)):
+        raise ValueError("dyadic multipliers must be finite and non-negative")
+    safe = np.where(M > 0, M, 1.0)
+    # M in [2^e, 2^(e+1)) -> s = 30 - e puts m in [2^30, 2^31].
+    s = (M_BITS - 1) - np.floor(np.log2(safe)).astype(np.int64)
+    s = np.clip(s, 0, max_shift)
+    m = np.round(np.ldexp(safe, s)).astype(np.int64)
+    over = m >= (1 << M_BITS)  # rounding up to exactly 2^31
+    m = np.where(over & (s > 0), (m + 1) >> 1, m)
+    s = np.where(over & (s > 0), s - 1, s)
+    if np.any(m >= (1 << M_BITS)):
+        raise ValueError(f"rescale factor {float(M.max()):.3g} is too large for a 31-bit multiplier")
+    m = np.where(M > 0, m, 0)
+    return m, rounding_term(s), s
+
+
+def rounding_term(s: np.ndarray) -> np.ndarray:
+    return np.where(s > 0, np.left_shift(np.int64(1), np.maximum(s - 1, 0)), 0).astype(np.int64)
+
+
+def shared_shift(Ms: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Dyadic multipliers for several factors that must share one shift."""
+    s = min(int(dyadic(M)[2].min()) for M in Ms)
+    ms = [np.round(np.ldexp(np.asarray(M, np.float64), s)).astype(np.int64) for M in Ms]
+    return ms, rounding_term(np.int64(s)), np.int64(s)
+
+
+def quantize_weights(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-output-channel (axis 0) symmetric quantization -> (int8 q, float64 scale)."""
+    qmax = (1 << (bits - 1)) - 1
+    amax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1).astype(np.float64)
+    scale = np.where(amax > 0, amax / qmax, 1.0)
+    q = np.clip(np.round(w / scale.reshape((-1,) + (1,) * (w.ndim - 1))), -qmax, qmax)
+    return q.astype(np.int8), scale
+
+
+def _act_bounds(act: tuple[float, float] | None, qt: QType, scale: float) -> tuple[int, int]:
+    lo, hi = qt.qmin, qt.qmax
+    if act is not None:
+        if math.isfinite(act[0]):
+            lo = max(lo, math.ceil(act[0] / scale - 1e-9))
+        if math.isfinite(act[1]):
+            hi = min(hi, math.floor(act[1] / scale + 1e-9))
+    return lo, hi
+
+
+def _bcast(v: np.ndarray, ndim: int) -> np.ndarray:
+    """(C,) -> (1, C, 1, ...) so it broadcasts along axis 1 of an ndim tensor."""
+    return v.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+class _Quantizer:
+    """Walks the canonical graph once, turning each node into a QNode."""
+
+    def __init__(self, graph: Graph, stats: Mapping[str, Observer], spec: QuantSpec,
+                 bits: Mapping[str, int] | None) -> None:
+        self.g, self.stats, self.spec = graph, stats, spec
+        self.bits = dict(bits or {})
+        self.t: dict[str, QTensor] = {}
+        self.raw = _raw_output_producer(graph)
+
+    def node_bits(self, n: Node) -> int:
+        return self.bits.get(n.name, self.spec.bits)
+
+    def calibrated(self, name: str, qt: QType, cap: float = math.inf) -> float:
+        if name not in self.stats:
+            raise KeyError(f"no calibration statistics for tensor {name!r}")
+        T = float(self.stats[name].threshold(qt.signed, qt.bits))
+        T = min(T, cap) if cap > 0 else T
+        return max(T, 1e-8) / qt.qmax
+
+    def add_tensor(self, name: str, qt: QType, scale: np.ndarray | float) -> QTensor:
+        qtensor = QTensor(name, qt, tuple(self.g.shapes[name]), np.asarray(scale, np.float64))
+        self.t[name] = qtensor
+        return qtensor
+
+    # --- one method per canonical op ------------------------------------------------
+    def conv_or_dense(self, n: Node) -> QNode:
+        x = self.t[n.inputs[0]]
+        bits = self.node_bits(n)
+        wq, sw = quantize_weights(n.params["w"], bits)
+        sx = float(x.scale)
+        bq = np.clip(np.round(n.params["b"] / (sw * sx)), INT32_MIN, INT32_MAX).astype(np.int32)
+        wsum = np.abs(wq.reshape(wq.shape[0], -1).astype(np.int64)).sum(axis=1)
+        acc_bound = int((wsum * max(-x.qtype.qmin, x.qtype.qmax) + np.abs(bq.astype(np.int64))).max())
+        ndim = 4 if n.op == "conv" else 2
+        attrs: dict = {"acc_bound": acc_bound, "bits": bits}
+        if n.op == "conv":
+            attrs.update(strides=tuple(n.attrs["strides"]), pads=tuple(n.attrs["pads"]),
+                         dilations=tuple(n.attrs["dilations"]), group=int(n.attrs["group"]))
+            params = {"w": wq, "bias": _bcast(bq, 4)}
+        else:
+            params = {"w": np.ascontiguousarray(wq.T), "bias": _bcast(bq, 2)}
+        act = n.attrs.get("act")
+        if n.name == self.raw:
+            self.add_tensor(n.output, INT32, sw * sx)
+            attrs.update(raw=True, lo=INT32_MIN, hi=INT32_MAX)
+        else:
+            signed = act is None or act[0] < 0
+            qt = QType(self.node_bits(n), signed)
+            sy = self.calibrated(n.output, qt, act[1] if act else math.inf)
+            m, r, s = dyadic(sw * sx / sy)
+            lo, hi = _act_bounds(act, qt, sy)
+            params.update(m=_bcast(m, ndim), r=_bcast(r, ndim), s=_bcast(s, ndim))
+            attrs.update(raw=False, lo=lo, hi=hi)
+            self.add_tensor(n.output, qt, sy)
+        op = "qconv" if n.op == "conv" else "qdense"
+        return QNode(op, n.name, n.inputs, n.output, attrs, params)
+
+    def add(self, n: Node) -> QNode:
+        a, b = (self.t[i] for i in n.inputs)
+        act = n.attrs.get("act")
+        qt = QType(max(a.qtype.bits, b.qtype.bits), act is None or act[0] < 0)
+        sy = self.calibrated(n.output, qt, act[1] if act else math.inf)
+        (ma, mb), r, s = shared_shift([float(a.scale) / sy, float(b.scale) / sy])
+        lo, hi = _act_bounds(act, qt, sy)
+        self.add_tensor(n.output, qt, sy)
+        return QNode("qadd", n.name, n.inputs, n.output, {"lo": lo, "hi": hi},
+                     {"ma": ma, "mb": mb, "r": r, "s": s})
+
+    def clip(self, n: Node) -> QNode:
+        x = self.t[n.inputs[0]]
+        lo, hi = _act_bounds((n.attrs["lo"], n.attrs["hi"]), x.qtype, float(x.scale))
+        self.add_tensor(n.output, x.qtype, x.scale)
+        return QNode("clip", n.name, n.inputs, n.output, {"lo": lo, "hi": hi})
+
+    def passthrough(self, n: Node) -> QNode:
+        """maxpool, flatten and reshape keep the input's integer type and scale."""
+        x = self.t[n.inputs[0]]
+        attrs = dict(n.attrs)
+        if n.op in ("flatten", "reshape"):
+            attrs = {"shape": tuple(self.g.shapes[n.output])}
+            if x.scale.ndim and self.g.shapes[n.output][1] != x.scale.shape[0]:
+                raise UnsupportedOpError(f"node {n.name!r}: reshape of a per-channel tensor")
+        self.add_tensor(n.output, x.qtype, x.scale)
+        return QNode(n.op, n.name, n.inputs, n.output, attrs)
+
+    def pool(self, n: Node) -> QNode:
+        x = self.t[n.inputs[0]]
+        sy = self.calibrated(n.output, x.qtype)
+        oh, ow = self.g.shapes[n.output][2:]
+        if n.op == "gap":
+            h, w = self.g.shapes[n.inputs[0]][2:]
+            m, r, s = dyadic(float(x.scale) / (sy * h * w))
+            attrs: dict = {}
+        else:
+            cnt = _window_counts(self.g.shapes[n.inputs[0]][2:], (oh, ow), n.attrs)
+            (m,), r, s = shared_shift([float(x.scale) / (sy * cnt)])
+            m = m.reshape(1, 1, oh, ow)
+            attrs = {k: tuple(n.attrs[k]) for k in ("kernel", "strides", "pads")}
+        self.add_tensor(n.output, x.qtype, sy)
+        attrs.update(lo=x.qtype.qmin, hi=x.qtype.qmax)
+        return QNode(n.op, n.name, n.inputs, n.output, attrs, {"m": m, "r": r, "s": s})
+
+    def concat(self, n: Node) -> QNode:
+        ins = [self.t[i] for i in n.inputs]
+        qt = QType(max(i.qtype.bits for i in ins), any(i.qtype.signed for i in ins))
+        sy = self.calibrated(n.output, qt)
+        params, identity = {}, []
+        for k, x in enumerate(ins):
+            same = x.qtype == qt and math.isclose(float(x.scale), sy, rel_tol=0, abs_tol=0)
+            identity.append(same)
+            if not same:
+                m, r, s = dyadic(float(x.scale) / sy)
+                params.update({f"m{k}": m, f"r{k}": r, f"s{k}": s})
+        self.add_tensor(n.output, qt, sy)
+        return QNode("concat", n.name, n.inputs, n.output,
+                     {"axis": int(n.attrs["axis"]), "identity": tuple(identity),
+                      "lo": qt.qmin, "hi": qt.qmax}, params)
+
+
+def _window_counts(in_hw: tuple[int, int], out_hw: tuple[int, int], attrs: Mapping) -> np.ndarray:
+    """Divisor of each avg-pool output position (ONNX count_include_pad semantics)."""
+    (kh, kw), (sh, sw), (pt, pl, pb, pr) = attrs["kernel"], attrs["strides"], attrs["pads"]
+    cnt = np.zeros(out_hw, np.float64)
+    for i in range(out_hw[0]):
+        h0 = i * sh - pt
+        for j in range(out_hw[1]):
+            w0 = j * sw - pl
+            if attrs.get("count_include_pad", False):
+                # padded positions count, positions past the explicit pad (ceil_mode) do not
+                hh = min(h0 + kh, in_hw[0] + pb) - max(h0, -pt)
+                ww = min(w0 + kw, in_hw[1] + pr) - max(w0, -pl)
+            else:
+                hh = min(h0 + kh, in_hw[0]) - max(h0, 0)
+                ww = min(w0 + kw, in_hw[1]) - max(w0, 0)
+            cnt[i, j] = hh * ww
+    return cnt
+
+
+def _raw_output_producer(g: Graph) -> str | None:
+    """The conv/dense whose int32 accumulator can be the graph output (logits).
+
+    Keeping the last layer's accumulator un-requantized costs nothing and keeps
+    full precision for the float dequantization at the exit.
+    """
+    t = g.output
+    while True:
+        n = g.producer(t)
+        if n is None or len(g.consumers(t)) > 1 and t != g.output:
+            return None
+        if n.op in ("softmax",):
+            t = n.inputs[0]
+        elif n.op in ("flatten", "reshape"):
+            if g.shapes[n.output][1] != g.shapes[n.inputs[0]][1]:
+                return None
+            t = n.inputs[0]
+        elif n.op in ("conv", "dense") and n.attrs.get("act") is None:
+            return n.name if len(g.consumers(n.output)) <= 1 else None
+        else:
+            return None
+
+
+def calibration_tensors(graph: Graph) -> list[str]:
+    """Tensors whose ranges quantization needs, in graph order."""
+    raw = _raw_output_producer(graph)
+    names = [graph.input]
+    for n in graph.nodes:
+        if n.op in ("conv", "dense", "add", "avgpool", "gap", "concat") and n.name != raw:
+            names.append(n.output)
+    return names
+
+
+def quantize_graph(graph: Graph, stats: Mapping[str, Observer], spec: QuantSpec = QuantSpec(),
+                   bits: Mapping[str, int] | None = None) -> QGraph:
+    """Quantize a canonical float graph (see ``graph.py``) into a ``QGraph``.
+
+    ``stats`` maps each name from ``calibration_tensors`` to an observer;
+    ``bits`` optionally overrides the bit width per node name (weights and output).
+    """
+    q = _Quantizer(graph, stats, spec, bits)
+    in_qt = QType(spec.first_last_bits, True)
+    qin = q.add_tensor(graph.input, in_qt, q.calibrated(graph.input, in_qt))
+    handlers = {"conv": q.conv_or_dense, "dense": q.conv_or_dense, "add": q.add,
+                "clip": q.clip, "maxpool": q.passthrough, "flatten": q.passthrough,
+                "reshape": q.passthrough, "avgpool": q.pool, "gap": q.pool, "concat": q.concat}
+    nodes, softmax_axis, out = [], None, graph.output
+    for n in graph.nodes:
+        if n.op == "softmax":
+            if n.output != graph.output:
+                raise UnsupportedOpError(f"node {n.name!r} (Softmax) must be the last node")
+            softmax_axis, out = int(n.attrs.get("axis", -1)), n.inputs[0]
+            continue
+        if n.op not in handlers:
+            raise UnsupportedOpError(f"node {n.name!r} (op {n.op}) has no integer lowering")
+        nodes.append(handlers[n.op](n))
+    return QGraph(qin, tuple(nodes), q.t[out], dict(q.t), softmax_axis, graph.source)

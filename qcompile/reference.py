@@ -1,0 +1,163 @@
+"""The bit-exact oracle: executes a ``QGraph`` with NumPy integers.
+
+It imports NumPy only (and ``qgraph`` for type names): no TVM, no lowering code,
+no kernels.  Node semantics are re-implemented from the table in ``qgraph.py``.
+
+Convolutions and matmuls run through float64 BLAS for speed.  That is still exact
+integer arithmetic: every operand is an integer of at most 8 bits and
+``check_exact`` asserts that each layer's worst-case |accumulator| is below 2^53,
+where every partial sum is representable in a double and no rounding can occur.
+The int32 accumulator is then wrapped modulo 2^32, exactly as the compiled code's
+int32 arithmetic would wrap.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from .qgraph import QGraph, QNode
+
+EXACT_F64 = 1 << 53
+
+
+def _wrap_int32(v: np.ndarray) -> np.ndarray:
+    return ((v.astype(np.int64) + (1 << 31)) % (1 << 32) - (1 << 31)).astype(np.int64)
+
+
+def _exact_int(v: np.ndarray) -> np.ndarray:
+    """Cast an integer-valued float64 result back to int64 (exactness is pre-checked)."""
+    return np.rint(v).astype(np.int64)
+
+
+def _windows(x: np.ndarray, kernel: tuple[int, int], strides: tuple[int, int],
+             pads: tuple[int, int, int, int], dilations: tuple[int, int], fill: int) -> np.ndarray:
+    """(N, C, OH, OW, kh, kw) view of padded x."""
+    pt, pl, pb, pr = pads
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=fill)
+    dh, dw = dilations
+    eh, ew = (kernel[0] - 1) * dh + 1, (kernel[1] - 1) * dw + 1
+    win = sliding_window_view(xp, (eh, ew), axis=(2, 3))[:, :, ::strides[0], ::strides[1]]
+    return win[..., ::dh, ::dw]
+
+
+def _requant(acc: np.ndarray, n: QNode, m: str = "m", r: str = "r", s: str = "s") -> np.ndarray:
+    p = n.params
+    v = (acc.astype(np.int64) * p[m] + p[r]) >> p[s]
+    return np.clip(v, n.attrs["lo"], n.attrs["hi"])
+
+
+def _conv(n: QNode, x: np.ndarray) -> np.ndarray:
+    w = n.params["w"].astype(np.float64)
+    o, ipg, kh, kw = w.shape
+    g = n.attrs["group"]
+    win = _windows(x, (kh, kw), n.attrs["strides"], n.attrs["pads"], n.attrs["dilations"], 0)
+    nb, c, oh, ow = win.shape[:4]
+    win = win.reshape(nb, g, ipg, oh, ow, kh, kw).astype(np.float64)
+    wg = w.reshape(g, o // g, ipg, kh, kw)
+    acc = np.einsum("bgihwkl,goikl->bgohw", win, wg, optimize=True).reshape(nb, o, oh, ow)
+    return _wrap_int32(_exact_int(acc) + n.params["bias"].astype(np.int64))
+
+
+def qconv(n: QNode, x: np.ndarray) -> np.ndarray:
+    acc = _conv(n, x)
+    return acc if n.attrs["raw"] else _requant(acc, n)
+
+
+def qdense(n: QNode, x: np.ndarray) -> np.ndarray:
+    acc = _exact_int(x.astype(np.float64) @ n.params["w"].astype(np.float64))
+    acc = _wrap_int32(acc + n.params["bias"].astype(np.int64))
+    return acc if n.attrs["raw"] else _requant(acc, n)
+
+
+def qadd(n: QNode, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    p = n.params
+    v = (a.astype(np.int64) * p["ma"] + b.astype(np.int64) * p["mb"] + p["r"]) >> p["s"]
+    return np.clip(v, n.attrs["lo"], n.attrs["hi"])
+
+
+def clip(n: QNode, x: np.ndarray) -> np.ndarray:
+    return np.clip(x, n.attrs["lo"], n.attrs["hi"])
+
+
+def maxpool(n: QNode, x: np.ndarray) -> np.ndarray:
+    fill = np.iinfo(x.dtype).min
+    a = n.attrs
+    return _windows(x, a["kernel"], a["strides"], a["pads"], a.get("dilations", (1, 1)), fill).max(axis=(4, 5))
+
+
+def avgpool(n: QNode, x: np.ndarray) -> np.ndarray:
+    a = n.attrs
+    acc = _windows(x.astype(np.int64), a["kernel"], a["strides"], a["pads"], (1, 1), 0).sum(axis=(4, 5))
+    return _requant(acc, n)
+
+
+def gap(n: QNode, x: np.ndarray) -> np.ndarray:
+    return _requant(x.astype(np.int64).sum(axis=(2, 3), keepdims=True), n)
+
+
+def reshape(n: QNode, x: np.ndarray) -> np.ndarray:
+    return x.reshape((x.shape[0],) + tuple(n.attrs["shape"][1:]))
+
+
+def concat(n: QNode, *xs: np.ndarray) -> np.ndarray:
+    parts = []
+    for k, x in enumerate(xs):
+        if n.attrs["identity"][k]:
+            parts.append(x.astype(np.int64))
+        else:
+            parts.append(_requant(x, n, f"m{k}", f"r{k}", f"s{k}"))
+    return np.concatenate(parts, axis=n.attrs["axis"])
+
+
+OPS: dict[str, Callable[..., np.ndarray]] = {
+    "qconv": qconv, "qdense": qdense, "qadd": qadd, "clip": clip, "maxpool": maxpool,
+    "avgpool": avgpool, "gap": gap, "flatten": reshape, "reshape": reshape, "concat": concat,
+}
+
+
+def check_exact(qg: QGraph) -> None:
+    """Refuse graphs whose accumulators could be inexact in float64 BLAS."""
+    for n in qg.nodes:
+        if n.op in ("qconv", "qdense") and n.attrs["acc_bound"] >= EXACT_F64:
+            raise ValueError(f"{n.name}: |acc| bound {n.attrs['acc_bound']} exceeds 2^53")
+
+
+def quantize_input(qg: QGraph, x: np.ndarray) -> np.ndarray:
+    """The float entry step, in float32 exactly as specified in ``QGraph``."""
+    t = qg.input.qtype
+    v = np.floor(x.astype(np.float32) * qg.input_inv_scale + np.float32(0.5))
+    return np.clip(v, t.qmin, t.qmax).astype(t.dtype)
+
+
+def run_integer(qg: QGraph, q: np.ndarray, keep: bool = False) -> dict[str, np.ndarray]:
+    """Run the integer core on an already-quantized input.
+
+    Returns ``{"output": int tensor}``, plus every intermediate when ``keep``.
+    """
+    check_exact(qg)
+    env: dict[str, np.ndarray] = {qg.input.name: q}
+    for n in qg.nodes:
+        out = OPS[n.op](n, *(env[i] for i in n.inputs))
+        env[n.output] = out.astype(qg.tensors[n.output].qtype.dtype)
+    result = dict(env) if keep else {}
+    result["output"] = env[qg.output.name]
+    return result
+
+
+def dequantize_output(qg: QGraph, y: np.ndarray) -> np.ndarray:
+    """The float exit step: scale (per channel on axis 1) and optional softmax."""
+    s = qg.output.scale.astype(np.float32)
+    if s.ndim:
+        s = s.reshape((1, -1) + (1,) * (y.ndim - 2))
+    out = y.astype(np.float32) * s
+    if qg.softmax_axis is not None:
+        e = np.exp(out - out.max(axis=qg.softmax_axis, keepdims=True))
+        out = e / e.sum(axis=qg.softmax_axis, keepdims=True)
+    return out
+
+
+def run(qg: QGraph, x: np.ndarray) -> np.ndarray:
+    """Float in, float out, integer in between."""
+    return dequantize_output(qg, run_integer(qg, quantize_input(qg, x))["output"])

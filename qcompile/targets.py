@@ -1,0 +1,73 @@
+"""Hardware facts as tables, and the TVM targets built from them."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class CpuModel:
+    """An LLVM -mcpu value and the /proc/cpuinfo flags and vendor that select it."""
+
+    mcpu: str
+    vendor: str  # "" matches any vendor
+    flags: frozenset[str]
+
+
+# First match wins; bundled LLVM 22 rejects mcpu=native, so we detect ourselves.
+CPU_MODELS: tuple[CpuModel, ...] = (
+    CpuModel("znver4", "AuthenticAMD", frozenset({"avx512f", "avx512_vnni", "avx512_bf16"})),
+    CpuModel("sapphirerapids", "GenuineIntel", frozenset({"avx512_vnni", "amx_int8"})),
+    CpuModel("cascadelake", "", frozenset({"avx512f", "avx512_vnni"})),
+    CpuModel("skylake-avx512", "", frozenset({"avx512f", "avx512bw"})),
+    CpuModel("znver2", "AuthenticAMD", frozenset({"avx2"})),
+    CpuModel("haswell", "", frozenset({"avx2", "fma"})),
+)
+
+# `--target NAME` aliases -> TVM target dicts / tags.
+CUDA_TAGS: dict[str, str] = {"cuda": "nvidia/nvidia-t4", "t4": "nvidia/nvidia-t4"}
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "", set()
+    vendor, flags = "", set()
+    for line in text.splitlines():
+        if line.startswith("vendor_id") and not vendor:
+            vendor = line.split(":", 1)[1].strip()
+        if line.startswith("flags") and not flags:
+            flags = set(line.split(":", 1)[1].split())
+    return vendor, flags
+
+
+def host_mcpu() -> str:
+    """The best -mcpu for this machine from CPU_MODELS ('' for LLVM's generic)."""
+    vendor, flags = _cpuinfo()
+    for m in CPU_MODELS:
+        if m.flags <= flags and (not m.vendor or m.vendor == vendor):
+            return m.mcpu
+    return ""
+
+
+def has_vnni() -> bool:
+    return "avx512_vnni" in _cpuinfo()[1]
+
+
+def make_target(name: str = "llvm", num_threads: int | None = None) -> tvm.target.Target:
+    """``llvm`` (this CPU) or ``cuda`` (the T4, sm_75) as a TVM target."""
+    if name == "llvm":
+        spec = {"kind": "llvm", "num-cores": num_threads or os.cpu_count() or 1}
+        mcpu = host_mcpu()
+        if mcpu:
+            spec["mcpu"] = mcpu
+        return tvm.target.Target(spec)
+    if name in CUDA_TAGS:
+        return tvm.target.Target(CUDA_TAGS[name], host=make_target("llvm"))
+    raise UsageError(f"--target must be one of llvm, {', '.join(CUDA_TAGS)}; got {name!r}")
