@@ -1,0 +1,191 @@
+"""The Python face of the CLI: the whole pipeline, readable in one place."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import tvm
+
+from . import __version__
+from . import reference as oracle
+from .artifact import atomic_dir, check_output_dir, write_json
+from .build import build
+from .calibrate import FloatRunner, collect_stats, load_inputs, make_reader
+from .config import CalibSpec, Preprocess, QuantSpec
+from .errors import BuildError
+from .lower import lower
+from .onnx_import import import_onnx, load_model
+from .prepare import prepare
+from .quantize import calibration_tensors, quantize_graph
+from .report import layer_table, render_card
+from .runtime import Artifact, summarize_ms
+from .serialize import qgraph_to_json
+from .targets import make_target
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    out_dir: Path
+    compile_seconds: float
+    integer_only: bool
+    num_layers: int
+
+
+def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm",
+                  quant: QuantSpec = QuantSpec(), calib: CalibSpec = CalibSpec(),
+                  progress: bool = True) -> CompileResult:
+    """ONNX file -> integer-only artifact directory (written atomically)."""
+    t0 = time.perf_counter()
+    model, out_dir = Path(model), Path(out_dir)
+    check_output_dir(out_dir, protect=(model,))
+    tgt = make_target(target)
+    # 1. Import: load, check, shape-infer, canonicalize (BN folding, fusion).
+    proto = load_model(model)
+    graph = prepare(import_onnx(proto, batch=1, source=model.name))
+    # 2. Calibrate activation ranges on the float model in onnxruntime.
+    reader = make_reader(calib, graph.input, graph.input_shape)
+    stats = collect_stats(proto, calibration_tensors(graph), reader, calib.method, calib, progress)
+    # 3. Quantize to an integer-only graph and lower it to Relax.
+    qg = quantize_graph(graph, stats, quant)
+    mod = lower(qg)
+    # 4. Legalize, prove integer-only, compile.
+    built = build(mod, tgt)
+    if not built.intcheck.ok:
+        raise BuildError(f"integer-only check failed: {built.intcheck.violations[:3]}")
+    # 5. Write the artifact atomically.
+    items = qg.param_items()
+    meta = {
+        "target": str(tgt.kind.name) + (f" -mcpu={tgt.attrs['mcpu']}" if "mcpu" in tgt.attrs else ""),
+        "integer_only": built.intcheck.ok,
+        "calibration": {"method": calib.method, "source": calib.source,
+                        "num_samples": min(calib.num_samples, len(reader))},
+    }
+    with atomic_dir(out_dir) as tmp:
+        try:
+            built.executable.export_library(str(tmp / "module.so"))
+        except Exception as e:
+            raise BuildError(f"export_library failed: {str(e).splitlines()[0]}") from e
+        np.savez(tmp / "weights.npz", **dict(items))
+        write_json(tmp / "qconfig.json", {
+            "bits": quant.bits, "first_last_bits": quant.first_last_bits,
+            "preprocess": dataclasses.asdict(calib.preprocess),
+            "calibration": meta["calibration"], "layers": layer_table(qg),
+            "graph": qgraph_to_json(qg)})
+        (tmp / "report.md").write_text(render_card(qg, meta))
+        seconds = time.perf_counter() - t0
+        write_json(tmp / "manifest.json", {
+            "format": 1, "qcompile": __version__, "tvm": tvm.__version__,
+            "source": str(model.name), "target": {"kind": tgt.kind.name, "str": meta["target"]},
+            "input": {"name": qg.input.name, "shape": ["N", *qg.input.shape[1:]],
+                      "dtype": "float32"},
+            "output": {"name": qg.output.name, "shape": ["N", *qg.output.shape[1:]],
+                       "dtype": "float32"},
+            "functions": ["main", "quantize", "core", "dequantize"],
+            "params": [k for k, _ in items], "integer_only": built.intcheck.ok,
+            "intcheck": {"prim_funcs": len(built.intcheck.prim_funcs),
+                         "stores": built.intcheck.stores},
+            "compile_seconds": round(seconds, 2)})
+    n_layers = sum(n.op in ("qconv", "qdense") for n in qg.nodes)
+    return CompileResult(out_dir, seconds, built.intcheck.ok, n_layers)
+
+
+def run_artifact(art_dir: str | Path, x: np.ndarray) -> np.ndarray:
+    """Run a compiled artifact on a float32 batch."""
+    return Artifact.load(art_dir).run(x)
+
+
+def _sqnr_db(signal: float, noise: float) -> float:
+    if noise == 0:
+        return float("inf")
+    return float(10 * np.log10(max(signal, 1e-30) / noise))
+
+
+def evaluate(model: str | Path, art_dir: str | Path, *, data: str | None = None,
+             num_samples: int = 64, preprocess: Preprocess | None = None, progress: bool = True,
+             inputs: np.ndarray | None = None, labels: np.ndarray | None = None,
+             batch_size: int = 16) -> dict:
+    """Fidelity of an artifact against onnxruntime FP32, plus the bit-exact check.
+
+    Bit-exact: the compiled ``quantize`` and ``core`` must equal the NumPy oracle
+    rebuilt from the artifact's own qconfig + weights, on every sample.
+    """
+    art = Artifact.load(art_dir)
+    qg = art.qgraph()
+    shape = (1,) + art.input_shape[1:]
+    if inputs is None:
+        p = preprocess or Preprocess(**{k: tuple(v) if isinstance(v, list) else v
+                                        for k, v in art.qconfig["preprocess"].items()})
+        if data is None:
+            warnings.warn("no --data given: evaluating on synthetic N(0,1) inputs", stacklevel=2)
+            inputs = np.random.default_rng(1).normal(size=(num_samples,) + shape[1:]).astype(np.float32)
+        else:
+            inputs = load_inputs(data, p, shape, num_samples)
+    layer_names = [n.output for n in qg.nodes]
+    runner = FloatRunner(load_model(model), layer_names)
+    sig: dict[str, float] = {}
+    err: dict[str, float] = {}
+    bit_exact, agree, correct, fcorrect = True, 0, 0, 0
+    for i in range(0, len(inputs), batch_size):
+        x = inputs[i:i + batch_size].astype(np.float32)
+        q = oracle.quantize_input(qg, x)
+        ref = oracle.run_integer(qg, q, keep=True)
+        bit_exact &= bool(np.array_equal(art.quantize(x), q))
+        bit_exact &= bool(np.array_equal(art.run_core(q), ref["output"]))
+        fl = runner.run(x)
+        for name in layer_names:
+            if name not in fl:
+                continue
+            f = fl[name].astype(np.float64)
+            d = qg.tensors[name].dequantize(ref[name])
+            sig[name] = sig.get(name, 0.0) + float((f ** 2).sum())
+            err[name] = err.get(name, 0.0) + float(((f - d) ** 2).sum())
+        y_float = fl[qg.output.name]
+        y_q = qg.output.dequantize(ref["output"])
+        agree += int((y_float.argmax(1) == y_q.argmax(1)).sum())
+        if labels is not None:
+            lab = labels[i:i + batch_size]
+            correct += int((y_q.argmax(1) == lab).sum())
+            fcorrect += int((y_float.argmax(1) == lab).sum())
+    n = len(inputs)
+    out = {
+        "bit_exact": bit_exact, "integer_only": bool(art.manifest.get("integer_only")),
+        "top1_agreement": agree / n, "sqnr_db": _sqnr_db(sig[qg.output.name], err[qg.output.name]),
+        "num_samples": n, "data": data or ("arrays" if data is None and labels is not None else "synthetic"),
+        "layers": [{"name": k, "sqnr_db": _sqnr_db(sig[k], err[k])} for k in layer_names if k in sig],
+    }
+    if labels is not None:
+        out.update(accuracy=correct / n, float_accuracy=fcorrect / n)
+    return out
+
+
+def bench_artifact(art_dir: str | Path, *, batch: int = 1, repeat: int = 50,
+                   warmup: int = 5) -> dict:
+    """Median/min/max latency of an artifact's ``main`` at a batch size."""
+    return Artifact.load(art_dir).bench(batch, repeat, warmup)
+
+
+def ort_bench(model: str | Path, *, batch: int = 1, repeat: int = 50, warmup: int = 5,
+              threads: int | None = None) -> dict:
+    """Same measurement for the float model in onnxruntime (the usual peer)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or os.cpu_count() or 1
+    sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    shape = [batch] + [d if isinstance(d, int) else 1 for d in inp.shape[1:]]
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    for _ in range(warmup):
+        sess.run(None, {inp.name: x})
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        sess.run(None, {inp.name: x})
+        times.append(time.perf_counter() - t)
+    return summarize_ms(times, batch)

@@ -1,0 +1,73 @@
+"""Atomic output: build a directory next to the target, then rename it into place."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import UsageError
+
+MANIFEST = "manifest.json"
+
+
+def check_output_dir(out: Path, protect: tuple[Path, ...] = ()) -> None:
+    """Refuse outputs that would destroy something that is not a qcompile artifact."""
+    out = Path(out)
+    for p in protect:
+        if p.exists() and out.resolve() == Path(p).resolve():
+            raise UsageError(f"-o {out} is the input model; choose another output directory")
+        if p.exists() and Path(p).resolve().is_relative_to(out.resolve()):
+            raise UsageError(f"-o {out} contains the input model; choose another output directory")
+    if out.exists():
+        if not out.is_dir():
+            raise UsageError(f"-o {out} exists and is not a directory; choose another path")
+        if any(out.iterdir()) and not (out / MANIFEST).is_file():
+            raise UsageError(f"-o {out} is a non-empty directory that is not a qcompile "
+                             "artifact; refusing to overwrite it")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """Yield a temp dir beside ``out``; on success it replaces ``out`` atomically.
+
+    On any error the temp dir is removed and ``out`` is left exactly as it was.
+    An existing artifact is moved aside first and deleted only after the rename.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rmdir(old)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a single file atomically (temp file in the same dir, then replace)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

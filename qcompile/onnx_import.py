@@ -1,0 +1,492 @@
+"""Load, check and shape-infer an ONNX file, then turn it into a ``Graph`` of ONNX ops.
+
+Two steps, both refusing anything qcompile cannot lower with one actionable line:
+
+* ``load_model`` reads a file (never writing it), refuses hostile external data,
+  runs the full checker, converts to opset 17 and infers shapes strictly.
+* ``import_onnx`` fixes a symbolic batch dimension, re-infers static shapes and
+  builds ``Node``s that keep their ONNX ``op_type``; constants move to ``params``
+  by role and window ops get explicit ``pads`` (top, left, bottom, right) with
+  ``auto_pad`` and ``ceil_mode`` resolved.  ``prepare`` canonicalises from there.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, NoReturn
+
+import numpy as np
+import onnx
+from onnx import external_data_helper, helper, numpy_helper, shape_inference, version_converter
+
+from .errors import BadModelError, UnsupportedOpError
+from .graph import Graph, Node
+
+TARGET_OPSET = 17
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+_CONTROL_FLOW = ("If", "Loop", "Scan")
+
+
+def _one_line(err: BaseException | str) -> str:
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read, validate and normalise an ONNX file (opset 17, strictly inferred shapes).
+
+    Raises ``BadModelError`` for missing/empty/non-ONNX/invalid/hostile files and
+    ``UnsupportedOpError`` for valid models outside qcompile's scope.  The file on
+    disk is only ever read.
+    """
+    path = os.fspath(path)
+    # Step 1. The file itself: clear messages before protobuf gets a say.
+    if not os.path.exists(path):
+        raise BadModelError(f"{path}: no such file; pass the path of an .onnx model")
+    if os.path.isdir(path):
+        raise BadModelError(f"{path}: is a directory; pass the .onnx file inside it")
+    if os.path.getsize(path) == 0:
+        raise BadModelError(f"{path}: file is empty; re-export or re-download the model")
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except OSError as err:
+        raise BadModelError(f"{path}: cannot read the file ({err.strerror or err}); "
+                            "check its permissions") from None
+    except Exception as err:  # DecodeError and friends all mean "not ONNX"
+        raise BadModelError(f"{path}: not a readable ONNX model ({_one_line(err)}); "
+                            "the file may be truncated or another format") from None
+    if model.ir_version <= 0 or not model.HasField("graph") or not model.graph.node:
+        raise BadModelError(f"{path}: not an ONNX model (no IR version or empty graph); "
+                            "the file may be truncated or another format")
+    # Step 2. External data must stay inside the model's folder, then load it.
+    base_dir = os.path.dirname(os.path.abspath(path))
+    _check_external_data(model, base_dir, path)
+    try:
+        external_data_helper.load_external_data_for_model(model, base_dir)
+    except Exception as err:
+        raise BadModelError(f"{path}: cannot read external data ({_one_line(err)}); "
+                            "keep the .onnx file next to its data files") from None
+    # Step 3. Refuse what no later step can lower, before the checker's cryptic view of it.
+    _check_scope(model)
+    # Step 4. Checker, opset conversion, strict shape inference.
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as err:
+        raise BadModelError(f"{path}: fails the ONNX checker: {_one_line(err)}") from None
+    model = _to_target_opset(model, path)
+    model = _infer(model, path)
+    _check_io(model, path)
+    return model
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+
+
+def _check_external_data(model: onnx.ModelProto, base_dir: str, path: str) -> None:
+    root = os.path.realpath(base_dir)
+    for tensor in _all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+        # realpath resolves symlinks and "..", so one commonpath test covers every escape.
+        ok = bool(location) and "\0" not in location and not os.path.isabs(location)
+        resolved = os.path.realpath(os.path.join(root, location)) if ok else ""
+        if not ok or os.path.commonpath([root, resolved]) != root:
+            raise BadModelError(
+                f"{path}: tensor {tensor.name!r} points at external data {location!r} outside "
+                "the model's folder; refusing it (move the data next to the model)")
+        if not os.path.isfile(resolved):
+            raise BadModelError(f"{path}: tensor {tensor.name!r} needs external data file "
+                                f"{location!r}, which is missing; copy it next to the model")
+
+
+def _check_scope(model: onnx.ModelProto) -> None:
+    """Refuse custom-domain ops, control flow and sparse weights, naming the culprit."""
+    if model.graph.sparse_initializer:
+        raise UnsupportedOpError(
+            f"sparse initializer {model.graph.sparse_initializer[0].values.name!r} is not "
+            "supported; store the weights densely")
+    for i, node in enumerate(model.graph.node):
+        if node.domain not in _DEFAULT_DOMAINS:
+            raise UnsupportedOpError(_unsupported_msg(_node_name(node, i),
+                                                      f"{node.domain}.{node.op_type}"))
+        if node.op_type in _CONTROL_FLOW:
+            raise UnsupportedOpError(_unsupported_msg(_node_name(node, i), node.op_type))
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS), 0)
+
+
+def _to_target_opset(model: onnx.ModelProto, path: str) -> onnx.ModelProto:
+    version = _default_opset(model)
+    if version == TARGET_OPSET:
+        return model
+    try:
+        return version_converter.convert_version(model, TARGET_OPSET)
+    except Exception as err:
+        raise UnsupportedOpError(
+            f"{path}: cannot convert opset {version} to {TARGET_OPSET} ({_one_line(err)}); "
+            f"re-export the model with opset {TARGET_OPSET}") from None
+
+
+def _infer(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    try:
+        return shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except Exception as err:
+        raise BadModelError(f"{source}: shape inference failed: {_one_line(err)}") from None
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    # Old exporters list initializers among the inputs; those are weights, not inputs.
+    inits = {t.name for t in model.graph.initializer}
+    return [v for v in model.graph.input if v.name not in inits]
+
+
+def _check_io(model: onnx.ModelProto, source: str) -> None:
+    inputs, outputs = _graph_inputs(model), model.graph.output
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise UnsupportedOpError(
+            f"{source}: model has {len(inputs)} inputs and {len(outputs)} outputs "
+            f"({', '.join(v.name for v in [*inputs, *outputs])}); qcompile needs exactly one "
+            "image input and one output")
+    elem = inputs[0].type.tensor_type.elem_type
+    if elem != onnx.TensorProto.FLOAT:
+        raise UnsupportedOpError(
+            f"{source}: input {inputs[0].name!r} is {onnx.TensorProto.DataType.Name(elem)}; "
+            "qcompile needs a float32 input (move casts/preprocessing out of the model)")
+
+
+# --------------------------------------------------------------------------- importing
+
+SUPPORTED_OPS: frozenset[str] = frozenset({
+    "Add", "AveragePool", "BatchNormalization", "Clip", "Concat", "Conv", "Dropout", "Flatten",
+    "Gemm", "GlobalAveragePool", "Identity", "MatMul", "MaxPool", "Relu", "Reshape", "Softmax"})
+
+
+def _unsupported_msg(name: str, op: str) -> str:
+    return (f"node {name!r} (op {op}) is not supported; supported ops: "
+            f"{', '.join(sorted(SUPPORTED_OPS))}. Replace it or file an issue.")
+
+
+def _node_name(node: onnx.NodeProto, index: int) -> str:
+    # Unnamed nodes are common; their first output is unique and findable in Netron.
+    return node.name or (node.output[0] if node.output else f"{node.op_type}_{index}")
+
+
+def import_onnx(model: onnx.ModelProto, *, batch: int = 1, source: str = "") -> Graph:
+    """Turn a (checked) ONNX model into a ``Graph`` of ONNX ops with static shapes.
+
+    A symbolic or unknown batch dimension becomes ``batch``; every other dimension
+    must be static.  Constants become float32 ``params``; unsupported ops or
+    attributes raise ``UnsupportedOpError`` naming the node.
+    """
+    if batch <= 0:
+        raise BadModelError(f"batch must be positive, got {batch}")
+    src = source or model.graph.name or "model"
+    # Step 1. Work on a copy at opset 17 with the batch fixed, then re-infer.
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(_to_target_opset(model, src))
+    _check_scope(fixed)
+    _check_io(fixed, src)
+    _fix_batch(fixed, batch, src)
+    fixed = _infer(fixed, src)
+    g = fixed.graph
+    x = _graph_inputs(fixed)[0]
+    # Step 2. Static shapes of every activation, and every constant by name.
+    shapes = _static_shapes(fixed, src)
+    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    used = {t for n in g.node for t in n.input} | {o.name for o in g.output}
+    # Step 3. One handler per op type; Constant nodes only feed the constant table.
+    nodes: list[Node] = []
+    for i, onode in enumerate(g.node):
+        if onode.op_type == "Constant":
+            consts[onode.output[0]] = _constant_value(onode, i)
+            continue
+        name = _node_name(onode, i)
+        handler = _HANDLERS.get(onode.op_type)
+        if handler is None:
+            raise UnsupportedOpError(_unsupported_msg(name, onode.op_type))
+        if onode.output[0] not in shapes:
+            raise BadModelError(f"{src}: node {name!r} output {onode.output[0]!r} has no "
+                                "inferred shape; re-export with static shapes")
+        ctx = _Ctx(name, onode, _parse_attrs(onode), consts, shapes)
+        for extra in list(onode.output)[1:]:
+            if extra in used:
+                ctx.unsupported(f"output {extra!r}", "only the first output may be used")
+        nodes.append(handler(ctx))
+    activations = {x.name, *(n.output for n in nodes)}  # Constant outputs are not activations
+    graph = Graph(input=x.name, input_shape=shapes[x.name], output=g.output[0].name,
+                  nodes=tuple(nodes), source=src,
+                  shapes={t: s for t, s in shapes.items() if t in activations})
+    try:
+        graph.validate()
+    except ValueError as err:
+        raise BadModelError(f"{src}: {err}") from None
+    return graph
+
+
+def _fix_batch(model: onnx.ModelProto, batch: int, source: str) -> None:
+    x = _graph_inputs(model)[0]
+    dims = x.type.tensor_type.shape.dim
+    if not x.type.tensor_type.HasField("shape") or len(dims) == 0:
+        raise BadModelError(f"{source}: input {x.name!r} has no shape; re-export it with a "
+                            "static shape such as (N, C, H, W)")
+    for axis, d in enumerate(dims):
+        if d.HasField("dim_value") and d.dim_value > 0:
+            continue
+        if axis != 0:
+            raise BadModelError(f"{source}: input {x.name!r} has a dynamic dimension "
+                                f"{d.dim_param or '?'!r} at axis {axis}; only the batch "
+                                "may be dynamic, re-export with a fixed size")
+        d.Clear()
+        d.dim_value = batch
+    # Stale symbolic shapes would fight the new batch in strict inference.
+    del model.graph.value_info[:]
+    for out in model.graph.output:
+        out.type.tensor_type.ClearField("shape")
+
+
+def _static_shapes(model: onnx.ModelProto, source: str) -> dict[str, tuple[int, ...]]:
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for v in [*g.input, *g.value_info, *g.output]:
+        if v.name in inits:
+            continue
+        t = v.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+        if not t.HasField("shape") or any(d <= 0 for d in dims):
+            raise BadModelError(f"{source}: tensor {v.name!r} has no static shape after "
+                                "shape inference; re-export with static shapes")
+        shapes[v.name] = dims
+    return shapes
+
+
+def _constant_value(node: onnx.NodeProto, index: int) -> np.ndarray:
+    attr = node.attribute[0]  # the checker guarantees exactly one value attribute
+    if attr.name in ("sparse_value",):
+        raise UnsupportedOpError(f"node {_node_name(node, index)!r} (op Constant): "
+                                 "sparse_value is not supported; use a dense tensor")
+    return np.asarray(helper.get_attribute_value(attr) if attr.name != "value"
+                      else numpy_helper.to_array(attr.t))
+
+
+def _parse_attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for a in node.attribute:
+        v = helper.get_attribute_value(a)
+        if isinstance(v, bytes):
+            v = v.decode("utf-8", "replace")
+        elif isinstance(v, onnx.TensorProto):
+            v = numpy_helper.to_array(v)
+        elif isinstance(v, list):
+            v = tuple(x.decode() if isinstance(x, bytes) else x for x in v)
+        out[a.name] = v
+    return out
+
+
+@dataclass
+class _Ctx:
+    """What a handler needs to turn one ONNX node into a ``Node``."""
+
+    name: str
+    onode: onnx.NodeProto
+    attrs: dict[str, Any]
+    consts: Mapping[str, np.ndarray]
+    shapes: Mapping[str, tuple[int, ...]]
+
+    @property
+    def op(self) -> str:
+        return self.onode.op_type
+
+    def unsupported(self, what: str, why: str) -> NoReturn:
+        raise UnsupportedOpError(f"node {self.name!r} (op {self.op}): {what} is not "
+                                 f"supported ({why}); change it in the model or file an issue")
+
+    def _input(self, i: int) -> str:
+        ins = self.onode.input
+        return ins[i] if i < len(ins) else ""
+
+    def has(self, i: int) -> bool:
+        return self._input(i) != ""
+
+    def is_const(self, i: int) -> bool:
+        return self._input(i) in self.consts
+
+    def act(self, i: int) -> str:
+        """Input ``i`` as an activation tensor (constants are refused)."""
+        t = self._input(i)
+        if t in self.consts:
+            self.unsupported(f"constant input {t!r}", "this input must be an activation")
+        return t
+
+    def const(self, i: int, role: str) -> np.ndarray:
+        """Input ``i`` as a float32 constant (activations are refused)."""
+        t = self._input(i)
+        if t not in self.consts:
+            self.unsupported(f"non-constant {role} input {t!r}", f"{role} must be an initializer")
+        return np.array(self.consts[t], dtype=np.float32)  # a private copy
+
+    def node(self, inputs: tuple[str, ...], attrs: Mapping[str, Any] | None = None,
+             params: Mapping[str, np.ndarray] | None = None) -> Node:
+        return Node(op=self.op, name=self.name, inputs=inputs, output=self.onode.output[0],
+                    attrs=self.attrs if attrs is None else attrs, params=params or {})
+
+
+# --------------------------------------------------------------------------- windows
+
+def _window_pads(ctx: _Ctx, kernel: tuple[int, ...], ceil: bool) -> tuple[dict[str, Any], bool]:
+    """Explicit (top, left, bottom, right) pads for Conv/MaxPool/AveragePool.
+
+    auto_pad and ceil_mode become plain pads; the result must reproduce the inferred
+    output size, which catches the ceil_mode corner where ONNX shape inference and
+    onnxruntime disagree on the size of the last window.  Also says whether ceil_mode
+    added padding past the explicit pads.
+    """
+    x_shape, y_shape = ctx.shapes[ctx.onode.input[0]], ctx.shapes[ctx.onode.output[0]]
+    if len(x_shape) != 4 or len(kernel) != 2:
+        ctx.unsupported(f"{len(x_shape) - 2}-D windows", "only 2-D (N, C, H, W) is supported")
+    strides = tuple(ctx.attrs.get("strides", (1, 1)))
+    dilations = tuple(ctx.attrs.get("dilations", (1, 1)))
+    auto_pad = ctx.attrs.get("auto_pad", "NOTSET")
+    pads = list(ctx.attrs.get("pads", (0, 0, 0, 0)))
+    ceil_extra = False
+    for ax in range(2):
+        size, k, s, d = x_shape[2 + ax], kernel[ax], strides[ax], dilations[ax]
+        span = (k - 1) * d + 1
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            total = max(0, (math.ceil(size / s) - 1) * s + span - size)
+            small, big = total // 2, total - total // 2
+            pads[ax], pads[2 + ax] = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
+        elif auto_pad == "VALID":
+            pads[ax] = pads[2 + ax] = 0
+        elif auto_pad != "NOTSET":
+            ctx.unsupported(f"auto_pad={auto_pad}", "unknown value")
+        padded = size + pads[ax] + pads[2 + ax]
+        out = (padded - span) // s + 1
+        if ceil and auto_pad == "NOTSET":
+            out = -(-(padded - span) // s) + 1
+            if (out - 1) * s >= size + pads[ax]:  # last window may not start in the end pad
+                out -= 1
+            extra = max(0, (out - 1) * s + span - padded)
+            pads[2 + ax] += extra
+            ceil_extra |= extra > 0
+        if out != y_shape[2 + ax]:
+            ctx.unsupported("ceil_mode=1" if ceil else "this window geometry",
+                            f"output size {y_shape[2 + ax]} on axis {2 + ax} from shape "
+                            f"inference, {out} from the window arithmetic")
+    attrs = {"kernel_shape": tuple(kernel), "strides": strides, "dilations": dilations,
+             "pads": tuple(pads)}
+    return attrs, ceil_extra
+
+
+# --------------------------------------------------------------------------- handlers
+
+def _conv(ctx: _Ctx) -> Node:
+    w = ctx.const(1, "weight")
+    params = {"w": w} | ({"b": ctx.const(2, "bias")} if ctx.has(2) else {})
+    attrs, _ = _window_pads(ctx, tuple(ctx.attrs.get("kernel_shape", w.shape[2:])), ceil=False)
+    return ctx.node((ctx.act(0),), attrs | {"group": int(ctx.attrs.get("group", 1))}, params)
+
+
+def _pool(ctx: _Ctx) -> Node:
+    if ctx.attrs.get("storage_order", 0) != 0:
+        ctx.unsupported("storage_order=1", "only row-major (0) pooling indices are supported")
+    ceil = bool(ctx.attrs.get("ceil_mode", 0))
+    attrs, ceil_extra = _window_pads(ctx, tuple(ctx.attrs["kernel_shape"]), ceil)
+    if ctx.op == "AveragePool":
+        include = bool(ctx.attrs.get("count_include_pad", 0))
+        # onnxruntime divides by the window clipped to the explicit pads, so a ceil-mode
+        # extra would be counted wrongly once merged into the pads.
+        if include and ceil_extra:
+            ctx.unsupported("ceil_mode=1 with count_include_pad=1",
+                            "the partial last window cannot be expressed with plain pads")
+        if attrs["dilations"] != (1, 1):
+            ctx.unsupported("dilations", "AveragePool dilation is not supported")
+        attrs["count_include_pad"] = include
+    return ctx.node((ctx.act(0),), attrs)
+
+
+def _batchnorm(ctx: _Ctx) -> Node:
+    if ctx.attrs.get("training_mode", 0):
+        ctx.unsupported("training_mode=1", "export the model in inference mode")
+    params = {role: ctx.const(i, role)
+              for i, role in enumerate(("scale", "bias", "mean", "var"), start=1)}
+    return ctx.node((ctx.act(0),), {"epsilon": float(ctx.attrs.get("epsilon", 1e-5))}, params)
+
+
+def _clip(ctx: _Ctx) -> Node:
+    # opset >= 11 passes bounds as optional inputs; older opsets as attributes.
+    lo = float(ctx.attrs.get("min", -np.inf))
+    hi = float(ctx.attrs.get("max", np.inf))
+    if ctx.has(1):
+        lo = float(ctx.const(1, "min").reshape(()))
+    if ctx.has(2):
+        hi = float(ctx.const(2, "max").reshape(()))
+    return ctx.node((ctx.act(0),), {"min": lo, "max": hi})
+
+
+def _add(ctx: _Ctx) -> Node:
+    c0, c1 = ctx.is_const(0), ctx.is_const(1)
+    if c0 and c1:
+        ctx.unsupported("two constant inputs", "fold constants before compiling")
+    if c0 or c1:
+        return ctx.node((ctx.act(1 if c0 else 0),), {}, {"c": ctx.const(0 if c0 else 1, "c")})
+    return ctx.node((ctx.act(0), ctx.act(1)), {})
+
+
+def _gemm(ctx: _Ctx) -> Node:
+    if ctx.attrs.get("transA", 0):
+        ctx.unsupported("attribute transA=1", "transpose the input before Gemm")
+    attrs = {"transA": 0, "transB": int(ctx.attrs.get("transB", 0)),
+             "alpha": float(ctx.attrs.get("alpha", 1.0)), "beta": float(ctx.attrs.get("beta", 1.0))}
+    params = {"w": ctx.const(1, "weight")} | ({"b": ctx.const(2, "bias")} if ctx.has(2) else {})
+    return ctx.node((ctx.act(0),), attrs, params)
+
+
+def _matmul(ctx: _Ctx) -> Node:
+    w = ctx.const(1, "weight")
+    if w.ndim != 2:
+        ctx.unsupported(f"a {w.ndim}-D weight", "only a constant 2-D right operand is supported")
+    return ctx.node((ctx.act(0),), {}, {"w": w})
+
+
+def _reshape(ctx: _Ctx) -> Node:
+    if not ctx.is_const(1):
+        ctx.unsupported(f"non-constant shape input {ctx.onode.input[1]!r}",
+                        "the target shape must be an initializer or Constant")
+    target = tuple(int(v) for v in np.asarray(ctx.consts[ctx.onode.input[1]]).reshape(-1))
+    return ctx.node((ctx.act(0),), {"shape": target, "allowzero": int(ctx.attrs.get("allowzero", 0))})
+
+
+def _dropout(ctx: _Ctx) -> Node:
+    if ctx.has(2) and (not ctx.is_const(2) or bool(ctx.consts[ctx.onode.input[2]])):
+        ctx.unsupported("training_mode", "export the model in inference mode")
+    return ctx.node((ctx.act(0),), {})
+
+
+def _unary(ctx: _Ctx) -> Node:
+    return ctx.node((ctx.act(0),), ctx.attrs)
+
+
+def _concat(ctx: _Ctx) -> Node:
+    return ctx.node(tuple(ctx.act(i) for i in range(len(ctx.onode.input))), ctx.attrs)
+
+
+_HANDLERS: dict[str, Callable[[_Ctx], Node]] = {
+    "Conv": _conv, "MaxPool": _pool, "AveragePool": _pool, "BatchNormalization": _batchnorm,
+    "Clip": _clip, "Add": _add, "Gemm": _gemm, "MatMul": _matmul, "Reshape": _reshape,
+    "Dropout": _dropout, "Concat": _concat, "Relu": _unary, "GlobalAveragePool": _unary,
+    "Flatten": _unary, "Softmax": _unary, "Identity": _unary,
+}
+assert set(_HANDLERS) == SUPPORTED_OPS, "keep the handler table and the list in sync"

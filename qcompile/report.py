@@ -1,0 +1,91 @@
+"""The quantization card (``report.md``) and the per-layer ``qconfig.json`` table."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .qgraph import QGraph
+
+ACC_LIMIT = 1 << 31
+
+
+def layer_table(qg: QGraph) -> list[dict[str, Any]]:
+    """Per-layer bits, scales, dyadic m and s, and the accumulator bound."""
+    rows = []
+    for n in qg.nodes:
+        out = qg.tensors[n.output]
+        row: dict[str, Any] = {"name": n.name, "op": n.op, "output": n.output,
+                               "out_bits": out.qtype.bits, "out_signed": out.qtype.signed,
+                               "out_scale": out.scale.tolist()}
+        if n.op in ("qconv", "qdense"):
+            x = qg.tensors[n.inputs[0]]
+            row.update(w_bits=n.attrs["bits"], in_bits=x.qtype.bits, in_scale=float(x.scale),
+                       acc_bound=n.attrs["acc_bound"], raw=bool(n.attrs["raw"]),
+                       macs=_macs(qg, n), params=int(n.params["w"].size))
+        for k in ("m", "s", "ma", "mb"):
+            if k in n.params:
+                row[k] = np.asarray(n.params[k]).reshape(-1).tolist()
+        rows.append(row)
+    return rows
+
+
+def _macs(qg: QGraph, n: Any) -> int:
+    w = n.params["w"]
+    out = qg.tensors[n.output].shape
+    if n.op == "qconv":
+        return int(np.prod(out[1:])) * int(np.prod(w.shape[1:]))
+    return int(w.shape[0] * w.shape[1])
+
+
+def _fmt_scale(s: np.ndarray) -> str:
+    return f"{float(s):.4g}" if s.ndim == 0 else f"per-channel ({s.size})"
+
+
+def render_card(qg: QGraph, meta: dict[str, Any]) -> str:
+    """Markdown card listing every choice that affects accuracy and speed."""
+    convs = [n for n in qg.nodes if n.op in ("qconv", "qdense")]
+    first, last = convs[0], convs[-1]
+    cal = meta["calibration"]
+    lines = [
+        f"# Quantization card: {qg.source or 'model'}",
+        "",
+        "| choice | value |",
+        "| --- | --- |",
+        f"| target | `{meta['target']}` |",
+        f"| integer-only core | {'yes, checked on the compiled IR' if meta['integer_only'] else 'NO'} |",
+        "| float steps | input quantization (floor(x/s + 0.5), clipped) and output dequantization only |",
+        f"| calibration | {cal['method']} on {cal['num_samples']} samples from `{cal['source']}`"
+        + (" (synthetic: ranges unrelated to real data)" if cal['source'] == "synthetic" else "") + " |",
+        "| weights | per-output-channel symmetric, zero point 0 |",
+        "| activations | per-tensor; unsigned after a fused ReLU/ReLU6, signed otherwise; zero point 0 |",
+        "| bias | int32, scale s_w * s_x |",
+        "| BatchNorm | folded into the preceding conv before quantization |",
+        "| requantization | dyadic m / 2^s per output channel, m < 2^31, int64 product, round half up |",
+        "| residual add | each branch rescaled dyadically to the output scale, summed in int64 |",
+        "| average pooling | integer window sum times a dyadic per-position factor |",
+        f"| input | {qg.input.qtype.dtype} ({qg.input.qtype.bits} bit), scale {_fmt_scale(qg.input.scale)} |",
+        f"| first layer | `{first.name}`: {first.attrs['bits']}-bit weights |",
+        f"| last layer | `{last.name}`: {last.attrs['bits']}-bit weights, "
+        + ("int32 accumulator dequantized directly" if last.attrs["raw"] else "requantized") + " |",
+        f"| output | {qg.output.qtype.dtype}, scale {_fmt_scale(qg.output.scale)}"
+        + (f", then float softmax on axis {qg.softmax_axis}" if qg.softmax_axis is not None else "") + " |",
+        "| accumulator | int32 |",
+        "",
+        "## Accumulator bounds",
+        "",
+        "Static worst case |acc| = max over output channels of sum|w_q| * max|x_q| + |bias_q|, "
+        "against the int32 limit 2^31.",
+        "",
+        "| layer | op | w bits | in | out | worst-case abs(acc) | log2 | headroom |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for n in convs:
+        b = n.attrs["acc_bound"]
+        x, y = qg.tensors[n.inputs[0]].qtype, qg.tensors[n.output].qtype
+        ok = "ok" if b < ACC_LIMIT else "**OVERFLOW POSSIBLE**"
+        lines.append(f"| `{n.name}` | {n.op} | {n.attrs['bits']} | {x.dtype} | {y.dtype} | {b} "
+                     f"| {math.log2(max(b, 1)):.1f} | {ok} |")
+    lines.append("")
+    return "\n".join(lines)

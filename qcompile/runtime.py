@@ -1,0 +1,97 @@
+"""Load an artifact and run or time it with TVM's Relax VM."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .errors import ArtifactError
+from .qgraph import QGraph
+from .serialize import qgraph_from_json
+
+REQUIRED = ("manifest.json", "module.so", "weights.npz", "qconfig.json")
+
+
+@dataclass
+class Artifact:
+    """A loaded artifact: the VM, its parameters (on device) and its description."""
+
+    path: Path
+    manifest: dict
+    qconfig: dict
+    vm: relax.VirtualMachine
+    params: list[tvm.runtime.Tensor]
+    arrays: dict[str, np.ndarray]
+    device: tvm.runtime.Device
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Artifact":
+        path = Path(path)
+        missing = [f for f in REQUIRED if not (path / f).is_file()]
+        if missing:
+            raise ArtifactError(f"{path} is not a qcompile artifact (missing {', '.join(missing)}); "
+                                "create one with `qcompile compile MODEL -o DIR`")
+        manifest = json.loads((path / "manifest.json").read_text())
+        qconfig = json.loads((path / "qconfig.json").read_text())
+        with np.load(path / "weights.npz", allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        if manifest.get("target", {}).get("kind", "llvm") != "llvm":
+            raise ArtifactError(f"{path} was built for {manifest['target']['kind']}; "
+                                "running it needs that device")
+        dev = tvm.cpu()
+        try:
+            lib = tvm.runtime.load_module(str(path / "module.so"))
+        except Exception as e:
+            raise ArtifactError(f"{path}/module.so failed to load: {str(e).splitlines()[0]}") from e
+        vm = relax.VirtualMachine(lib, dev)
+        params = [tvm.runtime.tensor(arrays[k], dev) for k in manifest["params"]]
+        return cls(path, manifest, qconfig, vm, params, arrays, dev)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.manifest["input"]["shape"])
+
+    def qgraph(self) -> QGraph:
+        return qgraph_from_json(self.qconfig["graph"], self.arrays)
+
+    def _check(self, x: np.ndarray) -> np.ndarray:
+        want = self.input_shape[1:]
+        if x.ndim != len(want) + 1 or tuple(x.shape[1:]) != want:
+            raise ArtifactError(f"input shape {x.shape} does not match the model's "
+                                f"(N, {', '.join(map(str, want))})")
+        return np.ascontiguousarray(x)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Float input batch -> float output (quantize, integer core, dequantize)."""
+        x = self._check(x.astype(np.float32, copy=False))
+        return self.vm["main"](tvm.runtime.tensor(x, self.device), *self.params).numpy()
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        x = self._check(x.astype(np.float32, copy=False))
+        return self.vm["quantize"](tvm.runtime.tensor(x, self.device)).numpy()
+
+    def run_core(self, q: np.ndarray) -> np.ndarray:
+        """Integer input -> the integer tensor just before the exit dequantization."""
+        return self.vm["core"](tvm.runtime.tensor(self._check(q), self.device), *self.params).numpy()
+
+    def bench(self, batch: int = 1, repeat: int = 50, warmup: int = 5) -> dict:
+        """Latency of ``main`` (quantize + core + dequantize) on random input, in ms."""
+        x = np.random.default_rng(0).normal(size=(batch,) + self.input_shape[1:]).astype(np.float32)
+        args = [tvm.runtime.tensor(x, self.device), *self.params]
+        for _ in range(warmup):
+            self.vm["main"](*args)
+        timer = self.vm.time_evaluator("main", self.device, number=1, repeat=repeat)
+        return summarize_ms(list(timer(*args).results), batch)
+
+
+def summarize_ms(seconds: list[float], batch: int) -> dict:
+    """trtexec-style summary of per-run wall times."""
+    ms = np.asarray(seconds) * 1e3
+    med = float(np.median(ms))
+    return {"median_ms": med, "min_ms": float(ms.min()), "max_ms": float(ms.max()),
+            "mean_ms": float(ms.mean()), "batch": batch, "repeat": len(ms),
+            "throughput_ips": batch * 1e3 / med}
