@@ -47,7 +47,7 @@ def _check_value(expr: tvm.ir.Expr, where: str, rep: IntCheckReport) -> None:
     """Recursively inspect a stored value, not descending into load indices."""
     if isinstance(expr, tvm.ir.TensorLoad):
         if not _is_int(_dtype(expr)):
-            rep.violations.append(f"{where}: loads {_dtype(expr)} from {expr.buffer.name}")
+            rep.violations.append(f"{where}: loads {_dtype(expr)} from {getattr(expr.source, 'name', expr.source)}")
         return
     if not _is_int(_dtype(expr)):
         rep.violations.append(f"{where}: {type(expr).__name__} of dtype {_dtype(expr)}")

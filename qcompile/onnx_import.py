@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, helper, numpy_helper, shape_inference, version_converter
 
-from .errors import BadModelError, UnsupportedOpError
+from .errors import BadModelError, UnsupportedOpError, UsageError
 from .graph import Graph, Node
 
 TARGET_OPSET = 17
@@ -139,11 +139,43 @@ def _to_target_opset(model: onnx.ModelProto, path: str) -> onnx.ModelProto:
             f"re-export the model with opset {TARGET_OPSET}") from None
 
 
+_SKELETON_MIN_ELEMENTS = 4096  # float weights this big only matter to inference by shape
+
+
 def _infer(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    """Strict shape inference, returning ``model`` with its value_info/outputs filled in.
+
+    infer_shapes serialises the whole model; on a weight-free skeleton (large float
+    initializers turned into typed inputs) it takes milliseconds instead of seconds,
+    and the result is the same because only small int constants feed shape functions.
+    """
+    g = model.graph
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+              onnx.TensorProto.BFLOAT16)
+    big = [t for t in g.initializer
+           if t.data_type in floats and math.prod(t.dims) >= _SKELETON_MIN_ELEMENTS]
+    names = {t.name for t in big}
+    skeleton = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import,
+                               functions=model.functions)
+    sg = skeleton.graph
+    sg.name = g.name
+    sg.node.extend(g.node)
+    sg.input.extend(v for v in g.input if v.name not in names)
+    sg.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in big)
+    sg.initializer.extend(t for t in g.initializer if t.name not in names)
+    sg.output.extend(g.output)
+    sg.value_info.extend(g.value_info)
     try:
-        return shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        inferred = shape_inference.infer_shapes(skeleton, check_type=True, strict_mode=True)
     except Exception as err:
         raise BadModelError(f"{source}: shape inference failed: {_one_line(err)}") from None
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in names)
+    del out.graph.output[:]
+    out.graph.output.extend(inferred.graph.output)
+    return out
 
 
 def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -191,7 +223,7 @@ def import_onnx(model: onnx.ModelProto, *, batch: int = 1, source: str = "") -> 
     attributes raise ``UnsupportedOpError`` naming the node.
     """
     if batch <= 0:
-        raise BadModelError(f"batch must be positive, got {batch}")
+        raise UsageError(f"--batch must be positive, got {batch}")
     src = source or model.graph.name or "model"
     # Step 1. Work on a copy at opset 17 with the batch fixed, then re-infer.
     fixed = onnx.ModelProto()
@@ -203,7 +235,7 @@ def import_onnx(model: onnx.ModelProto, *, batch: int = 1, source: str = "") -> 
     g = fixed.graph
     x = _graph_inputs(fixed)[0]
     # Step 2. Static shapes of every activation, and every constant by name.
-    shapes = _static_shapes(fixed, src)
+    shapes = _static_shapes(fixed)
     consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
     used = {t for n in g.node for t in n.input} | {o.name for o in g.output}
     # Step 3. One handler per op type; Constant nodes only feed the constant table.
@@ -218,7 +250,7 @@ def import_onnx(model: onnx.ModelProto, *, batch: int = 1, source: str = "") -> 
             raise UnsupportedOpError(_unsupported_msg(name, onode.op_type))
         if onode.output[0] not in shapes:
             raise BadModelError(f"{src}: node {name!r} output {onode.output[0]!r} has no "
-                                "inferred shape; re-export with static shapes")
+                                "static inferred shape; re-export with static shapes")
         ctx = _Ctx(name, onode, _parse_attrs(onode), consts, shapes)
         for extra in list(onode.output)[1:]:
             if extra in used:
@@ -256,19 +288,16 @@ def _fix_batch(model: onnx.ModelProto, batch: int, source: str) -> None:
         out.type.tensor_type.ClearField("shape")
 
 
-def _static_shapes(model: onnx.ModelProto, source: str) -> dict[str, tuple[int, ...]]:
+def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Every fully static inferred shape; the node loop refuses outputs missing here."""
     g = model.graph
     inits = {t.name for t in g.initializer}
     shapes: dict[str, tuple[int, ...]] = {}
     for v in [*g.input, *g.value_info, *g.output]:
-        if v.name in inits:
-            continue
         t = v.type.tensor_type
         dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
-        if not t.HasField("shape") or any(d <= 0 for d in dims):
-            raise BadModelError(f"{source}: tensor {v.name!r} has no static shape after "
-                                "shape inference; re-export with static shapes")
-        shapes[v.name] = dims
+        if v.name not in inits and t.HasField("shape") and all(d > 0 for d in dims):
+            shapes[v.name] = dims
     return shapes
 
 
@@ -466,12 +495,19 @@ def _reshape(ctx: _Ctx) -> Node:
         ctx.unsupported(f"non-constant shape input {ctx.onode.input[1]!r}",
                         "the target shape must be an initializer or Constant")
     target = tuple(int(v) for v in np.asarray(ctx.consts[ctx.onode.input[1]]).reshape(-1))
-    return ctx.node((ctx.act(0),), {"shape": target, "allowzero": int(ctx.attrs.get("allowzero", 0))})
+    attrs = {"shape": target, "allowzero": int(ctx.attrs.get("allowzero", 0))}
+    return ctx.node((ctx.act(0),), attrs)
 
 
 def _dropout(ctx: _Ctx) -> Node:
     if ctx.has(2) and (not ctx.is_const(2) or bool(ctx.consts[ctx.onode.input[2]])):
         ctx.unsupported("training_mode", "export the model in inference mode")
+    return ctx.node((ctx.act(0),), {})
+
+
+def _gap(ctx: _Ctx) -> Node:
+    if len(ctx.shapes[ctx.onode.output[0]]) != 4:
+        ctx.unsupported("a non-4-D input", "only (N, C, H, W) is supported")
     return ctx.node((ctx.act(0),), {})
 
 
@@ -486,7 +522,7 @@ def _concat(ctx: _Ctx) -> Node:
 _HANDLERS: dict[str, Callable[[_Ctx], Node]] = {
     "Conv": _conv, "MaxPool": _pool, "AveragePool": _pool, "BatchNormalization": _batchnorm,
     "Clip": _clip, "Add": _add, "Gemm": _gemm, "MatMul": _matmul, "Reshape": _reshape,
-    "Dropout": _dropout, "Concat": _concat, "Relu": _unary, "GlobalAveragePool": _unary,
+    "Dropout": _dropout, "Concat": _concat, "Relu": _unary, "GlobalAveragePool": _gap,
     "Flatten": _unary, "Softmax": _unary, "Identity": _unary,
 }
 assert set(_HANDLERS) == SUPPORTED_OPS, "keep the handler table and the list in sync"

@@ -155,18 +155,18 @@ def dense_to_canonical(graph: Graph) -> Graph:
             return None
         if len(g.shapes[n.inputs[0]]) != 2:
             raise _refuse(n, f"needs a 2-D input, got shape {g.shapes[n.inputs[0]]}")
-        w = n.params["w"].astype(np.float64)
+        w = n.params["w"]
         if n.op == "MatMul" or not n.attrs["transB"]:
-            w = w.T  # ONNX stores (K, N); dense wants (N, K)
-        w = w * n.attrs.get("alpha", 1.0)
+            w = np.ascontiguousarray(w.T)  # ONNX stores (K, N); dense wants (N, K)
+        if n.attrs.get("alpha", 1.0) != 1.0:  # one correctly rounded float32 product
+            w = w * np.float32(n.attrs["alpha"])
         b = np.zeros(w.shape[0], np.float32)
         if "b" in n.params:
             c = _channel_vector(n.params["b"] * np.float32(n.attrs["beta"]), g.shapes[n.output])
             if c is None:
                 raise _refuse(n, "has a bias C that is not one value per output column")
             b = c
-        return n.with_(op="dense", attrs={"act": None},
-                       params={"w": w.astype(np.float32), "b": b})
+        return n.with_(op="dense", attrs={"act": None}, params={"w": w, "b": b})
     return _replace_ops(graph, rule)
 
 

@@ -1,0 +1,397 @@
+"""The ``qcompile`` command line: parse, call ``qcompile.api``, print.
+
+Every command is thin on purpose; behaviour lives in the API so scripts and the CLI
+agree.  Errors the user can cause are ``QCompileError``s: they print one line,
+``error: ...``, and exit with the class's code (see ``errors.py``).  Anything else is
+a bug: one line and exit 70, or the traceback with ``QCOMPILE_DEBUG=1``.
+
+``compile`` is the default command: ``qcompile model.onnx -o out/`` works.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import tempfile
+import warnings
+from importlib import metadata
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Sequence
+
+import click
+import numpy as np
+
+from . import __version__
+from .artifact import check_output_dir
+from .config import CALIBRATORS, LAYOUTS, CalibSpec, Preprocess, QuantSpec
+from .errors import ArtifactError, BadModelError, DataError, QCompileError, UsageError
+
+EXIT_INTERNAL = 70  # EX_SOFTWARE from sysexits.h
+DEFAULT_COMMAND = "compile"
+F = Callable[..., Any]
+
+
+def _api() -> ModuleType:
+    # Imported on use: it pulls in TVM (~seconds), which `--help`, `--version` and
+    # `zoo` don't need. Tests swap this function for a fake.
+    return importlib.import_module(".api", __package__)
+
+
+def _version() -> str:
+    def v(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "unknown"
+    return f"{__version__} (apache-tvm {v('apache-tvm')}, onnx {v('onnx')})"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    # Library warnings (e.g. synthetic calibration) as one line, not file:line + source.
+    click.echo(f"warning: {_one_line(str(message))}", err=True)
+
+
+# ----------------------------------------------------------------------------- the group
+
+class QCompileGroup(click.Group):
+    """A group with a default command and one error policy for every command."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if _wants_default(args, self.commands, ctx.help_option_names):
+            args = [DEFAULT_COMMAND, *args]
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with warnings.catch_warnings():  # restores the caller's hooks (CliRunner, pytest)
+            warnings.showwarning = _show_warning
+            try:
+                return super().invoke(ctx)
+            except (click.exceptions.ClickException, click.exceptions.Exit,
+                    click.exceptions.Abort):
+                raise
+            except QCompileError as e:
+                click.echo(f"error: {_one_line(str(e))}", err=True)
+                ctx.exit(e.exit_code)
+            except Exception as e:
+                if os.environ.get("QCOMPILE_DEBUG", "") not in ("", "0"):
+                    raise
+                click.echo(f"internal error: {type(e).__name__}: {_one_line(str(e))}; "
+                           "rerun with QCOMPILE_DEBUG=1 for the traceback", err=True)
+                ctx.exit(EXIT_INTERNAL)
+
+
+def _looks_like_model(arg: str) -> bool:
+    return arg.lower().endswith(".onnx") or os.path.isfile(arg)
+
+
+def _wants_default(args: Sequence[str], commands: dict[str, click.Command],
+                   help_names: Sequence[str]) -> bool:
+    """True when ``args`` are a ``compile`` invocation without the command name.
+
+    The first word must not be a command; it is either the model itself or an option
+    of ``compile`` (the group owns only --help/--version) with a model further on.
+    """
+    if not args or args[0] in commands:
+        return False
+    if args[0].startswith("-"):
+        if args[0] in (*help_names, "--version"):
+            return False
+        return any(_looks_like_model(a) for a in args[1:] if not a.startswith("-"))
+    return _looks_like_model(args[0])
+
+
+@click.group(cls=QCompileGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(_version(), "--version", prog_name="qcompile", message="%(prog)s %(version)s")
+def main() -> None:
+    """Compile ONNX CNNs into integer-only quantized TVM modules.
+
+    \b
+    qcompile zoo resnet18 -o r18.onnx
+    qcompile r18.onnx -o r18-int8/          (same as: qcompile compile ...)
+    qcompile eval r18.onnx r18-int8/
+    qcompile bench r18-int8/
+    """
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"{option} takes comma-separated numbers like 0.5,0.5,0.5; "
+                         f"got {text!r}") from None
+    if len(values) not in (1, 3):
+        raise UsageError(f"{option} takes 1 or 3 values, got {len(values)}")
+    return values
+
+
+def _model_input(model: Path, layout: str) -> tuple[int | None, int | None]:
+    """(spatial size, channels) of the model's input when cheaply knowable, else None.
+
+    Only a default for --size and grayscale; the API reports broken models properly.
+    """
+    try:
+        import onnx  # deferred: only compile/eval with images need it
+        graph = onnx.load(str(model), load_external_data=False).graph
+        inits = {t.name for t in graph.initializer}
+        dims = [d.dim_value for d in next(i for i in graph.input if i.name not in inits)
+                .type.tensor_type.shape.dim]
+    except Exception:  # any failure: fall back to defaults, the API will say what's wrong
+        return None, None
+    if len(dims) != 4:
+        return None, None
+    c, h = (dims[1], dims[2]) if layout == "NCHW" else (dims[3], dims[1])
+    return (h or None), (c or None)
+
+
+def _preprocess(model: Path, size: int | None, resize: int, mean: str | None, std: str | None,
+                layout: str) -> Preprocess:
+    """Preprocess from options; unset --size and channel count follow the model's input."""
+    model_size, channels = _model_input(model, layout)
+    gray = channels == 1
+    m, s = _floats(mean, "--mean"), _floats(std, "--std")
+    base = Preprocess()
+    if gray:  # ImageNet's per-channel defaults don't apply to one channel
+        m, s = m or (0.5,), s or (0.5,)
+    m, s = m or base.mean, s or base.std
+    # One value stands for every channel: "--std 0.5" next to a 3-value mean.
+    n = max(len(m), len(s))
+    m, s = (m * n if len(m) == 1 else m), (s * n if len(s) == 1 else s)
+    return Preprocess(size=size or model_size or base.size, resize=resize, mean=m, std=s,
+                      layout=layout, grayscale=gray)
+
+
+def _check_model(model: str) -> Path:
+    path = Path(model)
+    if not path.exists():
+        raise BadModelError(f"{model}: no such file; pass the path of an .onnx model")
+    if path.is_dir():
+        raise BadModelError(f"{model}: is a directory; pass the .onnx file inside it")
+    return path
+
+
+def _check_artifact(art: str) -> Path:
+    # Cheap early check; the runtime checks the files themselves when it loads them.
+    path = Path(art)
+    if not path.is_dir():
+        raise ArtifactError(f"{art}: no such artifact directory; "
+                            "create one with `qcompile compile MODEL -o DIR`")
+    return path
+
+
+def _load_npy(path: str) -> np.ndarray:
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such file; pass a .npy array")
+    try:
+        x = np.load(path, allow_pickle=False)  # never unpickle user files
+    except Exception as e:
+        raise DataError(f"{path}: not a readable .npy array ({_one_line(str(e))})") from None
+    if not isinstance(x, np.ndarray) or x.dtype.kind not in "fiub":
+        raise DataError(f"{path}: expected a numeric array, got {getattr(x, 'dtype', type(x))}")
+    return x.astype(np.float32, copy=False)
+
+
+def _save_npy(path: str, y: np.ndarray) -> None:
+    # Temp file in the same directory + os.replace: readers never see half an array.
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, y, allow_pickle=False)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def _print_json(d: dict) -> None:
+    click.echo(json.dumps(d, indent=2, default=_jsonable))
+
+
+def _preprocess_options(f: F) -> F:
+    """Image preprocessing options shared by compile and eval (innermost first)."""
+    opts = [
+        click.option("--layout", type=click.Choice(LAYOUTS), default="NCHW", show_default=True,
+                     help="Model input layout."),
+        click.option("--std", metavar="a,b,c", help="Per-channel std (default: ImageNet)."),
+        click.option("--mean", metavar="a,b,c", help="Per-channel mean, after scaling to [0,1] "
+                     "(default: ImageNet)."),
+        click.option("--resize", type=click.IntRange(min=0), default=0, metavar="N",
+                     help="Resize the short side to N before cropping (default: --size)."),
+        click.option("--size", type=click.IntRange(min=1), default=None, metavar="N",
+                     help="Centre-crop size (default: the model's input size)."),
+    ]
+    for opt in opts:
+        f = opt(f)
+    return f
+
+
+# ----------------------------------------------------------------------------- commands
+
+@main.command("zoo")
+@click.argument("name", required=False)
+@click.option("-o", "--output", metavar="FILE", help="Where to write the .onnx file.")
+@click.option("--list", "list_", is_flag=True, help="List the available architectures.")
+@click.option("--input-size", type=int, default=None, metavar="N",
+              help="Input height/width (default: the architecture's own).")
+@click.option("--num-classes", type=int, default=1000, show_default=True, metavar="N")
+@click.option("--seed", type=int, default=0, show_default=True, metavar="N")
+def zoo_cmd(name: str | None, output: str | None, list_: bool, input_size: int | None,
+            num_classes: int, seed: int) -> None:
+    """Write a synthetic architecture (seeded random weights) as ONNX."""
+    from . import zoo  # onnx only; no TVM
+
+    if list_:
+        for n in sorted(zoo.ZOO):
+            click.echo(n)
+        return
+    if name is None:
+        raise UsageError("zoo needs a NAME (see `qcompile zoo --list`)")
+    if output is None:
+        raise UsageError("zoo needs -o FILE")
+    model = zoo.build(name, input_size=input_size, num_classes=num_classes, seed=seed)
+    path = zoo.save(model, output)
+    dims = "x".join(str(d.dim_value or d.dim_param)
+                    for d in model.graph.input[0].type.tensor_type.shape.dim)
+    click.echo(f"wrote {path} ({name}, input {dims}, {path.stat().st_size / 1e6:.1f} MB)")
+
+
+@main.command("compile")
+@click.argument("model", metavar="MODEL")
+@click.option("-o", "--output", "out", required=True, metavar="OUT",
+              help="Artifact directory (new, empty, or a previous artifact).")
+@click.option("--target", type=click.Choice(("llvm", "cuda")), default="llvm", show_default=True)
+@click.option("--bits", type=int, default=8, show_default=True, help="Weight/activation bits: 8 or 4.")
+@click.option("--calib", default="synthetic", show_default=True, metavar="DIR|synthetic",
+              help="Calibration data: a folder of .npy/.npz arrays or images.")
+@click.option("--calib-samples", type=int, default=CalibSpec().num_samples, show_default=True,
+              metavar="N")
+@click.option("--calibrator", type=click.Choice(CALIBRATORS), default="minmax", show_default=True)
+@click.option("--percentile", type=float, default=CalibSpec().percentile, show_default=True,
+              metavar="P", help="Used by --calibrator percentile.")
+@_preprocess_options
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
+def compile_cmd(model: str, out: str, target: str, bits: int, calib: str, calib_samples: int,
+                calibrator: str, percentile: float, size: int | None, resize: int,
+                mean: str | None, std: str | None, layout: str, quiet: bool) -> None:
+    """Quantize MODEL and build an integer-only TVM artifact in OUT."""
+    # Step 1. Everything cheap first: no TVM import or calibration before this passes.
+    model_path, out_path = _check_model(model), Path(out)
+    check_output_dir(out_path, protect=(model_path,))
+    quant = QuantSpec(bits=bits)
+    calib_spec = CalibSpec(source=calib, method=calibrator, num_samples=calib_samples,
+                           percentile=percentile,
+                           preprocess=_preprocess(model_path, size, resize, mean, std, layout))
+    # Step 2. The work.
+    res = _api().compile_model(model_path, out_path, target=target, quant=quant,
+                               calib=calib_spec, progress=not quiet)
+    if not quiet:
+        core = "integer-only" if res.integer_only else "NOT integer-only"
+        click.echo(f"compiled {model} -> {res.out_dir} in {res.compile_seconds:.1f} s "
+                   f"({res.num_layers} layers, {core}); see {Path(res.out_dir) / 'report.md'}")
+
+
+@main.command("run")
+@click.argument("art", metavar="ART")
+@click.option("-i", "--input", "inp", required=True, metavar="X.npy", help="Float input array.")
+@click.option("-o", "--output", required=True, metavar="Y.npy", help="Where to write the output.")
+def run_cmd(art: str, inp: str, output: str) -> None:
+    """Run artifact ART on a .npy input and save the float32 output."""
+    art_path = _check_artifact(art)
+    x = _load_npy(inp)
+    y = np.asarray(_api().run_artifact(art_path, x))
+    _save_npy(output, y)
+    click.echo(f"wrote {output} {y.dtype}{list(y.shape)}")
+
+
+@main.command("eval")
+@click.argument("model", metavar="MODEL")
+@click.argument("art", metavar="ART")
+@click.option("--data", metavar="DIR", default=None,
+              help="Inputs (.npy/.npz or images); default: the API's own choice.")
+@click.option("--num-samples", type=click.IntRange(min=1), default=64, show_default=True,
+              metavar="N")
+@_preprocess_options
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def eval_cmd(model: str, art: str, data: str | None, num_samples: int, size: int | None,
+             resize: int, mean: str | None, std: str | None, layout: str, as_json: bool) -> None:
+    """Compare artifact ART with MODEL in onnxruntime FP32 and the integer oracle."""
+    model_path, art_path = _check_model(model), _check_artifact(art)
+    ctx = click.get_current_context()
+    # Only override the artifact's recorded preprocessing when asked to.
+    touched = any(ctx.get_parameter_source(p) != click.core.ParameterSource.DEFAULT
+                  for p in ("size", "resize", "mean", "std", "layout"))
+    pre = _preprocess(model_path, size, resize, mean, std, layout) if touched else None
+    res = _api().evaluate(model_path, art_path, data=data, num_samples=num_samples,
+                          preprocess=pre, progress=not as_json)
+    if as_json:
+        _print_json(res)
+    else:
+        _print_eval(res)
+
+
+def _yes(b: Any) -> str:
+    return "yes" if b else "NO"
+
+
+def _print_eval(r: dict) -> None:
+    rows = [("bit-exact vs NumPy oracle", _yes(r["bit_exact"])),
+            ("integer-only core", _yes(r["integer_only"])),
+            ("top-1 agreement vs FP32", f"{100 * r['top1_agreement']:.1f}%"),
+            ("output SQNR vs FP32", f"{r['sqnr_db']:.1f} dB")]
+    if "accuracy" in r:
+        fp = f" (FP32 {100 * r['float_accuracy']:.1f}%)" if "float_accuracy" in r else ""
+        rows.append(("top-1 accuracy", f"{100 * r['accuracy']:.1f}%{fp}"))
+    rows.append(("samples", str(r["num_samples"])))
+    for k, v in rows:
+        click.echo(f"{k:<28}{v}")
+    layers = r.get("layers") or []
+    if layers:
+        width = max(len(str(layer["name"])) for layer in layers)
+        click.echo(f"\n{'layer':<{width}}  SQNR dB")
+        for layer in layers:
+            click.echo(f"{layer['name']:<{width}}  {layer['sqnr_db']:7.1f}")
+
+
+@main.command("bench")
+@click.argument("art", metavar="ART")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, metavar="N")
+@click.option("--repeat", type=click.IntRange(min=1), default=50, show_default=True, metavar="N")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, metavar="N")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def bench_cmd(art: str, batch: int, repeat: int, warmup: int, as_json: bool) -> None:
+    """Time artifact ART on random input (after warm-up runs)."""
+    res = _api().bench_artifact(_check_artifact(art), batch=batch, repeat=repeat, warmup=warmup)
+    if as_json:
+        _print_json(res)
+        return
+    # trtexec-style: the latency distribution first, then throughput.
+    click.echo(f"Latency: min = {res['min_ms']:.3f} ms, max = {res['max_ms']:.3f} ms, "
+               f"mean = {res['mean_ms']:.3f} ms, median = {res['median_ms']:.3f} ms "
+               f"(batch {res['batch']}, {res['repeat']} runs)")
+    click.echo(f"Throughput: {res['throughput_ips']:.1f} inferences/s")
+
+
+if __name__ == "__main__":
+    main()

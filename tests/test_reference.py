@@ -1,0 +1,81 @@
+"""The oracle on hand-computed cases, and its independence from what it checks."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+
+import qcompile.qgraph
+import qcompile.reference as ref
+from qcompile.qgraph import INT32, QGraph, QNode, QTensor, QType
+
+
+def _imports(module) -> set[str]:
+    tree = ast.parse(Path(module.__file__).read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names.add(("." * node.level) + (node.module or ""))
+    return names
+
+
+def test_oracle_imports_numpy_only() -> None:
+    allowed = {"__future__", "typing", "numpy", "numpy.lib.stride_tricks", ".qgraph",
+               "dataclasses", "types"}
+    assert _imports(ref) <= allowed, _imports(ref) - allowed
+    assert _imports(qcompile.qgraph) <= allowed
+
+
+def _tiny_graph(m: int, s: int) -> QGraph:
+    u8 = QType(8, False)
+    x = QTensor("x", QType(8, True), (1, 2, 1, 1), np.float64(0.1))
+    y = QTensor("y", u8, (1, 3, 1, 1), np.float64(0.2))
+    w = np.array([[1, 2], [-3, 4], [127, 127]], np.int8).reshape(3, 2, 1, 1)
+    node = QNode("qconv", "c", ("x",), "y",
+                 {"strides": (1, 1), "pads": (0, 0, 0, 0), "dilations": (1, 1), "group": 1,
+                  "raw": False, "lo": 0, "hi": 255, "acc_bound": 1000, "bits": 8},
+                 {"w": w, "bias": np.array([0, 1, -5], np.int32).reshape(1, 3, 1, 1),
+                  "m": np.full((1, 3, 1, 1), m, np.int64), "r": np.full((1, 3, 1, 1), 1 << (s - 1), np.int64),
+                  "s": np.full((1, 3, 1, 1), s, np.int64)})
+    return QGraph(x, (node,), y, {"x": x, "y": y})
+
+
+def test_qconv_requant_by_hand() -> None:
+    qg = _tiny_graph(m=3, s=2)  # multiply by 3/4, round half up, relu-clip to [0, 255]
+    q = np.array([5, -2], np.int8).reshape(1, 2, 1, 1)
+    # acc: 1*5+2*-2+0 = 1 -> 0.75 -> 1 ; -15-8+1 = -22 -> -16.5 -> -16 -> 0 ; 635-254-5=376 -> 282 -> 255
+    out = ref.run_integer(qg, q)["output"].reshape(-1)
+    np.testing.assert_array_equal(out, [1, 0, 255])
+    assert out.dtype == np.uint8
+
+
+def test_round_half_up_for_negatives() -> None:
+    x = QTensor("x", QType(8, True), (1, 1, 1, 1), np.float64(1))
+    y = QTensor("y", QType(8, True), (1, 1, 1, 1), np.float64(2))
+    node = QNode("qadd", "a", ("x", "x"), "y", {"lo": -128, "hi": 127},
+                 {"ma": np.int64(1), "mb": np.int64(0), "r": np.int64(1), "s": np.int64(1)})
+    qg = QGraph(x, (node,), y, {"x": x, "y": y})
+    q = np.array([-3, -2, -1, 1, 3], np.int8).reshape(5, 1, 1, 1)
+    # v/2 rounded half up: -1.5 -> -1, -1 -> -1, -0.5 -> 0, 0.5 -> 1, 1.5 -> 2
+    np.testing.assert_array_equal(ref.run_integer(qg, q)["output"].reshape(-1), [-1, -1, 0, 1, 2])
+
+
+def test_int32_accumulator_wraps_like_hardware() -> None:
+    assert ref._wrap_int32(np.array([2**31, -(2**31) - 1, 5]))[0] == -(2**31)
+    assert ref._wrap_int32(np.array([-(2**31) - 1]))[0] == 2**31 - 1
+
+
+def test_quantize_input_is_floor_half_up_and_saturates() -> None:
+    x = QTensor("x", QType(8, True), (1, 4), np.float64(0.5))
+    qg = QGraph(x, (), x, {"x": x})
+    v = np.array([[0.25, -0.25, 1000.0, -1000.0]], np.float32)
+    np.testing.assert_array_equal(ref.quantize_input(qg, v), [[1, 0, 127, -128]])
+
+
+def test_raw_int32_output_dequantizes_per_channel() -> None:
+    y = QTensor("y", INT32, (1, 2), np.array([0.5, 2.0]))
+    qg = QGraph(y, (), y, {"y": y})
+    np.testing.assert_allclose(ref.dequantize_output(qg, np.array([[4, 4]], np.int32)), [[2.0, 8.0]])
