@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import sys
 import tempfile
 import warnings
 from importlib import metadata
@@ -282,7 +281,8 @@ def zoo_cmd(name: str | None, output: str | None, list_: bool, input_size: int |
 @click.option("-o", "--output", "out", required=True, metavar="OUT",
               help="Artifact directory (new, empty, or a previous artifact).")
 @click.option("--target", type=click.Choice(("llvm", "cuda")), default="llvm", show_default=True)
-@click.option("--bits", type=int, default=8, show_default=True, help="Weight/activation bits: 8 or 4.")
+@click.option("--bits", type=int, default=8, show_default=True,
+              help="Weight/activation bits: 8 or 4.")
 @click.option("--calib", default="synthetic", show_default=True, metavar="DIR|synthetic",
               help="Calibration data: a folder of .npy/.npz arrays or images.")
 @click.option("--calib-samples", type=int, default=CalibSpec().num_samples, show_default=True,

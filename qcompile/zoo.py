@@ -60,7 +60,7 @@ class _Builder:
         return name
 
     def _init(self, name: str, value: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(value, dtype=np.float32), name))
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
         return name
 
     # -- layers ---------------------------------------------------------------

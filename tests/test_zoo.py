@@ -125,6 +125,7 @@ def test_mobilenetv2_depthwise_relu6_residuals() -> None:
     assert len(dw) == 17 and all(w[n.input[1]].shape[1] == 1 for n in dw)
     clips = [n for n in m.graph.node if n.op_type == "Clip"]
     assert clips and all(len(n.input) == 3 for n in clips)
+    assert w[clips[0].input[1]].shape == ()  # opset-13 Clip: scalar min/max inputs
     assert float(w[clips[0].input[1]]) == 0.0 and float(w[clips[0].input[2]]) == 6.0
     assert sum(n.op_type == "Add" for n in m.graph.node) == 10  # stride 1 and cin == cout only
 

@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ("model", f"ResNet-18 architecture, seeded random weights, "
                   f"1x3x{args.input_size}x{args.input_size}"),
-        ("artifact", f"{art} (module.so {_mb(so)}, weights.npz {_mb(npz)}), "
-                     f"compiled in {res.compile_seconds:.1f} s, {res.num_layers} conv/dense layers"),
+        ("artifact", f"{art} (module.so {_mb(so)}, weights.npz {_mb(npz)})"),
+        ("compile", f"{res.compile_seconds:.1f} s, {res.num_layers} conv/dense layers"),
         ("integer-only", "yes (checked on the compiled IR)" if ev["integer_only"] else "NO"),
         ("bit-exact", f"{'yes' if ev['bit_exact'] else 'NO'} (TVM vs NumPy oracle, "
                       f"{ev['num_samples']} inputs)"),
