@@ -157,7 +157,9 @@ def evaluate(model: str | Path, art_dir: str | Path, *, data: str | None = None,
         "bit_exact": bit_exact, "integer_only": bool(art.manifest.get("integer_only")),
         "top1_agreement": agree / n, "sqnr_db": _sqnr_db(sig[qg.output.name], err[qg.output.name]),
         "num_samples": n, "data": data or ("arrays" if data is None and labels is not None else "synthetic"),
-        "layers": [{"name": k, "sqnr_db": _sqnr_db(sig[k], err[k])} for k in layer_names if k in sig],
+        "layers": [{"name": n.name, "tensor": n.output, "op": n.op,
+                    "sqnr_db": _sqnr_db(sig[n.output], err[n.output])}
+                   for n in qg.nodes if n.output in sig],
     }
     if labels is not None:
         out.update(accuracy=correct / n, float_accuracy=fcorrect / n)

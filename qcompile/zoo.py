@@ -354,6 +354,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would surprise anyone sharing the output
         with os.fdopen(fd, "wb") as f:
             f.write(model.SerializeToString())
             f.flush()

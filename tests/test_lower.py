@@ -51,7 +51,7 @@ def test_single_conv_bit_exact(case: str, tmp_path: Path) -> None:
 def test_every_op_bit_exact_and_faithful(tmp_path: Path) -> None:
     ev = _compile_and_check(kitchen_sink_model(), tmp_path)
     assert ev["top1_agreement"] >= 0.8
-    names = {layer["name"] for layer in ev["layers"]}
+    names = {layer["tensor"] for layer in ev["layers"]}
     assert {"sr", "mp", "ap", "cat", "cl", "g", "logits"} <= names
 
 

@@ -59,6 +59,7 @@ def export(model: torch.nn.Module, out: Path) -> onnx.ModelProto:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600
     try:
         torch.onnx.export(model, (torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE),), tmp, opset_version=17,
                           dynamo=False, input_names=["input"], output_names=["logits"],
