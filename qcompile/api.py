@@ -9,14 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 import tvm
 
 from . import __version__
 from . import reference as oracle
 from .artifact import atomic_dir, check_output_dir, write_json
 from .build import build
-from .calibrate import FloatRunner, collect_stats, load_inputs, make_reader
+from .calibrate import FloatRunner, collect_stats
+from .readers import load_inputs, make_reader
 from .config import CalibSpec, Preprocess, QuantSpec
 from .errors import BuildError
 from .lower import lower

@@ -99,7 +99,6 @@ class _Lowerer:
         return self.emit(R.reshape(x, [batch] + list(n.attrs["shape"][1:])))
 
     def concat(self, n: QNode, *xs: relax.Expr) -> relax.Var:
-        dtype = self.qg.tensors[n.output].qtype.dtype
         parts = []
         for k, x in enumerate(xs):
             if n.attrs["identity"][k]:

@@ -10,10 +10,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from qcompile.calibrate import (OBSERVERS, FloatRunner, ImageDirReader, MinMaxObserver,
-                                MSEObserver, NpyDirReader, PercentileObserver, SyntheticReader,
-                                collect_stats, load_inputs, make_reader, preprocess_image,
-                                run_float, to_stats)
+from qcompile.calibrate import (OBSERVERS, FloatRunner, MinMaxObserver, MSEObserver,
+                                PercentileObserver, collect_stats, run_float, to_stats)
+from qcompile.readers import (ImageDirReader, NpyDirReader, SyntheticReader, load_inputs,
+                              make_reader, preprocess_image)
 from qcompile.config import CalibSpec, Preprocess
 from qcompile.errors import BadModelError, DataError
 
