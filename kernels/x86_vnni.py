@@ -1,0 +1,310 @@
+"""AVX-512 VNNI kernels for qcompile's integer ops, as scheduled TIR PrimFuncs.
+
+Every generator returns a ``tvm.tirx.PrimFunc`` (destination-passing: the output
+buffer is the last parameter) that is bit-exact against NumPy integer arithmetic.
+
+Layouts
+    activations NHWC, uint8 or int8 with zero point 0;
+    GEMM/conv weights packed once, in NumPy, to (ceil(N/16), ceil(K/4), 16, 4) int8
+    (``pack_weights`` / ``pack_conv_weights``), so one ``vpdpbusd`` reads 64
+    contiguous bytes: 16 output channels x 4 reduction elements;
+    depthwise weights (kh, kw, C) int8.
+
+Requantization epilogue (``raw=False``), per output channel n::
+
+    out = clip((int64(int32(acc + bias[n])) * m[n] + r[n]) >> s[n], lo, hi)
+
+``lo``/``hi`` are baked into the PrimFunc (default: the output dtype's range): every
+layer gets its own PrimFunc anyway, and constants let LLVM fold the clip.
+``raw=True`` writes the int32 ``acc + bias`` instead and takes no m/r/s.
+
+Signed inputs: VNNI multiplies u8 x s8, so an int8 activation x is fed as
+x + 128 (a sign-bit flip, fused into the kernel's pad/copy stage) and the caller
+folds ``-128 * sum_k w[n, k]`` into the bias once, with ``signed_input_bias``.
+
+Picking a kernel for a layer: ``select_kernel(LayerDesc(...))`` tries ``RULES`` in
+order; each rule returns a ``KernelSpec`` or None (see the bottom of this file).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import tvm
+from tvm import te, tirx
+from tvm.s_tir import Schedule, TensorIntrin
+from tvm.script import tirx as T
+
+
+# ----------------------------------------------------------------------------- hardware
+@dataclass(frozen=True)
+class DotIsa:
+    """A u8 x s8 -> s32 dot-product instruction: ``lanes`` accumulators of
+    ``k_per_lane`` products each, in a register file of ``vector_regs`` registers."""
+
+    name: str
+    instruction: str
+    llvm_intrinsic: str
+    cpu_flag: str  # /proc/cpuinfo flag that proves support
+    lanes: int
+    k_per_lane: int
+    vector_bits: int
+    vector_regs: int
+
+    def __post_init__(self) -> None:
+        if self.lanes * 32 != self.vector_bits or self.k_per_lane * 8 != 32:
+            raise ValueError(f"{self.name}: lanes x 32 bit must fill one {self.vector_bits}-bit register")
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of packed weight one instruction reads (lanes x k_per_lane int8)."""
+        return self.lanes * self.k_per_lane
+
+
+AVX512_VNNI = DotIsa(name="avx512_vnni", instruction="vpdpbusd",
+                     llvm_intrinsic="llvm.x86.avx512.vpdpbusd.512", cpu_flag="avx512_vnni",
+                     lanes=16, k_per_lane=4, vector_bits=512, vector_regs=32)
+ISA = AVX512_VNNI
+LANES, KG = ISA.lanes, ISA.k_per_lane
+
+
+# ----------------------------------------------------------------------------- intrinsic
+def _dot_intrin(c_scope: str) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
+    """desc/impl of C[16] += A[4] . B[16, 4] with C in ``c_scope``.
+
+    The accumulator lives in a "local" buffer so that LLVM promotes the whole
+    register tile to zmm registers; tensorize matches scopes, hence the parameter.
+    """
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), "uint8", offset_factor=1),
+             B: T.Buffer((16, 4), "int8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1, scope=c_scope)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "uint8", offset_factor=1),
+             B: T.Buffer((16, 4), "int8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1, scope=c_scope)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            # LLVM 22's vpdpbusd.512 takes <64 x i8> operands (the built-in passes i32x16):
+            # broadcast the 4 activation bytes as one i32, then view them as u8x64.
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([0], dtype="int32x16"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16),
+                              dtype="uint8x64"),
+                B.vload([0, 0], dtype="int8x64"),
+                dtype="int32x16")
+
+    return desc, impl
+
+
+INTRIN_LOCAL = "qcompile_vnni_u8s8s32_16x4_local"
+INTRIN_GLOBAL = "qcompile_vnni_u8s8s32_16x4_global"
+TensorIntrin.register(INTRIN_LOCAL, *_dot_intrin("local"), override=True)
+TensorIntrin.register(INTRIN_GLOBAL, *_dot_intrin("global"), override=True)
+
+
+# ----------------------------------------------------------------------------- packing
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b) * b
+
+
+def pack_weights(w: np.ndarray) -> np.ndarray:
+    """(N, K) int8 -> (ceil(N/16), ceil(K/4), 16, 4) int8, zero-padded."""
+    n, k = w.shape
+    wp = np.zeros((_ceil(n, LANES), _ceil(k, KG)), np.int8)
+    wp[:n, :k] = w
+    return np.ascontiguousarray(
+        wp.reshape(wp.shape[0] // LANES, LANES, wp.shape[1] // KG, KG).transpose(0, 2, 1, 3))
+
+
+def conv_k_layout(w_oihw: np.ndarray) -> np.ndarray:
+    """(OC, C, kh, kw) -> (OC, kh*kw*Cp): K ordered (kh, kw, c), C zero-padded to 4."""
+    oc, c, kh, kw = w_oihw.shape
+    w = np.zeros((oc, kh, kw, _ceil(c, KG)), np.int8)
+    w[..., :c] = w_oihw.transpose(0, 2, 3, 1)
+    return w.reshape(oc, -1)
+
+
+def pack_conv_weights(w_oihw: np.ndarray) -> np.ndarray:
+    """OIHW int8 -> packed (ceil(OC/16), kh*kw*ceil(C/4), 16, 4) for ``conv2d_nhwc_vnni``."""
+    return pack_weights(conv_k_layout(w_oihw))
+
+
+def signed_input_bias(w: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Bias for feeding an int8 activation as x + 128: bias - 128 * sum_k w[n, k].
+
+    ``w`` is (N, ...) with the reduction in the trailing axes (dense (N, K) or OIHW).
+    """
+    corr = w.reshape(w.shape[0], -1).astype(np.int64).sum(axis=1) * 128
+    return (bias.astype(np.int64) - corr).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- epilogue
+@dataclass(frozen=True)
+class Epilogue:
+    """What happens to ``acc + bias``: raw int32, or requantize + clip to ``out_dtype``."""
+
+    out_dtype: str
+    raw: bool
+    lo: int | None = None
+    hi: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.raw and self.out_dtype != "int32":
+            raise ValueError("raw=True writes int32; pass out_dtype='int32'")
+        if not self.raw and self.out_dtype not in ("int8", "uint8", "int32"):
+            raise ValueError(f"out_dtype must be int8/uint8/int32, got {self.out_dtype!r}")
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        info = np.iinfo(self.out_dtype)
+        return (info.min if self.lo is None else self.lo, info.max if self.hi is None else self.hi)
+
+    def params(self, n: int, name: str = "q") -> list[te.Tensor]:
+        """The m, r, s placeholders (empty when raw)."""
+        if self.raw:
+            return []
+        return [te.placeholder((n,), "int64", name=f"{name}_{x}") for x in "mrs"]
+
+    def apply(self, acc: tirx.PrimExpr, bias: tirx.PrimExpr | None, q: Sequence[te.Tensor],
+              idx: tirx.PrimExpr) -> tirx.PrimExpr:
+        """epilogue(acc + bias); q holds m/r/s indexed by ``idx``."""
+        if bias is not None:
+            # The reference wraps acc + bias to int32. The simplifier rewrites
+            # int64(a + b) as int64(a) + int64(b) (no overflow assumed), so add as uint32.
+            acc = (acc.astype("uint32") + bias.astype("uint32")).astype("int32")
+        if self.raw:
+            return acc
+        m, r, s = (t[idx] for t in q)
+        # m < 2^31: a trip through int32 tells LLVM so, turning a 64x64 vpmullq into vpmuldq.
+        v = (acc.astype("int64") * m.astype("int32").astype("int64") + r) >> s
+        lo, hi = self.bounds
+        v = te.max(te.min(v, tirx.const(hi, "int64")), tirx.const(lo, "int64"))
+        return v.astype(self.out_dtype)
+
+
+def _epilogue(out_dtype: str, raw: bool, lo: int | None, hi: int | None) -> Epilogue:
+    return Epilogue("int32" if raw else out_dtype, raw, lo, hi)
+
+
+def _to_u8(x: tirx.PrimExpr, in_dtype: str) -> tirx.PrimExpr:
+    """The uint8 VNNI operand for an activation: x itself, or x + 128 for int8."""
+    if in_dtype == "uint8":
+        return x
+    if in_dtype == "int8":
+        return (x.astype("int32") + 128).astype("uint8")
+    raise ValueError(f"in_dtype must be uint8 or int8, got {in_dtype!r}")
+
+
+# ----------------------------------------------------------------------------- GEMM core
+@dataclass(frozen=True)
+class GemmTile:
+    """Register tile: ``mr`` rows x ``nb`` 16-lane column blocks of int32 accumulators."""
+
+    mr: int
+    nb: int
+    n_outer: bool = False  # loop N tiles outside M tiles (weights bigger than activations)
+
+
+def gemm_tile(m: int, n_pad: int, k_pad: int, isa: DotIsa = ISA) -> GemmTile:
+    """Pick the register tile: accumulators + nb weight vectors + 1 broadcast fit the
+    register file; mr minimises the padded rows of M (tail rows are recomputed)."""
+    blocks = n_pad // isa.lanes
+    nb = next(b for b in (4, 3, 2, 1) if blocks % b == 0)
+    mr_max = min((isa.vector_regs - nb - 2) // nb, 8 if nb > 2 else 12, max(m, 1))
+    # Cost ~ tiles x (rows + fixed per-k-step overhead of the weight loads and loop).
+    mr = min(range(mr_max, (mr_max - 1) // 2, -1), key=lambda r: -(-m // r) * (r + 1.5))
+    return GemmTile(mr, nb, n_outer=n_pad * k_pad > m * k_pad)
+
+
+def _schedule_gemm(sch: Schedule, tile: GemmTile, n_red: int) -> None:
+    """Tile, tensorize and parallelize block "acc" (loops i, j, *reduce, last reduce
+    over packed k) and fuse block "out" into the register tile.
+
+    # Step 1. split i -> (io, ii), j -> (jo, jb, 16), last reduce -> (ko, 4)
+    # Step 2. io/jo outermost and parallel, reduction next, register tile innermost
+    # Step 3. acc lives in a local (register) buffer; out is computed per tile
+    # Step 4. tensorize the 16x4 block with vpdpbusd, unroll the register tile
+    """
+    acc = sch.get_sblock("acc")
+    loops = sch.get_loops(acc)
+    i, j, red = loops[0], loops[1], loops[2:]
+    io, ii = sch.split(i, [None, tile.mr])
+    jo, jb, ji = sch.split(j, [None, tile.nb, LANES])
+    ko, ki = sch.split(red[-1], [None, KG])
+    outer = [jo, io] if tile.n_outer else [io, jo]
+    sch.reorder(*outer, *red[:-1], ko, ii, jb, ji, ki)
+    sch.set_scope(acc, 0, "local")
+    out = sch.get_sblock("out")
+    sch.reverse_compute_at(out, outer[1])
+    sch.parallel(sch.fuse(*outer))
+    init = sch.decompose_reduction(acc, red[0] if n_red > 1 else ko)
+    sch.tensorize(ji, INTRIN_LOCAL)
+    sch.unroll(ii)
+    sch.unroll(jb)
+    # Zero-init and the epilogue are 16-lane vector loops over the tile's columns.
+    iinit = sch.get_loops(init)
+    sch.vectorize(sch.fuse(*iinit[-2:]))
+    sch.unroll(iinit[-3])
+    ol = sch.get_loops(out)
+    _, ov = sch.split(ol[-1], [None, LANES])
+    sch.vectorize(ov)
+
+
+def _schedule_stage(sch: Schedule, name: str) -> None:
+    """A copy/pad stage: outer loops parallel, innermost vectorized."""
+    blk = sch.get_sblock(name)
+    loops = sch.get_loops(blk)
+    sch.parallel(sch.fuse(*loops[:2]) if len(loops) > 2 else loops[0])
+    inner = sch.get_loops(blk)[-1]
+    sch.vectorize(inner)
+
+
+def dense_vnni(M: int, N: int, K: int, *, out_dtype: str = "int8", raw: bool = False,
+               in_dtype: str = "uint8", lo: int | None = None, hi: int | None = None,
+               tile: GemmTile | None = None) -> tirx.PrimFunc:
+    """out[m, n] = epilogue(sum_k A[m, k] * w[n, k] + bias[n]).
+
+    Parameters (in order): A (M, K) ``in_dtype``; W = pack_weights(w) int8;
+    bias (N,) int32 (use ``signed_input_bias`` for int8 A); m, r, s (N,) int64
+    unless ``raw``; out (M, N) ``out_dtype`` (int32 when raw).
+    K that is not a multiple of 4, or int8 A, adds a (M, Kp) uint8 copy stage.
+    """
+    ep = _epilogue(out_dtype, raw, lo, hi)
+    np_, kp = _ceil(N, LANES), _ceil(K, KG)
+    tile = tile or gemm_tile(M, np_, kp)
+    mp = _ceil(M, tile.mr)
+    a = te.placeholder((M, K), in_dtype, name="A")
+    w = te.placeholder((np_ // LANES, kp // KG, LANES, KG), "int8", name="W")
+    bias = te.placeholder((N,), "int32", name="bias")
+    q = ep.params(N)
+    if kp != K or in_dtype != "uint8":
+        au = te.compute((M, kp), lambda i, k: tirx.if_then_else(
+            k < K, _to_u8(a[i, tirx.min(k, K - 1)], in_dtype), tirx.const(0, "uint8")), name="a_u8")
+    else:
+        au = a
+    k = te.reduce_axis((0, kp), "k")
+    # Rows past M re-read row M-1 (clamped): the tile always has mr rows and never
+    # reads out of bounds; the epilogue writes only the first M rows.
+    acc = te.compute((mp, np_), lambda i, j: te.sum(
+        au[tirx.min(i, M - 1), k].astype("int32")
+        * w[j // LANES, k // KG, j % LANES, k % KG].astype("int32"), axis=k), name="acc")
+    out = te.compute((M, N), lambda i, j: ep.apply(acc[i, j], bias[j], q, j), name="out")
+    sch = Schedule(te.create_prim_func([a, w, bias, *q, out]))
+    _schedule_gemm(sch, tile, 1)
+    if au is not a:
+        _schedule_stage(sch, "a_u8")
+    return sch.mod["main"].with_attr("global_symbol", "main")
