@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.stamp
 PYTHON3 ?= python3
 
-.PHONY: venv test test-slow demo bench clean
+.PHONY: venv test test-slow demo bench bench-effnet clean
 
 venv: $(STAMP)
 
@@ -23,9 +23,15 @@ test-slow: venv
 demo: venv
 	$(PY) tools/demo.py --out out/demo
 
+# Benchmarks are never part of `make test`: timings are only meaningful side by side.
 bench: venv
-	@if [ -f benchmarks/speedup.py ]; then $(PY) benchmarks/speedup.py; \
-	else echo "benchmarks/speedup.py lands in a later issue; nothing to run yet"; fi
+	$(PY) benchmarks/latency.py --models resnet18 resnet50 --repeat 20
+
+bench-effnet: venv
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[models]'
+	test -f models/efficientnet_lite0.onnx || $(PY) tools/export_efficientnet.py -o models/efficientnet_lite0.onnx
+	$(PY) benchmarks/effnet_fidelity.py --model models/efficientnet_lite0.onnx
 
 clean:
 	rm -rf out build dist .pytest_cache .qcompile-cache

@@ -308,3 +308,109 @@ def dense_vnni(M: int, N: int, K: int, *, out_dtype: str = "int8", raw: bool = F
     if au is not a:
         _schedule_stage(sch, "a_u8")
     return sch.mod["main"].with_attr("global_symbol", "main")
+
+
+# ----------------------------------------------------------------------------- conv2d
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def conv_out_hw(H: int, W: int, kh: int, kw: int, strides: Sequence[int],
+                pads: Sequence[int], dilations: Sequence[int]) -> tuple[int, int]:
+    """Output (OH, OW); ``pads`` is (top, left, bottom, right) as in ONNX."""
+    (sh, sw), (dh, dw) = _pair(strides), _pair(dilations)
+    pt, pl, pb, pr = pads
+    return ((H + pt + pb - (kh - 1) * dh - 1) // sh + 1,
+            (W + pl + pr - (kw - 1) * dw - 1) // sw + 1)
+
+
+def _pad_nhwc(x: te.Tensor, pads: Sequence[int], c_to: int, fill: tirx.PrimExpr,
+              value: Callable[[tirx.PrimExpr], tirx.PrimExpr], name: str) -> te.Tensor:
+    """Spatially padded (and channel-padded to ``c_to``) copy of NHWC ``x``."""
+    n, h, w, c = (int(d) for d in x.shape)
+    pt, pl, pb, pr = pads
+
+    def f(b: tirx.Var, i: tirx.Var, j: tirx.Var, k: tirx.Var) -> tirx.PrimExpr:
+        inside = tirx.all(i >= pt, i < pt + h, j >= pl, j < pl + w, k < c)
+        # Clamped indices keep the (speculated) load in bounds.
+        v = x[b, tirx.max(tirx.min(i - pt, h - 1), 0), tirx.max(tirx.min(j - pl, w - 1), 0),
+              tirx.min(k, c - 1)]
+        return tirx.if_then_else(inside, value(v), fill)
+
+    return te.compute((n, h + pt + pb, w + pl + pr, c_to), f, name=name)
+
+
+def conv2d_nhwc_vnni(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int,
+                     strides: Sequence[int] = (1, 1), pads: Sequence[int] = (0, 0, 0, 0),
+                     dilations: Sequence[int] = (1, 1), *, out_dtype: str = "int8",
+                     raw: bool = False, in_dtype: str = "uint8", lo: int | None = None,
+                     hi: int | None = None, im2col: bool = False,
+                     tile: GemmTile | None = None) -> tirx.PrimFunc:
+    """NHWC conv2d (group 1) as an implicit GEMM with M = N*OH*OW, K = kh*kw*Cp.
+
+    Parameters (in order): x (N, H, W, C) ``in_dtype``; W = pack_conv_weights(w_oihw);
+    bias (OC,) int32 (``signed_input_bias(w_oihw, b)`` for int8 x); m, r, s (OC,) int64
+    unless ``raw``; out (N, OH, OW, OC). ``pads`` = (top, left, bottom, right).
+
+    A pad stage (x + 128 for int8, zeros or 128 around, C padded to 4) is added only
+    when needed: a 1x1 conv on uint8 with C % 4 == 0 reads x directly.
+    ``im2col=True`` materializes the (M, K) patch matrix first (kept for measurement).
+    """
+    ep = _epilogue(out_dtype, raw, lo, hi)
+    (sh, sw), (dh, dw) = _pair(strides), _pair(dilations)
+    OH, OW = conv_out_hw(H, W, kh, kw, strides, pads, dilations)
+    cp, ocp = _ceil(C, KG), _ceil(OC, LANES)
+    M, kp = N * OH * OW, kh * kw * cp
+    tile = tile or gemm_tile(M, ocp, kp)
+    x = te.placeholder((N, H, W, C), in_dtype, name="x")
+    w = te.placeholder((ocp // LANES, kp // KG, LANES, KG), "int8", name="W")
+    bias = te.placeholder((OC,), "int32", name="bias")
+    q = ep.params(OC)
+    if any(pads) or cp != C or in_dtype != "uint8":
+        # Zero in int8 is 128 after the +128 shift, so signed inputs pad with 128.
+        fill = tirx.const(128 if in_dtype == "int8" else 0, "uint8")
+        xp = _pad_nhwc(x, pads, cp, fill, lambda v: _to_u8(v, in_dtype), "x_pad")
+    else:
+        xp = x
+
+    def pixel(i: tirx.PrimExpr) -> tuple[tirx.PrimExpr, tirx.PrimExpr, tirx.PrimExpr]:
+        i = tirx.min(i, M - 1)  # tail rows of the last tile recompute row M-1
+        return i // (OH * OW), i % (OH * OW) // OW, i % OW
+
+    def wv(j: tirx.PrimExpr, kk: tirx.PrimExpr) -> tirx.PrimExpr:
+        return w[j // LANES, kk // KG, j % LANES, kk % KG].astype("int32")
+
+    mp = _ceil(M, tile.mr)
+    if im2col:
+        def col_f(i: tirx.Var, kk: tirx.Var) -> tirx.PrimExpr:
+            b, oh, ow = pixel(i)
+            r, s, c = kk // (kw * cp), kk % (kw * cp) // cp, kk % cp
+            return xp[b, oh * sh + r * dh, ow * sw + s * dw, c]
+        col = te.compute((M, kp), col_f, name="col")
+        k = te.reduce_axis((0, kp), "k")
+        acc = te.compute((mp, ocp), lambda i, j: te.sum(
+            col[tirx.min(i, M - 1), k].astype("int32") * wv(j, k), axis=k), name="acc")
+        n_red = 1
+    else:
+        r = te.reduce_axis((0, kh), "r")
+        s = te.reduce_axis((0, kw), "s")
+        c = te.reduce_axis((0, cp), "c")
+
+        def acc_f(i: tirx.Var, j: tirx.Var) -> tirx.PrimExpr:
+            b, oh, ow = pixel(i)
+            a = xp[b, oh * sh + r * dh, ow * sw + s * dw, c].astype("int32")
+            return te.sum(a * wv(j, (r * kw + s) * cp + c), axis=[r, s, c])
+        acc = te.compute((mp, ocp), acc_f, name="acc")
+        n_red = 3
+    out = te.compute((M, OC), lambda i, o: ep.apply(acc[i, o], bias[o], q, o), name="out")
+    sch = Schedule(te.create_prim_func([x, w, bias, *q, out]))
+    # The epilogue iterates the flat (M, OC) GEMM space, so it fuses into the register
+    # tile; only the output buffer's shape is NHWC (same bytes).
+    sch.transform_layout("out", ("write", 0),
+                         lambda i, o: [i // (OH * OW), i % (OH * OW) // OW, i % OW, o])
+    _schedule_gemm(sch, tile, n_red)
+    if xp is not x:
+        _schedule_stage(sch, "x_pad")
+    if im2col:
+        _schedule_stage(sch, "col")
+    return sch.mod["main"].with_attr("global_symbol", "main")

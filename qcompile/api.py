@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import tvm
+from tqdm import tqdm
 
 from . import __version__
 from . import reference as oracle
@@ -131,8 +132,10 @@ def evaluate(model: str | Path, art_dir: str | Path, *, data: str | None = None,
     sig: dict[str, float] = {}
     err: dict[str, float] = {}
     bit_exact, agree, correct, fcorrect = True, 0, 0, 0
+    bar = tqdm(total=len(inputs), desc="evaluate", unit="sample", disable=None if progress else True)
     for i in range(0, len(inputs), batch_size):
         x = inputs[i:i + batch_size].astype(np.float32)
+        bar.update(len(x))
         q = oracle.quantize_input(qg, x)
         ref = oracle.run_integer(qg, q, keep=True)
         bit_exact &= bool(np.array_equal(art.quantize(x), q))
@@ -152,6 +155,7 @@ def evaluate(model: str | Path, art_dir: str | Path, *, data: str | None = None,
             lab = labels[i:i + batch_size]
             correct += int((y_q.argmax(1) == lab).sum())
             fcorrect += int((y_float.argmax(1) == lab).sum())
+    bar.close()
     n = len(inputs)
     out = {
         "bit_exact": bit_exact, "integer_only": bool(art.manifest.get("integer_only")),
