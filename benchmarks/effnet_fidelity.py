@@ -104,7 +104,7 @@ def main() -> None:
                             "sqnr_db": float(10 * np.log10((ref ** 2).sum() / noise))}}
     print(json.dumps(res, indent=1))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "effnet-lite0-fidelity.json").write_text(json.dumps(res, indent=1))
+    (args.out / f"effnet-lite0-fidelity-{args.calibrator}.json").write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

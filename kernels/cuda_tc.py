@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 import subprocess
-import sys
+import sysconfig
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -32,13 +32,9 @@ import numpy as np
 import tvm
 from tvm import s_tir, te, tirx
 from tvm.s_tir import TensorIntrin
-from tvm.s_tir.tensor_intrin.cuda import get_mma_store_intrin
-from tvm.s_tir.tensor_intrin.cuda import shared_16x16_to_ldmatrix_32x8_layout as _acc_layout
 from tvm.script import tirx as T
 
-# ---------------------------------------------------------------------------------------------
-# 1. Hardware table: which MMA shapes exist per arch and dtype, and what implements them.
-# ---------------------------------------------------------------------------------------------
+# ======== 1. Hardware table: MMA shapes per arch and dtype, and what implements them.
 
 
 @dataclass(frozen=True)
@@ -99,27 +95,29 @@ def mma_shapes(sm: int, bits: int, native_only: bool = True) -> tuple[MmaShape, 
                  and (s.native_on(sm) or not native_only))
 
 
-# ---------------------------------------------------------------------------------------------
-# 2. Warp intrinsics: a 16x16 int32 tile += A[16, 16 bytes] * B[16, 16 bytes]^T, as 2x2 mma.sync.
-#    The accumulator uses TVM's m16n8 layout, whose 8x8 quadrants are exactly the m8n8 C layout,
-#    so TVM's mma_fill / mma_store (16x16) work on it without warp shuffles.
-# ---------------------------------------------------------------------------------------------
+# ======== 2. Warp intrinsics: int32 C[16, 16] += A[16, 16 bytes] . B[16, 16 bytes]^T, 2x2 mma.sync.
+# The accumulator takes TVM's m16n8 register layout, whose 8x8 quadrants are exactly the m8n8 C
+# fragment. Registered lazily, and tvm.s_tir.tensor_intrin.cuda is never imported: parsing its
+# ~100 TVMScript intrinsics takes ~60 s on a 2-core CI box.
 
-def _lo(b: tirx.PrimExpr, signed: bool) -> tirx.PrimExpr:
+
+def _acc_layout(i, j):  # noqa: ANN001, ANN202  (ints or PrimExprs)
+    """(lane, register) of C[i, j] in a 16x16 tile; = TVM's shared_16x16_to_ldmatrix_32x8."""
+    return 4 * (i % 8) + (j % 8) // 2, 4 * (j // 8) + 2 * (i // 8) + j % 2
+
+
+def _nibbles(b: tirx.PrimExpr, signed: bool) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
+    """(low, high) 4-bit values of a byte, sign-extended by shifts when ``signed``."""
     v = b.astype("int32")
-    return (v << 28) >> 28 if signed else v & 15
-
-
-def _hi(b: tirx.PrimExpr, signed: bool) -> tirx.PrimExpr:
-    v = b.astype("int32")
-    return (v << 24) >> 28 if signed else (v >> 4) & 15
+    return ((v << 28) >> 28, (v << 24) >> 28) if signed else (v & 15, (v >> 4) & 15)
 
 
 def _byte_dot(a: tirx.PrimExpr, w: tirx.PrimExpr, bits: int, a_signed: bool) -> tirx.PrimExpr:
     """int32 partial product of one K byte: 1 value (int8) or 2 packed nibbles (int4, lo = even k)."""
     if bits == 8:
         return a.astype("int32") * w.astype("int32")
-    return _lo(a, a_signed) * _lo(w, True) + _hi(a, a_signed) * _hi(w, True)
+    (a0, a1), (w0, w1) = _nibbles(a, a_signed), _nibbles(w, True)
+    return a0 * w0 + a1 * w1
 
 
 def _storage(bits: int, a_signed: bool) -> tuple[str, str]:
@@ -171,144 +169,201 @@ def _mma_intrin(bits: int, a_signed: bool) -> tuple[tirx.PrimFunc, tirx.PrimFunc
     return desc, impl
 
 
-def _register_intrins() -> None:
-    for bits, a_signed in ((8, False), (8, True), (4, False), (4, True)):
-        name = INTRIN_PREFIX + ("s" if a_signed else "u") + f"{bits}s{bits}"
-        TensorIntrin.register(name, *_mma_intrin(bits, a_signed), override=True)
-    TensorIntrin.register(STORE_INTRIN, *get_mma_store_intrin("int32", 8, "shared", True),
-                          override=True)
+def intrin_name(bits: int, a_signed: bool) -> str:
+    """Our mma intrinsic for (activation, weight) = (u|s{bits}, s{bits})."""
+    return f"{INTRIN_PREFIX}{'s' if a_signed else 'u'}{bits}s{bits}"
 
 
+def _fill_store_intrins() -> dict[str, tuple[tirx.PrimFunc, tirx.PrimFunc]]:
+    @T.prim_func(s_tir=True)
+    def fill_desc(c: T.handle) -> None:
+        C = T.match_buffer(c, (32, 8), "int32", scope="warp")
+        with T.sblock("root"):
+            T.reads()
+            T.writes(C[0:32, 0:8])
+            for i, j in T.grid(16, 16):
+                with T.sblock("init"):
+                    vi, vj = T.axis.remap("SS", [i, j])
+                    t, r = T.meta_var(_acc_layout(vi, vj))
+                    C[t, r] = T.int32(0)
+
+    @T.prim_func(s_tir=True)
+    def fill_impl(c: T.handle) -> None:
+        C = T.match_buffer(c, (32, 8), "int32", scope="warp", offset_factor=1)
+        with T.sblock("root"):
+            T.reads()
+            T.writes(C[0:32, 0:8])
+            for tx in T.thread_binding(0, 32, "threadIdx.x"):
+                T.evaluate(T.cuda.mma_fill_legacy(8, C.data, C.elem_offset, dtype="int32"))
+
+    @T.prim_func(s_tir=True)
+    def store_desc(c: T.handle, d: T.handle) -> None:
+        C = T.match_buffer(c, (32, 8), "int32", scope="warp")
+        D = T.match_buffer(d, (16, 16), "int32", scope="shared")
+        with T.sblock("root"):
+            T.reads(C[0:32, 0:8])
+            T.writes(D[0:16, 0:16])
+            for i, j in T.grid(16, 16):
+                with T.sblock("store"):
+                    vi, vj = T.axis.remap("SS", [i, j])
+                    t, r = T.meta_var(_acc_layout(vi, vj))
+                    D[vi, vj] = C[t, r]
+
+    @T.prim_func(s_tir=True)
+    def store_impl(c: T.handle, d: T.handle) -> None:
+        s0 = T.int32()
+        C = T.match_buffer(c, (32, 8), "int32", scope="warp", offset_factor=1)
+        D = T.match_buffer(d, (16, 16), "int32", scope="shared", offset_factor=1, strides=[s0, 1])
+        with T.sblock("root"):
+            T.reads(C[0:32, 0:8])
+            T.writes(D[0:16, 0:16])
+            for tx in T.thread_binding(0, 32, "threadIdx.x"):
+                # A plain loop: LowerWarpMemory reads each register via an own-lane SHFL.
+                # TVM's mma_store would avoid that, but its codegen needs a global function
+                # that only `import tvm.s_tir.tensor_intrin.cuda` registers (~60 s here).
+                for r in T.serial(8):
+                    D[r % 4 // 2 * 8 + tx // 4, r // 4 * 8 + tx % 4 * 2 + r % 2] = C[tx, r]
+
+    return {FILL_INTRIN: (fill_desc, fill_impl), STORE_INTRIN: (store_desc, store_impl)}
+
+
+FILL_INTRIN = "qcompile_mma_fill_16x16_i32"
 STORE_INTRIN = "qcompile_mma_store_16x16_i32_shared"
-FILL_INTRIN = "mma_fill_16x16_i32"  # TVM's
-_register_intrins()
 
-# ---------------------------------------------------------------------------------------------
-# 3. Compute definitions (unscheduled: runnable on CPU as the reference of each kernel).
-# ---------------------------------------------------------------------------------------------
+
+def ensure_intrins(bits: int, a_signed: bool) -> tuple[str, str, str]:
+    """Register (once) and return the fill, mma and store intrinsics a kernel needs."""
+    mma = intrin_name(bits, a_signed)
+    if TensorIntrin.get(FILL_INTRIN, allow_missing=True) is None:
+        for name, pair in _fill_store_intrins().items():
+            TensorIntrin.register(name, *pair, override=True)
+    if TensorIntrin.get(mma, allow_missing=True) is None:
+        TensorIntrin.register(mma, *_mma_intrin(bits, a_signed), override=True)
+    return FILL_INTRIN, mma, STORE_INTRIN
+
+# ======== 3. Compute definitions (unscheduled: each runs on CPU as the reference of its kernel).
 
 BLOCK_K = 32  # bytes of K per shared-memory stage: 2 mma k-steps
+
+
+@dataclass(frozen=True)
+class QuantOpts:
+    """Operand widths and the epilogue: ``clip((int64(acc + bias) * m + r) >> s, lo, hi)``."""
+
+    bits: int = 8
+    a_signed: bool = False  # activations s8/s4 (else u8/u4, e.g. after ReLU)
+    out_dtype: str = "int8"
+    raw: bool = False  # return int32 acc + bias, no requant
+    lo: int | None = None  # clip bounds; default: out_dtype's range
+    hi: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.bits not in (8, 4):
+            raise ValueError(f"bits must be 8 or 4, got {self.bits}")
+        if not self.raw and self.out_dtype not in ("int8", "uint8", "int32"):
+            raise ValueError(f"out_dtype must be int8, uint8 or int32, got {self.out_dtype}")
+
+    def k_bytes(self, k: int) -> int:
+        if self.bits == 4 and k % 2:
+            raise ValueError(f"int4 packs 2 values per byte along K; {k} is odd")
+        return k * self.bits // 8
 
 
 def _ceil(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def _gemm_and_epilogue(a_val, w_val, M: int, N: int, KB: int, bits: int, a_signed: bool,
-                       out_dtype: str, raw: bool, lo: int | None, hi: int | None, tm: int, tn: int
-                       ) -> tuple[list[te.Tensor], te.Tensor]:
-    """C[Mp, Np] = A(i, kb) . W(j, kb) over padded sizes, then out[M, N] = requant(C + bias).
+def _epilogue(q: QuantOpts, shape: tuple[int, ...], acc, chan: int, n: int
+              ) -> tuple[list[te.Tensor], te.Tensor]:
+    """``out[idx] = requant(acc(*idx) + bias[c])`` with c = idx[chan]; returns (params, out)."""
+    bias = te.placeholder((n,), "int32", "bias")
+    if q.raw:
+        return [bias], te.compute(shape, lambda *i: acc(*i) + bias[i[chan]], name="out")
+    m, r, s = (te.placeholder((n,), "int64", x) for x in ("m", "r", "s"))
+    info = np.iinfo(q.out_dtype)
+    lo = tirx.const(info.min if q.lo is None else q.lo, "int64")
+    hi = tirx.const(info.max if q.hi is None else q.hi, "int64")
 
-    ``a_val(i, kb)`` / ``w_val(j, kb)`` give one K byte (zero outside K); padded rows read a
-    clamped in-range row, since their results are never stored.
-    """
-    Mp, Np, Kp = _ceil(M, tm), _ceil(N, tn), _ceil(KB, BLOCK_K)
-    a_dt, w_dt = _storage(bits, a_signed)
+    def f(*i: tirx.PrimExpr) -> tirx.PrimExpr:
+        c = i[chan]
+        v = ((acc(*i) + bias[c]).astype("int64") * m[c] + r[c]) >> s[c]
+        return tirx.max(tirx.min(v, hi), lo).astype(q.out_dtype)
+
+    return [bias, m, r, s], te.compute(shape, f, name="out")
+
+
+def _gemm(q: QuantOpts, a_val, w_val, M: int, N: int, KB: int, tile: tuple[int, int]
+          ) -> tuple[list[te.Tensor], te.Tensor]:
+    """gemm[Mp, Np] over padded sizes, then out[M, N]. ``a_val(i, kb)`` / ``w_val(j, kb)``
+    give one K byte and must be 0 for kb >= KB; padded rows read a clamped in-range row,
+    since their results are never stored."""
+    Mp, Np, Kp = _ceil(M, tile[0]), _ceil(N, tile[1]), _ceil(KB, BLOCK_K)
     A = te.compute((Mp, Kp), lambda i, k: a_val(tirx.min(i, M - 1), k), name="A_pad")
     W = te.compute((Np, Kp), lambda j, k: w_val(tirx.min(j, N - 1), k), name="W_pad")
     k = te.reduce_axis((0, Kp), "k")
-    C = te.compute((Mp, Np), lambda i, j: te.sum(_byte_dot(A[i, k], W[j, k], bits, a_signed),
-                                                 axis=k), name="gemm")
-    bias = te.placeholder((N,), "int32", "bias")
-    if raw:
-        out = te.compute((M, N), lambda i, j: C[i, j] + bias[j], name="out")
-        return [bias], out
-    m, r, s = (te.placeholder((N,), "int64", n) for n in ("m", "r", "s"))
-    info = np.iinfo(out_dtype)
-    lo_, hi_ = info.min if lo is None else lo, info.max if hi is None else hi
-
-    def epi(i: tirx.PrimExpr, j: tirx.PrimExpr) -> tirx.PrimExpr:
-        v = ((C[i, j] + bias[j]).astype("int64") * m[j] + r[j]) >> s[j]
-        return tirx.max(tirx.min(v, tirx.const(hi_, "int64")), tirx.const(lo_, "int64")).astype(out_dtype)
-
-    return [bias, m, r, s], te.compute((M, N), epi, name="out")
+    C = te.compute((Mp, Np), lambda i, j: te.sum(
+        _byte_dot(A[i, k], W[j, k], q.bits, q.a_signed), axis=k), name="gemm")
+    return _epilogue(q, (M, N), lambda i, j: C[i, j], 1, N)
 
 
-def _in_k(kb: tirx.PrimExpr, KB: int, Kp: int) -> tirx.PrimExpr:
-    return kb < KB if Kp != KB else tirx.const(True)
+def _guard(ok: tirx.PrimExpr, load: tirx.PrimExpr) -> tirx.PrimExpr:
+    return tirx.if_then_else(ok, load, tirx.const(0, load.dtype))
 
 
-def _check(bits: int, K: int, raw: bool, out_dtype: str) -> None:
-    if bits not in (8, 4):
-        raise ValueError(f"bits must be 8 or 4, got {bits}")
-    if bits == 4 and K % 2:
-        raise ValueError(f"int4 packs 2 values per byte along K; K={K} is odd")
-    if not raw and out_dtype not in ("int8", "uint8", "int32"):
-        raise ValueError(f"out_dtype must be int8, uint8 or int32, got {out_dtype}")
-
-
-def dense_compute(M: int, N: int, K: int, *, bits: int = 8, out_dtype: str = "int8",
-                  raw: bool = False, a_signed: bool = False, lo: int | None = None,
-                  hi: int | None = None, tile: tuple[int, int] = (16, 16)) -> tirx.PrimFunc:
-    """Unscheduled ``dense_tc``: X[M, K] . W[N, K]^T (+ bias, requant); int4 is packed along K."""
-    _check(bits, K, raw, out_dtype)
-    KB = K * bits // 8
-    a_dt, w_dt = _storage(bits, a_signed)
-    X = te.placeholder((M, KB), a_dt, "X")
-    Wt = te.placeholder((N, KB), w_dt, "W")
-    Kp = _ceil(KB, BLOCK_K)
-    a_val = lambda i, k: tirx.if_then_else(_in_k(k, KB, Kp), X[i, tirx.min(k, KB - 1)], tirx.const(0, a_dt))
-    w_val = lambda j, k: tirx.if_then_else(_in_k(k, KB, Kp), Wt[j, tirx.min(k, KB - 1)], tirx.const(0, w_dt))
-    params, out = _gemm_and_epilogue(a_val, w_val, M, N, KB, bits, a_signed, out_dtype, raw, lo, hi,
-                                     *tile)
+def dense_compute(M: int, N: int, K: int, q: QuantOpts, tile: tuple[int, int] = (16, 16)
+                  ) -> tirx.PrimFunc:
+    """Unscheduled ``dense_tc``: X[M, K] . W[N, K]^T (+ bias, requant)."""
+    KB = q.k_bytes(K)
+    a_dt, w_dt = _storage(q.bits, q.a_signed)
+    X, Wt = te.placeholder((M, KB), a_dt, "X"), te.placeholder((N, KB), w_dt, "W")
+    kq = lambda kb: tirx.min(kb, KB - 1)  # noqa: E731  (in-bounds even where masked)
+    params, out = _gemm(q, lambda i, kb: _guard(kb < KB, X[i, kq(kb)]),
+                        lambda j, kb: _guard(kb < KB, Wt[j, kq(kb)]), M, N, KB, tile)
     return te.create_prim_func([X, Wt, *params, out]).with_attr("global_symbol", "dense_tc")
 
 
-def _conv_out_hw(data_shape: tuple[int, int, int, int], kernel: tuple[int, int],
-                 strides: tuple[int, int], pads: tuple[int, int, int, int],
-                 dilations: tuple[int, int]) -> tuple[int, int]:
+def conv_out_hw(data_shape: tuple[int, int, int, int], kernel: tuple[int, int],
+                strides: tuple[int, int], pads: tuple[int, int, int, int],
+                dilations: tuple[int, int] = (1, 1)) -> tuple[int, int]:
+    """(OH, OW) of a conv; pads are (top, left, bottom, right)."""
     return tuple((data_shape[1 + a] + pads[a] + pads[a + 2] - dilations[a] * (kernel[a] - 1) - 1)
                  // strides[a] + 1 for a in (0, 1))
 
 
 def conv2d_nhwc_compute(data_shape: tuple[int, int, int, int], out_channels: int,
-                        kernel: tuple[int, int], *, strides: tuple[int, int] = (1, 1),
-                        pads: tuple[int, int, int, int] = (0, 0, 0, 0),
-                        dilations: tuple[int, int] = (1, 1), bits: int = 8,
-                        out_dtype: str = "int8", raw: bool = False, a_signed: bool = False,
-                        lo: int | None = None, hi: int | None = None,
-                        tile: tuple[int, int] = (16, 16)) -> tirx.PrimFunc:
-    """Unscheduled ``conv2d_nhwc_tc`` as an implicit GEMM: rows (n, oh, ow), K bytes (kh, kw, c).
-
-    x: NHWC, w: OHWI; for int4 both are packed 2 per byte along C. pads = (top, left, bottom,
-    right). The output is NHWC; its (M, O) GEMM view is contiguous.
-    """
+                        kernel: tuple[int, int], strides: tuple[int, int],
+                        pads: tuple[int, int, int, int], dilations: tuple[int, int],
+                        q: QuantOpts, tile: tuple[int, int] = (16, 16)) -> tirx.PrimFunc:
+    """Unscheduled ``conv2d_nhwc_tc``: implicit GEMM, rows (n, oh, ow), K bytes (kh, kw, c)."""
     nb, H, Wd, C = data_shape
     KH, KW = kernel
-    _check(bits, C, raw, out_dtype)
-    CB = C * bits // 8
-    OH, OW = _conv_out_hw(data_shape, kernel, strides, pads, dilations)
+    CB = q.k_bytes(C)
+    OH, OW = conv_out_hw(data_shape, kernel, strides, pads, dilations)
     M, KB = nb * OH * OW, KH * KW * CB
-    Kp = _ceil(KB, BLOCK_K)
-    a_dt, w_dt = _storage(bits, a_signed)
+    a_dt, w_dt = _storage(q.bits, q.a_signed)
     X = te.placeholder((nb, H, Wd, CB), a_dt, "X")
     Wt = te.placeholder((out_channels, KH, KW, CB), w_dt, "W")
 
-    def a_val(i: tirx.PrimExpr, kb: tirx.PrimExpr) -> tirx.PrimExpr:
+    def split_k(kb: tirx.PrimExpr) -> tuple[tirx.PrimExpr, ...]:
         kq = tirx.min(kb, KB - 1)
-        kh, kw, c = kq // (KW * CB), kq // CB % KW, kq % CB
+        return kq // (KW * CB), kq // CB % KW, kq % CB
+
+    def a_val(i: tirx.PrimExpr, kb: tirx.PrimExpr) -> tirx.PrimExpr:
+        kh, kw, c = split_k(kb)
         h = i // OW % OH * strides[0] + kh * dilations[0] - pads[0]
         w = i % OW * strides[1] + kw * dilations[1] - pads[1]
-        ok = tirx.all(_in_k(kb, KB, Kp), h >= 0, h < H, w >= 0, w < Wd)
-        return tirx.if_then_else(ok, X[i // (OH * OW), h, w, c], tirx.const(0, a_dt))
+        ok = tirx.all(kb < KB, h >= 0, h < H, w >= 0, w < Wd)
+        return _guard(ok, X[i // (OH * OW), h, w, c])
 
-    def w_val(j: tirx.PrimExpr, kb: tirx.PrimExpr) -> tirx.PrimExpr:
-        kq = tirx.min(kb, KB - 1)
-        v = Wt[j, kq // (KW * CB), kq // CB % KW, kq % CB]
-        return tirx.if_then_else(_in_k(kb, KB, Kp), v, tirx.const(0, w_dt))
-
-    params, out = _gemm_and_epilogue(a_val, w_val, M, out_channels, KB, bits, a_signed, out_dtype,
-                                     raw, lo, hi, *tile)
+    params, out = _gemm(q, a_val, lambda j, kb: _guard(kb < KB, Wt[(j, *split_k(kb))]),
+                        M, out_channels, KB, tile)
     func = te.create_prim_func([X, Wt, *params, out]).with_attr("global_symbol", "conv2d_nhwc_tc")
     sch = s_tir.Schedule(func)  # expose the output as NHWC: a pure reshape of the (M, O) view
-    sch.transform_layout("out", ("write", 0),
-                         lambda i, o: (i // (OH * OW), i // OW % OH, i % OW, o))
+    sch.transform_layout("out", ("write", 0), lambda i, o: (i // (OH * OW), i // OW % OH, i % OW, o))
     return sch.mod["main"]
 
 
-# ---------------------------------------------------------------------------------------------
-# 4. Schedule: one rule for every GEMM-shaped kernel above.
-# ---------------------------------------------------------------------------------------------
+# ======== 4. Schedule: one rule for every GEMM-shaped kernel above.
 
 
 @dataclass(frozen=True)
@@ -342,8 +397,8 @@ def _vec_width(total: int, threads: int, limit: int) -> int:
     return v
 
 
-def _schedule_gemm(func: tirx.PrimFunc, cfg: TileConfig, bits: int, a_signed: bool,
-                   a_vec: int, w_vec: int, out_vec: int) -> tirx.PrimFunc:
+def _schedule_gemm(func: tirx.PrimFunc, cfg: TileConfig, q: QuantOpts, a_vec: int, w_vec: int,
+                   out_vec: int) -> tirx.PrimFunc:
     sch = s_tir.Schedule(func)
     gemm, out = sch.get_sblock("gemm"), sch.get_sblock("out")
     nthreads = 32 * cfg.warps_m * cfg.warps_n
@@ -360,7 +415,8 @@ def _schedule_gemm(func: tirx.PrimFunc, cfg: TileConfig, bits: int, a_signed: bo
     j0, j1, j2 = sch.split(j, [None, cfg.warps_n, cfg.frags_n])
     k0, k1 = sch.split(k, [None, BLOCK_K // 16])
     sch.reorder(i0, j0, i1, j1, k0, k1, i2, j2)
-    sch.bind(sch.fuse(i0, j0), "blockIdx.x")
+    bx = sch.fuse(i0, j0)
+    sch.bind(bx, "blockIdx.x")
     ty = sch.fuse(i1, j1)
     sch.bind(ty, "threadIdx.y")
     # Step 3. Cooperative global->shared copies; padding / im2col producers inline into them.
@@ -368,63 +424,57 @@ def _schedule_gemm(func: tirx.PrimFunc, cfg: TileConfig, bits: int, a_signed: bo
         cache = sch.cache_read(outer, idx, "shared")
         sch.compute_inline(sch.get_producers(cache)[0])
         sch.compute_at(cache, k0)
-        fused = sch.fuse(*sch.get_loops(cache)[-2:])
-        v = _vec_width(rows * BLOCK_K, nthreads, vec)
-        _, f1, f2, f3 = sch.split(fused, [None, nthreads // 32, 32, v])
-        sch.bind(f2, "threadIdx.x")
-        sch.bind(f1, "threadIdx.y")
-        sch.vectorize(f3)
-        # Row stride 48 bytes: the 8 rows one mma reads hit 8 disjoint bank groups.
+        _bind_threads(sch, sch.get_loops(cache)[-2:], nthreads,
+                      _vec_width(rows * BLOCK_K, nthreads, vec))
+        # Row stride 48 bytes: the 8 rows one mma reads fall in 8 disjoint bank groups.
         sch.storage_align(cache, 0, axis=-2, factor=32, offset=16)
-    # Step 4. Accumulate in warp registers, stage through shared for the fused epilogue.
+    # Step 4. Accumulate in warp registers; stage the tile through shared for the epilogue.
     acc = sch.cache_write(outer, 0, "warp")
     sch.reverse_compute_at(acc, ty)
-    sch.reverse_compute_at(out, sch.get_loops(outer)[0])  # before tensorize hides the producer
+    sch.reverse_compute_at(out, bx)  # before tensorize hides the producer
     sch.set_scope(acc, 0, "shared")
-    sch.storage_align(acc, 0, axis=-2, factor=16, offset=4)
     r, c = sch.get_loops(acc)[-2:]
     r0, r1 = sch.split(r, [None, 16])
     c0, c1 = sch.split(c, [None, 16])
     sch.reorder(r0, c0, r1, c1)
-    sch.transform_layout(acc, ("read", 0), lambda i, j: (i // 16, j // 16, *_acc_layout(i % 16, j % 16)))
+    sch.transform_layout(acc, ("read", 0),
+                         lambda i, j: (i // 16, j // 16, *_acc_layout(i % 16, j % 16)))
     init = sch.decompose_reduction(outer, k0)
     # Step 5. Tensorize init / mma / store.
-    name = INTRIN_PREFIX + ("s" if a_signed else "u") + f"{bits}s{bits}"
-    sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], FILL_INTRIN)
-    sch.tensorize(sch.get_loops(sch.get_child_blocks(outer)[0])[-3], name)
-    sch.tensorize(r1, STORE_INTRIN)
+    fill, mma, store = ensure_intrins(q.bits, q.a_signed)
+    sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], fill)
+    sch.tensorize(sch.get_loops(sch.get_child_blocks(outer)[0])[-3], mma)
+    sch.tensorize(r1, store)
     # Step 6. Epilogue (bias, requant, clip, cast) reads the shared tile, writes vectors.
-    fused = sch.fuse(*sch.get_loops(out)[-2:])
-    _, f1, f2, f3 = sch.split(fused, [None, nthreads // 32, 32, out_vec])
-    sch.bind(f2, "threadIdx.x")
-    sch.bind(f1, "threadIdx.y")
-    sch.vectorize(f3)
+    _bind_threads(sch, sch.get_loops(out)[1:], nthreads, out_vec)  # M=1 drops the row loop
     return sch.mod["main"]
 
 
-def _pow2_divisor(x: int, limit: int = 16) -> int:
-    return math.gcd(x, limit) if x else limit
+def _bind_threads(sch: s_tir.Schedule, loops: list, nthreads: int, vec: int) -> None:
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    _, ty, tx, v = sch.split(fused, [None, nthreads // 32, 32, vec])
+    sch.bind(tx, "threadIdx.x")
+    sch.bind(ty, "threadIdx.y")
+    sch.vectorize(v)
+
+
+def _out_vec(M: int, N: int, cfg: TileConfig) -> int:
+    return 4 if M % cfg.tile[0] == 0 and N % cfg.tile[1] == 0 else 1  # partial tiles: guarded
 
 
 def dense_tc(M: int, N: int, K: int, *, bits: int = 8, out_dtype: str = "int8", raw: bool = False,
              a_signed: bool = False, lo: int | None = None, hi: int | None = None) -> tirx.PrimFunc:
     """Tensor-core int GEMM with fused requant: ``out = clip((int64(X.W^T + b)*m + r) >> s, lo, hi)``.
 
-    Params: X (M, K) u8/s8 [int4: (M, K/2) packed bytes, low nibble = even k], W (N, K) s8
-    [int4: (N, K/2) packed s4], bias (N,) int32, then m, r, s (N,) int64 unless ``raw``
-    (raw returns int32 acc + bias). lo/hi default to out_dtype's range.
+    Params, in order: X (M, K) u8 (s8 if ``a_signed``) [int4: (M, K/2) packed bytes, low
+    nibble = even k], W (N, K) s8 [int4: (N, K/2) packed s4], bias (N,) int32, then m, r, s
+    (N,) int64 unless ``raw``; last the output (M, N) out_dtype (int32 acc + bias if ``raw``).
     """
+    q = QuantOpts(bits, a_signed, out_dtype, raw, lo, hi)
     cfg = TileConfig.for_shape(M, N)
-    func = dense_compute(M, N, K, bits=bits, out_dtype=out_dtype, raw=raw, a_signed=a_signed,
-                         lo=lo, hi=hi, tile=cfg.tile)
-    KB = K * bits // 8
-    vec = 16 if KB % BLOCK_K == 0 else 1  # ragged K keeps a per-byte predicate
-    return _schedule_gemm(func, cfg, bits, a_signed, vec, vec, _out_vec(M, N, cfg))
-
-
-def _out_vec(M: int, N: int, cfg: TileConfig) -> int:
-    bm, bn = cfg.tile
-    return 4 if M % bm == 0 and N % bn == 0 else 1  # partial tiles carry a per-element guard
+    vec = 16 if q.k_bytes(K) % BLOCK_K == 0 else 1  # ragged K keeps a per-byte guard
+    return _schedule_gemm(dense_compute(M, N, K, q, cfg.tile), cfg, q, vec, vec,
+                          _out_vec(M, N, cfg))
 
 
 def conv2d_nhwc_tc(data_shape: tuple[int, int, int, int], out_channels: int,
@@ -433,104 +483,82 @@ def conv2d_nhwc_tc(data_shape: tuple[int, int, int, int], out_channels: int,
                    dilations: tuple[int, int] = (1, 1), bits: int = 8, out_dtype: str = "int8",
                    raw: bool = False, a_signed: bool = False, lo: int | None = None,
                    hi: int | None = None) -> tirx.PrimFunc:
-    """Tensor-core NHWC conv (implicit GEMM, im2col fused into the shared-memory loads).
+    """Tensor-core NHWC conv as an implicit GEMM (im2col fused into the shared-memory loads).
 
-    Params: X (N, H, W, C) [int4: (N, H, W, C/2) packed], W (O, KH, KW, C) OHWI [int4 packed
-    along C], bias (O,), then m, r, s (O,) int64 unless ``raw``. Output (N, OH, OW, O).
+    Params, in order: X (N, H, W, C) [int4: (N, H, W, C/2) packed], W (O, KH, KW, C) OHWI
+    [int4: packed along C], bias (O,) int32, then m, r, s (O,) int64 unless ``raw``; last the
+    output (N, OH, OW, O). pads = (top, left, bottom, right).
     """
-    kw = dict(strides=strides, pads=pads, dilations=dilations, bits=bits, out_dtype=out_dtype,
-              raw=raw, a_signed=a_signed, lo=lo, hi=hi)
-    oh, ow = _conv_out_hw(data_shape, kernel, strides, pads, dilations)
+    q = QuantOpts(bits, a_signed, out_dtype, raw, lo, hi)
+    oh, ow = conv_out_hw(data_shape, kernel, strides, pads, dilations)
     M = data_shape[0] * oh * ow
     cfg = TileConfig.for_shape(M, out_channels)
-    func = conv2d_nhwc_compute(data_shape, out_channels, kernel, tile=cfg.tile, **kw)
-    cb = data_shape[3] * bits // 8
-    kb = kernel[0] * kernel[1] * cb
-    # A 16-byte vector stays inside one (kh, kw) pixel only when C bytes split into vectors.
-    ragged = kb % BLOCK_K != 0
-    a_vec = 1 if ragged else _pow2_divisor(cb)
-    w_vec = 1 if ragged else 16
-    return _schedule_gemm(func, cfg, bits, a_signed, a_vec, w_vec, _out_vec(M, out_channels, cfg))
+    cb = q.k_bytes(data_shape[3])
+    ragged = kernel[0] * kernel[1] * cb % BLOCK_K != 0
+    # A vector must stay inside one pixel's C bytes. Guarded loads vectorize as
+    # select(ok, load, 0), and TVM's CUDA codegen mis-prints a 16 x u8 zero (make_uint4 with
+    # 16 args), while 4 x u8 prints as one packed int: cap guarded vectors at 4 bytes.
+    a_vec = 1 if ragged else min(math.gcd(cb, 16), 4 if any(pads) else 16)
+    func = conv2d_nhwc_compute(data_shape, out_channels, kernel, strides, pads, dilations, q,
+                               cfg.tile)
+    return _schedule_gemm(func, cfg, q, a_vec, 1 if ragged else 16, _out_vec(M, out_channels, cfg))
 
 
 def depthwise_conv2d_nhwc(data_shape: tuple[int, int, int, int], kernel: tuple[int, int], *,
                           strides: tuple[int, int] = (1, 1),
-                          pads: tuple[int, int, int, int] = (0, 0, 0, 0),
-                          out_dtype: str = "int8", raw: bool = False, a_signed: bool = False,
-                          lo: int | None = None, hi: int | None = None,
-                          schedule: bool = True) -> tirx.PrimFunc:
-    """int8 depthwise NHWC conv on CUDA cores (no tensor-core shape fits a per-channel K).
+                          pads: tuple[int, int, int, int] = (0, 0, 0, 0), out_dtype: str = "int8",
+                          raw: bool = False, a_signed: bool = False, lo: int | None = None,
+                          hi: int | None = None, schedule: bool = True) -> tirx.PrimFunc:
+    """int8 depthwise NHWC conv on CUDA cores (a per-channel K of 9 fits no tensor-core shape).
 
-    Params: X (N, H, W, C) u8/s8, W (KH, KW, C) s8, bias (C,), then m, r, s (C,) int64.
+    Params: X (N, H, W, C) u8/s8, W (KH, KW, C) s8, bias (C,), then m, r, s (C,) int64 unless
+    ``raw``; last the output (N, OH, OW, C). ``schedule=False`` gives the CPU reference.
     """
+    q = QuantOpts(8, a_signed, out_dtype, raw, lo, hi)
     nb, H, Wd, C = data_shape
-    KH, KW = kernel
-    OH, OW = _conv_out_hw(data_shape, kernel, strides, pads, (1, 1))
-    a_dt = "int8" if a_signed else "uint8"
-    X = te.placeholder((nb, H, Wd, C), a_dt, "X")
-    Wt = te.placeholder((KH, KW, C), "int8", "W")
-    rh, rw = te.reduce_axis((0, KH), "rh"), te.reduce_axis((0, KW), "rw")
+    OH, OW = conv_out_hw(data_shape, kernel, strides, pads)
+    X = te.placeholder(data_shape, _storage(8, a_signed)[0], "X")
+    Wt = te.placeholder((*kernel, C), "int8", "W")
+    rh, rw = te.reduce_axis((0, kernel[0]), "rh"), te.reduce_axis((0, kernel[1]), "rw")
 
-    def acc(n, y, x, c):
+    def acc(n: tirx.PrimExpr, y: tirx.PrimExpr, x: tirx.PrimExpr, c: tirx.PrimExpr):
         h, w = y * strides[0] + rh - pads[0], x * strides[1] + rw - pads[1]
-        ok = tirx.all(h >= 0, h < H, w >= 0, w < Wd)
-        v = tirx.if_then_else(ok, X[n, h, w, c], tirx.const(0, a_dt)).astype("int32")
-        return te.sum(v * Wt[rh, rw, c].astype("int32"), axis=[rh, rw])
+        v = _guard(tirx.all(h >= 0, h < H, w >= 0, w < Wd), X[n, h, w, c])
+        return te.sum(v.astype("int32") * Wt[rh, rw, c].astype("int32"), axis=[rh, rw])
 
     gemm = te.compute((nb, OH, OW, C), acc, name="gemm")
-    bias = te.placeholder((C,), "int32", "bias")
-    params = [bias]
-    if raw:
-        out = te.compute(gemm.shape, lambda n, y, x, c: gemm[n, y, x, c] + bias[c], name="out")
-    else:
-        m, r, s = (te.placeholder((C,), "int64", n) for n in ("m", "r", "s"))
-        params += [m, r, s]
-        info = np.iinfo(out_dtype)
-        lo_, hi_ = info.min if lo is None else lo, info.max if hi is None else hi
-        out = te.compute(gemm.shape, lambda n, y, x, c: tirx.max(tirx.min(
-            ((gemm[n, y, x, c] + bias[c]).astype("int64") * m[c] + r[c]) >> s[c],
-            tirx.const(hi_, "int64")), tirx.const(lo_, "int64")).astype(out_dtype), name="out")
+    params, out = _epilogue(q, (nb, OH, OW, C), lambda *i: gemm[i], 3, C)
     func = te.create_prim_func([X, Wt, *params, out]).with_attr("global_symbol", "depthwise_nhwc")
     if not schedule:
         return func
     sch = s_tir.Schedule(func)
-    loop = sch.fuse(*sch.get_loops("out"))
-    bx, tx = sch.split(loop, [None, 128])  # C innermost: neighbouring threads read adjacent bytes
+    bx, tx = sch.split(sch.fuse(*sch.get_loops("out")), [None, 128])  # C innermost: coalesced
     sch.bind(bx, "blockIdx.x")
     sch.bind(tx, "threadIdx.x")
-    sch.compute_at(sch.get_sblock("gemm"), tx)  # one thread per output, KHxKW sum in a register
+    sch.compute_at(sch.get_sblock("gemm"), tx)  # one thread per output, its sum in a register
     sch.set_scope(sch.get_sblock("gemm"), 0, "local")
     return sch.mod["main"]
 
 
-# ---------------------------------------------------------------------------------------------
-# 5. Build for sm_75 without a GPU, and read the SASS back.
-# ---------------------------------------------------------------------------------------------
+# ======== 5. Build for sm_75 without a GPU, and read the SASS back.
 
 T4 = "nvidia/nvidia-t4"
 
 
-def _cu13_bin() -> Path:
-    """Where ``pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm`` puts its tools."""
-    return Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" \
-        / "site-packages" / "nvidia" / "cu13" / "bin"
+# Where `pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm` puts its tools.
+_CU13_BIN = Path(sysconfig.get_paths()["purelib"]) / "nvidia" / "cu13" / "bin"
 
 
 def tool_path(name: str) -> str | None:
     """``nvcc`` / ``cuobjdump`` / ``nvdisasm`` from PATH or the pip wheels; None if absent."""
-    found = shutil.which(name)
-    if found:
-        return found
-    cand = _cu13_bin() / name
-    return str(cand) if cand.exists() else None
+    return shutil.which(name) or shutil.which(name, path=str(_CU13_BIN))
 
 
 def cuda_source(func_or_mod: tirx.PrimFunc | tvm.IRModule) -> str:
     """CUDA C emitted by ``tvm.compile`` for the T4 (no GPU or nvcc needed)."""
     mod = func_or_mod
     if isinstance(mod, tirx.PrimFunc):
-        mod = tvm.IRModule({str(mod.attrs["global_symbol"]) if mod.attrs and "global_symbol"
-                            in mod.attrs else "main": mod})
+        mod = tvm.IRModule({"main": mod})
     ex = tvm.compile(mod, target=tvm.target.Target(T4))
     todo, seen = [ex.mod], []
     while todo:  # the device module is an import of the host module
@@ -571,7 +599,7 @@ def sass_histogram(cubin: bytes) -> dict[str, dict[str, int]]:
         raise FileNotFoundError("cuobjdump not found (pip install nvidia-cuda-cuobjdump "
                                 "nvidia-cuda-nvdisasm)")
     env = dict(os.environ)  # cuobjdump -sass shells out to nvdisasm
-    env["PATH"] = f"{Path(tool).parent}{os.pathsep}{_cu13_bin()}{os.pathsep}{env.get('PATH', '')}"
+    env["PATH"] = os.pathsep.join([str(Path(tool).parent), str(_CU13_BIN), env.get("PATH", "")])
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()

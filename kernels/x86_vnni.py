@@ -414,3 +414,259 @@ def conv2d_nhwc_vnni(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int,
     if im2col:
         _schedule_stage(sch, "col")
     return sch.mod["main"].with_attr("global_symbol", "main")
+
+
+# ----------------------------------------------------------------------------- depthwise, pools
+def _channel_tile(c: int) -> int:
+    """Channels per register tile: a multiple of 16 lanes when C allows it."""
+    return next((t for t in (64, 32, 16) if c % t == 0), c if c < 16 else
+                next(t for t in (8, 4, 2, 1) if c % t == 0))
+
+
+def _width_tile(ow: int, ct: int, budget: int = 24) -> int:
+    """Output columns per register tile: the largest divisor of OW whose
+    accumulators (ow_tile x ceil(ct/16) zmm) fit ``budget`` registers."""
+    cap = max(1, min(8, budget // -(-ct // LANES)))
+    return next(t for t in range(cap, 0, -1) if ow % t == 0)
+
+
+def _schedule_window(sch: Schedule, ct: int, owt: int, pad_stages: Sequence[str] = (),
+                     inline_pad: bool = True) -> None:
+    """Block "acc" (loops b, oh, ow, c, *window) into a local register tile of
+    owt x ct, vectorized over channels; block "out" fused per tile.
+
+    # Step 1. inline pad stages (a select per tap beats a copy of the whole input)
+    # Step 2. tile ow and c; the window loops sit between the tile and the registers
+    # Step 3. (b, oh) parallel; zero-init, taps and epilogue vectorized over c
+    """
+    for name in pad_stages:
+        sch.compute_inline(name) if inline_pad else _schedule_stage(sch, name)
+    acc = sch.get_sblock("acc")
+    b, oh, ow, c, *win = sch.get_loops(acc)
+    owo, owi = sch.split(ow, [None, owt])
+    co, ci = sch.split(c, [None, ct])
+    sch.reorder(b, oh, owo, co, *win, owi, ci)
+    sch.set_scope(acc, 0, "local")
+    sch.reverse_compute_at(sch.get_sblock("out"), co)
+    sch.parallel(sch.fuse(b, oh))
+    sch.vectorize(ci)  # before decompose: vectorize needs the block still a full reduction
+    sch.unroll(owi)
+    sch.decompose_reduction(acc, win[0])
+    sch.vectorize(sch.get_loops(sch.get_sblock("out"))[-1])
+
+
+def _window(x: te.Tensor, kh: int, kw: int, strides: Sequence[int], pads: Sequence[int],
+            dilations: Sequence[int], fill: int, name: str = "x_pad"
+            ) -> tuple[Callable[..., tirx.PrimExpr], int, int, list[str]]:
+    """tap(b, oh, ow, r, s, c) reading the padded input, OH, OW, stages to inline."""
+    n, h, w, c = (int(d) for d in x.shape)
+    (sh, sw), (dh, dw) = _pair(strides), _pair(dilations)
+    OH, OW = conv_out_hw(h, w, kh, kw, strides, pads, dilations)
+    src, stages = x, []
+    if any(pads):
+        src = _pad_nhwc(x, pads, c, tirx.const(fill, x.dtype), lambda v: v, name)
+        stages = [name]
+
+    def tap(b: tirx.PrimExpr, oh: tirx.PrimExpr, ow: tirx.PrimExpr, r: tirx.PrimExpr,
+            s: tirx.PrimExpr, ch: tirx.PrimExpr) -> tirx.PrimExpr:
+        return src[b, oh * sh + r * dh, ow * sw + s * dw, ch]
+    return tap, OH, OW, stages
+
+
+def depthwise_conv2d_nhwc(N: int, H: int, W: int, C: int, kh: int, kw: int,
+                          strides: Sequence[int] = (1, 1), pads: Sequence[int] = (0, 0, 0, 0),
+                          dilations: Sequence[int] = (1, 1), *, out_dtype: str = "int8",
+                          raw: bool = False, in_dtype: str = "uint8", lo: int | None = None,
+                          hi: int | None = None) -> tirx.PrimFunc:
+    """Depthwise (group == C, multiplier 1) NHWC conv with fused requantize.
+
+    Parameters (in order): x (N, H, W, C) uint8/int8; w (kh, kw, C) int8 (OIHW
+    (C, 1, kh, kw) transposed (2, 3, 0, 1)); bias (C,) int32 (no signed correction:
+    no VNNI here); m, r, s (C,) int64 unless ``raw``; out (N, OH, OW, C).
+    """
+    ep = _epilogue(out_dtype, raw, lo, hi)
+    x = te.placeholder((N, H, W, C), in_dtype, name="x")
+    w = te.placeholder((kh, kw, C), "int8", name="w")
+    bias = te.placeholder((C,), "int32", name="bias")
+    q = ep.params(C)
+    tap, OH, OW, stages = _window(x, kh, kw, strides, pads, dilations, 0)
+    r, s = te.reduce_axis((0, kh), "r"), te.reduce_axis((0, kw), "s")
+    acc = te.compute((N, OH, OW, C), lambda b, i, j, c: te.sum(
+        tap(b, i, j, r, s, c).astype("int32") * w[r, s, c].astype("int32"), axis=[r, s]), name="acc")
+    out = te.compute((N, OH, OW, C), lambda b, i, j, c: ep.apply(acc[b, i, j, c], bias[c], q, c),
+                     name="out")
+    sch = Schedule(te.create_prim_func([x, w, bias, *q, out]))
+    ct = _channel_tile(C)
+    # A pad copy beats per-tap selects here: each tap widens to int32 before the multiply.
+    _schedule_window(sch, ct, _width_tile(OW, ct), stages, inline_pad=False)
+    return sch.mod["main"].with_attr("global_symbol", "main")
+
+
+def max_pool2d_nhwc(N: int, H: int, W: int, C: int, kernel: Sequence[int],
+                    strides: Sequence[int], pads: Sequence[int] = (0, 0, 0, 0),
+                    dilations: Sequence[int] = (1, 1), *, dtype: str = "uint8") -> tirx.PrimFunc:
+    """Window max, padding with the dtype's minimum. Parameters: x, out (same dtype)."""
+    kh, kw = _pair(kernel)
+    x = te.placeholder((N, H, W, C), dtype, name="x")
+    tap, OH, OW, stages = _window(x, kh, kw, strides, pads, dilations, int(np.iinfo(dtype).min))
+    r, s = te.reduce_axis((0, kh), "r"), te.reduce_axis((0, kw), "s")
+    acc = te.compute((N, OH, OW, C), lambda b, i, j, c: te.max(tap(b, i, j, r, s, c), axis=[r, s]),
+                     name="acc")
+    out = te.compute((N, OH, OW, C), lambda *i: acc[i], name="out")
+    sch = Schedule(te.create_prim_func([x, out]))
+    ct = _channel_tile(C)
+    _schedule_window(sch, ct, _width_tile(OW, ct), stages)
+    return sch.mod["main"].with_attr("global_symbol", "main")
+
+
+def sum_pool2d_nhwc(N: int, H: int, W: int, C: int, kernel: Sequence[int],
+                    strides: Sequence[int], pads: Sequence[int] = (0, 0, 0, 0), *,
+                    in_dtype: str = "uint8", out_dtype: str = "int32", raw: bool = True,
+                    lo: int | None = None, hi: int | None = None) -> tirx.PrimFunc:
+    """Window sum in int32 with zero padding (average pool before its division).
+
+    Parameters: x (N, H, W, C); m, r, s (OH, OW) int64 per output position unless
+    ``raw`` (qgraph's avgpool folds 1/count into m); out (N, OH, OW, C).
+    """
+    kh, kw = _pair(kernel)
+    ep = _epilogue(out_dtype, raw, lo, hi)
+    x = te.placeholder((N, H, W, C), in_dtype, name="x")
+    tap, OH, OW, stages = _window(x, kh, kw, strides, pads, (1, 1), 0)
+    q = [] if raw else [te.placeholder((OH, OW), "int64", name=f"q_{v}") for v in "mrs"]
+    r, s = te.reduce_axis((0, kh), "r"), te.reduce_axis((0, kw), "s")
+    acc = te.compute((N, OH, OW, C), lambda b, i, j, c: te.sum(
+        tap(b, i, j, r, s, c).astype("int32"), axis=[r, s]), name="acc")
+    out = te.compute((N, OH, OW, C), lambda b, i, j, c: ep.apply(
+        acc[b, i, j, c], None, [_At(t, i, j) for t in q], 0), name="out")
+    sch = Schedule(te.create_prim_func([x, *q, out]))
+    ct = _channel_tile(C)
+    _schedule_window(sch, ct, _width_tile(OW, ct), stages)
+    return sch.mod["main"].with_attr("global_symbol", "main")
+
+
+class _At:
+    """A 2-D parameter seen through Epilogue.apply's ``t[idx]``: always t[i, j]."""
+
+    def __init__(self, t: te.Tensor, i: tirx.PrimExpr, j: tirx.PrimExpr) -> None:
+        self.t, self.i, self.j = t, i, j
+
+    def __getitem__(self, _: object) -> tirx.PrimExpr:
+        return self.t[self.i, self.j]
+
+
+def global_sum_pool_nhwc(N: int, H: int, W: int, C: int, *, in_dtype: str = "uint8",
+                         out_dtype: str = "int32", raw: bool = True, lo: int | None = None,
+                         hi: int | None = None) -> tirx.PrimFunc:
+    """Sum over H, W in int32 -> (N, 1, 1, C). Parameters: x; m, r, s (1,) int64
+    (per tensor, qgraph's gap) unless ``raw``; out."""
+    ep = _epilogue(out_dtype, raw, lo, hi)
+    x = te.placeholder((N, H, W, C), in_dtype, name="x")
+    q = [] if raw else [te.placeholder((1,), "int64", name=f"q_{v}") for v in "mrs"]
+    r, s = te.reduce_axis((0, H), "r"), te.reduce_axis((0, W), "s")
+    # (N, 1, 1, C) with the window loops over the whole image: the same tiling as pools.
+    acc = te.compute((N, 1, 1, C), lambda b, i, j, c: te.sum(
+        x[b, r, s, c].astype("int32"), axis=[r, s]), name="acc")
+    out = te.compute((N, 1, 1, C), lambda b, i, j, c: ep.apply(acc[b, i, j, c], None, q, 0),
+                     name="out")
+    sch = Schedule(te.create_prim_func([x, *q, out]))
+    _schedule_window(sch, _channel_tile(C), 1)
+    return sch.mod["main"].with_attr("global_symbol", "main")
+
+
+# ----------------------------------------------------------------------------- rules
+@dataclass(frozen=True)
+class LayerDesc:
+    """One layer as the kernel library sees it. Activations are NHWC ``in_shape``
+    (dense: (M, K)); ``channels`` is OC for conv/dense; pads = (top, left, bottom, right)."""
+
+    op: str  # "conv2d" | "dense" | "maxpool" | "avgpool" | "gap"
+    in_shape: tuple[int, ...]
+    in_dtype: str = "uint8"
+    out_dtype: str = "int8"
+    raw: bool = False
+    channels: int = 0
+    kernel: tuple[int, int] = (1, 1)
+    strides: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    dilations: tuple[int, int] = (1, 1)
+    group: int = 1
+    lo: int | None = None
+    hi: int | None = None
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """A kernel chosen for a layer. ``build()`` returns the PrimFunc; the caller
+    prepares weights per ``weight_layout`` ("vnni16x4": pack_weights /
+    pack_conv_weights, "hwc": depthwise (kh, kw, C), "none") and, when
+    ``signed_bias``, replaces the bias with ``signed_input_bias(w, bias)``."""
+
+    name: str
+    build: Callable[[], tirx.PrimFunc] = field(repr=False)
+    weight_layout: str = "none"
+    signed_bias: bool = False
+    requires: str = ISA.cpu_flag
+
+
+Rule = Callable[[LayerDesc], "KernelSpec | None"]
+_ACT = ("uint8", "int8")
+
+
+def _requant_kw(d: LayerDesc) -> dict:
+    return {"out_dtype": d.out_dtype, "raw": d.raw, "lo": d.lo, "hi": d.hi}
+
+
+def rule_dense(d: LayerDesc) -> KernelSpec | None:
+    if d.op != "dense" or d.in_dtype not in _ACT or len(d.in_shape) != 2:
+        return None
+    (m, k), kw = d.in_shape, _requant_kw(d)
+    return KernelSpec("dense_vnni", lambda: dense_vnni(m, d.channels, k, in_dtype=d.in_dtype, **kw),
+                      "vnni16x4", d.in_dtype == "int8")
+
+
+def rule_conv_vnni(d: LayerDesc) -> KernelSpec | None:
+    if d.op != "conv2d" or d.group != 1 or d.in_dtype not in _ACT:
+        return None
+    n, h, w, c = d.in_shape
+    return KernelSpec("conv2d_nhwc_vnni", lambda: conv2d_nhwc_vnni(
+        n, h, w, c, d.channels, *d.kernel, d.strides, d.pads, d.dilations,
+        in_dtype=d.in_dtype, **_requant_kw(d)), "vnni16x4", d.in_dtype == "int8")
+
+
+def rule_depthwise(d: LayerDesc) -> KernelSpec | None:
+    if d.op != "conv2d" or d.in_dtype not in _ACT or not d.group == d.in_shape[3] == d.channels:
+        return None
+    return KernelSpec("depthwise_conv2d_nhwc", lambda: depthwise_conv2d_nhwc(
+        *d.in_shape, *d.kernel, d.strides, d.pads, d.dilations, in_dtype=d.in_dtype,
+        **_requant_kw(d)), "hwc", requires="avx512f")
+
+
+def rule_pool(d: LayerDesc) -> KernelSpec | None:
+    if d.in_dtype not in _ACT:
+        return None
+    if d.op == "maxpool":
+        return KernelSpec("max_pool2d_nhwc", lambda: max_pool2d_nhwc(
+            *d.in_shape, d.kernel, d.strides, d.pads, d.dilations, dtype=d.in_dtype),
+            requires="avx512f")
+    if d.op == "avgpool":
+        return KernelSpec("sum_pool2d_nhwc", lambda: sum_pool2d_nhwc(
+            *d.in_shape, d.kernel, d.strides, d.pads, in_dtype=d.in_dtype, **_requant_kw(d)),
+            requires="avx512f")
+    if d.op == "gap":
+        return KernelSpec("global_sum_pool_nhwc", lambda: global_sum_pool_nhwc(
+            *d.in_shape, in_dtype=d.in_dtype, **_requant_kw(d)), requires="avx512f")
+    return None
+
+
+RULES: tuple[Rule, ...] = (rule_dense, rule_depthwise, rule_conv_vnni, rule_pool)
+
+
+def select_kernel(d: LayerDesc, cpu_flags: frozenset[str] | None = None,
+                  rules: Sequence[Rule] = RULES) -> KernelSpec | None:
+    """The first rule's kernel for ``d`` whose CPU requirement ``cpu_flags`` meets
+    (None: assume it does); None means "no kernel here, use the default lowering"."""
+    for rule in rules:
+        spec = rule(d)
+        if spec is not None and (cpu_flags is None or spec.requires in cpu_flags):
+            return spec
+    return None

@@ -54,13 +54,12 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
     stats = collect_stats(proto, calibration_tensors(graph), reader, calib.method, calib, progress)
     # 3. Quantize to an integer-only graph and lower it to Relax.
     qg = quantize_graph(graph, stats, quant)
-    mod = lower(qg)
+    lowered = lower(qg)
     # 4. Legalize, prove integer-only, compile.
-    built = build(mod, tgt)
+    built = build(lowered.mod, tgt)
     if not built.intcheck.ok:
         raise BuildError(f"integer-only check failed: {built.intcheck.violations[:3]}")
     # 5. Write the artifact atomically.
-    items = qg.param_items()
     meta = {
         "target": str(tgt.kind.name) + (f" -mcpu={tgt.attrs['mcpu']}" if "mcpu" in tgt.attrs else ""),
         "integer_only": built.intcheck.ok,
@@ -72,7 +71,10 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
             built.executable.export_library(str(tmp / "module.so"))
         except Exception as e:
             raise BuildError(f"export_library failed: {str(e).splitlines()[0]}") from e
-        np.savez(tmp / "weights.npz", **dict(items))
+        # weights.npz: the module's inputs (possibly packed for a kernel);
+        # qgraph.npz: the quantized graph's own integers, the oracle's truth.
+        np.savez(tmp / "weights.npz", **dict(lowered.params))
+        np.savez_compressed(tmp / "qgraph.npz", **dict(qg.param_items()))
         write_json(tmp / "qconfig.json", {
             "bits": quant.bits, "first_last_bits": quant.first_last_bits,
             "preprocess": dataclasses.asdict(calib.preprocess),
@@ -88,7 +90,8 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
             "output": {"name": qg.output.name, "shape": ["N", *qg.output.shape[1:]],
                        "dtype": "float32"},
             "functions": ["main", "quantize", "core", "dequantize"],
-            "params": [k for k, _ in items], "integer_only": built.intcheck.ok,
+            "params": [k for k, _ in lowered.params], "integer_only": built.intcheck.ok,
+            "kernels": lowered.kernels,
             "intcheck": {"prim_funcs": len(built.intcheck.prim_funcs),
                          "stores": built.intcheck.stores},
             "compile_seconds": round(seconds, 2)})

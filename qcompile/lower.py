@@ -1,20 +1,25 @@
-"""``QGraph`` -> Relax ``IRModule`` of integer-only ops.
+"""``QGraph`` -> Relax ``IRModule`` of integer-only ops, in NHWC.
 
 The module has four public functions, so the float boundary is visible in the IR
 and the integer core can be checked and called on its own:
 
-    quantize(x: f32)               -> q    the only float step on the way in
-    core(q, *params)               -> y    integers only
+    quantize(x: f32 NCHW)          -> q    the only float step on the way in
+    core(q NCHW, *params)          -> y    integers only
     dequantize(y)                  -> f32  the only float step on the way out
     main(x, *params)               -> f32  = dequantize(core(quantize(x), *params))
 
-The batch dimension is symbolic, so one artifact serves any batch size.
-Parameters (weights, biases, dyadic m/r/s) are function inputs in
-``QGraph.param_items()`` order; they travel beside the module in ``weights.npz``.
+Inside ``core`` activations are NHWC (channels innermost: what VNNI and tensor
+cores want), so ``core`` starts and ends with an integer transpose and keeps the
+oracle's NCHW interface.  Each op is lowered by the first rule that accepts it:
+the fast kernels of ``qcompile.kernels`` when a target provides them, and
+TVM's generic legalization otherwise.  Rules own their parameters (e.g. packed
+weights), which become ``core`` inputs in registration order; ``Lowered.params``
+lists them.  The batch dimension is symbolic unless ``batch`` is given.
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 import tvm
@@ -23,129 +28,201 @@ from tvm import relax, tirx
 from .qgraph import QGraph, QNode
 
 R = relax.op
-Emit = Callable[[relax.Expr], relax.Var]
+NCHW_TO_NHWC = (0, 2, 3, 1)
+NHWC_TO_NCHW = (0, 3, 1, 2)
 
 
-def _ttype(shape: tuple, dtype: str) -> relax.TensorType:
-    return relax.TensorType(shape, dtype)
+@dataclass(frozen=True)
+class Lowered:
+    mod: tvm.IRModule
+    params: list[tuple[str, np.ndarray]]   # core/main inputs after x, in order
+    kernels: dict[str, str]                # node name -> rule that lowered it
 
 
-class _Lowerer:
-    def __init__(self, bb: relax.BlockBuilder, qg: QGraph, params: dict[str, relax.Var]) -> None:
-        self.bb, self.qg, self.p = bb, qg, params
+def to_nhwc(a: np.ndarray) -> np.ndarray:
+    """A per-channel/per-position array broadcast for NCHW, re-laid for NHWC."""
+    return np.ascontiguousarray(a.transpose(NCHW_TO_NHWC)) if a.ndim == 4 else a
+
+
+class LowerCtx:
+    """What a rule may use: emit Relax, own parameters, add PrimFuncs, read types."""
+
+    def __init__(self, bb: relax.BlockBuilder, qg: QGraph) -> None:
+        self.bb, self.qg = bb, qg
+        self.params: list[tuple[str, np.ndarray]] = []
+        self.vars: list[relax.Var] = []
 
     def emit(self, e: relax.Expr) -> relax.Var:
         return self.bb.emit(e)
 
-    def param(self, n: QNode, key: str) -> relax.Var:
-        return self.p[f"{n.name}.{key}"]
+    def param(self, name: str, array: np.ndarray) -> relax.Var:
+        """Register a core input holding ``array`` (weights, multipliers ...)."""
+        v = relax.Var(_safe(name), relax.TensorType(array.shape, str(array.dtype)))
+        self.params.append((name, np.array(array, order="C")))  # ascontiguousarray makes 0-d 1-d
+        self.vars.append(v)
+        return v
+
+    def qparam(self, n: QNode, key: str, nhwc: bool = True) -> relax.Var:
+        a = n.params[key]
+        return self.param(f"{n.name}.{key}", to_nhwc(a) if nhwc else a)
+
+    def dtype(self, tensor: str) -> str:
+        return self.qg.tensors[tensor].qtype.dtype
 
     def requant(self, acc: relax.Expr, n: QNode, suffix: str = "") -> relax.Var:
         """clip((int64(acc) * m + r) >> s, lo, hi) cast to the output dtype."""
         v = self.emit(R.astype(acc, "int64"))
-        v = self.emit(R.multiply(v, self.param(n, "m" + suffix)))
-        v = self.emit(R.add(v, self.param(n, "r" + suffix)))
-        v = self.emit(R.right_shift(v, self.param(n, "s" + suffix)))
+        v = self.emit(R.multiply(v, self.qparam(n, "m" + suffix)))
+        v = self.emit(R.add(v, self.qparam(n, "r" + suffix)))
+        v = self.emit(R.right_shift(v, self.qparam(n, "s" + suffix)))
         return self.clip_cast(v, n)
 
     def clip_cast(self, v: relax.Expr, n: QNode) -> relax.Var:
-        dtype = self.qg.tensors[n.output].qtype.dtype
         v = self.emit(R.clip(v, int(n.attrs["lo"]), int(n.attrs["hi"])))
-        return self.emit(R.astype(v, dtype))
-
-    # --- one method per QGraph op ------------------------------------------------
-    def qconv(self, n: QNode, x: relax.Expr) -> relax.Var:
-        a = n.attrs
-        acc = self.emit(R.nn.conv2d(x, self.param(n, "w"), strides=a["strides"], padding=a["pads"],
-                                    dilation=a["dilations"], groups=a["group"], out_dtype="int32"))
-        acc = self.emit(R.add(acc, self.param(n, "bias")))
-        return acc if a["raw"] else self.requant(acc, n)
-
-    def qdense(self, n: QNode, x: relax.Expr) -> relax.Var:
-        acc = self.emit(R.matmul(x, self.param(n, "w"), out_dtype="int32"))
-        acc = self.emit(R.add(acc, self.param(n, "bias")))
-        return acc if n.attrs["raw"] else self.requant(acc, n)
-
-    def qadd(self, n: QNode, a: relax.Expr, b: relax.Expr) -> relax.Var:
-        va = self.emit(R.multiply(R.astype(a, "int64"), self.param(n, "ma")))
-        vb = self.emit(R.multiply(R.astype(b, "int64"), self.param(n, "mb")))
-        v = self.emit(R.add(R.add(va, vb), self.param(n, "r")))
-        return self.clip_cast(self.emit(R.right_shift(v, self.param(n, "s"))), n)
-
-    def clip(self, n: QNode, x: relax.Expr) -> relax.Var:
-        return self.emit(R.clip(x, int(n.attrs["lo"]), int(n.attrs["hi"])))
-
-    def maxpool(self, n: QNode, x: relax.Expr) -> relax.Var:
-        a = n.attrs
-        return self.emit(R.nn.max_pool2d(x, a["kernel"], a["strides"], a["pads"],
-                                         a.get("dilations", (1, 1))))
-
-    def avgpool(self, n: QNode, x: relax.Expr) -> relax.Var:
-        # Window sum as a depthwise conv with a ones kernel: integer-only, and the
-        # per-position divisor becomes the dyadic multiplier m[oh, ow].
-        a = n.attrs
-        c = self.qg.tensors[n.inputs[0]].shape[1]
-        ones = relax.const(np.ones((c, 1) + tuple(a["kernel"]), np.int8))
-        acc = self.emit(R.nn.conv2d(x, ones, strides=a["strides"], padding=a["pads"],
-                                    groups=c, out_dtype="int32"))
-        return self.requant(acc, n)
-
-    def gap(self, n: QNode, x: relax.Expr) -> relax.Var:
-        acc = self.emit(R.sum(R.astype(x, "int32"), axis=[2, 3], keepdims=True))
-        return self.requant(acc, n)
-
-    def reshape(self, n: QNode, x: relax.Expr) -> relax.Var:
-        batch = x.ty.shape[0]
-        return self.emit(R.reshape(x, [batch] + list(n.attrs["shape"][1:])))
-
-    def concat(self, n: QNode, *xs: relax.Expr) -> relax.Var:
-        parts = []
-        for k, x in enumerate(xs):
-            if n.attrs["identity"][k]:
-                parts.append(x)
-            else:
-                parts.append(self.requant(x, n, str(k)))
-        return self.emit(R.concat(parts, axis=n.attrs["axis"]))
-
-    def dispatch(self, n: QNode) -> Callable[..., relax.Var]:
-        table = {"qconv": self.qconv, "qdense": self.qdense, "qadd": self.qadd,
-                 "clip": self.clip, "maxpool": self.maxpool, "avgpool": self.avgpool,
-                 "gap": self.gap, "flatten": self.reshape, "reshape": self.reshape,
-                 "concat": self.concat}
-        return table[n.op]
+        return self.emit(R.astype(v, self.dtype(n.output)))
 
 
-def lower(qg: QGraph) -> tvm.IRModule:
-    """Build the four-function Relax module for a quantized graph."""
-    batch = tirx.Var("batch", "int64")
-    in_shape = [batch] + list(qg.input.shape[1:])
-    out_shape = [batch] + list(qg.output.shape[1:])
-    items = qg.param_items()
+Rule = Callable[[QNode, LowerCtx, Sequence[relax.Expr]], "relax.Var | None"]
+
+
+# --- generic rules: TVM's legalization in NHWC, always applicable -----------------------
+def generic_conv(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
+    a = n.attrs
+    w = ctx.param(f"{n.name}.w", np.ascontiguousarray(n.params["w"].transpose(0, 2, 3, 1)))
+    acc = ctx.emit(R.nn.conv2d(xs[0], w, strides=a["strides"], padding=a["pads"],
+                               dilation=a["dilations"], groups=a["group"], data_layout="NHWC",
+                               kernel_layout="OHWI", out_dtype="int32"))
+    acc = ctx.emit(R.add(acc, ctx.qparam(n, "bias")))
+    return acc if a["raw"] else ctx.requant(acc, n)
+
+
+def generic_dense(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
+    acc = ctx.emit(R.matmul(xs[0], ctx.qparam(n, "w"), out_dtype="int32"))
+    acc = ctx.emit(R.add(acc, ctx.qparam(n, "bias")))
+    return acc if n.attrs["raw"] else ctx.requant(acc, n)
+
+
+def generic_qadd(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
+    va = ctx.emit(R.multiply(R.astype(xs[0], "int64"), ctx.qparam(n, "ma")))
+    vb = ctx.emit(R.multiply(R.astype(xs[1], "int64"), ctx.qparam(n, "mb")))
+    v = ctx.emit(R.add(R.add(va, vb), ctx.qparam(n, "r")))
+    return ctx.clip_cast(ctx.emit(R.right_shift(v, ctx.qparam(n, "s"))), n)
+
+
+def generic_clip(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
+    return ctx.emit(R.clip(xs[0], int(n.attrs["lo"]), int(n.attrs["hi"])))
+
+
+def generic_maxpool(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
+    a = n.attrs
+    return ctx.emit(R.nn.max_pool2d(xs[0], a["kernel"], a["strides"], a["pads"],
+                                    a.get("dilations", (1, 1)), layout="NHWC"))
+
+
+def generic_avgpool(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
+    # Window sum as a depthwise conv with a ones kernel: integer-only, and the
+    # per-position divisor becomes the dyadic multiplier m[oh, ow].
+    a = n.attrs
+    c = ctx.qg.tensors[n.inputs[0]].shape[1]
+    ones = relax.const(np.ones((c,) + tuple(a["kernel"]) + (1,), np.int8))
+    acc = ctx.emit(R.nn.conv2d(xs[0], ones, strides=a["strides"], padding=a["pads"], groups=c,
+                               data_layout="NHWC", kernel_layout="OHWI", out_dtype="int32"))
+    return ctx.requant(acc, n)
+
+
+def generic_gap(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
+    acc = ctx.emit(R.sum(R.astype(xs[0], "int32"), axis=[1, 2], keepdims=True))
+    return ctx.requant(acc, n)
+
+
+def generic_reshape(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
+    x = xs[0]
+    shape = x.ty.shape
+    if len(shape) == 4:  # back to NCHW so the flattening order is ONNX's
+        x = ctx.emit(R.permute_dims(x, NHWC_TO_NCHW))
+    out = list(n.attrs["shape"][1:])
+    if len(out) == 3:
+        raise NotImplementedError(f"{n.name}: reshape to 4-D is not supported")
+    return ctx.emit(R.reshape(x, [shape[0]] + out))
+
+
+def generic_concat(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
+    parts = [x if n.attrs["identity"][k] else ctx.requant(x, n, str(k)) for k, x in enumerate(xs)]
+    rank = len(ctx.qg.tensors[n.output].shape)
+    axis = {1: 3, 2: 1, 3: 2}[n.attrs["axis"]] if rank == 4 and n.attrs["axis"] else n.attrs["axis"]
+    return ctx.emit(R.concat(parts, axis=axis))
+
+
+GENERIC: dict[str, Rule] = {
+    "qconv": generic_conv, "qdense": generic_dense, "qadd": generic_qadd, "clip": generic_clip,
+    "maxpool": generic_maxpool, "avgpool": generic_avgpool, "gap": generic_gap,
+    "flatten": generic_reshape, "reshape": generic_reshape, "concat": generic_concat,
+}
+
+
+def lower(qg: QGraph, rules: Sequence[tuple[str, Rule]] = (), batch: int | None = None) -> Lowered:
+    """Build the four-function Relax module for a quantized graph.
+
+    ``rules`` are ``(name, rule)`` pairs tried in order before the generic rule of
+    each op; a rule returns None when it does not apply.
+    """
+    n_dim = batch if batch is not None else tirx.Var("batch", "int64")
+    in_shape = [n_dim] + list(qg.input.shape[1:])
+    out_shape = [n_dim] + list(qg.output.shape[1:])
     bb = relax.BlockBuilder()
+    _quantize_fn(bb, qg, in_shape)
 
-    # quantize: floor(x * (1/s) + 0.5), clipped; float32 throughout, as the oracle.
-    x = relax.Var("x", _ttype(in_shape, "float32"))
+    q = relax.Var("q", relax.TensorType(in_shape, qg.input.qtype.dtype))
+    ctx = LowerCtx(bb, qg)
+    used: dict[str, str] = {}
+    with bb.function("core"):
+        with bb.dataflow():
+            env: dict[str, relax.Expr] = {qg.input.name: bb.emit(R.permute_dims(q, NCHW_TO_NHWC))}
+            for n in qg.nodes:
+                xs = [env[i] for i in n.inputs]
+                out = None
+                for name, rule in rules:
+                    out = rule(n, ctx, xs)
+                    if out is not None:
+                        used[n.name] = name
+                        break
+                if out is None:
+                    out = GENERIC[n.op](n, ctx, xs)
+                    used[n.name] = "generic"
+                env[n.output] = out
+            y = env[qg.output.name]
+            if len(qg.output.shape) == 4:
+                y = bb.emit(R.permute_dims(y, NHWC_TO_NCHW))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out, params=[q] + ctx.vars)
+
+    _dequantize_fn(bb, qg, out_shape)
+    mod = bb.get()
+    xm = relax.Var("x", relax.TensorType(in_shape, "float32"))
+    pm = [relax.Var(_safe(k), v.ty) for (k, _), v in zip(ctx.params, ctx.vars)]
+    with bb.function("main", [xm] + pm):
+        qv = bb.emit(relax.Call(mod.get_global_var("quantize"), [xm]))
+        yv = bb.emit(relax.Call(mod.get_global_var("core"), [qv] + pm))
+        out = bb.emit(relax.Call(mod.get_global_var("dequantize"), [yv]))
+        bb.emit_func_output(out)
+    return Lowered(bb.get(), ctx.params, used)
+
+
+def _quantize_fn(bb: relax.BlockBuilder, qg: QGraph, in_shape: list) -> None:
+    """floor(x * (1/s) + 0.5), clipped; float32 throughout, exactly as the oracle."""
+    x = relax.Var("x", relax.TensorType(in_shape, "float32"))
+    t = qg.input.qtype
     with bb.function("quantize", [x]):
         with bb.dataflow():
-            t = qg.input.qtype
             v = bb.emit(R.multiply(x, relax.const(qg.input_inv_scale, "float32")))
             v = bb.emit(R.floor(R.add(v, relax.const(0.5, "float32"))))
             v = bb.emit(R.astype(R.clip(v, t.qmin, t.qmax), t.dtype))
             out = bb.emit_output(v)
         bb.emit_func_output(out)
 
-    q = relax.Var("q", _ttype(in_shape, qg.input.qtype.dtype))
-    pvars = {k: relax.Var(_safe(k), _ttype(v.shape, str(v.dtype))) for k, v in items}
-    with bb.function("core", [q] + list(pvars.values())):
-        with bb.dataflow():
-            low = _Lowerer(bb, qg, pvars)
-            env: dict[str, relax.Expr] = {qg.input.name: q}
-            for n in qg.nodes:
-                env[n.output] = low.dispatch(n)(n, *(env[i] for i in n.inputs))
-            out = bb.emit_output(env[qg.output.name])
-        bb.emit_func_output(out)
 
-    y = relax.Var("y", _ttype(out_shape, qg.output.qtype.dtype))
+def _dequantize_fn(bb: relax.BlockBuilder, qg: QGraph, out_shape: list) -> None:
+    y = relax.Var("y", relax.TensorType(out_shape, qg.output.qtype.dtype))
     with bb.function("dequantize", [y]):
         with bb.dataflow():
             s = qg.output.scale.astype(np.float32)
@@ -156,16 +233,6 @@ def lower(qg: QGraph) -> tvm.IRModule:
                 v = bb.emit(R.nn.softmax(v, axis=qg.softmax_axis))
             out = bb.emit_output(v)
         bb.emit_func_output(out)
-
-    mod = bb.get()
-    xm = relax.Var("x", _ttype(in_shape, "float32"))
-    pm = [relax.Var(_safe(k), _ttype(v.shape, str(v.dtype))) for k, v in items]
-    with bb.function("main", [xm] + pm):
-        qv = bb.emit(relax.Call(mod.get_global_var("quantize"), [xm]))
-        yv = bb.emit(relax.Call(mod.get_global_var("core"), [qv] + pm))
-        out = bb.emit(relax.Call(mod.get_global_var("dequantize"), [yv]))
-        bb.emit_func_output(out)
-    return bb.get()
 
 
 def _safe(name: str) -> str:

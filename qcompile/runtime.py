@@ -13,7 +13,7 @@ from .errors import ArtifactError
 from .qgraph import QGraph
 from .serialize import qgraph_from_json
 
-REQUIRED = ("manifest.json", "module.so", "weights.npz", "qconfig.json")
+REQUIRED = ("manifest.json", "module.so", "weights.npz", "qgraph.npz", "qconfig.json")
 
 
 @dataclass
@@ -56,7 +56,9 @@ class Artifact:
         return tuple(self.manifest["input"]["shape"])
 
     def qgraph(self) -> QGraph:
-        return qgraph_from_json(self.qconfig["graph"], self.arrays)
+        """The quantized graph the oracle runs, from qconfig.json + qgraph.npz."""
+        with np.load(self.path / "qgraph.npz", allow_pickle=False) as z:
+            return qgraph_from_json(self.qconfig["graph"], {k: z[k] for k in z.files})
 
     def _check(self, x: np.ndarray) -> np.ndarray:
         want = self.input_shape[1:]

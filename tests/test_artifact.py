@@ -30,8 +30,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def test_layout_and_card(built) -> None:
     _, out = built
-    assert {p.name for p in out.iterdir()} == {"module.so", "weights.npz", "qconfig.json",
-                                              "report.md", "manifest.json"}
+    assert {p.name for p in out.iterdir()} == {"module.so", "weights.npz", "qgraph.npz",
+                                              "qconfig.json", "report.md", "manifest.json"}
     card = (out / "report.md").read_text()
     for needle in ("calibration", "per-output-channel symmetric", "BatchNorm", "first layer",
                    "last layer", "integer-only", "2^31", "int32"):

@@ -29,7 +29,7 @@ def lowered(tmp_path_factory: pytest.TempPathFactory):
         o.update(np.linspace(-1 - k, 2 + k, 64))
         obs[t] = o
     qg = quantize_graph(g, obs)
-    return legalize(lower(qg), TARGET)
+    return legalize(lower(qg).mod, TARGET)
 
 
 def test_core_is_integer_only(lowered) -> None:

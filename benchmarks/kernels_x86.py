@@ -1,0 +1,231 @@
+"""GOPS of the AVX-512 VNNI kernels (kernels/x86_vnni.py) vs onnxruntime INT8.
+
+    python benchmarks/kernels_x86.py                 # GEMM 256^3 + ResNet-50's convs
+    python benchmarks/kernels_x86.py --quick         # 256^3 + 6 representative convs
+    python benchmarks/kernels_x86.py --im2col        # adds the explicit-im2col variant
+
+GOPS = 2*M*N*K / median time.  Each row times, round-robin so that machine noise
+hits all alike: our kernel (``time_evaluator``, 1 call per sample x ``--number``)
+and the same op in onnxruntime 1.32 with the same threads: ``MatMulInteger``
+(u8 x s8 -> s32) for the GEMM, ``com.microsoft.QLinearConv`` with channels_last=1
+(uint8 NHWC in and out, per-channel int8 weights) for convs.  ORT's numbers include
+its ~10 us Python ``run()`` overhead.  The "ceiling" row is our own 6x4 register tile
+on L1-resident data on one thread, times the thread count.  Also reports the
+count-weighted sum over ResNet-50 (224 px, batch 1) of all its convs.
+
+TVM's thread pool defaults to hardware_concurrency/2 threads on x86 (1 on this
+2-core VM), so this script sets TVM_NUM_THREADS before importing TVM.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import tvm  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from qcompile.kernels import x86_vnni as V  # noqa: E402
+from qcompile.targets import has_vnni, make_target  # noqa: E402
+
+THREADS = int(os.environ["TVM_NUM_THREADS"])
+# ResNet-50 v1.5 (torchvision) convs at 224 px: (H, C, OC, k, stride, count in the network).
+RESNET50 = [
+    ("stem 7x7/2", 224, 3, 64, 7, 2, 1),
+    ("l1 1x1 64>64", 56, 64, 64, 1, 1, 1), ("l1 3x3 64", 56, 64, 64, 3, 1, 3),
+    ("l1 1x1 64>256", 56, 64, 256, 1, 1, 4), ("l1 1x1 256>64", 56, 256, 64, 1, 1, 2),
+    ("l2 1x1 256>128", 56, 256, 128, 1, 1, 1), ("l2 3x3/2 128", 56, 128, 128, 3, 2, 1),
+    ("l2 1x1 128>512", 28, 128, 512, 1, 1, 4), ("l2 ds 1x1/2 256>512", 56, 256, 512, 1, 2, 1),
+    ("l2 1x1 512>128", 28, 512, 128, 1, 1, 3), ("l2 3x3 128", 28, 128, 128, 3, 1, 3),
+    ("l3 1x1 512>256", 28, 512, 256, 1, 1, 1), ("l3 3x3/2 256", 28, 256, 256, 3, 2, 1),
+    ("l3 1x1 256>1024", 14, 256, 1024, 1, 1, 6), ("l3 ds 1x1/2 512>1024", 28, 512, 1024, 1, 2, 1),
+    ("l3 1x1 1024>256", 14, 1024, 256, 1, 1, 5), ("l3 3x3 256", 14, 256, 256, 3, 1, 5),
+    ("l4 1x1 1024>512", 14, 1024, 512, 1, 1, 1), ("l4 3x3/2 512", 14, 512, 512, 3, 2, 1),
+    ("l4 1x1 512>2048", 7, 512, 2048, 1, 1, 3), ("l4 ds 1x1/2 1024>2048", 14, 1024, 2048, 1, 2, 1),
+    ("l4 1x1 2048>512", 7, 2048, 512, 1, 1, 2), ("l4 3x3 512", 7, 512, 512, 3, 1, 2),
+]
+QUICK = {"stem 7x7/2", "l1 3x3 64", "l1 1x1 64>256", "l1 1x1 256>64", "l2 3x3/2 128",
+         "l4 1x1 512>2048"}
+
+
+def _tvm_timer(f: tvm.tirx.PrimFunc, args: list[np.ndarray], number: int) -> Callable[[], float]:
+    lib = tvm.compile(tvm.IRModule({"main": f}), target=make_target("llvm", THREADS))
+    ts = [tvm.runtime.tensor(a) for a in args]
+    ev = lib.mod.time_evaluator("main", tvm.cpu(), number=number, repeat=1)
+    return lambda: ev(*ts).mean
+
+
+def _ort_timer(model: bytes, feed: dict[str, np.ndarray], number: int) -> Callable[[], float]:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = THREADS
+    sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+    def run() -> float:
+        t = time.perf_counter()
+        for _ in range(number):
+            sess.run(None, feed)
+        return (time.perf_counter() - t) / number
+    return run
+
+
+def _init(name: str, v: np.ndarray) -> TensorProto:
+    return numpy_helper.from_array(v, name)
+
+
+def ort_conv(h: int, c: int, oc: int, k: int, s: int, w: np.ndarray) -> bytes:
+    p = k // 2
+    oh = (h + 2 * p - k) // s + 1
+    inits = [_init("xs", np.array(0.05, np.float32)), _init("xz", np.array(0, np.uint8)),
+             _init("w", w), _init("ws", np.full(oc, 0.01, np.float32)),
+             _init("wz", np.zeros(oc, np.int8)), _init("ys", np.array(0.1, np.float32)),
+             _init("yz", np.array(0, np.uint8)), _init("b", np.zeros(oc, np.int32))]
+    node = helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"],
+                            ["y"], domain="com.microsoft", channels_last=1, kernel_shape=[k, k],
+                            strides=[s, s], pads=[p] * 4)
+    g = helper.make_graph([node], "conv", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, h, h, c])],
+                          [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, oh, oh, oc])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17),
+                                               helper.make_opsetid("com.microsoft", 1)]).SerializeToString()
+
+
+def ort_matmul(m: int, n: int, k: int, w: np.ndarray) -> bytes:
+    node = helper.make_node("MatMulInteger", ["a", "w"], ["y"])
+    g = helper.make_graph([node], "mm", [helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])],
+                          [_init("w", np.ascontiguousarray(w.T))])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def _medians(timers: dict[str, Callable[[], float]], repeat: int) -> dict[str, float]:
+    for t in timers.values():
+        t()  # warm-up (first call also spins up thread pools)
+    samples: dict[str, list[float]] = {k: [] for k in timers}
+    for _ in range(repeat):
+        for k, t in timers.items():
+            samples[k].append(t())
+    return {k: float(np.median(v)) for k, v in samples.items()}
+
+
+def _q(rng: np.random.Generator, n: int) -> list[np.ndarray]:
+    s = np.full(n, 20, np.int64)
+    return [rng.integers(1, 2**20, n).astype(np.int64), 1 << (s - 1), s]
+
+
+def bench_gemm(rng: np.random.Generator, repeat: int, number: int, ort_on: bool) -> dict:
+    m = n = k = 256
+    a = rng.integers(0, 256, (m, k)).astype(np.uint8)
+    w = rng.integers(-128, 128, (n, k)).astype(np.int8)
+    b = np.zeros(n, np.int32)
+    timers = {
+        "raw": _tvm_timer(V.dense_vnni(m, n, k, raw=True), [a, V.pack_weights(w), b,
+                                                            np.zeros((m, n), np.int32)], number),
+        "requant": _tvm_timer(V.dense_vnni(m, n, k, out_dtype="uint8"),
+                              [a, V.pack_weights(w), b, *_q(rng, n), np.zeros((m, n), np.uint8)], number)}
+    if ort_on:
+        timers["ort"] = _ort_timer(ort_matmul(m, n, k, w), {"a": a}, number)
+    return {"ops": 2 * m * n * k, "t": _medians(timers, repeat)}
+
+
+def bench_ceiling(repeat: int) -> float:
+    """GOPS of one 6x4 register tile with L1-resident operands (M=6, K=1024) on 1 thread."""
+    rng = np.random.default_rng(0)
+    m, n, k = 6, 64, 1024
+    f = V.dense_vnni(m, n, k, raw=True, tile=V.GemmTile(6, 4))
+    args = [rng.integers(0, 256, (m, k)).astype(np.uint8),
+            V.pack_weights(rng.integers(-128, 128, (n, k)).astype(np.int8)),
+            np.zeros(n, np.int32), np.zeros((m, n), np.int32)]
+    t = _medians({"c": _tvm_timer(f, args, 2000)}, repeat)["c"]
+    return 2 * m * n * k / t / 1e9
+
+
+def bench_conv(row: tuple, rng: np.random.Generator, repeat: int, number: int, ort_on: bool,
+               im2col: bool) -> dict:
+    name, h, c, oc, k, s, count = row
+    p = k // 2
+    oh = (h + 2 * p - k) // s + 1
+    x = rng.integers(0, 256, (1, h, h, c)).astype(np.uint8)
+    w = rng.integers(-127, 128, (oc, c, k, k)).astype(np.int8)
+    args = [x, V.pack_conv_weights(w), np.zeros(oc, np.int32), *_q(rng, oc),
+            np.zeros((1, oh, oh, oc), np.uint8)]
+    timers = {}
+    for variant in ("implicit", "im2col") if im2col else ("implicit",):
+        f = V.conv2d_nhwc_vnni(1, h, h, c, oc, k, k, (s, s), (p,) * 4, out_dtype="uint8",
+                               im2col=variant == "im2col")
+        timers[variant] = _tvm_timer(f, args, number)
+    if ort_on:
+        timers["ort"] = _ort_timer(ort_conv(h, c, oc, k, s, w), {"x": x}, number)
+    return {"name": name, "shape": f"{h}x{h}x{c}>{oc} k{k}s{s}", "count": count,
+            "ops": 2 * oh * oh * oc * c * k * k, "t": _medians(timers, repeat)}
+
+
+def _gops(ops: int, t: float | None) -> str:
+    return "-" if t is None else f"{ops / t / 1e9:.0f}"
+
+
+def table(gemm: dict, convs: list[dict], ceiling: float, cols: list[str]) -> str:
+    head = "| op | shape | x in RN50 | " + " | ".join(
+        f"{c} ms | {c} GOPS" for c in cols) + (" | ORT / ours |" if "ort" in cols else " |")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+
+    def row(name: str, shape: str, count: str, ops: int, t: dict[str, float], ours: str) -> None:
+        cells = " | ".join(f"{t[c] * 1e3:.3f} | {_gops(ops, t[c])}" if c in t else "- | -" for c in cols)
+        ratio = f" | {t['ort'] / t[ours]:.2f} |" if "ort" in t else (" | - |" if "ort" in cols else " |")
+        lines.append(f"| {name} | {shape} | {count} | {cells}{ratio}")
+
+    g = gemm["t"]
+    row("GEMM raw int32", "256^3", "-", gemm["ops"], {"implicit": g["raw"], **({"ort": g["ort"]} if "ort" in g else {})}, "implicit")
+    row("GEMM requant u8", "256^3", "-", gemm["ops"], {"implicit": g["requant"]}, "implicit")
+    for r in convs:
+        row(r["name"], r["shape"], str(r["count"]), r["ops"], r["t"], "implicit")
+    tot = {c: sum(r["count"] * r["t"][c] for r in convs) for c in cols if all(c in r["t"] for r in convs)}
+    ops = sum(r["count"] * r["ops"] for r in convs)
+    row("**sum of convs**", "count-weighted", str(sum(r["count"] for r in convs)), ops, tot, "implicit")
+    lines.append(f"\nVNNI ceiling (6x4 tile, L1 data): {ceiling:.0f} GOPS/thread, "
+                 f"{ceiling * THREADS:.0f} GOPS at {THREADS} threads.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=25, help="samples per op (median)")
+    ap.add_argument("--number", type=int, default=10, help="calls per sample")
+    ap.add_argument("--quick", action="store_true", help="only 6 representative convs")
+    ap.add_argument("--im2col", action="store_true", help="also time the explicit im2col variant")
+    ap.add_argument("--no-ort", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args()
+    if not has_vnni():
+        sys.exit("this CPU lacks avx512_vnni: nothing to benchmark")
+    rng = np.random.default_rng(0)
+    ort_on = not args.no_ort
+    ceiling = bench_ceiling(args.repeat)
+    gemm = bench_gemm(rng, args.repeat, args.number * 10, ort_on)
+    convs = []
+    for r in RESNET50:
+        if args.quick and r[0] not in QUICK:
+            continue
+        convs.append(bench_conv(r, rng, args.repeat, args.number, ort_on, args.im2col))
+        print(json.dumps(convs[-1]), file=sys.stderr, flush=True)
+    cols = ["implicit"] + (["im2col"] if args.im2col else []) + (["ort"] if ort_on else [])
+    md = table(gemm, convs, ceiling, cols)
+    print(f"{platform.processor() or platform.machine()}, {THREADS} threads, "
+          f"TVM {tvm.__version__}, onnxruntime {ort.__version__}\n")
+    print(md)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d")
+    (args.out / f"kernels-x86-{stamp}.md").write_text(md + "\n")
+    (args.out / f"kernels-x86-{stamp}.json").write_text(json.dumps(
+        {"threads": THREADS, "ceiling_gops_per_thread": ceiling, "gemm": gemm, "convs": convs}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

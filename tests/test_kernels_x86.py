@@ -1,0 +1,242 @@
+"""kernels/x86_vnni.py: every kernel bit-exact against NumPy integers, and vpdpbusd in the asm.
+
+Each case compiles one small PrimFunc for this CPU (~0.5 s each) and compares the
+whole output with ``np.array_equal``: integer kernels have no tolerance.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pytest
+import tvm
+from numpy.lib.stride_tricks import sliding_window_view
+
+from qcompile.kernels import x86_vnni as V
+from qcompile.targets import has_vnni, make_target
+
+pytestmark = pytest.mark.skipif(
+    not has_vnni(), reason="CPU lacks avx512_vnni (no 'avx512_vnni' in /proc/cpuinfo flags)")
+
+Pads = tuple[int, int, int, int]
+
+
+# ----------------------------------------------------------------------------- helpers
+def _compile(f: tvm.tirx.PrimFunc) -> tvm.runtime.Executable:
+    return tvm.compile(tvm.IRModule({"main": f}), target=make_target("llvm"))
+
+
+def _run(f: tvm.tirx.PrimFunc, args: Sequence[np.ndarray], out_shape: tuple[int, ...],
+         out_dtype: str) -> np.ndarray:
+    ts = [tvm.runtime.tensor(a) for a in args] + [tvm.runtime.tensor(np.zeros(out_shape, out_dtype))]
+    _compile(f)(*ts)
+    return ts[-1].numpy()
+
+
+def _rand(rng: np.random.Generator, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max + 1, shape).astype(dtype)
+
+
+def _qparams(rng: np.random.Generator, shape: tuple[int, ...]) -> list[np.ndarray]:
+    """Dyadic m (< 2^31), r = 2^(s-1) and s as in qgraph; s = 0 included (r = 0)."""
+    s = rng.integers(0, 40, shape).astype(np.int64)
+    m = rng.integers(1, 2**31, shape).astype(np.int64)
+    r = np.where(s > 0, np.left_shift(1, np.maximum(s - 1, 0)), 0).astype(np.int64)
+    return [m, r, s]
+
+
+def _requant(acc: np.ndarray, q: Sequence[np.ndarray], lo: int, hi: int, dtype: str) -> np.ndarray:
+    m, r, s = q
+    return np.clip((acc.astype(np.int64) * m + r) >> s, lo, hi).astype(dtype)
+
+
+def _wrap32(v: np.ndarray) -> np.ndarray:
+    return v.astype(np.int64).astype(np.int32)  # two's-complement wrap, as the kernels do
+
+
+def _windows(x: np.ndarray, kh: int, kw: int, strides: Sequence[int], pads: Pads,
+             dil: Sequence[int], fill: int) -> np.ndarray:
+    """(N, OH, OW, C, kh, kw) view of padded NHWC x."""
+    pt, pl, pb, pr = pads
+    xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)), constant_values=fill)
+    eh, ew = (kh - 1) * dil[0] + 1, (kw - 1) * dil[1] + 1
+    win = sliding_window_view(xp, (eh, ew), axis=(1, 2))[:, ::strides[0], ::strides[1]]
+    return win[..., ::dil[0], ::dil[1]]
+
+
+def _expected(acc: np.ndarray, q: Sequence[np.ndarray] | None, out_dtype: str) -> np.ndarray:
+    if q is None:
+        return _wrap32(acc)
+    info = np.iinfo(out_dtype)
+    return _requant(_wrap32(acc), q, int(info.min), int(info.max), out_dtype)
+
+
+# ----------------------------------------------------------------------------- packing
+def test_pack_weights_layout() -> None:
+    w = np.arange(-60, 60, dtype=np.int8)[:35 * 3].reshape(35, 3)
+    p = V.pack_weights(w)
+    assert p.shape == (3, 1, 16, 4) and p.dtype == np.int8
+    assert p[1, 0, 2, 1] == w[18, 1] and p[2, 0, 2, 2] == w[34, 2]
+    assert not p[..., 3].any() and not p[2, 0, 3:].any()  # zero padding in K and N
+
+
+def test_signed_input_bias_folds_the_shift() -> None:
+    rng = np.random.default_rng(0)
+    w, x, b = _rand(rng, (5, 7), "int8"), _rand(rng, (3, 7), "int8"), _rand(rng, (5,), "int32")
+    shifted = (x.astype(np.int64) + 128) @ w.astype(np.int64).T + V.signed_input_bias(w, b)
+    np.testing.assert_array_equal(shifted, x.astype(np.int64) @ w.astype(np.int64).T + b)
+
+
+# ----------------------------------------------------------------------------- GEMM
+@pytest.mark.parametrize("M,N,K,in_dtype,out_dtype,raw", [
+    (256, 256, 256, "uint8", "int8", False),
+    (64, 48, 128, "int8", "int32", True),
+    (7, 10, 5, "int8", "uint8", False),      # every dimension ragged
+    (49, 1000, 512, "uint8", "int32", True),  # N tail, M = 7x7
+])
+def test_dense_vnni_exact(M: int, N: int, K: int, in_dtype: str, out_dtype: str, raw: bool) -> None:
+    rng = np.random.default_rng(M + N + K)
+    a, w = _rand(rng, (M, K), in_dtype), _rand(rng, (N, K), "int8")
+    bias = rng.integers(-2**20, 2**20, N).astype(np.int32)
+    q = None if raw else _qparams(rng, (N,))
+    kbias = V.signed_input_bias(w, bias) if in_dtype == "int8" else bias
+    args = [a, V.pack_weights(w), kbias, *(q or [])]
+    got = _run(V.dense_vnni(M, N, K, out_dtype=out_dtype, raw=raw, in_dtype=in_dtype), args,
+               (M, N), "int32" if raw else out_dtype)
+    acc = a.astype(np.int64) @ w.astype(np.int64).T + bias
+    np.testing.assert_array_equal(got, _expected(acc, q, out_dtype))
+
+
+def test_dense_custom_clip_and_int32_wrap() -> None:
+    """lo/hi narrower than the dtype (4-bit), and acc + bias wrapping past 2^31."""
+    rng = np.random.default_rng(1)
+    a, w = _rand(rng, (16, 64), "uint8"), _rand(rng, (32, 64), "int8")
+    bias = np.full(32, 2**31 - 1, np.int32)
+    q = _qparams(rng, (32,))
+    got = _run(V.dense_vnni(16, 32, 64, out_dtype="int8", raw=False, lo=-8, hi=7),
+               [a, V.pack_weights(w), bias, *q], (16, 32), "int8")
+    acc = _wrap32(a.astype(np.int64) @ w.astype(np.int64).T + bias)
+    np.testing.assert_array_equal(got, _requant(acc, q, -8, 7, "int8"))
+
+
+# ----------------------------------------------------------------------------- conv2d
+CONV_CASES = [  # N, H, W, C, OC, kh, kw, strides, pads, dilations, in, out, raw, im2col
+    (1, 7, 7, 64, 48, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), "uint8", "uint8", False, False),  # plain GEMM
+    (1, 11, 11, 3, 16, 7, 7, (2, 2), (3, 3, 3, 3), (1, 1), "int8", "int8", False, False),  # stem-like
+    (2, 11, 7, 5, 20, 3, 3, (2, 2), (0, 1, 1, 0), (1, 1), "int8", "int32", True, False),   # asym pad
+    (1, 11, 11, 7, 32, 3, 3, (1, 1), (2, 2, 2, 2), (2, 2), "uint8", "int8", False, False),  # dilated
+    (1, 7, 11, 16, 24, 1, 1, (2, 2), (0, 0, 0, 0), (1, 1), "uint8", "int8", False, False),  # 1x1 s2
+    (1, 9, 9, 8, 32, 3, 3, (2, 2), (1, 1, 0, 0), (1, 1), "uint8", "uint8", False, True),   # im2col
+]
+
+
+def _conv_ref(x: np.ndarray, w: np.ndarray, strides: Sequence[int], pads: Pads,
+              dil: Sequence[int]) -> np.ndarray:
+    win = _windows(x.astype(np.int64), w.shape[2], w.shape[3], strides, pads, dil, 0)
+    return np.einsum("bhwcij,ocij->bhwo", win, w.astype(np.int64))
+
+
+@pytest.mark.parametrize("N,H,W,C,OC,kh,kw,st,pads,dil,in_dtype,out_dtype,raw,im2col", CONV_CASES)
+def test_conv2d_nhwc_vnni_exact(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int,
+                                st: tuple[int, int], pads: Pads, dil: tuple[int, int],
+                                in_dtype: str, out_dtype: str, raw: bool, im2col: bool) -> None:
+    rng = np.random.default_rng(H * C + OC)
+    x, w = _rand(rng, (N, H, W, C), in_dtype), _rand(rng, (OC, C, kh, kw), "int8")
+    bias = rng.integers(-2**20, 2**20, OC).astype(np.int32)
+    q = None if raw else _qparams(rng, (OC,))
+    kbias = V.signed_input_bias(w, bias) if in_dtype == "int8" else bias
+    f = V.conv2d_nhwc_vnni(N, H, W, C, OC, kh, kw, st, pads, dil, out_dtype=out_dtype, raw=raw,
+                           in_dtype=in_dtype, im2col=im2col)
+    acc = _conv_ref(x, w, st, pads, dil) + bias
+    got = _run(f, [x, V.pack_conv_weights(w), kbias, *(q or [])], acc.shape,
+               "int32" if raw else out_dtype)
+    np.testing.assert_array_equal(got, _expected(acc, q, out_dtype))
+
+
+def test_conv_1x1_reads_input_directly() -> None:
+    """1x1 stride 1 on uint8 with C % 4 == 0 is a plain GEMM: no pad/im2col buffer."""
+    script = V.conv2d_nhwc_vnni(1, 7, 7, 64, 64, 1, 1).script()
+    assert "x_pad" not in script and "col" not in script
+
+
+# ----------------------------------------------------------------------------- depthwise
+@pytest.mark.parametrize("N,H,W,C,k,st,pads,dil,in_dtype,out_dtype,raw", [
+    (1, 11, 11, 32, 3, (1, 1), (1, 1, 1, 1), (1, 1), "uint8", "uint8", False),
+    (2, 7, 11, 5, 3, (2, 2), (0, 1, 1, 0), (1, 1), "int8", "int8", False),
+    (1, 12, 12, 48, 5, (2, 2), (2, 2, 1, 1), (1, 1), "uint8", "int32", True),
+    (1, 9, 9, 7, 3, (1, 1), (2, 2, 2, 2), (2, 2), "int8", "uint8", False),
+])
+def test_depthwise_exact(N: int, H: int, W: int, C: int, k: int, st: tuple[int, int], pads: Pads,
+                         dil: tuple[int, int], in_dtype: str, out_dtype: str, raw: bool) -> None:
+    rng = np.random.default_rng(C + H)
+    x, w = _rand(rng, (N, H, W, C), in_dtype), _rand(rng, (k, k, C), "int8")
+    bias = rng.integers(-2**20, 2**20, C).astype(np.int32)
+    q = None if raw else _qparams(rng, (C,))
+    win = _windows(x.astype(np.int64), k, k, st, pads, dil, 0)
+    acc = np.einsum("bhwcij,ijc->bhwc", win, w.astype(np.int64)) + bias
+    f = V.depthwise_conv2d_nhwc(N, H, W, C, k, k, st, pads, dil, out_dtype=out_dtype, raw=raw,
+                                in_dtype=in_dtype)
+    got = _run(f, [x, w, bias, *(q or [])], acc.shape, "int32" if raw else out_dtype)
+    np.testing.assert_array_equal(got, _expected(acc, q, out_dtype))
+
+
+# ----------------------------------------------------------------------------- pools
+@pytest.mark.parametrize("shape,k,st,pads,dtype", [
+    ((1, 11, 11, 64), (3, 3), (2, 2), (1, 1, 1, 1), "uint8"),
+    ((2, 7, 7, 5), (3, 3), (2, 2), (0, 1, 1, 0), "int8"),
+])
+def test_max_pool_exact(shape: tuple[int, ...], k: tuple[int, int], st: tuple[int, int],
+                        pads: Pads, dtype: str) -> None:
+    x = _rand(np.random.default_rng(3), shape, dtype)
+    ref = _windows(x, *k, st, pads, (1, 1), int(np.iinfo(dtype).min)).max(axis=(4, 5))
+    got = _run(V.max_pool2d_nhwc(*shape, k, st, pads, dtype=dtype), [x], ref.shape, dtype)
+    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("shape,k,st,pads,in_dtype,out_dtype,raw", [
+    ((1, 11, 11, 16), (3, 3), (2, 2), (1, 1, 1, 1), "uint8", "int32", True),
+    ((1, 7, 9, 5), (2, 3), (1, 2), (0, 1, 1, 0), "int8", "int8", False),
+])
+def test_sum_pool_exact(shape: tuple[int, ...], k: tuple[int, int], st: tuple[int, int],
+                        pads: Pads, in_dtype: str, out_dtype: str, raw: bool) -> None:
+    rng = np.random.default_rng(4)
+    x = _rand(rng, shape, in_dtype)
+    acc = _windows(x.astype(np.int64), *k, st, pads, (1, 1), 0).sum(axis=(4, 5))
+    q = None if raw else _qparams(rng, acc.shape[1:3])  # per output position
+    exp = _expected(acc, None if q is None else [v[None, :, :, None] for v in q], out_dtype)
+    f = V.sum_pool2d_nhwc(*shape, k, st, pads, in_dtype=in_dtype, out_dtype=out_dtype, raw=raw)
+    np.testing.assert_array_equal(_run(f, [x, *(q or [])], acc.shape, exp.dtype.name), exp)
+
+
+@pytest.mark.parametrize("shape,in_dtype,out_dtype,raw", [
+    ((1, 7, 7, 64), "uint8", "int32", True), ((2, 5, 3, 7), "int8", "uint8", False)])
+def test_global_sum_pool_exact(shape: tuple[int, ...], in_dtype: str, out_dtype: str,
+                               raw: bool) -> None:
+    rng = np.random.default_rng(5)
+    x = _rand(rng, shape, in_dtype)
+    acc = x.astype(np.int64).sum(axis=(1, 2), keepdims=True)
+    q = None if raw else [np.array([v], np.int64) for v in (12345, 1 << 9, 10)]
+    exp = _expected(acc, q, out_dtype)
+    f = V.global_sum_pool_nhwc(*shape, in_dtype=in_dtype, out_dtype=out_dtype, raw=raw)
+    np.testing.assert_array_equal(_run(f, [x, *(q or [])], acc.shape, exp.dtype.name), exp)
+
+
+# ----------------------------------------------------------------------------- codegen, rules
+def test_asm_uses_vpdpbusd_in_a_register_tile() -> None:
+    asm = _compile(V.dense_vnni(64, 64, 64, out_dtype="int32", raw=True)).mod.inspect_source("asm")
+    assert asm.count(V.ISA.instruction) >= 24  # the unrolled 6x4 tile, not a scalar loop
+
+
+def test_select_kernel_rules() -> None:
+    conv = V.LayerDesc("conv2d", (1, 8, 8, 16), channels=32, kernel=(3, 3), pads=(1, 1, 1, 1))
+    assert V.select_kernel(conv).name == "conv2d_nhwc_vnni"
+    assert V.select_kernel(conv).weight_layout == "vnni16x4"
+    dw = V.LayerDesc("conv2d", (1, 8, 8, 16), channels=16, kernel=(3, 3), group=16)
+    assert V.select_kernel(dw).name == "depthwise_conv2d_nhwc"
+    assert V.select_kernel(V.LayerDesc("conv2d", (1, 8, 8, 16), channels=16, group=4)) is None
+    assert V.select_kernel(conv, cpu_flags=frozenset({"avx2"})) is None
+    dense = V.LayerDesc("dense", (1, 64), in_dtype="int8", channels=10, raw=True, out_dtype="int32")
+    spec = V.select_kernel(dense)
+    assert spec.signed_bias and isinstance(spec.build(), tvm.tirx.PrimFunc)
+    assert V.select_kernel(V.LayerDesc("gap", (1, 7, 7, 8), raw=True, out_dtype="int32")) is not None
