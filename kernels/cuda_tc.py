@@ -25,12 +25,14 @@ import subprocess
 import sysconfig
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tvm
 from tvm import s_tir, te, tirx
+from tvm.ir.expr import ExprWithOp as PrimExpr  # 0.27 has no tirx.PrimExpr class
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
@@ -95,24 +97,27 @@ def mma_shapes(sm: int, bits: int, native_only: bool = True) -> tuple[MmaShape, 
                  and (s.native_on(sm) or not native_only))
 
 
+Idx = int | PrimExpr
+
+
 # ======== 2. Warp intrinsics: int32 C[16, 16] += A[16, 16 bytes] . B[16, 16 bytes]^T, 2x2 mma.sync.
 # The accumulator takes TVM's m16n8 register layout, whose 8x8 quadrants are exactly the m8n8 C
 # fragment. Registered lazily, and tvm.s_tir.tensor_intrin.cuda is never imported: parsing its
 # ~100 TVMScript intrinsics takes ~60 s on a 2-core CI box.
 
 
-def _acc_layout(i, j):  # noqa: ANN001, ANN202  (ints or PrimExprs)
+def _acc_layout(i: Idx, j: Idx) -> tuple[Idx, Idx]:
     """(lane, register) of C[i, j] in a 16x16 tile; = TVM's shared_16x16_to_ldmatrix_32x8."""
     return 4 * (i % 8) + (j % 8) // 2, 4 * (j // 8) + 2 * (i // 8) + j % 2
 
 
-def _nibbles(b: tirx.PrimExpr, signed: bool) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
+def _nibbles(b: PrimExpr, signed: bool) -> tuple[PrimExpr, PrimExpr]:
     """(low, high) 4-bit values of a byte, sign-extended by shifts when ``signed``."""
     v = b.astype("int32")
     return ((v << 28) >> 28, (v << 24) >> 28) if signed else (v & 15, (v >> 4) & 15)
 
 
-def _byte_dot(a: tirx.PrimExpr, w: tirx.PrimExpr, bits: int, a_signed: bool) -> tirx.PrimExpr:
+def _byte_dot(a: PrimExpr, w: PrimExpr, bits: int, a_signed: bool) -> PrimExpr:
     """int32 partial product of one K byte: 1 value (int8) or 2 packed nibbles (int4, lo = even k)."""
     if bits == 8:
         return a.astype("int32") * w.astype("int32")
@@ -241,9 +246,11 @@ def ensure_intrins(bits: int, a_signed: bool) -> tuple[str, str, str]:
         TensorIntrin.register(mma, *_mma_intrin(bits, a_signed), override=True)
     return FILL_INTRIN, mma, STORE_INTRIN
 
+
 # ======== 3. Compute definitions (unscheduled: each runs on CPU as the reference of its kernel).
 
 BLOCK_K = 32  # bytes of K per shared-memory stage: 2 mma k-steps
+ExprFn = Callable[..., PrimExpr]  # index expressions -> value expression
 
 
 @dataclass(frozen=True)
@@ -273,7 +280,7 @@ def _ceil(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def _epilogue(q: QuantOpts, shape: tuple[int, ...], acc, chan: int, n: int
+def _epilogue(q: QuantOpts, shape: tuple[int, ...], acc: ExprFn, chan: int, n: int
               ) -> tuple[list[te.Tensor], te.Tensor]:
     """``out[idx] = requant(acc(*idx) + bias[c])`` with c = idx[chan]; returns (params, out)."""
     bias = te.placeholder((n,), "int32", "bias")
@@ -284,7 +291,7 @@ def _epilogue(q: QuantOpts, shape: tuple[int, ...], acc, chan: int, n: int
     lo = tirx.const(info.min if q.lo is None else q.lo, "int64")
     hi = tirx.const(info.max if q.hi is None else q.hi, "int64")
 
-    def f(*i: tirx.PrimExpr) -> tirx.PrimExpr:
+    def f(*i: PrimExpr) -> PrimExpr:
         c = i[chan]
         v = ((acc(*i) + bias[c]).astype("int64") * m[c] + r[c]) >> s[c]
         return tirx.max(tirx.min(v, hi), lo).astype(q.out_dtype)
@@ -292,8 +299,8 @@ def _epilogue(q: QuantOpts, shape: tuple[int, ...], acc, chan: int, n: int
     return [bias, m, r, s], te.compute(shape, f, name="out")
 
 
-def _gemm(q: QuantOpts, a_val, w_val, M: int, N: int, KB: int, tile: tuple[int, int]
-          ) -> tuple[list[te.Tensor], te.Tensor]:
+def _gemm(q: QuantOpts, a_val: ExprFn, w_val: ExprFn, M: int, N: int, KB: int,
+          tile: tuple[int, int]) -> tuple[list[te.Tensor], te.Tensor]:
     """gemm[Mp, Np] over padded sizes, then out[M, N]. ``a_val(i, kb)`` / ``w_val(j, kb)``
     give one K byte and must be 0 for kb >= KB; padded rows read a clamped in-range row,
     since their results are never stored."""
@@ -306,7 +313,7 @@ def _gemm(q: QuantOpts, a_val, w_val, M: int, N: int, KB: int, tile: tuple[int, 
     return _epilogue(q, (M, N), lambda i, j: C[i, j], 1, N)
 
 
-def _guard(ok: tirx.PrimExpr, load: tirx.PrimExpr) -> tirx.PrimExpr:
+def _guard(ok: PrimExpr, load: PrimExpr) -> PrimExpr:
     return tirx.if_then_else(ok, load, tirx.const(0, load.dtype))
 
 
@@ -316,9 +323,11 @@ def dense_compute(M: int, N: int, K: int, q: QuantOpts, tile: tuple[int, int] = 
     KB = q.k_bytes(K)
     a_dt, w_dt = _storage(q.bits, q.a_signed)
     X, Wt = te.placeholder((M, KB), a_dt, "X"), te.placeholder((N, KB), w_dt, "W")
-    kq = lambda kb: tirx.min(kb, KB - 1)  # noqa: E731  (in-bounds even where masked)
-    params, out = _gemm(q, lambda i, kb: _guard(kb < KB, X[i, kq(kb)]),
-                        lambda j, kb: _guard(kb < KB, Wt[j, kq(kb)]), M, N, KB, tile)
+    def byte(t: te.Tensor, row: PrimExpr, kb: PrimExpr) -> PrimExpr:
+        return _guard(kb < KB, t[row, tirx.min(kb, KB - 1)])  # in-bounds even where masked
+
+    params, out = _gemm(q, lambda i, kb: byte(X, i, kb), lambda j, kb: byte(Wt, j, kb),
+                        M, N, KB, tile)
     return te.create_prim_func([X, Wt, *params, out]).with_attr("global_symbol", "dense_tc")
 
 
@@ -344,11 +353,11 @@ def conv2d_nhwc_compute(data_shape: tuple[int, int, int, int], out_channels: int
     X = te.placeholder((nb, H, Wd, CB), a_dt, "X")
     Wt = te.placeholder((out_channels, KH, KW, CB), w_dt, "W")
 
-    def split_k(kb: tirx.PrimExpr) -> tuple[tirx.PrimExpr, ...]:
+    def split_k(kb: PrimExpr) -> tuple[PrimExpr, ...]:
         kq = tirx.min(kb, KB - 1)
         return kq // (KW * CB), kq // CB % KW, kq % CB
 
-    def a_val(i: tirx.PrimExpr, kb: tirx.PrimExpr) -> tirx.PrimExpr:
+    def a_val(i: PrimExpr, kb: PrimExpr) -> PrimExpr:
         kh, kw, c = split_k(kb)
         h = i // OW % OH * strides[0] + kh * dilations[0] - pads[0]
         w = i % OW * strides[1] + kw * dilations[1] - pads[1]
@@ -368,7 +377,7 @@ def conv2d_nhwc_compute(data_shape: tuple[int, int, int, int], out_channels: int
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Warps per block (warps_m x warps_n), 16x16 fragments per warp, shared K stage in bytes."""
+    """Warps per block (warps_m x warps_n) and 16x16 fragments per warp (frags_m x frags_n)."""
 
     warps_m: int = 2
     warps_n: int = 2
@@ -445,8 +454,12 @@ def _schedule_gemm(func: tirx.PrimFunc, cfg: TileConfig, q: QuantOpts, a_vec: in
     sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], fill)
     sch.tensorize(sch.get_loops(sch.get_child_blocks(outer)[0])[-3], mma)
     sch.tensorize(r1, store)
+    # Row stride 72 words: each register's 8-row x 4-lane store pattern conflicts 2-way, not 8.
+    # (Set on the tensorized block: tensorize drops annotations of the block it replaces.)
+    sch.storage_align(sch.get_sblock("gemm_warp_o"), 0, axis=-2, factor=32, offset=8)
     # Step 6. Epilogue (bias, requant, clip, cast) reads the shared tile, writes vectors.
-    _bind_threads(sch, sch.get_loops(out)[1:], nthreads, out_vec)  # M=1 drops the row loop
+    _bind_threads(sch, sch.get_loops(out)[1:], nthreads,  # M=1 drops the row loop
+                  _vec_width(bm * bn, nthreads, out_vec))
     return sch.mod["main"]
 
 
@@ -521,7 +534,7 @@ def depthwise_conv2d_nhwc(data_shape: tuple[int, int, int, int], kernel: tuple[i
     Wt = te.placeholder((*kernel, C), "int8", "W")
     rh, rw = te.reduce_axis((0, kernel[0]), "rh"), te.reduce_axis((0, kernel[1]), "rw")
 
-    def acc(n: tirx.PrimExpr, y: tirx.PrimExpr, x: tirx.PrimExpr, c: tirx.PrimExpr):
+    def acc(n: PrimExpr, y: PrimExpr, x: PrimExpr, c: PrimExpr) -> te.Tensor:
         h, w = y * strides[0] + rh - pads[0], x * strides[1] + rw - pads[1]
         v = _guard(tirx.all(h >= 0, h < H, w >= 0, w < Wd), X[n, h, w, c])
         return te.sum(v.astype("int32") * Wt[rh, rw, c].astype("int32"), axis=[rh, rw])
@@ -550,7 +563,7 @@ _CU13_BIN = Path(sysconfig.get_paths()["purelib"]) / "nvidia" / "cu13" / "bin"
 
 
 def tool_path(name: str) -> str | None:
-    """``nvcc`` / ``cuobjdump`` / ``nvdisasm`` from PATH or the pip wheels; None if absent."""
+    """``cuobjdump`` / ``nvdisasm`` (or any tool) from PATH or the pip wheels; None if absent."""
     return shutil.which(name) or shutil.which(name, path=str(_CU13_BIN))
 
 
@@ -574,8 +587,8 @@ def compile_cubin(func_or_mod: tirx.PrimFunc | tvm.IRModule | str, arch: str = "
     """Build with TVM, then compile the CUDA source to a cubin for ``arch`` with nvcc."""
     from tvm.support import nvcc
 
-    if tool_path("nvcc") is None:
-        raise FileNotFoundError("nvcc not found on PATH")
+    if shutil.which("nvcc") is None:  # TVM's compile_cuda runs plain `nvcc` from PATH
+        raise FileNotFoundError("nvcc not found on PATH (install the CUDA toolkit)")
     src = func_or_mod if isinstance(func_or_mod, str) else cuda_source(func_or_mod)
     # nvcc.compile_cuda asks Target.current() for the arch when no GPU is attached.
     with tvm.target.Target({"kind": "cuda", "arch": arch}):
@@ -589,7 +602,8 @@ def compile_sm75(func_or_mod: tirx.PrimFunc | tvm.IRModule) -> bytes:
 
 
 _FUNC_RE = re.compile(r"^\s*Function\s*:\s*(\S+)")
-_INSN_RE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)")
+_INSN_RE = re.compile(  # "/*0450*/  @!P0 IMMA.8816.U8.S8 R10, ..." -> IMMA.8816.U8.S8
+    r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)")
 
 
 def sass_histogram(cubin: bytes) -> dict[str, dict[str, int]]:

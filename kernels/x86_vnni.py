@@ -173,15 +173,13 @@ class Epilogue:
         info = np.iinfo(self.out_dtype)
         return (info.min if self.lo is None else self.lo, info.max if self.hi is None else self.hi)
 
-    def params(self, n: int, name: str = "q") -> list[te.Tensor]:
+    def params(self, shape: tuple[int, ...]) -> list[te.Tensor]:
         """The m, r, s placeholders (empty when raw)."""
-        if self.raw:
-            return []
-        return [te.placeholder((n,), "int64", name=f"{name}_{x}") for x in "mrs"]
+        return [] if self.raw else [te.placeholder(shape, "int64", name=f"q_{x}") for x in "mrs"]
 
     def apply(self, acc: tirx.PrimExpr, bias: tirx.PrimExpr | None, q: Sequence[te.Tensor],
-              idx: tirx.PrimExpr) -> tirx.PrimExpr:
-        """epilogue(acc + bias); q holds m/r/s indexed by ``idx``."""
+              *idx: tirx.PrimExpr) -> tirx.PrimExpr:
+        """epilogue(acc + bias) with m, r, s = q[...][idx]."""
         if bias is not None:
             # The reference wraps acc + bias to int32. The simplifier rewrites
             # int64(a + b) as int64(a) + int64(b) (no overflow assumed), so add as uint32.
@@ -260,8 +258,12 @@ def _schedule_gemm(sch: Schedule, tile: GemmTile, n_red: int) -> None:
     sch.vectorize(sch.fuse(*iinit[-2:]))
     sch.unroll(iinit[-3])
     ol = sch.get_loops(out)
-    _, ov = sch.split(ol[-1], [None, LANES])
+    oc, ov = sch.split(ol[-1], [None, LANES])
     sch.vectorize(ov)
+    # Constant tile indices everywhere let LLVM keep the whole tile in registers
+    # (no memset + store/reload of the accumulators around a predicated epilogue).
+    sch.unroll(oc)
+    sch.unroll(ol[-2])
 
 
 def _schedule_stage(sch: Schedule, name: str) -> None:
@@ -290,7 +292,7 @@ def dense_vnni(M: int, N: int, K: int, *, out_dtype: str = "int8", raw: bool = F
     a = te.placeholder((M, K), in_dtype, name="A")
     w = te.placeholder((np_ // LANES, kp // KG, LANES, KG), "int8", name="W")
     bias = te.placeholder((N,), "int32", name="bias")
-    q = ep.params(N)
+    q = ep.params((N,))
     if kp != K or in_dtype != "uint8":
         au = te.compute((M, kp), lambda i, k: tirx.if_then_else(
             k < K, _to_u8(a[i, tirx.min(k, K - 1)], in_dtype), tirx.const(0, "uint8")), name="a_u8")
@@ -365,7 +367,7 @@ def conv2d_nhwc_vnni(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int,
     x = te.placeholder((N, H, W, C), in_dtype, name="x")
     w = te.placeholder((ocp // LANES, kp // KG, LANES, KG), "int8", name="W")
     bias = te.placeholder((OC,), "int32", name="bias")
-    q = ep.params(OC)
+    q = ep.params((OC,))
     if any(pads) or cp != C or in_dtype != "uint8":
         # Zero in int8 is 128 after the +128 shift, so signed inputs pad with 128.
         fill = tirx.const(128 if in_dtype == "int8" else 0, "uint8")
@@ -488,7 +490,7 @@ def depthwise_conv2d_nhwc(N: int, H: int, W: int, C: int, kh: int, kw: int,
     x = te.placeholder((N, H, W, C), in_dtype, name="x")
     w = te.placeholder((kh, kw, C), "int8", name="w")
     bias = te.placeholder((C,), "int32", name="bias")
-    q = ep.params(C)
+    q = ep.params((C,))
     tap, OH, OW, stages = _window(x, kh, kw, strides, pads, dilations, 0)
     r, s = te.reduce_axis((0, kh), "r"), te.reduce_axis((0, kw), "s")
     acc = te.compute((N, OH, OW, C), lambda b, i, j, c: te.sum(
@@ -532,26 +534,16 @@ def sum_pool2d_nhwc(N: int, H: int, W: int, C: int, kernel: Sequence[int],
     ep = _epilogue(out_dtype, raw, lo, hi)
     x = te.placeholder((N, H, W, C), in_dtype, name="x")
     tap, OH, OW, stages = _window(x, kh, kw, strides, pads, (1, 1), 0)
-    q = [] if raw else [te.placeholder((OH, OW), "int64", name=f"q_{v}") for v in "mrs"]
+    q = ep.params((OH, OW))
     r, s = te.reduce_axis((0, kh), "r"), te.reduce_axis((0, kw), "s")
     acc = te.compute((N, OH, OW, C), lambda b, i, j, c: te.sum(
         tap(b, i, j, r, s, c).astype("int32"), axis=[r, s]), name="acc")
-    out = te.compute((N, OH, OW, C), lambda b, i, j, c: ep.apply(
-        acc[b, i, j, c], None, [_At(t, i, j) for t in q], 0), name="out")
+    out = te.compute((N, OH, OW, C), lambda b, i, j, c: ep.apply(acc[b, i, j, c], None, q, i, j),
+                     name="out")
     sch = Schedule(te.create_prim_func([x, *q, out]))
     ct = _channel_tile(C)
     _schedule_window(sch, ct, _width_tile(OW, ct), stages)
     return sch.mod["main"].with_attr("global_symbol", "main")
-
-
-class _At:
-    """A 2-D parameter seen through Epilogue.apply's ``t[idx]``: always t[i, j]."""
-
-    def __init__(self, t: te.Tensor, i: tirx.PrimExpr, j: tirx.PrimExpr) -> None:
-        self.t, self.i, self.j = t, i, j
-
-    def __getitem__(self, _: object) -> tirx.PrimExpr:
-        return self.t[self.i, self.j]
 
 
 def global_sum_pool_nhwc(N: int, H: int, W: int, C: int, *, in_dtype: str = "uint8",
@@ -561,7 +553,7 @@ def global_sum_pool_nhwc(N: int, H: int, W: int, C: int, *, in_dtype: str = "uin
     (per tensor, qgraph's gap) unless ``raw``; out."""
     ep = _epilogue(out_dtype, raw, lo, hi)
     x = te.placeholder((N, H, W, C), in_dtype, name="x")
-    q = [] if raw else [te.placeholder((1,), "int64", name=f"q_{v}") for v in "mrs"]
+    q = ep.params((1,))
     r, s = te.reduce_axis((0, H), "r"), te.reduce_axis((0, W), "s")
     # (N, 1, 1, C) with the window loops over the whole image: the same tiling as pools.
     acc = te.compute((N, 1, 1, C), lambda b, i, j, c: te.sum(

@@ -26,6 +26,7 @@ from .prepare import prepare
 from .quantize import calibration_tensors, quantize_graph
 from .report import layer_table, render_card
 from .runtime import Artifact, summarize_ms
+from .schedule import x86_rules
 from .serialize import qgraph_to_json
 from .targets import make_target
 
@@ -40,8 +41,13 @@ class CompileResult:
 
 def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm",
                   quant: QuantSpec = QuantSpec(), calib: CalibSpec = CalibSpec(),
-                  progress: bool = True) -> CompileResult:
-    """ONNX file -> integer-only artifact directory (written atomically)."""
+                  progress: bool = True, batch: int = 1, kernels: bool = True) -> CompileResult:
+    """ONNX file -> integer-only artifact directory (written atomically).
+
+    With ``kernels`` (the default) layers run on qcompile's scheduled kernels,
+    which are specialized to a static ``batch``; without, TVM's generic
+    (unscheduled, slow) lowering is used and any batch size works.
+    """
     t0 = time.perf_counter()
     model, out_dir = Path(model), Path(out_dir)
     check_output_dir(out_dir, protect=(model,))
@@ -54,7 +60,8 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
     stats = collect_stats(proto, calibration_tensors(graph), reader, calib.method, calib, progress)
     # 3. Quantize to an integer-only graph and lower it to Relax.
     qg = quantize_graph(graph, stats, quant)
-    lowered = lower(qg)
+    rules = x86_rules(batch) if kernels and tgt.kind.name == "llvm" else []
+    lowered = lower(qg, rules, batch=batch if rules else None)
     # 4. Legalize, prove integer-only, compile.
     built = build(lowered.mod, tgt)
     if not built.intcheck.ok:
@@ -85,6 +92,7 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
         write_json(tmp / "manifest.json", {
             "format": 1, "qcompile": __version__, "tvm": tvm.__version__,
             "source": str(model.name), "target": {"kind": tgt.kind.name, "str": meta["target"]},
+            "batch": batch if rules else None,
             "input": {"name": qg.input.name, "shape": ["N", *qg.input.shape[1:]],
                       "dtype": "float32"},
             "output": {"name": qg.output.name, "shape": ["N", *qg.output.shape[1:]],
@@ -173,10 +181,11 @@ def evaluate(model: str | Path, art_dir: str | Path, *, data: str | None = None,
     return out
 
 
-def bench_artifact(art_dir: str | Path, *, batch: int = 1, repeat: int = 50,
+def bench_artifact(art_dir: str | Path, *, batch: int | None = None, repeat: int = 50,
                    warmup: int = 5) -> dict:
-    """Median/min/max latency of an artifact's ``main`` at a batch size."""
-    return Artifact.load(art_dir).bench(batch, repeat, warmup)
+    """Median/min/max latency of an artifact's ``main`` (default: its compiled batch)."""
+    art = Artifact.load(art_dir)
+    return art.bench(batch or art.batch or 1, repeat, warmup)
 
 
 def ort_bench(model: str | Path, *, batch: int = 1, repeat: int = 50, warmup: int = 5,

@@ -290,11 +290,16 @@ def zoo_cmd(name: str | None, output: str | None, list_: bool, input_size: int |
 @click.option("--calibrator", type=click.Choice(CALIBRATORS), default="minmax", show_default=True)
 @click.option("--percentile", type=float, default=CalibSpec().percentile, show_default=True,
               metavar="P", help="Used by --calibrator percentile.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="Batch size the kernels are specialized for.")
+@click.option("--kernels/--no-kernels", default=True, show_default=True,
+              help="Use qcompile's scheduled kernels; --no-kernels uses TVM's generic "
+                   "lowering (slow, but any batch size).")
 @_preprocess_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
 def compile_cmd(model: str, out: str, target: str, bits: int, calib: str, calib_samples: int,
-                calibrator: str, percentile: float, size: int | None, resize: int,
-                mean: str | None, std: str | None, layout: str, quiet: bool) -> None:
+                calibrator: str, percentile: float, batch: int, kernels: bool, size: int | None,
+                resize: int, mean: str | None, std: str | None, layout: str, quiet: bool) -> None:
     """Quantize MODEL and build an integer-only TVM artifact in OUT."""
     # Step 1. Everything cheap first: no TVM import or calibration before this passes.
     model_path, out_path = _check_model(model), Path(out)
@@ -305,7 +310,7 @@ def compile_cmd(model: str, out: str, target: str, bits: int, calib: str, calib_
                            preprocess=_preprocess(model_path, size, resize, mean, std, layout))
     # Step 2. The work.
     res = _api().compile_model(model_path, out_path, target=target, quant=quant,
-                               calib=calib_spec, progress=not quiet)
+                               calib=calib_spec, progress=not quiet, batch=batch, kernels=kernels)
     if not quiet:
         core = "integer-only" if res.integer_only else "NOT integer-only"
         click.echo(f"compiled {model} -> {res.out_dir} in {res.compile_seconds:.1f} s "
@@ -376,11 +381,12 @@ def _print_eval(r: dict) -> None:
 
 @main.command("bench")
 @click.argument("art", metavar="ART")
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, metavar="N")
+@click.option("--batch", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Batch size (default: the batch the artifact was compiled for).")
 @click.option("--repeat", type=click.IntRange(min=1), default=50, show_default=True, metavar="N")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, metavar="N")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def bench_cmd(art: str, batch: int, repeat: int, warmup: int, as_json: bool) -> None:
+def bench_cmd(art: str, batch: int | None, repeat: int, warmup: int, as_json: bool) -> None:
     """Time artifact ART on random input (after warm-up runs)."""
     res = _api().bench_artifact(_check_artifact(art), batch=batch, repeat=repeat, warmup=warmup)
     if as_json:

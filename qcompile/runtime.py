@@ -60,6 +60,29 @@ class Artifact:
         with np.load(self.path / "qgraph.npz", allow_pickle=False) as z:
             return qgraph_from_json(self.qconfig["graph"], {k: z[k] for k in z.files})
 
+    @property
+    def batch(self) -> int | None:
+        """The static batch the kernels were built for (None: any batch)."""
+        return self.manifest.get("batch")
+
+    def _chunked(self, fn: str, x: np.ndarray) -> np.ndarray:
+        """Call ``fn`` on x, in zero-padded chunks of the compiled batch when it is static."""
+        b = self.batch
+        if b is None or x.shape[0] == b:
+            return self.vm[fn](tvm.runtime.tensor(x, self.device), *self._args(fn)).numpy()
+        outs = []
+        for i in range(0, x.shape[0], b):
+            part = x[i:i + b]
+            pad = b - part.shape[0]
+            if pad:
+                part = np.concatenate([part, np.zeros((pad,) + part.shape[1:], part.dtype)])
+            y = self.vm[fn](tvm.runtime.tensor(part, self.device), *self._args(fn)).numpy()
+            outs.append(y[:b - pad])
+        return np.concatenate(outs)
+
+    def _args(self, fn: str) -> list[tvm.runtime.Tensor]:
+        return self.params if fn in ("main", "core") else []
+
     def _check(self, x: np.ndarray) -> np.ndarray:
         want = self.input_shape[1:]
         if x.ndim != len(want) + 1 or tuple(x.shape[1:]) != want:
@@ -69,19 +92,20 @@ class Artifact:
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Float input batch -> float output (quantize, integer core, dequantize)."""
-        x = self._check(x.astype(np.float32, copy=False))
-        return self.vm["main"](tvm.runtime.tensor(x, self.device), *self.params).numpy()
+        return self._chunked("main", self._check(x.astype(np.float32, copy=False)))
 
     def quantize(self, x: np.ndarray) -> np.ndarray:
-        x = self._check(x.astype(np.float32, copy=False))
-        return self.vm["quantize"](tvm.runtime.tensor(x, self.device)).numpy()
+        return self._chunked("quantize", self._check(x.astype(np.float32, copy=False)))
 
     def run_core(self, q: np.ndarray) -> np.ndarray:
         """Integer input -> the integer tensor just before the exit dequantization."""
-        return self.vm["core"](tvm.runtime.tensor(self._check(q), self.device), *self.params).numpy()
+        return self._chunked("core", self._check(q))
 
     def bench(self, batch: int = 1, repeat: int = 50, warmup: int = 5) -> dict:
         """Latency of ``main`` (quantize + core + dequantize) on random input, in ms."""
+        if self.batch is not None and batch != self.batch:
+            raise ArtifactError(f"{self.path} was compiled for batch {self.batch}; "
+                                f"recompile with --batch {batch} to time batch {batch}")
         x = np.random.default_rng(0).normal(size=(batch,) + self.input_shape[1:]).astype(np.float32)
         args = [tvm.runtime.tensor(x, self.device), *self.params]
         for _ in range(warmup):

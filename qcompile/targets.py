@@ -56,8 +56,13 @@ def host_mcpu() -> str:
     return ""
 
 
+def cpu_flags() -> frozenset[str]:
+    """This CPU's /proc/cpuinfo flags (empty where there is none)."""
+    return frozenset(_cpuinfo()[1])
+
+
 def has_vnni() -> bool:
-    return "avx512_vnni" in _cpuinfo()[1]
+    return "avx512_vnni" in cpu_flags()
 
 
 def make_target(name: str = "llvm", num_threads: int | None = None) -> tvm.target.Target:

@@ -340,12 +340,14 @@ def test_eval_table(artifact: tuple[Path, Path]) -> None:
 
 def test_bench_json_and_table(artifact: tuple[Path, Path]) -> None:
     _, art = artifact
-    r = invoke("bench", art, "--repeat", "3", "--warmup", "1", "--batch", "2", "--json")
+    r = invoke("bench", art, "--repeat", "3", "--warmup", "1", "--json")
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert {"median_ms", "min_ms", "max_ms", "mean_ms", "batch", "repeat",
             "throughput_ips"} <= set(res)
-    assert res["batch"] == 2 and res["repeat"] == 3
+    assert res["batch"] == 1 and res["repeat"] == 3  # the compiled batch
+    r = invoke("bench", art, "--repeat", "1", "--batch", "2")
+    assert r.exit_code == 7 and "recompile with --batch 2" in r.output
     assert res["min_ms"] <= res["median_ms"] <= res["max_ms"]
     r = invoke("bench", art, "--repeat", "2", "--warmup", "0")
     assert r.exit_code == 0 and r.stdout.startswith("Latency: min = ")

@@ -14,13 +14,14 @@ from qcompile.lower import lower
 from qcompile.onnx_import import import_onnx, load_model
 from qcompile.prepare import prepare
 from qcompile.quantize import calibration_tensors, quantize_graph
+from qcompile.schedule import x86_rules
 from qcompile.targets import make_target
 
 TARGET = make_target("llvm")
 
 
-@pytest.fixture(scope="module")
-def lowered(tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture(scope="module", params=["kernels", "generic"])
+def lowered(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
     path = save(kitchen_sink_model(), tmp_path_factory.mktemp("m"))
     g = prepare(import_onnx(load_model(path)))
     obs = {}
@@ -29,7 +30,10 @@ def lowered(tmp_path_factory: pytest.TempPathFactory):
         o.update(np.linspace(-1 - k, 2 + k, 64))
         obs[t] = o
     qg = quantize_graph(g, obs)
-    return legalize(lower(qg).mod, TARGET)
+    rules = x86_rules(1) if request.param == "kernels" else []
+    low = lower(qg, rules, batch=1 if rules else None)
+    assert ("x86_vnni" in low.kernels.values()) == bool(rules)
+    return legalize(low.mod, TARGET)
 
 
 def test_core_is_integer_only(lowered) -> None:

@@ -29,10 +29,10 @@ CASES = {
 }
 
 
-def _compile_and_check(model, tmp_path: Path, n: int = 32) -> dict:
+def _compile_and_check(model, tmp_path: Path, n: int = 32, kernels: bool = True) -> dict:
     path = save(model, tmp_path)
     art = tmp_path / "art"
-    res = api.compile_model(path, art, progress=False)
+    res = api.compile_model(path, art, progress=False, kernels=kernels)
     assert res.integer_only
     with pytest.warns(UserWarning, match="synthetic"):
         ev = api.evaluate(path, art, num_samples=n, progress=False)
@@ -48,16 +48,19 @@ def test_single_conv_bit_exact(case: str, tmp_path: Path) -> None:
     assert ev["sqnr_db"] > 25  # 8-bit quantization of one layer is accurate
 
 
-def test_every_op_bit_exact_and_faithful(tmp_path: Path) -> None:
-    ev = _compile_and_check(kitchen_sink_model(), tmp_path)
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "generic"])
+def test_every_op_bit_exact_and_faithful(tmp_path: Path, kernels: bool) -> None:
+    ev = _compile_and_check(kitchen_sink_model(), tmp_path, kernels=kernels)
     assert ev["top1_agreement"] >= 0.8
     names = {layer["tensor"] for layer in ev["layers"]}
     assert {"sr", "mp", "ap", "cat", "cl", "g", "logits"} <= names
 
 
-def test_any_batch_size_and_output_matches_oracle(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "generic"])
+def test_any_batch_size_and_output_matches_oracle(tmp_path: Path, kernels: bool) -> None:
+    """Generic modules take any batch; kernel modules run it in chunks of their batch."""
     path = save(kitchen_sink_model(softmax=False), tmp_path)
-    api.compile_model(path, tmp_path / "art", progress=False)
+    api.compile_model(path, tmp_path / "art", progress=False, kernels=kernels, batch=2)
     art = Artifact.load(tmp_path / "art")
     qg = art.qgraph()
     x = np.random.default_rng(3).normal(size=(3, 3, 11, 11)).astype(np.float32) * 2
