@@ -99,7 +99,7 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
                        "dtype": "float32"},
             "functions": ["main", "quantize", "core", "dequantize"],
             "params": [k for k, _ in lowered.params], "integer_only": built.intcheck.ok,
-            "kernels": lowered.kernels,
+            "kernels": lowered.kernels, "kernel_funcs": lowered.funcs,
             "intcheck": {"prim_funcs": len(built.intcheck.prim_funcs),
                          "stores": built.intcheck.stores},
             "compile_seconds": round(seconds, 2)})

@@ -399,5 +399,28 @@ def bench_cmd(art: str, batch: int | None, repeat: int, warmup: int, as_json: bo
     click.echo(f"Throughput: {res['throughput_ips']:.1f} inferences/s")
 
 
+@main.command("inspect")
+@click.argument("art", metavar="ART")
+@click.option("--sass", is_flag=True, help="Machine-code histograms (SASS for CUDA, x86 asm for CPU).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def inspect_cmd(art: str, sass: bool, as_json: bool) -> None:
+    """List ART's kernels, the layer each serves, and their hot instructions."""
+    from .inspect import inspect_artifact
+
+    res = inspect_artifact(_check_artifact(art))
+    if not sass:
+        for k in res["kernels"]:
+            k.pop("histogram")
+    if as_json:
+        _print_json(res)
+        return
+    click.echo(f"{res['artifact']} ({res['target']}): {len(res['kernels'])} kernels")
+    for k in res["kernels"]:
+        hot = ", ".join(f"{n} {c}" for n, c in k["hot"].items()) or "-"
+        click.echo(f"  {k['kernel']:<48} {k['layer']:<28} {k['instructions']:>6} instr  {hot}")
+    click.echo(f"  other code: {res['other_code']['instructions']} instr; totals: "
+               + ", ".join(f"{n} {c}" for n, c in res["totals"].items() if c))
+
+
 if __name__ == "__main__":
     main()

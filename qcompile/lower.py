@@ -37,6 +37,7 @@ class Lowered:
     mod: tvm.IRModule
     params: list[tuple[str, np.ndarray]]   # core/main inputs after x, in order
     kernels: dict[str, str]                # node name -> rule that lowered it
+    funcs: dict[str, str]                  # kernel PrimFunc name -> node name
 
 
 def to_nhwc(a: np.ndarray) -> np.ndarray:
@@ -51,6 +52,7 @@ class LowerCtx:
         self.bb, self.qg = bb, qg
         self.params: list[tuple[str, np.ndarray]] = []
         self.vars: list[relax.Var] = []
+        self.funcs: dict[str, str] = {}  # kernel PrimFunc name -> the layer it serves
 
     def emit(self, e: relax.Expr) -> relax.Var:
         return self.bb.emit(e)
@@ -205,7 +207,7 @@ def lower(qg: QGraph, rules: Sequence[tuple[str, Rule]] = (), batch: int | None 
         yv = bb.emit(relax.Call(mod.get_global_var("core"), [qv] + pm))
         out = bb.emit(relax.Call(mod.get_global_var("dequantize"), [yv]))
         bb.emit_func_output(out)
-    return Lowered(bb.get(), ctx.params, used)
+    return Lowered(bb.get(), ctx.params, used, ctx.funcs)
 
 
 def _quantize_fn(bb: relax.BlockBuilder, qg: QGraph, in_shape: list) -> None:

@@ -101,6 +101,7 @@ def x86_rules(batch: int) -> list[tuple[str, Rule]]:
         # kOpaque (8): FuseOps must not merge a hand schedule into a generic fused kernel.
         func = spec.build().with_attr("global_symbol", fname).with_attr("op_pattern", 8)
         gv = ctx.bb.add_func(func, fname)
+        ctx.funcs[fname] = n.name
         out_t = ctx.qg.tensors[n.output]
         shape = (batch,) + tuple(out_t.shape[1:])
         shape = _nhwc(shape) if len(shape) == 4 else shape

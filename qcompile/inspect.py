@@ -1,0 +1,74 @@
+"""What an artifact's kernels compiled to: instruction histograms per kernel.
+
+CPU artifacts are disassembled with binutils' ``objdump``; each kernel PrimFunc
+becomes a few symbols (the FFI wrapper and ``<name>_compute_`` bodies), which
+are summed per kernel.  ``HOT`` lists the instructions users look for first.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from .errors import ArtifactError
+from .runtime import REQUIRED
+
+HOT: dict[str, tuple[str, ...]] = {
+    "llvm": ("vpdpbusd", "vpmaddubsw", "vpmaddwd", "vpmuldq", "vpmullq", "vmovdqu8", "vpbroadcastd"),
+}
+_SYMBOL = re.compile(r"^[0-9a-f]+ <(.+)>:$")
+
+
+def _objdump(so: Path) -> dict[str, collections.Counter]:
+    tool = shutil.which("objdump")
+    if tool is None:
+        raise ArtifactError("objdump (binutils) is needed to inspect CPU code; "
+                            "install it with `apt-get install binutils`")
+    text = subprocess.run([tool, "-d", "--no-show-raw-insn", str(so)], check=True,
+                          capture_output=True, text=True).stdout
+    out: dict[str, collections.Counter] = {}
+    current: collections.Counter | None = None
+    for line in text.splitlines():
+        m = _SYMBOL.match(line)
+        if m:
+            current = out.setdefault(m.group(1), collections.Counter())
+            continue
+        parts = line.split("\t")
+        if current is not None and len(parts) >= 2 and parts[-1].strip():
+            current[parts[-1].split()[0]] += 1
+    return out
+
+
+def inspect_artifact(art_dir: str | Path) -> dict:
+    """Per kernel: its name, the layer it serves, and its instruction histogram."""
+    art = Path(art_dir)
+    if not all((art / f).is_file() for f in REQUIRED):
+        raise ArtifactError(f"{art} is not a qcompile artifact; create one with "
+                            "`qcompile compile MODEL -o DIR`")
+    manifest = json.loads((art / "manifest.json").read_text())
+    kind = manifest["target"]["kind"]
+    if kind != "llvm":
+        raise ArtifactError(f"inspecting {kind} artifacts is not supported yet")
+    funcs: dict[str, str] = manifest.get("kernel_funcs", {})
+    symbols = _objdump(art / "module.so")
+    kernels = []
+    for fname in sorted(funcs, key=len, reverse=True):
+        hist: collections.Counter = collections.Counter()
+        for sym in [s for s in symbols if s == fname or s.startswith(fname + "_compute")]:
+            hist += symbols.pop(sym)
+        kernels.append({"kernel": fname, "layer": funcs[fname], "instructions": sum(hist.values()),
+                        "hot": {h: hist[h] for h in HOT[kind] if hist[h]},
+                        "histogram": dict(hist.most_common())})
+    generic = collections.Counter()
+    for sym, hist in symbols.items():
+        if sym.startswith("__tvm_ffi_") or "@plt" in sym:
+            continue
+        generic += hist
+    kernels.sort(key=lambda k: k["kernel"])
+    return {"artifact": str(art), "target": manifest["target"]["str"], "kernels": kernels,
+            "other_code": {"instructions": sum(generic.values()),
+                           "hot": {h: generic[h] for h in HOT[kind] if generic[h]}},
+            "totals": {h: sum(k["hot"].get(h, 0) for k in kernels) for h in HOT[kind]}}

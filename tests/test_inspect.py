@@ -1,0 +1,50 @@
+"""`qcompile inspect`: which kernel serves which layer, and what it compiled to."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kitchen_sink import kitchen_sink_model
+from onnx_builders import save
+from qcompile import api
+from qcompile.cli import main
+from qcompile.inspect import inspect_artifact
+from qcompile.targets import has_vnni
+
+pytestmark = pytest.mark.skipif(not has_vnni(), reason="CPU lacks AVX-512 VNNI")
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("insp")
+    api.compile_model(save(kitchen_sink_model(), d), d / "art", progress=False)
+    return d / "art"
+
+
+def test_vnni_kernels_map_to_layers_and_use_vpdpbusd(art: Path) -> None:
+    res = inspect_artifact(art)
+    by_layer = {k["layer"]: k for k in res["kernels"]}
+    assert {"stem", "pw", "dw", "fc", "maxpool", "avgpool", "gap"} <= set(by_layer)
+    for layer in ("stem", "pw", "fc"):  # the u8 x s8 GEMM layers
+        assert by_layer[layer]["hot"].get("vpdpbusd", 0) > 0, layer
+    assert by_layer["dw"]["hot"].get("vpdpbusd", 0) == 0  # depthwise is plain vector code
+    assert res["totals"]["vpdpbusd"] == sum(k["hot"].get("vpdpbusd", 0) for k in res["kernels"])
+
+
+def test_generic_artifact_has_no_kernels(tmp_path: Path) -> None:
+    api.compile_model(save(kitchen_sink_model(), tmp_path), tmp_path / "g", progress=False,
+                      kernels=False)
+    res = inspect_artifact(tmp_path / "g")
+    assert res["kernels"] == [] and res["totals"]["vpdpbusd"] == 0
+
+
+def test_cli_json(art: Path) -> None:
+    r = CliRunner().invoke(main, ["inspect", str(art), "--sass", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert all({"kernel", "layer", "histogram", "hot"} <= set(k) for k in res["kernels"])
+    r = CliRunner().invoke(main, ["inspect", str(art.parent)])
+    assert r.exit_code == 7
