@@ -43,33 +43,45 @@ def _dtype(e: object) -> str:
     return str(ty if ty is not None else getattr(e, "dtype", ""))
 
 
-def _check_value(expr: tvm.ir.Expr, where: str, rep: IntCheckReport) -> None:
-    """Recursively inspect a stored value, not descending into load indices."""
+def _check_value(expr: tvm.ir.Expr, where: str, rep: IntCheckReport, control: bool = False) -> None:
+    """Recursively inspect a stored value, not descending into load indices.
+
+    Conditions (of Select and if_then_else) are checked in ``control`` mode: they
+    may do index arithmetic such as an im2col bounds test, so division is allowed
+    there, but float is not.
+    """
     if isinstance(expr, tvm.ir.TensorLoad):
         if not _is_int(_dtype(expr)):
-            rep.violations.append(f"{where}: loads {_dtype(expr)} from {getattr(expr.source, 'name', expr.source)}")
+            src = getattr(expr.source, "name", expr.source)
+            rep.violations.append(f"{where}: loads {_dtype(expr)} from {src}")
         return
     if not _is_int(_dtype(expr)):
         rep.violations.append(f"{where}: {type(expr).__name__} of dtype {_dtype(expr)}")
         return
-    if isinstance(expr, DIV_NODES):
+    if isinstance(expr, DIV_NODES) and not control:
         rep.violations.append(f"{where}: {type(expr).__name__} on data")
+    conds: list = []
     children: list = []
     if isinstance(expr, tvm.ir.Call):
-        children = list(expr.args)
-    elif isinstance(expr, (tirx.Cast,)):
+        op = getattr(getattr(expr, "op", None), "name", "")
+        args = list(expr.args)
+        conds, children = (args[:1], args[1:]) if op.endswith("if_then_else") else ([], args)
+    elif isinstance(expr, tirx.Cast):
         children = [expr.value]
     elif isinstance(expr, tirx.Select):
-        children = [expr.true_value, expr.false_value]  # condition is control, values are data
+        conds, children = [expr.condition], [expr.true_value, expr.false_value]
     elif isinstance(expr, tirx.Let):
         children = [expr.value, expr.body]
     elif hasattr(expr, "a") and hasattr(expr, "b"):
         children = [expr.a, expr.b]
-    elif isinstance(expr, (tirx.Broadcast,)):
+    elif isinstance(expr, tirx.Broadcast):
         children = [expr.value]
+    for c in conds:
+        if isinstance(c, tvm.ir.Expr):
+            _check_value(c, where, rep, control=True)
     for c in children:
         if isinstance(c, tvm.ir.Expr):
-            _check_value(c, where, rep)
+            _check_value(c, where, rep, control)
 
 
 def _check_prim_func(name: str, func: tirx.PrimFunc, rep: IntCheckReport) -> None:

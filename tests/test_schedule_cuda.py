@@ -1,0 +1,118 @@
+"""CUDA rules and build (qcompile.schedule_cuda) on a machine without a GPU.
+
+ResNet-18 (zoo, 64x64, 10 classes) is lowered with the tensor-core rules, built for the T4
+with nvcc at build time, and exported; the .so must carry an sm_75 fatbin whose conv and dense
+kernels issue IMMA. Running it needs a GPU and is not tested here.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tvm
+
+from qcompile import intcheck as ic
+from qcompile import zoo
+from qcompile.calibrate import MinMaxObserver
+from qcompile.kernels import cuda_tc as ct
+from qcompile.lower import lower
+from qcompile.onnx_import import import_onnx, load_model
+from qcompile.prepare import prepare
+from qcompile.quantize import calibration_tensors, quantize_graph
+from qcompile.schedule_cuda import build_cuda, cuda_rules, embedded_fatbins, sass_histogram
+from qcompile.targets import make_target
+
+HAVE_NVCC = shutil.which("nvcc") is not None
+HAVE_CUOBJDUMP = ct.tool_path("cuobjdump") is not None and ct.tool_path("nvdisasm") is not None
+pytestmark = pytest.mark.skipif(
+    not (HAVE_NVCC and HAVE_CUOBJDUMP),
+    reason="needs nvcc (CUDA toolkit) and cuobjdump + nvdisasm "
+           "(pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
+
+
+@pytest.fixture(scope="module")
+def resnet18(tmp_path_factory: pytest.TempPathFactory):
+    d = tmp_path_factory.mktemp("r18")
+    g = prepare(import_onnx(load_model(zoo.save(
+        zoo.build("resnet18", input_size=64, num_classes=10), d / "resnet18.onnx"))))
+    obs = {}
+    for k, t in enumerate(calibration_tensors(g)):
+        o = MinMaxObserver()
+        o.update(np.linspace(-1 - k % 3, 2 + k % 3, 64))
+        obs[t] = o
+    qg = quantize_graph(g, obs)
+    low = lower(qg, cuda_rules(1), batch=1)
+    res = build_cuda(low.mod, make_target("cuda"))
+    so = d / "resnet18_t4.so"
+    res.built.executable.export_library(str(so))
+    return qg, low, res, so
+
+
+def test_conv_and_dense_use_the_tensor_core_rule(resnet18) -> None:
+    qg, low, _, _ = resnet18
+    heavy = [n.name for n in qg.nodes if n.op in ("qconv", "qdense")]
+    assert len(heavy) == 21  # 20 convs (incl. 3 downsample) + fc
+    assert {low.kernels[n] for n in heavy} == {"cuda_tc"}
+
+
+def test_core_stays_integer_only(resnet18) -> None:
+    """No float and no division on data. The implicit-GEMM conv guards its im2col load with
+    ``if_then_else(h = i // OW % OH ... in range, X[...], 0)``: intcheck treats that
+    condition as control (index math), and the checked values as data."""
+    rep = resnet18[2].built.intcheck
+    assert rep.ok, rep.violations
+    assert sum(f.startswith("conv2d_nhwc_tc_") for f in rep.prim_funcs) == 20
+
+
+def test_export_embeds_the_sm75_fatbin(resnet18) -> None:
+    _, _, res, so = resnet18
+    assert len(res.device.binaries) == 1
+    fatbins = embedded_fatbins(so.read_bytes())
+    assert fatbins == res.device.binaries  # the .so carries what nvcc produced, not source
+    elf = subprocess.run([ct.tool_path("cuobjdump"), "-lelf", str(_write(so.parent, fatbins[0]))],
+                         capture_output=True, text=True, check=True).stdout
+    assert "sm_75" in elf, elf
+
+
+def test_conv_and_dense_kernels_issue_imma(resnet18) -> None:
+    hist = sass_histogram(resnet18[2].device.binaries[0])
+    heavy = {k: v for k, v in hist.items() if k.startswith(("conv2d_nhwc_tc_", "dense_tc_"))}
+    assert len(heavy) == 21, sorted(hist)
+    for name, ops in heavy.items():
+        imma = sum(c for op, c in ops.items() if op.startswith("IMMA.8816."))
+        assert imma > 0, f"{name}: no IMMA.8816 ({ops})"
+        assert not any(op.startswith("CALL") for op in ops), f"{name}: emulated ({ops})"
+    # the stem conv sees the signed input; all later layers take post-ReLU u8
+    assert "IMMA.8816.S8.S8" in hist["conv2d_nhwc_tc_conv1_kernel"]
+    assert "IMMA.8816.U8.S8" in hist["conv2d_nhwc_tc_layer1_0_conv1_kernel"]
+
+
+def test_exported_library_loads_without_nvcc_call(resnet18, monkeypatch) -> None:
+    """Loading deserializes the binary; fmt 'cuda' would call tvm_callback_cuda_compile."""
+    import tvm_ffi
+
+    def refuse(_source: str) -> bytes:
+        raise AssertionError("the loader tried to compile CUDA source")
+
+    prev = tvm.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", refuse, override=True)
+    try:
+        lib = tvm.runtime.load_module(str(resnet18[3]))
+    finally:
+        if prev is not None:
+            tvm_ffi.register_global_func("tvm_callback_cuda_compile", prev, override=True)
+    kinds, todo = [], [lib]
+    while todo:
+        m = todo.pop()
+        kinds.append(m.kind)
+        todo.extend(m.imports)
+    assert "cuda" in kinds, kinds
+
+
+def _write(d: Path, data: bytes) -> Path:
+    p = d / "embedded.fatbin"
+    p.write_bytes(data)
+    return p
