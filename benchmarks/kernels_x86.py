@@ -3,6 +3,7 @@
     python benchmarks/kernels_x86.py                 # GEMM 256^3 + ResNet-50's convs
     python benchmarks/kernels_x86.py --quick         # 256^3 + 6 representative convs
     python benchmarks/kernels_x86.py --im2col        # adds the explicit-im2col variant
+    python benchmarks/kernels_x86.py --threads 1     # both sides on one thread
 
 GOPS = 2*M*N*K / median time.  Each row times, round-robin so that machine noise
 hits all alike: our kernel (``time_evaluator``, 1 call per sample x ``--number``)
@@ -14,7 +15,9 @@ on L1-resident data on one thread, times the thread count.  Also reports the
 count-weighted sum over ResNet-50 (224 px, batch 1) of all its convs.
 
 TVM's thread pool defaults to hardware_concurrency/2 threads on x86 (1 on this
-2-core VM), so this script sets TVM_NUM_THREADS before importing TVM.
+2-core VM), so this script sets TVM_NUM_THREADS (``--threads``, default all cores)
+before importing TVM.  TVM splits a parallel loop statically, so a busy core
+halves a 2-thread time: the load average is printed before and after.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+if "--threads" in sys.argv:  # must precede `import tvm`: the pool reads it once
+    os.environ["TVM_NUM_THREADS"] = sys.argv[sys.argv.index("--threads") + 1]
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
 import numpy as np  # noqa: E402
@@ -197,12 +202,14 @@ def table(gemm: dict, convs: list[dict], ceiling: float, cols: list[str]) -> str
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=25, help="samples per op (median)")
-    ap.add_argument("--number", type=int, default=10, help="calls per sample")
+    ap.add_argument("--number", type=int, default=5, help="calls per sample")
     ap.add_argument("--quick", action="store_true", help="only 6 representative convs")
     ap.add_argument("--im2col", action="store_true", help="also time the explicit im2col variant")
     ap.add_argument("--no-ort", action="store_true")
+    ap.add_argument("--threads", type=int, default=THREADS, help="TVM and ORT threads")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
+    load0 = os.getloadavg()[0]
     if not has_vnni():
         sys.exit("this CPU lacks avx512_vnni: nothing to benchmark")
     rng = np.random.default_rng(0)
@@ -218,13 +225,14 @@ def main() -> None:
     cols = ["implicit"] + (["im2col"] if args.im2col else []) + (["ort"] if ort_on else [])
     md = table(gemm, convs, ceiling, cols)
     print(f"{platform.processor() or platform.machine()}, {THREADS} threads, "
-          f"TVM {tvm.__version__}, onnxruntime {ort.__version__}\n")
+          f"TVM {tvm.__version__}, onnxruntime {ort.__version__}, 1-min load average "
+          f"{load0:.2f} before, {os.getloadavg()[0]:.2f} after\n")
     print(md)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d")
-    (args.out / f"kernels-x86-{stamp}.md").write_text(md + "\n")
-    (args.out / f"kernels-x86-{stamp}.json").write_text(json.dumps(
-        {"threads": THREADS, "ceiling_gops_per_thread": ceiling, "gemm": gemm, "convs": convs}, indent=1))
+    (args.out / f"kernels-x86-{stamp}-t{THREADS}.md").write_text(md + "\n")
+    (args.out / f"kernels-x86-{stamp}-t{THREADS}.json").write_text(json.dumps(
+        {"threads": THREADS, "load_avg": [load0, os.getloadavg()[0]], "ceiling_gops_per_thread": ceiling, "gemm": gemm, "convs": convs}, indent=1))
 
 
 if __name__ == "__main__":

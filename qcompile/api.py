@@ -27,6 +27,7 @@ from .quantize import calibration_tensors, quantize_graph
 from .report import layer_table, render_card
 from .runtime import Artifact, summarize_ms
 from .schedule import x86_rules
+from .schedule_cuda import build_cuda, cuda_rules
 from .serialize import qgraph_to_json
 from .targets import make_target
 
@@ -60,15 +61,16 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
     stats = collect_stats(proto, calibration_tensors(graph), reader, calib.method, calib, progress)
     # 3. Quantize to an integer-only graph and lower it to Relax.
     qg = quantize_graph(graph, stats, quant)
-    rules = x86_rules(batch) if kernels and tgt.kind.name == "llvm" else []
+    cuda = tgt.kind.name == "cuda"
+    rules = (cuda_rules(batch) if cuda else x86_rules(batch)) if kernels else []
     lowered = lower(qg, rules, batch=batch if rules else None)
-    # 4. Legalize, prove integer-only, compile.
-    built = build(lowered.mod, tgt)
+    # 4. Legalize, prove integer-only, compile (CUDA: sm_75 fatbin embedded at build time).
+    built = build_cuda(lowered.mod, tgt).built if cuda else build(lowered.mod, tgt)
     if not built.intcheck.ok:
         raise BuildError(f"integer-only check failed: {built.intcheck.violations[:3]}")
     # 5. Write the artifact atomically.
     meta = {
-        "target": str(tgt.kind.name) + (f" -mcpu={tgt.attrs['mcpu']}" if "mcpu" in tgt.attrs else ""),
+        "target": _target_str(tgt),
         "integer_only": built.intcheck.ok,
         "calibration": {"method": calib.method, "source": calib.source,
                         "num_samples": min(calib.num_samples, len(reader))},
@@ -105,6 +107,12 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
             "compile_seconds": round(seconds, 2)})
     n_layers = sum(n.op in ("qconv", "qdense") for n in qg.nodes)
     return CompileResult(out_dir, seconds, built.intcheck.ok, n_layers)
+
+
+def _target_str(tgt: tvm.target.Target) -> str:
+    if tgt.kind.name == "cuda":
+        return f"cuda -arch={tgt.attrs.get('arch', '?')} (T4 tag; sm_75 fatbin embedded)"
+    return "llvm" + (f" -mcpu={tgt.attrs['mcpu']}" if "mcpu" in tgt.attrs else "")
 
 
 def run_artifact(art_dir: str | Path, x: np.ndarray) -> np.ndarray:

@@ -59,11 +59,15 @@ def _conv(n: QNode, x: np.ndarray) -> np.ndarray:
         for i in range(kh):
             for j in range(kw):
                 acc += win[..., i, j] * w[:, 0, i, j].reshape(1, o, 1, 1)
-    else:  # im2col per group, then one batched BLAS GEMM: (nb, g, OH*OW, K) @ (g, K, O/g)
-        cols = win.reshape(nb, g, ipg, oh, ow, kh, kw).transpose(0, 1, 3, 4, 2, 5, 6)
-        cols = cols.reshape(nb, g, oh * ow, ipg * kh * kw).astype(np.float64)
-        wm = w.reshape(g, o // g, ipg * kh * kw).transpose(0, 2, 1)
-        acc = (cols @ wm).transpose(0, 1, 3, 2).reshape(nb, o, oh, ow)
+    else:  # im2col, then one 2-D BLAS GEMM per group: (nb*OH*OW, K) @ (K, O/g)
+        og, k = o // g, ipg * kh * kw
+        cols = win.reshape(nb, g, ipg, oh, ow, kh, kw).transpose(1, 0, 3, 4, 2, 5, 6)
+        cols = cols.astype(np.float64).reshape(g, nb * oh * ow, k)
+        wm = w.reshape(g, og, k)
+        acc = np.empty((nb * oh * ow, o), np.float64)
+        for gi in range(g):
+            acc[:, gi * og:(gi + 1) * og] = cols[gi] @ wm[gi].T
+        acc = acc.reshape(nb, oh, ow, o).transpose(0, 3, 1, 2)
     return _wrap_int32(_exact_int(acc) + n.params["bias"].astype(np.int64))
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .errors import ArtifactError
+from .errors import ArtifactError, DeviceError
 from .qgraph import QGraph
 from .serialize import qgraph_from_json
 
@@ -39,10 +39,12 @@ class Artifact:
         qconfig = json.loads((path / "qconfig.json").read_text())
         with np.load(path / "weights.npz", allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-        if manifest.get("target", {}).get("kind", "llvm") != "llvm":
-            raise ArtifactError(f"{path} was built for {manifest['target']['kind']}; "
-                                "running it needs that device")
-        dev = tvm.cpu()
+        kind = manifest.get("target", {}).get("kind", "llvm")
+        dev = tvm.cpu() if kind == "llvm" else tvm.cuda()
+        if kind != "llvm" and not dev.exist:
+            raise DeviceError(f"{path} was built for {manifest['target']['str']} and needs an "
+                              "NVIDIA GPU, which this machine lacks; run it on a T4 host or "
+                              "recompile with --target llvm")
         try:
             lib = tvm.runtime.load_module(str(path / "module.so"))
         except Exception as e:
