@@ -18,6 +18,7 @@ from .runtime import REQUIRED
 
 HOT: dict[str, tuple[str, ...]] = {
     "llvm": ("vpdpbusd", "vpmaddubsw", "vpmaddwd", "vpmuldq", "vpmullq", "vmovdqu8", "vpbroadcastd"),
+    "cuda": ("IMMA", "HMMA", "CALL", "LDS", "LDG", "SHFL", "BAR"),
 }
 _SYMBOL = re.compile(r"^[0-9a-f]+ <(.+)>:$")
 
@@ -50,9 +51,9 @@ def inspect_artifact(art_dir: str | Path) -> dict:
                             "`qcompile compile MODEL -o DIR`")
     manifest = json.loads((art / "manifest.json").read_text())
     kind = manifest["target"]["kind"]
-    if kind != "llvm":
-        raise ArtifactError(f"inspecting {kind} artifacts is not supported yet")
     funcs: dict[str, str] = manifest.get("kernel_funcs", {})
+    if kind == "cuda":
+        return _inspect_cuda(art, manifest, funcs)
     symbols = _objdump(art / "module.so")
     kernels = []
     for fname in sorted(funcs, key=len, reverse=True):
@@ -72,3 +73,28 @@ def inspect_artifact(art_dir: str | Path) -> dict:
             "other_code": {"instructions": sum(generic.values()),
                            "hot": {h: generic[h] for h in HOT[kind] if generic[h]}},
             "totals": {h: sum(k["hot"].get(h, 0) for k in kernels) for h in HOT[kind]}}
+
+
+def _inspect_cuda(art: Path, manifest: dict, funcs: dict[str, str]) -> dict:
+    """SASS of the sm_75 fatbin embedded in module.so, per kernel (cuobjdump)."""
+    from .schedule_cuda import embedded_fatbins, sass_histogram
+
+    fatbins = embedded_fatbins((art / "module.so").read_bytes())
+    if not fatbins:
+        raise ArtifactError(f"{art}/module.so embeds no fatbin; rebuild with `--target cuda`")
+    sass: dict[str, dict[str, int]] = {}
+    for fb in fatbins:
+        sass.update(sass_histogram(fb))
+    kernels = []
+    for kname, hist in sorted(sass.items()):
+        # device kernels are named <func>_kernel (TVM's split of a PrimFunc into launches)
+        layer = next((funcs[f] for f in sorted(funcs, key=len, reverse=True)
+                      if kname.startswith(f)), "")
+        hot = {h: sum(c for op, c in hist.items() if op.split(".")[0] == h) for h in HOT["cuda"]}
+        imma = {op: c for op, c in hist.items() if op.startswith("IMMA")}
+        kernels.append({"kernel": kname, "layer": layer, "instructions": sum(hist.values()),
+                        "hot": {**{k: v for k, v in hot.items() if v}, **imma},
+                        "histogram": dict(sorted(hist.items(), key=lambda kv: -kv[1]))})
+    return {"artifact": str(art), "target": manifest["target"]["str"], "kernels": kernels,
+            "other_code": {"instructions": 0, "hot": {}},
+            "totals": {h: sum(k["hot"].get(h, 0) for k in kernels) for h in HOT["cuda"]}}

@@ -122,6 +122,7 @@ def cuda_rules(batch: int) -> list[tuple[str, Rule]]:
         func = (func.with_attr("global_symbol", fname).with_attr("op_pattern", 8)
                 .with_attr("tir.is_scheduled", True))
         gv = ctx.bb.add_func(func, fname)
+        ctx.funcs[fname] = n.name
         # Step 3. call_tir with the kernel's own output type (NHWC for conv).
         shape = (batch,) + tuple(ctx.qg.tensors[n.output].shape[1:])
         if len(shape) == 4:

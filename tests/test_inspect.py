@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,17 @@ def test_cli_json(art: Path) -> None:
     assert all({"kernel", "layer", "histogram", "hot"} <= set(k) for k in res["kernels"])
     r = CliRunner().invoke(main, ["inspect", str(art.parent)])
     assert r.exit_code == 7
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not installed")
+def test_cuda_artifact_sass_per_layer(tmp_path: Path) -> None:
+    """A --target cuda artifact built without a GPU: its embedded sm_75 SASS, per layer."""
+    api.compile_model(save(kitchen_sink_model(), tmp_path), tmp_path / "c", progress=False,
+                      target="cuda")
+    res = inspect_artifact(tmp_path / "c")
+    by_layer = {k["layer"]: k for k in res["kernels"] if k["layer"]}
+    for layer in ("stem", "pw", "fc"):  # tensor-core GEMMs
+        hot = by_layer[layer]["hot"]
+        assert any(op.startswith("IMMA.8816") for op in hot), (layer, hot)
+        assert "CALL" not in hot  # no software-emulation helper
+    assert res["totals"]["IMMA"] > 0
