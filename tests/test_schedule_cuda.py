@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import tvm
 
-from qcompile import intcheck as ic
 from qcompile import zoo
 from qcompile.calibrate import MinMaxObserver
 from qcompile.kernels import cuda_tc as ct
