@@ -27,6 +27,7 @@ order; each rule returns a ``KernelSpec`` or None (see the bottom of this file).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -271,7 +272,10 @@ def _schedule_stage(sch: Schedule, name: str) -> None:
     blk = sch.get_sblock(name)
     loops = sch.get_loops(blk)
     sch.parallel(sch.fuse(*loops[:2]) if len(loops) > 2 else loops[0])
-    inner = sch.get_loops(blk)[-1]
+    # One zmm of bytes per vector op: wider vectors (K = 2304 in an im2col row) choke LLVM.
+    last = sch.get_loops(blk)[-1]
+    extent = int(sch.get(last).extent)
+    _, inner = sch.split(last, [None, math.gcd(extent, 64)])
     sch.vectorize(inner)
 
 
