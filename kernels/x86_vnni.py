@@ -22,8 +22,27 @@ Signed inputs: VNNI multiplies u8 x s8, so an int8 activation x is fed as
 x + 128 (a sign-bit flip, fused into the kernel's pad/copy stage) and the caller
 folds ``-128 * sum_k w[n, k]`` into the bias once, with ``signed_input_bias``.
 
+Design (measured with benchmarks/kernels_x86.py, 1 thread, medians)
+    GEMM/conv: M = output pixels (N*OH*OW flattened), N = output channels. Register
+    tile of mr x nb zmm int32 accumulators (7x2 when N allows), K innermost through
+    our vpdpbusd intrinsic, the tile unrolled and kept under 1 KiB so TVM allocates
+    it on the stack and LLVM keeps it in registers (see ACC_SCOPE), the requant
+    epilogue fused per tile, (M tiles x N tiles) fused into one parallel loop.
+    No M padding of inputs: tail rows of the last tile re-read row M-1 (clamped
+    index) and are not written. N tiles go outermost when the weights outweigh the
+    activations (late 7x7 layers), so each weight panel is streamed once.
+    Conv is an implicit GEMM: it indexes the input (or, when padding / C % 4 /
+    int8 input require it, one padded uint8 copy) directly; 1x1 stride-1 reads x
+    itself. An explicit im2col stage was measured (``im2col=True``): equal on 1x1
+    convs, 7% slower on 3x3 (56x56x64: 0.584 vs 0.544 ms), 3.1x slower on the 7x7
+    stem (2.67 vs 0.85 ms), so implicit is the default.
+    The runtime: TVM's thread pool uses hardware_concurrency/2 threads on x86 (1 on a
+    2-vCPU VM); set TVM_NUM_THREADS before the first parallel call to use both cores.
+
 Picking a kernel for a layer: ``select_kernel(LayerDesc(...))`` tries ``RULES`` in
 order; each rule returns a ``KernelSpec`` or None (see the bottom of this file).
+Standalone: ``tvm.compile(tvm.IRModule({"main": f}), target)``; inside Relax:
+``bb.add_func(f.without_attr("global_symbol"), name)`` then ``R.call_tir``.
 """
 from __future__ import annotations
 
@@ -32,7 +51,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
-import tvm
 from tvm import te, tirx
 from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
@@ -55,7 +73,8 @@ class DotIsa:
 
     def __post_init__(self) -> None:
         if self.lanes * 32 != self.vector_bits or self.k_per_lane * 8 != 32:
-            raise ValueError(f"{self.name}: lanes x 32 bit must fill one {self.vector_bits}-bit register")
+            raise ValueError(f"{self.name}: lanes x 32 bit must fill one "
+                             f"{self.vector_bits}-bit register")
 
     @property
     def block_bytes(self) -> int:
@@ -71,12 +90,10 @@ LANES, KG = ISA.lanes, ISA.k_per_lane
 
 
 # ----------------------------------------------------------------------------- intrinsic
-def _dot_intrin(c_scope: str) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
-    """desc/impl of C[16] += A[4] . B[16, 4] with C in ``c_scope``.
-
-    The accumulator lives in a "local" buffer so that LLVM promotes the whole
-    register tile to zmm registers; tensorize matches scopes, hence the parameter.
-    """
+def _dot_intrin(c_scope: str, llvm_name: str = AVX512_VNNI.llvm_intrinsic
+                ) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
+    """desc/impl of C[16] += A[4] . B[16, 4] with C in ``c_scope`` (tensorize
+    matches buffer scopes, hence the parameter)."""
 
     @T.prim_func(s_tir=True)
     def desc(A: T.Buffer((4,), "uint8", offset_factor=1),
@@ -100,21 +117,27 @@ def _dot_intrin(c_scope: str) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
             T.writes(C[0:16])
             # LLVM 22's vpdpbusd.512 takes <64 x i8> operands (the built-in passes i32x16):
             # broadcast the 4 activation bytes as one i32, then view them as u8x64.
+            # (An `a = ...` binding here would become a local buffer store in the IR.)
             C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                T.llvm_lookup_intrinsic_id(llvm_name),
                 C.vload([0], dtype="int32x16"),
-                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16),
-                              dtype="uint8x64"),
+                T.reinterpret(
+                    T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16),
+                    dtype="uint8x64"),
                 B.vload([0, 0], dtype="int8x64"),
                 dtype="int32x16")
 
     return desc, impl
 
 
-INTRIN_LOCAL = "qcompile_vnni_u8s8s32_16x4_local"
-INTRIN_GLOBAL = "qcompile_vnni_u8s8s32_16x4_global"
-TensorIntrin.register(INTRIN_LOCAL, *_dot_intrin("local"), override=True)
-TensorIntrin.register(INTRIN_GLOBAL, *_dot_intrin("global"), override=True)
+# Accumulators live in a "global"-scope buffer of < 1024 bytes: TVM puts exactly those
+# on the stack (LowerTVMBuiltin); "local" scope or >= 1024 bytes becomes a
+# TVMBackendAllocWorkspace call + memset + stores per tile (measured 12-16% slower on
+# K = 64 layers). A stack alloca with constant indices is promoted to zmm registers.
+ACC_SCOPE = "global"
+MAX_STACK_BYTES = 1023
+INTRIN = "qcompile_vnni_u8s8s32_16x4"
+TensorIntrin.register(INTRIN, *_dot_intrin(ACC_SCOPE), override=True)
 
 
 # ----------------------------------------------------------------------------- packing
@@ -219,11 +242,12 @@ class GemmTile:
 
 
 def gemm_tile(m: int, n_pad: int, k_pad: int, isa: DotIsa = ISA) -> GemmTile:
-    """Pick the register tile: accumulators + nb weight vectors + 1 broadcast fit the
-    register file; mr minimises the padded rows of M (tail rows are recomputed)."""
+    """Pick the register tile: mr x nb accumulator registers within MAX_STACK_BYTES
+    (7x2 or 5x3 or 12x1); mr minimises the padded rows of M (tail rows are recomputed).
+    A 6x4 tile (1536 B) measured 5-16% slower than 7x2: it no longer fits on the stack."""
     blocks = n_pad // isa.lanes
-    nb = next(b for b in (4, 3, 2, 1) if blocks % b == 0)
-    mr_max = min((isa.vector_regs - nb - 2) // nb, 8 if nb > 2 else 12, max(m, 1))
+    nb = next(b for b in (2, 3, 1) if blocks % b == 0)
+    mr_max = min(MAX_STACK_BYTES // (nb * isa.vector_bits // 8), 12, max(m, 1))
     # Cost ~ tiles x (rows + fixed per-k-step overhead of the weight loads and loop).
     mr = min(range(mr_max, (mr_max - 1) // 2, -1), key=lambda r: -(-m // r) * (r + 1.5))
     return GemmTile(mr, nb, n_outer=n_pad * k_pad > m * k_pad)
@@ -235,7 +259,7 @@ def _schedule_gemm(sch: Schedule, tile: GemmTile, n_red: int) -> None:
 
     # Step 1. split i -> (io, ii), j -> (jo, jb, 16), last reduce -> (ko, 4)
     # Step 2. io/jo outermost and parallel, reduction next, register tile innermost
-    # Step 3. acc lives in a local (register) buffer; out is computed per tile
+    # Step 3. acc lives in a small stack buffer (registers); out is computed per tile
     # Step 4. tensorize the 16x4 block with vpdpbusd, unroll the register tile
     """
     acc = sch.get_sblock("acc")
@@ -246,12 +270,12 @@ def _schedule_gemm(sch: Schedule, tile: GemmTile, n_red: int) -> None:
     ko, ki = sch.split(red[-1], [None, KG])
     outer = [jo, io] if tile.n_outer else [io, jo]
     sch.reorder(*outer, *red[:-1], ko, ii, jb, ji, ki)
-    sch.set_scope(acc, 0, "local")
+    sch.set_scope(acc, 0, ACC_SCOPE)
     out = sch.get_sblock("out")
     sch.reverse_compute_at(out, outer[1])
     sch.parallel(sch.fuse(*outer))
     init = sch.decompose_reduction(acc, red[0] if n_red > 1 else ko)
-    sch.tensorize(ji, INTRIN_LOCAL)
+    sch.tensorize(ji, INTRIN)
     sch.unroll(ii)
     sch.unroll(jb)
     # Zero-init and the epilogue are 16-lane vector loops over the tile's columns.
@@ -424,35 +448,39 @@ def conv2d_nhwc_vnni(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int,
 
 # ----------------------------------------------------------------------------- depthwise, pools
 def _channel_tile(c: int) -> int:
-    """Channels per register tile: a multiple of 16 lanes when C allows it."""
-    return next((t for t in (64, 32, 16) if c % t == 0), c if c < 16 else
+    """Channels per register tile: 32 (two zmm of int32) when C allows it."""
+    return next((t for t in (32, 16) if c % t == 0), c if c < 16 else
                 next(t for t in (8, 4, 2, 1) if c % t == 0))
 
 
-def _width_tile(ow: int, ct: int, budget: int = 24) -> int:
-    """Output columns per register tile: the largest divisor of OW whose
-    accumulators (ow_tile x ceil(ct/16) zmm) fit ``budget`` registers."""
-    cap = max(1, min(8, budget // -(-ct // LANES)))
+def _width_tile(ow: int, ct: int, acc_bytes: int = 4) -> int:
+    """Output columns per register tile: the largest divisor of OW (at most 8) whose
+    owt x ct accumulators stay within MAX_STACK_BYTES."""
+    cap = max(1, min(8, MAX_STACK_BYTES // (ct * acc_bytes)))
     return next(t for t in range(cap, 0, -1) if ow % t == 0)
 
 
 def _schedule_window(sch: Schedule, ct: int, owt: int, pad_stages: Sequence[str] = (),
                      inline_pad: bool = True) -> None:
-    """Block "acc" (loops b, oh, ow, c, *window) into a local register tile of
+    """Block "acc" (loops b, oh, ow, c, *window) into a register tile of
     owt x ct, vectorized over channels; block "out" fused per tile.
 
-    # Step 1. inline pad stages (a select per tap beats a copy of the whole input)
+    # Step 1. pad stages: inlined as a select per tap (pools: 2.5x faster than a
+    #         copy) or kept as a parallel copy (depthwise: each tap widens first)
     # Step 2. tile ow and c; the window loops sit between the tile and the registers
     # Step 3. (b, oh) parallel; zero-init, taps and epilogue vectorized over c
     """
     for name in pad_stages:
-        sch.compute_inline(name) if inline_pad else _schedule_stage(sch, name)
+        if inline_pad:
+            sch.compute_inline(name)
+        else:
+            _schedule_stage(sch, name)
     acc = sch.get_sblock("acc")
     b, oh, ow, c, *win = sch.get_loops(acc)
     owo, owi = sch.split(ow, [None, owt])
     co, ci = sch.split(c, [None, ct])
     sch.reorder(b, oh, owo, co, *win, owi, ci)
-    sch.set_scope(acc, 0, "local")
+    sch.set_scope(acc, 0, ACC_SCOPE)
     sch.reverse_compute_at(sch.get_sblock("out"), co)
     sch.parallel(sch.fuse(b, oh))
     sch.vectorize(ci)  # before decompose: vectorize needs the block still a full reduction
@@ -498,7 +526,8 @@ def depthwise_conv2d_nhwc(N: int, H: int, W: int, C: int, kh: int, kw: int,
     tap, OH, OW, stages = _window(x, kh, kw, strides, pads, dilations, 0)
     r, s = te.reduce_axis((0, kh), "r"), te.reduce_axis((0, kw), "s")
     acc = te.compute((N, OH, OW, C), lambda b, i, j, c: te.sum(
-        tap(b, i, j, r, s, c).astype("int32") * w[r, s, c].astype("int32"), axis=[r, s]), name="acc")
+        tap(b, i, j, r, s, c).astype("int32") * w[r, s, c].astype("int32"), axis=[r, s]),
+        name="acc")
     out = te.compute((N, OH, OW, C), lambda b, i, j, c: ep.apply(acc[b, i, j, c], bias[c], q, c),
                      name="out")
     sch = Schedule(te.create_prim_func([x, w, bias, *q, out]))
@@ -521,7 +550,7 @@ def max_pool2d_nhwc(N: int, H: int, W: int, C: int, kernel: Sequence[int],
     out = te.compute((N, OH, OW, C), lambda *i: acc[i], name="out")
     sch = Schedule(te.create_prim_func([x, out]))
     ct = _channel_tile(C)
-    _schedule_window(sch, ct, _width_tile(OW, ct), stages)
+    _schedule_window(sch, ct, _width_tile(OW, ct, acc_bytes=1), stages)
     return sch.mod["main"].with_attr("global_symbol", "main")
 
 
@@ -553,20 +582,10 @@ def sum_pool2d_nhwc(N: int, H: int, W: int, C: int, kernel: Sequence[int],
 def global_sum_pool_nhwc(N: int, H: int, W: int, C: int, *, in_dtype: str = "uint8",
                          out_dtype: str = "int32", raw: bool = True, lo: int | None = None,
                          hi: int | None = None) -> tirx.PrimFunc:
-    """Sum over H, W in int32 -> (N, 1, 1, C). Parameters: x; m, r, s (1,) int64
-    (per tensor, qgraph's gap) unless ``raw``; out."""
-    ep = _epilogue(out_dtype, raw, lo, hi)
-    x = te.placeholder((N, H, W, C), in_dtype, name="x")
-    q = ep.params((1,))
-    r, s = te.reduce_axis((0, H), "r"), te.reduce_axis((0, W), "s")
-    # (N, 1, 1, C) with the window loops over the whole image: the same tiling as pools.
-    acc = te.compute((N, 1, 1, C), lambda b, i, j, c: te.sum(
-        x[b, r, s, c].astype("int32"), axis=[r, s]), name="acc")
-    out = te.compute((N, 1, 1, C), lambda b, i, j, c: ep.apply(acc[b, i, j, c], None, q, 0),
-                     name="out")
-    sch = Schedule(te.create_prim_func([x, *q, out]))
-    _schedule_window(sch, _channel_tile(C), 1)
-    return sch.mod["main"].with_attr("global_symbol", "main")
+    """Sum over H, W in int32 -> (N, 1, 1, C): an H x W window sum, so m, r, s are
+    (1, 1) int64 (qgraph's per-tensor gap params, reshaped) unless ``raw``."""
+    return sum_pool2d_nhwc(N, H, W, C, (H, W), (1, 1), in_dtype=in_dtype, out_dtype=out_dtype,
+                           raw=raw, lo=lo, hi=hi)
 
 
 # ----------------------------------------------------------------------------- rules

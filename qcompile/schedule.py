@@ -81,8 +81,8 @@ def _params(n: QNode, spec: vnni.KernelSpec, ctx: LowerCtx) -> list[relax.Var]:
         oh, ow = p["m"].shape[-2:]
         mrs = [np.broadcast_to(p[k].reshape(-1, ow) if k == "m" else p[k], (oh, ow)).astype(np.int64)
                for k in "mrs"]
-    elif n.op == "gap":
-        mrs = [_vec(p[k]).astype(np.int64) for k in "mrs"]
+    elif n.op == "gap":  # a global sum pool: one output position, (1, 1) params
+        mrs = [_vec(p[k]).astype(np.int64).reshape(1, 1) for k in "mrs"]
     else:
         mrs = [_vec(p[k]).astype(np.int64) for k in "mrs"]
     return out + [ctx.param(f"{name}.{k}_k", v) for k, v in zip("mrs", mrs)]

@@ -216,7 +216,7 @@ def test_global_sum_pool_exact(shape: tuple[int, ...], in_dtype: str, out_dtype:
     rng = np.random.default_rng(5)
     x = _rand(rng, shape, in_dtype)
     acc = x.astype(np.int64).sum(axis=(1, 2), keepdims=True)
-    q = None if raw else [np.array([v], np.int64) for v in (12345, 1 << 9, 10)]
+    q = None if raw else [np.array([[v]], np.int64) for v in (12345, 1 << 9, 10)]
     exp = _expected(acc, q, out_dtype)
     f = V.global_sum_pool_nhwc(*shape, in_dtype=in_dtype, out_dtype=out_dtype, raw=raw)
     np.testing.assert_array_equal(_run(f, [x, *(q or [])], acc.shape, exp.dtype.name), exp)
@@ -225,7 +225,9 @@ def test_global_sum_pool_exact(shape: tuple[int, ...], in_dtype: str, out_dtype:
 # ----------------------------------------------------------------------------- codegen, rules
 def test_asm_uses_vpdpbusd_in_a_register_tile() -> None:
     asm = _compile(V.dense_vnni(64, 64, 64, out_dtype="int32", raw=True)).mod.inspect_source("asm")
-    assert asm.count(V.ISA.instruction) >= 24  # the unrolled 6x4 tile, not a scalar loop
+    tile = V.gemm_tile(64, 64, 64)
+    assert asm.count(V.ISA.instruction) >= tile.mr * tile.nb  # the unrolled register tile
+    assert "TVMBackendAllocWorkspace" not in asm.split(".L__tvm_parallel_lambda:")[-1]
 
 
 def test_select_kernel_rules() -> None:
@@ -240,3 +242,27 @@ def test_select_kernel_rules() -> None:
     spec = V.select_kernel(dense)
     assert spec.signed_bias and isinstance(spec.build(), tvm.tirx.PrimFunc)
     assert V.select_kernel(V.LayerDesc("gap", (1, 7, 7, 8), raw=True, out_dtype="int32")) is not None
+
+
+def test_kernel_runs_inside_relax_via_call_tir() -> None:
+    """How lowering uses a kernel: add the PrimFunc to a Relax module, R.call_tir it."""
+    from tvm import relax
+
+    f = V.conv2d_nhwc_vnni(1, 8, 8, 16, 32, 3, 3, (1, 1), (1, 1, 1, 1), out_dtype="int32",
+                           raw=True)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 8, 16), "uint8"))
+    w = relax.Var("w", relax.TensorType((2, 36, 16, 4), "int8"))
+    b = relax.Var("b", relax.TensorType((32,), "int32"))
+    with bb.function("main", [x, w, b]):
+        gv = bb.add_func(f.without_attr("global_symbol"), "conv0")
+        with bb.dataflow():
+            y = bb.emit_output(bb.emit(relax.call_tir(
+                gv, [x, w, b], relax.TensorType((1, 8, 8, 32), "int32"))))
+        bb.emit_func_output(y)
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=make_target("llvm")), tvm.cpu())
+    rng = np.random.default_rng(6)
+    xs, ws = _rand(rng, (1, 8, 8, 16), "uint8"), _rand(rng, (32, 16, 3, 3), "int8")
+    bias = np.zeros(32, np.int32)
+    got = vm["main"](*[tvm.runtime.tensor(a) for a in (xs, V.pack_conv_weights(ws), bias)])
+    np.testing.assert_array_equal(got.numpy(), _conv_ref(xs, ws, (1, 1), (1, 1, 1, 1), (1, 1)))
