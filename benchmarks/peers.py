@@ -44,6 +44,9 @@ def ort_int8(model: Path, out: Path, calib: np.ndarray) -> Path:
 def ort_session(model: Path, threads: int | None = None) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or os.cpu_count() or 1
+    # Idle ORT workers spin by default and steal the cores from whatever runs next;
+    # interleaved timing needs them to sleep between calls.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
 
 

@@ -203,6 +203,7 @@ def ort_bench(model: str | Path, *, batch: int = 1, repeat: int = 50, warmup: in
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or os.cpu_count() or 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no busy-wait
     sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
     shape = [batch] + [d if isinstance(d, int) else 1 for d in inp.shape[1:]]

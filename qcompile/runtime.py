@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tvm
-from tvm import relax
+
+# TVM's pool defaults to half the hardware threads on x86 (1 of 2 here); it reads this
+# once, at its first parallel call, so it must be set before any kernel runs.
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+
+import tvm  # noqa: E402
+from tvm import relax  # noqa: E402
 
 from .errors import ArtifactError, DeviceError
 from .qgraph import QGraph
