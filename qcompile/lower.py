@@ -105,10 +105,13 @@ def generic_dense(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Va
 
 
 def generic_qadd(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
-    va = ctx.emit(R.multiply(R.astype(xs[0], "int64"), ctx.qparam(n, "ma")))
-    vb = ctx.emit(R.multiply(R.astype(xs[1], "int64"), ctx.qparam(n, "mb")))
-    v = ctx.emit(R.add(R.add(va, vb), ctx.qparam(n, "r")))
-    return ctx.clip_cast(ctx.emit(R.right_shift(v, ctx.qparam(n, "s"))), n)
+    # quantize.py proved |a*ma + b*mb + r| < 2^31 when it chose int32 lanes
+    acc = n.attrs.get("acc_dtype", "int64")
+    p = {k: ctx.param(f"{n.name}.{k}", n.params[k].astype(acc)) for k in ("ma", "mb", "r", "s")}
+    va = ctx.emit(R.multiply(R.astype(xs[0], acc), p["ma"]))
+    vb = ctx.emit(R.multiply(R.astype(xs[1], acc), p["mb"]))
+    v = ctx.emit(R.add(R.add(va, vb), p["r"]))
+    return ctx.clip_cast(ctx.emit(R.right_shift(v, p["s"])), n)
 
 
 def generic_clip(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
