@@ -58,3 +58,11 @@ def test_window_counts_match_brute_force(include: bool) -> None:
     for i in range(oh):
         for j in range(ow):
             assert cnt[i, j] == ones[i * 2:i * 2 + k[0], j * 2:j * 2 + k[1]].sum()
+
+
+def test_shared_shift_narrow_multipliers_for_int32_adds() -> None:
+    """Residual adds use 22-bit multipliers so 255*(ma+mb) + r stays below 2^31."""
+    (ma, mb), r, s = shared_shift([np.float64(0.9), np.float64(0.04)], m_bits=22)
+    assert 0 < ma < 2**22 and 0 < mb < 2**22
+    assert 255 * (ma + mb) + r < 2**31
+    assert abs(ma / 2.0**s - 0.9) / 0.9 < 2**-20
