@@ -170,6 +170,9 @@ class _Quantizer:
         attrs = dict(n.attrs)
         if n.op in ("flatten", "reshape"):
             attrs = {"shape": tuple(self.g.shapes[n.output])}
+            if len(attrs["shape"]) > 3:  # NHWC inside the core: only flattening reshapes map
+                raise UnsupportedOpError(f"node {n.name!r} (Reshape) to a 4-D shape is not "
+                                         "supported; only reshapes to rank <= 3 (e.g. flatten)")
             if x.scale.ndim and self.g.shapes[n.output][1] != x.scale.shape[0]:
                 raise UnsupportedOpError(f"node {n.name!r}: reshape of a per-channel tensor")
         self.add_tensor(n.output, x.qtype, x.scale)

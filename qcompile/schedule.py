@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 from tvm import relax
 
+from .kernels import x86_rules as krules
 from .kernels import x86_vnni as vnni
 from .lower import LowerCtx, Rule
 from .qgraph import QNode
@@ -27,7 +28,7 @@ def _nhwc(shape: Sequence[int]) -> tuple[int, int, int, int]:
     return (n, h, w, c)
 
 
-def _desc(n: QNode, ctx: LowerCtx, batch: int) -> vnni.LayerDesc | None:
+def _desc(n: QNode, ctx: LowerCtx, batch: int) -> krules.LayerDesc | None:
     """The kernel library's view of a node (NHWC shapes, static batch)."""
     t_in, t_out = ctx.qg.tensors[n.inputs[0]], ctx.qg.tensors[n.output]
     in_shape = (batch,) + tuple(t_in.shape[1:])
@@ -38,15 +39,15 @@ def _desc(n: QNode, ctx: LowerCtx, batch: int) -> vnni.LayerDesc | None:
     if n.op == "qconv":
         w = n.params["w"]
         a = n.attrs
-        return vnni.LayerDesc("conv2d", _nhwc(in_shape), channels=int(w.shape[0]),
+        return krules.LayerDesc("conv2d", _nhwc(in_shape), channels=int(w.shape[0]),
                               kernel=(int(w.shape[2]), int(w.shape[3])), strides=tuple(a["strides"]),
                               pads=tuple(a["pads"]), dilations=tuple(a["dilations"]),
                               group=int(a["group"]), **common)
     if n.op == "qdense":
-        return vnni.LayerDesc("dense", in_shape, channels=int(n.params["w"].shape[1]), **common)
+        return krules.LayerDesc("dense", in_shape, channels=int(n.params["w"].shape[1]), **common)
     if n.op == "maxpool":
         a = n.attrs
-        return vnni.LayerDesc("maxpool", _nhwc(in_shape), in_dtype=t_in.qtype.dtype,
+        return krules.LayerDesc("maxpool", _nhwc(in_shape), in_dtype=t_in.qtype.dtype,
                               out_dtype=t_in.qtype.dtype, kernel=tuple(a["kernel"]),
                               strides=tuple(a["strides"]), pads=tuple(a["pads"]),
                               dilations=tuple(a.get("dilations", (1, 1))))
@@ -54,11 +55,11 @@ def _desc(n: QNode, ctx: LowerCtx, batch: int) -> vnni.LayerDesc | None:
         a = n.attrs
         extra = {} if n.op == "gap" else dict(kernel=tuple(a["kernel"]), strides=tuple(a["strides"]),
                                                 pads=tuple(a["pads"]))
-        return vnni.LayerDesc(n.op, _nhwc(in_shape), **common, **extra)
+        return krules.LayerDesc(n.op, _nhwc(in_shape), **common, **extra)
     return None
 
 
-def _params(n: QNode, spec: vnni.KernelSpec, ctx: LowerCtx) -> list[relax.Var]:
+def _params(n: QNode, spec: krules.KernelSpec, ctx: LowerCtx) -> list[relax.Var]:
     """The kernel's parameter list after its activation input, prepared in NumPy."""
     p, name = n.params, n.name
     if n.op in ("qconv", "qdense"):
@@ -94,7 +95,7 @@ def x86_rules(batch: int) -> list[tuple[str, Rule]]:
 
     def rule(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var | None:
         d = _desc(n, ctx, batch)
-        spec = vnni.select_kernel(d, flags) if d is not None else None
+        spec = krules.select_kernel(d, flags) if d is not None else None
         if spec is None:
             return None
         fname = f"{spec.name}_{_safe(n.name)}"

@@ -12,7 +12,9 @@ import pytest
 import tvm
 from numpy.lib.stride_tricks import sliding_window_view
 
+from qcompile.kernels import x86_rules as Rl
 from qcompile.kernels import x86_vnni as V
+from qcompile.kernels import x86_window as Wd
 from qcompile.targets import has_vnni, make_target
 
 pytestmark = pytest.mark.skipif(
@@ -175,7 +177,7 @@ def test_depthwise_exact(N: int, H: int, W: int, C: int, k: int, st: tuple[int, 
     q = None if raw else _qparams(rng, (C,))
     win = _windows(x.astype(np.int64), k, k, st, pads, dil, 0)
     acc = np.einsum("bhwcij,ijc->bhwc", win, w.astype(np.int64)) + bias
-    f = V.depthwise_conv2d_nhwc(N, H, W, C, k, k, st, pads, dil, out_dtype=out_dtype, raw=raw,
+    f = Wd.depthwise_conv2d_nhwc(N, H, W, C, k, k, st, pads, dil, out_dtype=out_dtype, raw=raw,
                                 in_dtype=in_dtype)
     got = _run(f, [x, w, bias, *(q or [])], acc.shape, "int32" if raw else out_dtype)
     np.testing.assert_array_equal(got, _expected(acc, q, out_dtype))
@@ -190,7 +192,7 @@ def test_max_pool_exact(shape: tuple[int, ...], k: tuple[int, int], st: tuple[in
                         pads: Pads, dtype: str) -> None:
     x = _rand(np.random.default_rng(3), shape, dtype)
     ref = _windows(x, *k, st, pads, (1, 1), int(np.iinfo(dtype).min)).max(axis=(4, 5))
-    got = _run(V.max_pool2d_nhwc(*shape, k, st, pads, dtype=dtype), [x], ref.shape, dtype)
+    got = _run(Wd.max_pool2d_nhwc(*shape, k, st, pads, dtype=dtype), [x], ref.shape, dtype)
     np.testing.assert_array_equal(got, ref)
 
 
@@ -205,7 +207,7 @@ def test_sum_pool_exact(shape: tuple[int, ...], k: tuple[int, int], st: tuple[in
     acc = _windows(x.astype(np.int64), *k, st, pads, (1, 1), 0).sum(axis=(4, 5))
     q = None if raw else _qparams(rng, acc.shape[1:3])  # per output position
     exp = _expected(acc, None if q is None else [v[None, :, :, None] for v in q], out_dtype)
-    f = V.sum_pool2d_nhwc(*shape, k, st, pads, in_dtype=in_dtype, out_dtype=out_dtype, raw=raw)
+    f = Wd.sum_pool2d_nhwc(*shape, k, st, pads, in_dtype=in_dtype, out_dtype=out_dtype, raw=raw)
     np.testing.assert_array_equal(_run(f, [x, *(q or [])], acc.shape, exp.dtype.name), exp)
 
 
@@ -218,7 +220,7 @@ def test_global_sum_pool_exact(shape: tuple[int, ...], in_dtype: str, out_dtype:
     acc = x.astype(np.int64).sum(axis=(1, 2), keepdims=True)
     q = None if raw else [np.array([[v]], np.int64) for v in (12345, 1 << 9, 10)]
     exp = _expected(acc, q, out_dtype)
-    f = V.global_sum_pool_nhwc(*shape, in_dtype=in_dtype, out_dtype=out_dtype, raw=raw)
+    f = Wd.global_sum_pool_nhwc(*shape, in_dtype=in_dtype, out_dtype=out_dtype, raw=raw)
     np.testing.assert_array_equal(_run(f, [x, *(q or [])], acc.shape, exp.dtype.name), exp)
 
 
@@ -231,17 +233,17 @@ def test_asm_uses_vpdpbusd_in_a_register_tile() -> None:
 
 
 def test_select_kernel_rules() -> None:
-    conv = V.LayerDesc("conv2d", (1, 8, 8, 16), channels=32, kernel=(3, 3), pads=(1, 1, 1, 1))
-    assert V.select_kernel(conv).name == "conv2d_nhwc_vnni"
-    assert V.select_kernel(conv).weight_layout == "vnni16x4"
-    dw = V.LayerDesc("conv2d", (1, 8, 8, 16), channels=16, kernel=(3, 3), group=16)
-    assert V.select_kernel(dw).name == "depthwise_conv2d_nhwc"
-    assert V.select_kernel(V.LayerDesc("conv2d", (1, 8, 8, 16), channels=16, group=4)) is None
-    assert V.select_kernel(conv, cpu_flags=frozenset({"avx2"})) is None
-    dense = V.LayerDesc("dense", (1, 64), in_dtype="int8", channels=10, raw=True, out_dtype="int32")
-    spec = V.select_kernel(dense)
+    conv = Rl.LayerDesc("conv2d", (1, 8, 8, 16), channels=32, kernel=(3, 3), pads=(1, 1, 1, 1))
+    assert Rl.select_kernel(conv).name == "conv2d_nhwc_vnni"
+    assert Rl.select_kernel(conv).weight_layout == "vnni16x4"
+    dw = Rl.LayerDesc("conv2d", (1, 8, 8, 16), channels=16, kernel=(3, 3), group=16)
+    assert Rl.select_kernel(dw).name == "depthwise_conv2d_nhwc"
+    assert Rl.select_kernel(Rl.LayerDesc("conv2d", (1, 8, 8, 16), channels=16, group=4)) is None
+    assert Rl.select_kernel(conv, cpu_flags=frozenset({"avx2"})) is None
+    dense = Rl.LayerDesc("dense", (1, 64), in_dtype="int8", channels=10, raw=True, out_dtype="int32")
+    spec = Rl.select_kernel(dense)
     assert spec.signed_bias and isinstance(spec.build(), tvm.tirx.PrimFunc)
-    assert V.select_kernel(V.LayerDesc("gap", (1, 7, 7, 8), raw=True, out_dtype="int32")) is not None
+    assert Rl.select_kernel(Rl.LayerDesc("gap", (1, 7, 7, 8), raw=True, out_dtype="int32")) is not None
 
 
 def test_kernel_runs_inside_relax_via_call_tir() -> None:

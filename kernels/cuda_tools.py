@@ -1,0 +1,93 @@
+"""Building CUDA kernels for sm_75 without a GPU, and reading their SASS back.
+
+nvcc (CUDA toolkit on PATH) compiles TVM's generated CUDA source to a cubin;
+``cuobjdump -sass`` (``pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm``)
+turns it into per-kernel opcode histograms, which is how CI proves the kernels
+use native integer tensor-core instructions (``IMMA``) and no emulation ``CALL``.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import tvm
+from tvm import tirx
+
+T4 = "nvidia/nvidia-t4"
+
+
+# Where `pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm` puts its tools.
+_CU13_BIN = Path(sysconfig.get_paths()["purelib"]) / "nvidia" / "cu13" / "bin"
+
+
+def tool_path(name: str) -> str | None:
+    """``cuobjdump`` / ``nvdisasm`` (or any tool) from PATH or the pip wheels; None if absent."""
+    return shutil.which(name) or shutil.which(name, path=str(_CU13_BIN))
+
+
+def cuda_source(func_or_mod: tirx.PrimFunc | tvm.IRModule) -> str:
+    """CUDA C emitted by ``tvm.compile`` for the T4 (no GPU or nvcc needed)."""
+    mod = func_or_mod
+    if isinstance(mod, tirx.PrimFunc):
+        mod = tvm.IRModule({"main": mod})
+    ex = tvm.compile(mod, target=tvm.target.Target(T4))
+    todo, seen = [ex.mod], []
+    while todo:  # the device module is an import of the host module
+        m = todo.pop()
+        if m.kind == "cuda":
+            return m.inspect_source("cuda")
+        seen.append(m.kind)
+        todo.extend(m.imports)
+    raise RuntimeError(f"no CUDA module in the build (found {seen})")
+
+
+def compile_cubin(func_or_mod: tirx.PrimFunc | tvm.IRModule | str, arch: str = "sm_75") -> bytes:
+    """Build with TVM, then compile the CUDA source to a cubin for ``arch`` with nvcc."""
+    from tvm.support import nvcc
+
+    if shutil.which("nvcc") is None:  # TVM's compile_cuda runs plain `nvcc` from PATH
+        raise FileNotFoundError("nvcc not found on PATH (install the CUDA toolkit)")
+    src = func_or_mod if isinstance(func_or_mod, str) else cuda_source(func_or_mod)
+    # nvcc.compile_cuda asks Target.current() for the arch when no GPU is attached.
+    with tvm.target.Target({"kind": "cuda", "arch": arch}):
+        return bytes(nvcc.compile_cuda(src, target_format="cubin", arch=arch, compiler="nvcc",
+                                       options=["-w"]))
+
+
+def compile_sm75(func_or_mod: tirx.PrimFunc | tvm.IRModule) -> bytes:
+    """sm_75 (T4) cubin of a kernel; see :func:`compile_cubin`."""
+    return compile_cubin(func_or_mod, "sm_75")
+
+
+_FUNC_RE = re.compile(r"^\s*Function\s*:\s*(\S+)")
+_INSN_RE = re.compile(  # "/*0450*/  @!P0 IMMA.8816.U8.S8 R10, ..." -> IMMA.8816.U8.S8
+    r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)")
+
+
+def sass_histogram(cubin: bytes) -> dict[str, dict[str, int]]:
+    """Per kernel name: SASS opcode (with modifiers, e.g. ``IMMA.8816.U8.S8``) -> count."""
+    tool = tool_path("cuobjdump")
+    if tool is None:
+        raise FileNotFoundError("cuobjdump not found (pip install nvidia-cuda-cuobjdump "
+                                "nvidia-cuda-nvdisasm)")
+    env = dict(os.environ)  # cuobjdump -sass shells out to nvdisasm
+    env["PATH"] = os.pathsep.join([str(Path(tool).parent), str(_CU13_BIN), env.get("PATH", "")])
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, env=env,
+                              check=True).stdout
+    hist: dict[str, Counter[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if fm := _FUNC_RE.match(line):
+            current = hist.setdefault(fm.group(1), Counter())
+        elif current is not None and (im := _INSN_RE.search(line)):
+            current[im.group(1)] += 1
+    return {k: dict(v) for k, v in hist.items()}

@@ -1,0 +1,114 @@
+"""Kernel selection for x86: a layer description -> the first kernel whose rule applies.
+
+Each rule returns a ``KernelSpec`` or None ("not mine"); ``select_kernel`` tries
+``RULES`` in order and also checks the CPU flag the kernel needs. None from
+``select_kernel`` means "use TVM's generic lowering".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from tvm import tirx
+
+from .x86_vnni import ISA, conv2d_nhwc_vnni, dense_vnni
+from .x86_window import (depthwise_conv2d_nhwc, global_sum_pool_nhwc, max_pool2d_nhwc,
+                         sum_pool2d_nhwc)
+
+
+@dataclass(frozen=True)
+class LayerDesc:
+    """One layer as the kernel library sees it. Activations are NHWC ``in_shape``
+    (dense: (M, K)); ``channels`` is OC for conv/dense; pads = (top, left, bottom, right)."""
+
+    op: str  # "conv2d" | "dense" | "maxpool" | "avgpool" | "gap"
+    in_shape: tuple[int, ...]
+    in_dtype: str = "uint8"
+    out_dtype: str = "int8"
+    raw: bool = False
+    channels: int = 0
+    kernel: tuple[int, int] = (1, 1)
+    strides: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    dilations: tuple[int, int] = (1, 1)
+    group: int = 1
+    lo: int | None = None
+    hi: int | None = None
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """A kernel chosen for a layer. ``build()`` returns the PrimFunc; the caller
+    prepares weights per ``weight_layout`` ("vnni16x4": pack_weights /
+    pack_conv_weights, "hwc": depthwise (kh, kw, C), "none") and, when
+    ``signed_bias``, replaces the bias with ``signed_input_bias(w, bias)``."""
+
+    name: str
+    build: Callable[[], tirx.PrimFunc] = field(repr=False)
+    weight_layout: str = "none"
+    signed_bias: bool = False
+    requires: str = ISA.cpu_flag
+
+
+Rule = Callable[[LayerDesc], "KernelSpec | None"]
+_ACT = ("uint8", "int8")
+
+
+def _requant_kw(d: LayerDesc) -> dict:
+    return {"out_dtype": d.out_dtype, "raw": d.raw, "lo": d.lo, "hi": d.hi}
+
+
+def rule_dense(d: LayerDesc) -> KernelSpec | None:
+    if d.op != "dense" or d.in_dtype not in _ACT or len(d.in_shape) != 2:
+        return None
+    (m, k), kw = d.in_shape, _requant_kw(d)
+    return KernelSpec("dense_vnni", lambda: dense_vnni(m, d.channels, k, in_dtype=d.in_dtype, **kw),
+                      "vnni16x4", d.in_dtype == "int8")
+
+
+def rule_conv_vnni(d: LayerDesc) -> KernelSpec | None:
+    if d.op != "conv2d" or d.group != 1 or d.in_dtype not in _ACT:
+        return None
+    n, h, w, c = d.in_shape
+    return KernelSpec("conv2d_nhwc_vnni", lambda: conv2d_nhwc_vnni(
+        n, h, w, c, d.channels, *d.kernel, d.strides, d.pads, d.dilations,
+        in_dtype=d.in_dtype, **_requant_kw(d)), "vnni16x4", d.in_dtype == "int8")
+
+
+def rule_depthwise(d: LayerDesc) -> KernelSpec | None:
+    if d.op != "conv2d" or d.in_dtype not in _ACT or not d.group == d.in_shape[3] == d.channels:
+        return None
+    return KernelSpec("depthwise_conv2d_nhwc", lambda: depthwise_conv2d_nhwc(
+        *d.in_shape, *d.kernel, d.strides, d.pads, d.dilations, in_dtype=d.in_dtype,
+        **_requant_kw(d)), "hwc", requires="avx512f")
+
+
+def rule_pool(d: LayerDesc) -> KernelSpec | None:
+    if d.in_dtype not in _ACT:
+        return None
+    if d.op == "maxpool":
+        return KernelSpec("max_pool2d_nhwc", lambda: max_pool2d_nhwc(
+            *d.in_shape, d.kernel, d.strides, d.pads, d.dilations, dtype=d.in_dtype),
+            requires="avx512f")
+    if d.op == "avgpool":
+        return KernelSpec("sum_pool2d_nhwc", lambda: sum_pool2d_nhwc(
+            *d.in_shape, d.kernel, d.strides, d.pads, in_dtype=d.in_dtype, **_requant_kw(d)),
+            requires="avx512f")
+    if d.op == "gap":
+        return KernelSpec("global_sum_pool_nhwc", lambda: global_sum_pool_nhwc(
+            *d.in_shape, in_dtype=d.in_dtype, **_requant_kw(d)), requires="avx512f")
+    return None
+
+
+RULES: tuple[Rule, ...] = (rule_dense, rule_depthwise, rule_conv_vnni, rule_pool)
+
+
+def select_kernel(d: LayerDesc, cpu_flags: frozenset[str] | None = None,
+                  rules: Sequence[Rule] = RULES) -> KernelSpec | None:
+    """The first rule's kernel for ``d`` whose CPU requirement ``cpu_flags`` meets
+    (None: assume it does); None means "no kernel here, use the default lowering"."""
+    for rule in rules:
+        spec = rule(d)
+        if spec is not None and (cpu_flags is None or spec.requires in cpu_flags):
+            return spec
+    return None
