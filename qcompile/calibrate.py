@@ -9,6 +9,8 @@ quantize, and at which bit-width, is decided by later stages calling
 """
 from __future__ import annotations
 
+import abc
+
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -30,7 +32,7 @@ def _finish(t: float) -> float:
     return float(t) if np.isfinite(t) and t > _TINY else _DEGENERATE_T
 
 
-class Observer:
+class Observer(abc.ABC):
     """Measures one tensor, batch by batch. Every observer keeps the exact min and max."""
 
     def __init__(self) -> None:
@@ -45,10 +47,10 @@ class Observer:
             self.max = float(np.maximum(self.max, np.max(x)))
             self.count += x.size
 
+    @abc.abstractmethod
     def threshold(self, signed: bool, bits: int) -> float:
         """Clipping threshold T > 0 (finite); the quantizer uses scale = T / qmax with
         qmax = 2^(bits-1)-1 signed or 2^bits-1 unsigned."""
-        raise NotImplementedError
 
 
 class MinMaxObserver(Observer):
@@ -106,8 +108,9 @@ class _SampledObserver(Observer):
             self._cache[key] = _finish(self._threshold(signed, bits))
         return self._cache[key]
 
+    @abc.abstractmethod
     def _threshold(self, signed: bool, bits: int) -> float:
-        raise NotImplementedError
+        """The observer's own rule, on the sampled values (cached by ``threshold``)."""
 
 
 class PercentileObserver(_SampledObserver):

@@ -6,6 +6,8 @@ plug into ``onnxruntime.quantization``); ``make_reader`` picks one from a
 """
 from __future__ import annotations
 
+import abc
+
 import warnings
 import zipfile
 from pathlib import Path
@@ -52,7 +54,7 @@ def _rebatch(chunks: Iterator[np.ndarray], batch_size: int, limit: int) -> Itera
         yield np.concatenate(pending) if len(pending) > 1 else pending[0]
 
 
-class _Reader:
+class _Reader(abc.ABC):
     """Shared batching, rewind and length; subclasses only yield sample chunks."""
 
     def __init__(self, input_name: str, input_shape: Sequence[int], batch_size: int,
@@ -63,8 +65,9 @@ class _Reader:
         self._n = available if limit is None else min(available, limit)
         self._it: Iterator[np.ndarray] | None = None
 
-    def _chunks(self) -> Iterator[np.ndarray]:  # (k, *sample_shape) arrays, any k
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _chunks(self) -> Iterator[np.ndarray]:
+        """(k, *sample_shape) arrays, any k, in order."""
 
     def __len__(self) -> int:
         return self._n
