@@ -24,8 +24,17 @@ demo: venv
 	$(PY) tools/demo.py --out out/demo
 
 # Benchmarks are never part of `make test`: timings are only meaningful side by side.
+# `make bench` takes long (every model x precision x batch 1 and 8 is compiled);
+# `make bench QUICK=1` is the smoke run; BENCH_ARGS passes more options.
+QUICK_FLAG = $(if $(filter 1 yes true,$(QUICK)),--quick)
 bench: venv
-	$(PY) benchmarks/latency.py --models resnet18 resnet50 --repeat 20
+	$(PY) benchmarks/speedup.py $(QUICK_FLAG) $(BENCH_ARGS)
+
+# HAWQ-V3's ResNet-50 table (published / T4-predicted / measured here); exits non-zero
+# unless every module is bit-exact and integer-only and the table is complete.
+.PHONY: reproduce-resnet50
+reproduce-resnet50: venv
+	$(PY) benchmarks/reproduce_resnet50.py $(QUICK_FLAG) $(BENCH_ARGS)
 
 bench-effnet: venv
 	$(PY) -m pip install --quiet torch==2.13.0

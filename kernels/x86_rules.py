@@ -1,8 +1,14 @@
 """Kernel selection for x86: a layer description -> the first kernel whose rule applies.
 
 Each rule returns a ``KernelSpec`` or None ("not mine"); ``select_kernel`` tries
-``RULES`` in order and also checks the CPU flag the kernel needs. None from
+``RULES`` in order and also checks the CPU flags the kernel needs. None from
 ``select_kernel`` means "use TVM's generic lowering".
+
+4-bit weights (``w_bits=4``): conv/dense take the packed-nibble kernels (layout
+"vnni16x4_int4", half the weight bytes) where the CPU has GFNI for the in-kernel
+unpack; elsewhere the next rule gives the int8 kernel, which holds 4-bit values
+exactly. Depthwise keeps int8 weights (layout "hwc"): it reads kh*kw bytes per channel,
+so its weights are a rounding error next to its activation traffic.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from typing import Callable, Sequence
 
 from tvm import tirx
 
+from .x86_int4 import GFNI
 from .x86_vnni import ISA, conv2d_nhwc_vnni, dense_vnni
 from .x86_window import (depthwise_conv2d_nhwc, global_sum_pool_nhwc, max_pool2d_nhwc,
                          sum_pool2d_nhwc)
@@ -34,45 +41,84 @@ class LayerDesc:
     group: int = 1
     lo: int | None = None
     hi: int | None = None
+    w_bits: int = 8  # weight bit width; 4-bit weights are int8 values in [-8, 7]
 
 
 @dataclass(frozen=True)
 class KernelSpec:
     """A kernel chosen for a layer. ``build()`` returns the PrimFunc; the caller
     prepares weights per ``weight_layout`` ("vnni16x4": pack_weights /
-    pack_conv_weights, "hwc": depthwise (kh, kw, C), "none") and, when
-    ``signed_bias``, replaces the bias with ``signed_input_bias(w, bias)``."""
+    pack_conv_weights, "vnni16x4_int4": pack_weights_int4 / pack_conv_weights_int4,
+    "hwc": depthwise (kh, kw, C), "none") and, when ``signed_bias``, replaces the bias
+    with ``signed_input_bias(w, bias)``. ``requires``: CPU flags, all needed."""
 
     name: str
     build: Callable[[], tirx.PrimFunc] = field(repr=False)
     weight_layout: str = "none"
     signed_bias: bool = False
-    requires: str = ISA.cpu_flag
+    requires: tuple[str, ...] = (ISA.cpu_flag,)
 
 
 Rule = Callable[[LayerDesc], "KernelSpec | None"]
 _ACT = ("uint8", "int8")
 
 
+@dataclass(frozen=True)
+class WeightFormat:
+    """How conv/dense weights of one bit width reach the VNNI kernels."""
+
+    suffix: str                # of the kernel name
+    layout: str                # KernelSpec.weight_layout
+    requires: tuple[str, ...]  # CPU flags
+
+
+WEIGHT_FORMATS: dict[int, WeightFormat] = {
+    8: WeightFormat("", "vnni16x4", (ISA.cpu_flag,)),
+    4: WeightFormat("_int4", "vnni16x4_int4", (ISA.cpu_flag, GFNI.cpu_flag)),  # GFNI unpack
+}
+
+
 def _requant_kw(d: LayerDesc) -> dict:
     return {"out_dtype": d.out_dtype, "raw": d.raw, "lo": d.lo, "hi": d.hi}
 
 
-def rule_dense(d: LayerDesc) -> KernelSpec | None:
+def _dense_spec(d: LayerDesc, w_bits: int) -> KernelSpec | None:
     if d.op != "dense" or d.in_dtype not in _ACT or len(d.in_shape) != 2:
         return None
     (m, k), kw = d.in_shape, _requant_kw(d)
-    return KernelSpec("dense_vnni", lambda: dense_vnni(m, d.channels, k, in_dtype=d.in_dtype, **kw),
-                      "vnni16x4", d.in_dtype == "int8")
+    f = WEIGHT_FORMATS[w_bits]
+    return KernelSpec("dense_vnni" + f.suffix, lambda: dense_vnni(
+        m, d.channels, k, in_dtype=d.in_dtype, w_bits=w_bits, **kw),
+        f.layout, d.in_dtype == "int8", f.requires)
 
 
-def rule_conv_vnni(d: LayerDesc) -> KernelSpec | None:
+def _conv_spec(d: LayerDesc, w_bits: int) -> KernelSpec | None:
     if d.op != "conv2d" or d.group != 1 or d.in_dtype not in _ACT:
         return None
     n, h, w, c = d.in_shape
-    return KernelSpec("conv2d_nhwc_vnni", lambda: conv2d_nhwc_vnni(
+    f = WEIGHT_FORMATS[w_bits]
+    return KernelSpec("conv2d_nhwc_vnni" + f.suffix, lambda: conv2d_nhwc_vnni(
         n, h, w, c, d.channels, *d.kernel, d.strides, d.pads, d.dilations,
-        in_dtype=d.in_dtype, **_requant_kw(d)), "vnni16x4", d.in_dtype == "int8")
+        in_dtype=d.in_dtype, w_bits=w_bits, **_requant_kw(d)),
+        f.layout, d.in_dtype == "int8", f.requires)
+
+
+def rule_dense_int4(d: LayerDesc) -> KernelSpec | None:
+    return _dense_spec(d, 4) if d.w_bits == 4 else None
+
+
+def rule_dense(d: LayerDesc) -> KernelSpec | None:
+    """Any weight width: 4-bit values are exact in the int8 layout (the int4 fallback)."""
+    return _dense_spec(d, 8)
+
+
+def rule_conv_int4(d: LayerDesc) -> KernelSpec | None:
+    return _conv_spec(d, 4) if d.w_bits == 4 else None
+
+
+def rule_conv_vnni(d: LayerDesc) -> KernelSpec | None:
+    """Any weight width, like ``rule_dense``."""
+    return _conv_spec(d, 8)
 
 
 def rule_depthwise(d: LayerDesc) -> KernelSpec | None:
@@ -80,7 +126,7 @@ def rule_depthwise(d: LayerDesc) -> KernelSpec | None:
         return None
     return KernelSpec("depthwise_conv2d_nhwc", lambda: depthwise_conv2d_nhwc(
         *d.in_shape, *d.kernel, d.strides, d.pads, d.dilations, in_dtype=d.in_dtype,
-        **_requant_kw(d)), "hwc", requires="avx512f")
+        **_requant_kw(d)), "hwc", requires=("avx512f",))
 
 
 def rule_pool(d: LayerDesc) -> KernelSpec | None:
@@ -89,26 +135,28 @@ def rule_pool(d: LayerDesc) -> KernelSpec | None:
     if d.op == "maxpool":
         return KernelSpec("max_pool2d_nhwc", lambda: max_pool2d_nhwc(
             *d.in_shape, d.kernel, d.strides, d.pads, d.dilations, dtype=d.in_dtype),
-            requires="avx512f")
+            requires=("avx512f",))
     if d.op == "avgpool":
         return KernelSpec("sum_pool2d_nhwc", lambda: sum_pool2d_nhwc(
             *d.in_shape, d.kernel, d.strides, d.pads, in_dtype=d.in_dtype, **_requant_kw(d)),
-            requires="avx512f")
+            requires=("avx512f",))
     if d.op == "gap":
         return KernelSpec("global_sum_pool_nhwc", lambda: global_sum_pool_nhwc(
-            *d.in_shape, in_dtype=d.in_dtype, **_requant_kw(d)), requires="avx512f")
+            *d.in_shape, in_dtype=d.in_dtype, **_requant_kw(d)), requires=("avx512f",))
     return None
 
 
-RULES: tuple[Rule, ...] = (rule_dense, rule_depthwise, rule_conv_vnni, rule_pool)
+# The int4 rules go first; when their CPU flags are missing the int8 rule takes the layer.
+RULES: tuple[Rule, ...] = (rule_dense_int4, rule_dense, rule_depthwise, rule_conv_int4,
+                           rule_conv_vnni, rule_pool)
 
 
 def select_kernel(d: LayerDesc, cpu_flags: frozenset[str] | None = None,
                   rules: Sequence[Rule] = RULES) -> KernelSpec | None:
-    """The first rule's kernel for ``d`` whose CPU requirement ``cpu_flags`` meets
+    """The first rule's kernel for ``d`` whose CPU requirements ``cpu_flags`` meets
     (None: assume it does); None means "no kernel here, use the default lowering"."""
     for rule in rules:
         spec = rule(d)
-        if spec is not None and (cpu_flags is None or spec.requires in cpu_flags):
+        if spec is not None and (cpu_flags is None or set(spec.requires) <= cpu_flags):
             return spec
     return None

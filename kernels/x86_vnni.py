@@ -7,7 +7,9 @@ Layouts
     activations NHWC, uint8 or int8 with zero point 0;
     GEMM/conv weights packed once, in NumPy, to (ceil(N/16), ceil(K/4), 16, 4) int8
     (``pack_weights`` / ``pack_conv_weights``), so one ``vpdpbusd`` reads 64
-    contiguous bytes: 16 output channels x 4 reduction elements;
+    contiguous bytes: 16 output channels x 4 reduction elements; 4-bit weights
+    (``w_bits=4``) to (ceil(N/16), ceil(K/4), 8, 4) uint8 nibbles (``pack_weights_int4``
+    / ``pack_conv_weights_int4``, layout and unpack in ``x86_int4``);
     depthwise weights (kh, kw, C) int8.
 
 Requantization epilogue (``raw=False``), per output channel n::
@@ -54,6 +56,9 @@ import numpy as np
 from tvm import te, tirx
 from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
+
+from .x86_int4 import (dot_intrin_int4, nibble_pack, schedule_unpack, unpack_mode, unpacked,
+                       weight_int4)
 
 
 # ----------------------------------------------------------------------------- hardware
@@ -138,6 +143,9 @@ ACC_SCOPE = "global"
 MAX_STACK_BYTES = 1023
 INTRIN = "qcompile_vnni_u8s8s32_16x4"
 TensorIntrin.register(INTRIN, *_dot_intrin(ACC_SCOPE), override=True)
+INTRIN_INT4 = "qcompile_vnni_u8s4s32_16x4"
+TensorIntrin.register(INTRIN_INT4, *dot_intrin_int4(ACC_SCOPE, AVX512_VNNI.llvm_intrinsic),
+                      override=True)
 
 
 # ----------------------------------------------------------------------------- packing
@@ -165,6 +173,49 @@ def conv_k_layout(w_oihw: np.ndarray) -> np.ndarray:
 def pack_conv_weights(w_oihw: np.ndarray) -> np.ndarray:
     """OIHW int8 -> packed (ceil(OC/16), kh*kw*ceil(C/4), 16, 4) for ``conv2d_nhwc_vnni``."""
     return pack_weights(conv_k_layout(w_oihw))
+
+
+def pack_weights_int4(w: np.ndarray) -> np.ndarray:
+    """(N, K) int8 in [-8, 7] -> (ceil(N/16), ceil(K/4), 8, 4) uint8, two nibbles a byte
+    (layout in ``x86_int4``), for ``dense_vnni(..., w_bits=4)``."""
+    return nibble_pack(pack_weights(w))
+
+
+def pack_conv_weights_int4(w_oihw: np.ndarray) -> np.ndarray:
+    """OIHW int8 in [-8, 7] -> (ceil(OC/16), kh*kw*ceil(C/4), 8, 4) uint8 nibbles,
+    for ``conv2d_nhwc_vnni(..., w_bits=4)``."""
+    return nibble_pack(pack_conv_weights(w_oihw))
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """The packed weight parameter of a GEMM, how the GEMM reads w[j, k], the intrinsic
+    that consumes it and the unpack stage in between (int4 "prologue" only)."""
+
+    tensor: te.Tensor
+    value: Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr]
+    intrin: str
+    stage: te.Tensor | None = None
+
+
+def _weights(np_: int, kp: int, w_bits: int, unpack: str) -> _Weights:
+    blocks = (np_ // LANES, kp // KG)
+    if w_bits == 8:
+        w = te.placeholder((*blocks, LANES, KG), "int8", name="W")
+        return _Weights(w, _block_reader(w), INTRIN)
+    if w_bits != 4 or unpack not in ("tile", "prologue"):
+        raise ValueError(f"w_bits must be 8 or 4, int4 unpack 'tile' or 'prologue'; got "
+                         f"{w_bits}, {unpack!r}")
+    w4 = te.placeholder((*blocks, LANES // 2, KG), "uint8", name="W")
+    if unpack == "tile":
+        return _Weights(w4, lambda j, k: weight_int4(w4, j, k), INTRIN_INT4)
+    w8 = unpacked(w4)
+    return _Weights(w4, _block_reader(w8), INTRIN, w8)
+
+
+def _block_reader(w: te.Tensor) -> Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr]:
+    """w[j, k] of (N/16, K/4, 16, 4) int8 blocks, as int32."""
+    return lambda j, k: w[j // LANES, k // KG, j % LANES, k % KG].astype("int32")
 
 
 def signed_input_bias(w: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -253,7 +304,7 @@ def gemm_tile(m: int, n_pad: int, k_pad: int, isa: DotIsa = ISA) -> GemmTile:
     return GemmTile(mr, nb, n_outer=n_pad * k_pad > m * k_pad)
 
 
-def _schedule_gemm(sch: Schedule, tile: GemmTile, n_red: int) -> None:
+def _schedule_gemm(sch: Schedule, tile: GemmTile, n_red: int, intrin: str = INTRIN) -> None:
     """Tile, tensorize and parallelize block "acc" (loops i, j, *reduce, last reduce
     over packed k) and fuse block "out" into the register tile.
 
@@ -275,7 +326,7 @@ def _schedule_gemm(sch: Schedule, tile: GemmTile, n_red: int) -> None:
     sch.reverse_compute_at(out, outer[1])
     sch.parallel(sch.fuse(*outer))
     init = sch.decompose_reduction(acc, red[0] if n_red > 1 else ko)
-    sch.tensorize(ji, INTRIN)
+    sch.tensorize(ji, intrin)
     sch.unroll(ii)
     sch.unroll(jb)
     # Zero-init and the epilogue are 16-lane vector loops over the tile's columns.
@@ -305,10 +356,13 @@ def _schedule_stage(sch: Schedule, name: str) -> None:
 
 def dense_vnni(M: int, N: int, K: int, *, out_dtype: str = "int8", raw: bool = False,
                in_dtype: str = "uint8", lo: int | None = None, hi: int | None = None,
-               tile: GemmTile | None = None) -> tirx.PrimFunc:
+               tile: GemmTile | None = None, w_bits: int = 8,
+               int4_unpack: str | None = None) -> tirx.PrimFunc:
     """out[m, n] = epilogue(sum_k A[m, k] * w[n, k] + bias[n]).
 
-    Parameters (in order): A (M, K) ``in_dtype``; W = pack_weights(w) int8;
+    Parameters (in order): A (M, K) ``in_dtype``; W = pack_weights(w) int8, or with
+    ``w_bits=4`` pack_weights_int4(w) uint8 (two nibbles a byte, unpacked in-kernel per
+    ``int4_unpack``: "tile" or "prologue", default by M tile count, ``x86_int4.unpack_mode``);
     bias (N,) int32 (use ``signed_input_bias`` for int8 A); m, r, s (N,) int64
     unless ``raw``; out (M, N) ``out_dtype`` (int32 when raw).
     K that is not a multiple of 4, or int8 A, adds a (M, Kp) uint8 copy stage.
@@ -318,7 +372,7 @@ def dense_vnni(M: int, N: int, K: int, *, out_dtype: str = "int8", raw: bool = F
     tile = tile or gemm_tile(M, np_, kp)
     mp = _ceil(M, tile.mr)
     a = te.placeholder((M, K), in_dtype, name="A")
-    w = te.placeholder((np_ // LANES, kp // KG, LANES, KG), "int8", name="W")
+    w = _weights(np_, kp, w_bits, int4_unpack or unpack_mode(mp // tile.mr))
     bias = te.placeholder((N,), "int32", name="bias")
     q = ep.params((N,))
     if kp != K or in_dtype != "uint8":
@@ -330,13 +384,14 @@ def dense_vnni(M: int, N: int, K: int, *, out_dtype: str = "int8", raw: bool = F
     # Rows past M re-read row M-1 (clamped): the tile always has mr rows and never
     # reads out of bounds; the epilogue writes only the first M rows.
     acc = te.compute((mp, np_), lambda i, j: te.sum(
-        au[tirx.min(i, M - 1), k].astype("int32")
-        * w[j // LANES, k // KG, j % LANES, k % KG].astype("int32"), axis=k), name="acc")
+        au[tirx.min(i, M - 1), k].astype("int32") * w.value(j, k), axis=k), name="acc")
     out = te.compute((M, N), lambda i, j: ep.apply(acc[i, j], bias[j], q, j), name="out")
-    sch = Schedule(te.create_prim_func([a, w, bias, *q, out]))
-    _schedule_gemm(sch, tile, 1)
+    sch = Schedule(te.create_prim_func([a, w.tensor, bias, *q, out]))
+    _schedule_gemm(sch, tile, 1, w.intrin)
     if au is not a:
         _schedule_stage(sch, "a_u8")
+    if w.stage is not None:
+        schedule_unpack(sch)
     return sch.mod["main"].with_attr("global_symbol", "main")
 
 
@@ -375,10 +430,13 @@ def conv2d_nhwc_vnni(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int,
                      dilations: Sequence[int] = (1, 1), *, out_dtype: str = "int8",
                      raw: bool = False, in_dtype: str = "uint8", lo: int | None = None,
                      hi: int | None = None, im2col: bool = False,
-                     tile: GemmTile | None = None) -> tirx.PrimFunc:
+                     tile: GemmTile | None = None, w_bits: int = 8,
+                     int4_unpack: str | None = None) -> tirx.PrimFunc:
     """NHWC conv2d (group 1) as an implicit GEMM with M = N*OH*OW, K = kh*kw*Cp.
 
-    Parameters (in order): x (N, H, W, C) ``in_dtype``; W = pack_conv_weights(w_oihw);
+    Parameters (in order): x (N, H, W, C) ``in_dtype``; W = pack_conv_weights(w_oihw),
+    or with ``w_bits=4`` pack_conv_weights_int4(w_oihw) (nibbles, unpacked in-kernel as
+    in ``dense_vnni``);
     bias (OC,) int32 (``signed_input_bias(w_oihw, b)`` for int8 x); m, r, s (OC,) int64
     unless ``raw``; out (N, OH, OW, OC). ``pads`` = (top, left, bottom, right).
 
@@ -393,7 +451,7 @@ def conv2d_nhwc_vnni(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int,
     M, kp = N * OH * OW, kh * kw * cp
     tile = tile or gemm_tile(M, ocp, kp)
     x = te.placeholder((N, H, W, C), in_dtype, name="x")
-    w = te.placeholder((ocp // LANES, kp // KG, LANES, KG), "int8", name="W")
+    w = _weights(ocp, kp, w_bits, int4_unpack or unpack_mode(-(-M // tile.mr)))
     bias = te.placeholder((OC,), "int32", name="bias")
     q = ep.params((OC,))
     if any(pads) or cp != C or in_dtype != "uint8":
@@ -407,9 +465,6 @@ def conv2d_nhwc_vnni(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int,
         i = tirx.min(i, M - 1)  # tail rows of the last tile recompute row M-1
         return i // (OH * OW), i % (OH * OW) // OW, i % OW
 
-    def wv(j: tirx.PrimExpr, kk: tirx.PrimExpr) -> tirx.PrimExpr:
-        return w[j // LANES, kk // KG, j % LANES, kk % KG].astype("int32")
-
     mp = _ceil(M, tile.mr)
     if im2col:
         def col_f(i: tirx.Var, kk: tirx.Var) -> tirx.PrimExpr:
@@ -419,7 +474,7 @@ def conv2d_nhwc_vnni(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int,
         col = te.compute((M, kp), col_f, name="col")
         k = te.reduce_axis((0, kp), "k")
         acc = te.compute((mp, ocp), lambda i, j: te.sum(
-            col[tirx.min(i, M - 1), k].astype("int32") * wv(j, k), axis=k), name="acc")
+            col[tirx.min(i, M - 1), k].astype("int32") * w.value(j, k), axis=k), name="acc")
         n_red = 1
     else:
         r = te.reduce_axis((0, kh), "r")
@@ -429,18 +484,20 @@ def conv2d_nhwc_vnni(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int,
         def acc_f(i: tirx.Var, j: tirx.Var) -> tirx.PrimExpr:
             b, oh, ow = pixel(i)
             a = xp[b, oh * sh + r * dh, ow * sw + s * dw, c].astype("int32")
-            return te.sum(a * wv(j, (r * kw + s) * cp + c), axis=[r, s, c])
+            return te.sum(a * w.value(j, (r * kw + s) * cp + c), axis=[r, s, c])
         acc = te.compute((mp, ocp), acc_f, name="acc")
         n_red = 3
     out = te.compute((M, OC), lambda i, o: ep.apply(acc[i, o], bias[o], q, o), name="out")
-    sch = Schedule(te.create_prim_func([x, w, bias, *q, out]))
+    sch = Schedule(te.create_prim_func([x, w.tensor, bias, *q, out]))
     # The epilogue iterates the flat (M, OC) GEMM space, so it fuses into the register
     # tile; only the output buffer's shape is NHWC (same bytes).
     sch.transform_layout("out", ("write", 0),
                          lambda i, o: [i // (OH * OW), i % (OH * OW) // OW, i % OW, o])
-    _schedule_gemm(sch, tile, n_red)
+    _schedule_gemm(sch, tile, n_red, w.intrin)
     if xp is not x:
         _schedule_stage(sch, "x_pad")
+    if w.stage is not None:
+        schedule_unpack(sch)
     if im2col:
         _schedule_stage(sch, "col")
     return sch.mod["main"].with_attr("global_symbol", "main")

@@ -13,18 +13,21 @@ import tvm
 from tqdm import tqdm
 
 from . import __version__
+from . import costs
 from . import reference as oracle
 from .artifact import atomic_dir, check_output_dir, write_json
 from .build import build
 from .calibrate import FloatRunner, collect_stats
 from .readers import load_inputs, make_reader
-from .config import CalibSpec, Preprocess, QuantSpec
-from .errors import BuildError
+from .config import AllocSpec, CalibSpec, Preprocess, QuantSpec
+from .errors import BuildError, UsageError
 from .lower import lower
 from .onnx_import import import_onnx, load_model
+from .graph import Graph
 from .prepare import prepare
+from .qgraph import QGraph
 from .quantize import calibration_tensors, quantize_graph
-from .report import layer_table, render_card
+from .report import layer_table, render_card, render_plan
 from .runtime import Artifact, summarize_ms
 from .schedule import x86_rules
 from .schedule_cuda import build_cuda, cuda_rules
@@ -42,8 +45,13 @@ class CompileResult:
 
 def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm",
                   quant: QuantSpec = QuantSpec(), calib: CalibSpec = CalibSpec(),
-                  progress: bool = True, batch: int = 1, kernels: bool = True) -> CompileResult:
+                  progress: bool = True, batch: int = 1, kernels: bool = True,
+                  alloc: AllocSpec = AllocSpec(), tune: int = 0) -> CompileResult:
     """ONNX file -> integer-only artifact directory (written atomically).
+
+    With a budget in ``alloc`` each conv/dense gets 4 or 8 bits from the ILP (see
+    ``bitplan``); otherwise ``quant.bits`` applies to all but the first and last layers.
+    ``tune`` > 0 runs that many meta-schedule trials per unique generic PrimFunc (llvm).
 
     With ``kernels`` (the default) layers run on qcompile's scheduled kernels,
     which are specialized to a static ``batch``; without, TVM's generic
@@ -59,16 +67,26 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
     # 2. Calibrate activation ranges on the float model in onnxruntime.
     reader = make_reader(calib, graph.input, graph.input_shape)
     stats = collect_stats(proto, calibration_tensors(graph), reader, calib.method, calib, progress)
-    # 3. Quantize to an integer-only graph and lower it to Relax.
-    qg = quantize_graph(graph, stats, quant)
+    # 3. Mixed precision: sensitivity + per-layer latency + ILP under the budgets.
+    allocation = None
+    if alloc.active:
+        from .bitplan import allocate_bits  # imports the sensitivity/latency machinery
+        allocation = allocate_bits(graph, model.read_bytes(), reader, stats, tgt, spec=alloc,
+                                   quant=quant, batch=batch, progress=progress)
+    # 4. Quantize to an integer-only graph and lower it to Relax.
+    qg = quantize_graph(graph, stats, quant, bits=allocation.plan.bits if allocation else None)
     cuda = tgt.kind.name == "cuda"
     rules = (cuda_rules(batch) if cuda else x86_rules(batch)) if kernels else []
     lowered = lower(qg, rules, batch=batch if rules else None)
-    # 4. Legalize, prove integer-only, compile (CUDA: sm_75 fatbin embedded at build time).
-    built = build_cuda(lowered.mod, tgt).built if cuda else build(lowered.mod, tgt)
+    # 5. Legalize, prove integer-only, compile (CUDA: sm_75 fatbin embedded at build time).
+    if tune and cuda:
+        raise UsageError("--tune needs --target llvm: meta-schedule measures candidates on "
+                         "the device, and the T4 is not here")
+    built = (build_cuda(lowered.mod, tgt).built if cuda
+             else build(lowered.mod, tgt, tune=tune, progress=progress))
     if not built.intcheck.ok:
         raise BuildError(f"integer-only check failed: {built.intcheck.violations[:3]}")
-    # 5. Write the artifact atomically.
+    # 6. Write the artifact atomically.
     meta = {
         "target": _target_str(tgt),
         "integer_only": built.intcheck.ok,
@@ -87,9 +105,13 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
         write_json(tmp / "qconfig.json", {
             "bits": quant.bits, "first_last_bits": quant.first_last_bits,
             "preprocess": dataclasses.asdict(calib.preprocess),
-            "calibration": meta["calibration"], "layers": layer_table(qg),
+            "calibration": meta["calibration"], "costs": cost_summary(graph, qg),
+            "plan": allocation.to_json() if allocation else None, "layers": layer_table(qg),
             "graph": qgraph_to_json(qg)})
-        (tmp / "report.md").write_text(render_card(qg, meta))
+        card = render_card(qg, meta)
+        if allocation:
+            card += render_plan(allocation.to_json())
+        (tmp / "report.md").write_text(card)
         seconds = time.perf_counter() - t0
         write_json(tmp / "manifest.json", {
             "format": 1, "qcompile": __version__, "tvm": tvm.__version__,
@@ -104,9 +126,29 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
             "kernels": lowered.kernels, "kernel_funcs": lowered.funcs,
             "intcheck": {"prim_funcs": len(built.intcheck.prim_funcs),
                          "stores": built.intcheck.stores},
+            "tune": _tune_json(built.tune),
             "compile_seconds": round(seconds, 2)})
     n_layers = sum(n.op in ("qconv", "qdense") for n in qg.nodes)
     return CompileResult(out_dir, seconds, built.intcheck.ok, n_layers)
+
+
+def _tune_json(report) -> dict | None:  # tune.TuneReport | None
+    if report is None:
+        return None
+    return {"trials_per_task": report.trials, "seconds": round(report.seconds, 1),
+            "database": str(report.db_dir), "skipped": len(report.skipped),
+            "tasks": [dataclasses.asdict(t) for t in report.tasks]}
+
+
+def cost_summary(graph: Graph, qg: QGraph) -> dict:
+    """Size and BOPs of the compiled plan, plus the T4 model's latency (labelled)."""
+    layers = costs.layers_of(graph)
+    plan = {n.name: int(n.attrs["bits"]) for n in qg.nodes if n.op in ("qconv", "qdense")}
+    return {"bits": plan, "size_mb": costs.size_mb(layers, plan),
+            "bops_g": costs.bops_g(layers, plan),
+            "t4_latency_ms_batch1": costs.t4_model_ms(layers, plan, 1,
+                                                      costs.t4_other_ms(graph, 1)),
+            "t4_label": costs.PREDICTED}
 
 
 def _target_str(tgt: tvm.target.Target) -> str:
@@ -216,3 +258,71 @@ def ort_bench(model: str | Path, *, batch: int = 1, repeat: int = 50, warmup: in
         sess.run(None, {inp.name: x})
         times.append(time.perf_counter() - t)
     return summarize_ms(times, batch)
+
+
+# ----------------------------------------------------------------------------- bit allocation
+def _front(model: Path, calib: CalibSpec, progress: bool):  # -> (graph, reader, stats)
+    """Import, prepare and calibrate: what sensitivity and allocation start from."""
+    proto = load_model(model)
+    graph = prepare(import_onnx(proto, batch=1, source=model.name))
+    reader = make_reader(calib, graph.input, graph.input_shape)
+    stats = collect_stats(proto, calibration_tensors(graph), reader, calib.method, calib, progress)
+    return graph, reader, stats
+
+
+def pin_matches(model: str | Path, pins: tuple[str, ...]) -> dict[str, list[str]]:
+    """What each ``--pin`` glob matches (the dry run), without measuring anything."""
+    from .allocate import pin_dry_run
+
+    graph = prepare(import_onnx(load_model(Path(model)), batch=1, source=Path(model).name))
+    return pin_dry_run(costs.layers_of(graph), pins)
+
+
+def sensitivity_model(model: str | Path, *, method: str = "hessian", calib: CalibSpec = CalibSpec(),
+                      num_samples: int = 8, progress: bool = True) -> dict:
+    """Per-layer Omega for 4 and 8 bits (``qcompile sensitivity``)."""
+    from .bitplan import gather_inputs
+    from .sensitivity import compute_sensitivity
+
+    model = Path(model)
+    proto = load_model(model)
+    graph = prepare(import_onnx(proto, batch=1, source=model.name))
+    reader = make_reader(calib, graph.input, graph.input_shape)
+    x = gather_inputs(reader, num_samples)
+    return compute_sensitivity(graph, model.read_bytes(), x, method=method, bits=(4, 8),
+                               progress=progress).to_json()
+
+
+def allocate_model(model: str | Path, *, target: str = "llvm", alloc: AllocSpec = AllocSpec(),
+                   calib: CalibSpec = CalibSpec(), quant: QuantSpec = QuantSpec(), batch: int = 1,
+                   progress: bool = True, pareto_dir: str | Path | None = None,
+                   pareto_alphas: tuple[float, ...] = tuple(i / 10 for i in range(11))) -> dict:
+    """The plan ``compile`` would use, without compiling it (``qcompile allocate``).
+
+    ``pareto_dir``: also sweep the budget (the latency budget unless only size or BOPs is
+    given) from all-INT4 to all-INT8 and write the frontier there.
+    """
+    from .allocate import parse_budgets, pareto, solve, write_pareto
+    from .bitplan import allocate_bits, problem_for
+
+    model = Path(model)
+    tgt = make_target(target)
+    graph, reader, stats = _front(model, calib, progress)
+    a = allocate_bits(graph, model.read_bytes(), reader, stats, tgt, spec=alloc, quant=quant,
+                      batch=batch, progress=progress, budgets=False)
+    problem = problem_for(graph, a.sensitivity, a.cost, alloc, batch)
+    specs = parse_budgets(alloc.latency, alloc.size, alloc.bops)
+    plan = solve(problem, specs) if specs else a.plan
+    out = dataclasses.replace(a, plan=plan).to_json()
+    out.update(model=str(model), target=_target_str(tgt), batch=batch)
+    if pareto_dir is not None:
+        kind = next((k for k, v in (("latency", alloc.latency), ("size", alloc.size),
+                                    ("bops", alloc.bops)) if v is not None), "latency")
+        others = [s for s in specs if s.kind != kind]
+        points = pareto(problem, kind, pareto_alphas, others)
+        files = write_pareto(points, pareto_dir)
+        out["pareto"] = {"kind": kind, "points": len(points), "json": str(files.json),
+                         "markdown": str(files.markdown),
+                         "plots": [str(p) for p in files.plots],
+                         "plots_skipped": files.plots_skipped}
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import tvm
 from tvm import relax
@@ -18,6 +19,7 @@ class Built:
     lowered: tvm.IRModule       # after legalization and fusion: what the checker saw
     intcheck: IntCheckReport
     target: tvm.target.Target
+    tune: Any = None            # tune.TuneReport when --tune ran
 
 
 def _debug_dump(stage: str, mod: tvm.IRModule) -> None:
@@ -44,13 +46,19 @@ def legalize(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         return tvm.transform.Sequential(passes)(mod)
 
 
-def build(mod: tvm.IRModule, target: tvm.target.Target) -> Built:
-    """Legalize, prove the core integer-only, and compile for ``target``."""
+def build(mod: tvm.IRModule, target: tvm.target.Target, *, tune: int = 0,
+          progress: bool = False) -> Built:
+    """Legalize, optionally tune the generic PrimFuncs (``tune`` meta-schedule trials per
+    unique shape, database persisted), prove the core integer-only, and compile."""
     _debug_dump("relax", mod)
     try:
         lowered = legalize(mod, target)
     except Exception as e:  # TVM raises its own error types; keep the first line
         raise BuildError(f"legalization failed: {str(e).splitlines()[0]}") from e
+    report = None
+    if tune:
+        from .tune import tune_and_apply  # meta-schedule: imported only when asked for
+        lowered, report = tune_and_apply(lowered, target, tune, progress=progress)
     _debug_dump("legalized", lowered)
     rep = check_integer_only(lowered, "core")
     rest = tvm.transform.Sequential(_stage(target, "dataflow_lower") + _stage(target, "finalize"))
@@ -58,4 +66,4 @@ def build(mod: tvm.IRModule, target: tvm.target.Target) -> Built:
         ex = tvm.compile(lowered, target, relax_pipeline=rest)
     except Exception as e:
         raise BuildError(f"TVM compilation failed: {str(e).splitlines()[0]}") from e
-    return Built(ex, lowered, rep, target)
+    return Built(ex, lowered, rep, target, report)

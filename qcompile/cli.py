@@ -24,7 +24,8 @@ import numpy as np
 
 from . import __version__
 from .artifact import check_output_dir
-from .config import CALIBRATORS, LAYOUTS, CalibSpec, Preprocess, QuantSpec
+from .config import (CALIBRATORS, LAYOUTS, SENSITIVITY_METHODS, AllocSpec, CalibSpec,
+                     Preprocess, QuantSpec)
 from .errors import ArtifactError, BadModelError, DataError, QCompileError, UsageError
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE from sysexits.h
@@ -246,6 +247,43 @@ def _preprocess_options(f: F) -> F:
     return f
 
 
+def _alloc_options(f: F) -> F:
+    """Mixed-precision budgets, pins and the sensitivity measure (compile, allocate)."""
+    opts = [
+        click.option("--sensitivity-samples", type=click.IntRange(min=1),
+                     default=AllocSpec().sensitivity_samples, show_default=True, metavar="N",
+                     help="Calibration samples the sensitivity is measured on."),
+        click.option("--sensitivity", "sens_method", type=click.Choice(SENSITIVITY_METHODS),
+                     default="hessian", show_default=True,
+                     help="hessian: Tr(H)/n * ||Q(W)-W||^2 (HAWQ-V3); kl: output KL, forward only."),
+        click.option("--pin-dry-run", is_flag=True,
+                     help="Print what each --pin matches and exit."),
+        click.option("--pin", "pins", multiple=True, metavar="GLOB=BITS",
+                     help="Fix matching layers' bits, e.g. 'layer4.*=8' (repeatable). The first "
+                          "and last layers are pinned to 8 unless a pin says otherwise."),
+        click.option("--budget-bops", metavar="B", help="BOPs budget: 100G, 2T, or alpha."),
+        click.option("--budget-size", metavar="S", help="Weight size budget: 15MB, or alpha."),
+        click.option("--budget-latency", metavar="L",
+                     help="Latency budget: 6ms, or alpha in [0,1] = all-INT4 + alpha * "
+                          "(all-INT8 - all-INT4)."),
+    ]
+    for opt in opts:
+        f = opt(f)
+    return f
+
+
+def _alloc_spec(budget_latency: str | None, budget_size: str | None, budget_bops: str | None,
+                pins: tuple[str, ...], sens_method: str, sensitivity_samples: int) -> AllocSpec:
+    return AllocSpec(latency=budget_latency, size=budget_size, bops=budget_bops,
+                     pins=tuple(pins), sensitivity=sens_method,
+                     sensitivity_samples=sensitivity_samples)
+
+
+def _print_pins(matches: dict[str, list[str]]) -> None:
+    for pin, names in matches.items():
+        click.echo(f"{pin}: {len(names)} layer(s)" + (": " + ", ".join(names) if names else ""))
+
+
 # ----------------------------------------------------------------------------- commands
 
 @main.command("zoo")
@@ -295,14 +333,29 @@ def zoo_cmd(name: str | None, output: str | None, list_: bool, input_size: int |
 @click.option("--kernels/--no-kernels", default=True, show_default=True,
               help="Use qcompile's scheduled kernels; --no-kernels uses TVM's generic "
                    "lowering (slow, but any batch size).")
+@click.option("--tune", type=click.IntRange(min=0), default=0, show_default=True,
+              metavar="TRIALS", help="Meta-schedule trials per unique shape of the ops no "
+              "kernel covers (llvm); the database persists under ~/.cache/qcompile/tune.")
+@_alloc_options
 @_preprocess_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
 def compile_cmd(model: str, out: str, target: str, bits: int, calib: str, calib_samples: int,
-                calibrator: str, percentile: float, batch: int, kernels: bool, size: int | None,
-                resize: int, mean: str | None, std: str | None, layout: str, quiet: bool) -> None:
-    """Quantize MODEL and build an integer-only TVM artifact in OUT."""
+                calibrator: str, percentile: float, batch: int, kernels: bool, tune: int,
+                size: int | None, resize: int, mean: str | None, std: str | None, layout: str,
+                quiet: bool, budget_latency: str | None, budget_size: str | None, budget_bops: str | None,
+                pins: tuple[str, ...], pin_dry_run: bool, sens_method: str,
+                sensitivity_samples: int) -> None:
+    """Quantize MODEL and build an integer-only TVM artifact in OUT.
+
+    With a --budget-* option each conv/dense gets 4 or 8 bits from an ILP over the
+    layers' sensitivity and their latency measured on the target."""
     # Step 1. Everything cheap first: no TVM import or calibration before this passes.
     model_path, out_path = _check_model(model), Path(out)
+    alloc = _alloc_spec(budget_latency, budget_size, budget_bops, pins, sens_method,
+                        sensitivity_samples)
+    if pin_dry_run:
+        _print_pins(_api().pin_matches(model_path, alloc.pins))
+        return
     check_output_dir(out_path, protect=(model_path,))
     quant = QuantSpec(bits=bits)
     calib_spec = CalibSpec(source=calib, method=calibrator, num_samples=calib_samples,
@@ -310,11 +363,88 @@ def compile_cmd(model: str, out: str, target: str, bits: int, calib: str, calib_
                            preprocess=_preprocess(model_path, size, resize, mean, std, layout))
     # Step 2. The work.
     res = _api().compile_model(model_path, out_path, target=target, quant=quant,
-                               calib=calib_spec, progress=not quiet, batch=batch, kernels=kernels)
+                               calib=calib_spec, progress=not quiet, batch=batch, kernels=kernels,
+                               alloc=alloc, tune=tune)
     if not quiet:
         core = "integer-only" if res.integer_only else "NOT integer-only"
         click.echo(f"compiled {model} -> {res.out_dir} in {res.compile_seconds:.1f} s "
                    f"({res.num_layers} layers, {core}); see {Path(res.out_dir) / 'report.md'}")
+
+
+@main.command("allocate")
+@click.argument("model", metavar="MODEL")
+@click.option("--target", type=click.Choice(("llvm", "cuda")), default="llvm", show_default=True,
+              help="llvm: latencies measured on this CPU's kernels; cuda: the T4 model "
+                   "(predicted).")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, metavar="N")
+@click.option("--calib", default="synthetic", show_default=True, metavar="DIR|synthetic")
+@click.option("--calib-samples", type=int, default=CalibSpec().num_samples, show_default=True,
+              metavar="N")
+@_alloc_options
+@click.option("--pareto", is_flag=True, help="Also sweep the budget from all-INT4 to all-INT8 "
+              "and write the frontier (JSON, Markdown, PNG with the plots extra).")
+@click.option("--pareto-dir", default="pareto", show_default=True, metavar="DIR")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@_preprocess_options
+def allocate_cmd(model: str, target: str, batch: int, calib: str, calib_samples: int,
+                 budget_latency: str | None, budget_size: str | None, budget_bops: str | None,
+                 pins: tuple[str, ...], pin_dry_run: bool, sens_method: str,
+                 sensitivity_samples: int, pareto: bool, pareto_dir: str, as_json: bool,
+                 size: int | None, resize: int, mean: str | None, std: str | None,
+                 layout: str) -> None:
+    """Choose 4 or 8 bits per layer of MODEL under the budgets, without compiling."""
+    model_path = _check_model(model)
+    alloc = _alloc_spec(budget_latency, budget_size, budget_bops, pins, sens_method,
+                        sensitivity_samples)
+    if pin_dry_run:
+        _print_pins(_api().pin_matches(model_path, alloc.pins))
+        return
+    calib_spec = CalibSpec(source=calib, num_samples=calib_samples,
+                           preprocess=_preprocess(model_path, size, resize, mean, std, layout))
+    res = _api().allocate_model(model_path, target=target, alloc=alloc, calib=calib_spec,
+                                batch=batch, progress=not as_json,
+                                pareto_dir=pareto_dir if pareto else None)
+    if as_json:
+        _print_json(res)
+        return
+    click.echo(f"{res['model']} on {res['target']} (latency {res['latency_source']}):")
+    click.echo(f"  predicted latency {res['predicted_latency_ms']:.3f} ms, size "
+               f"{res['size_mb']:.2f} MB, {res['bops_g']:.1f} G BOPs, sum Omega "
+               f"{res['objective']:.4g}")
+    width = max(len(layer["name"]) for layer in res["layers"])
+    for layer in res["layers"]:
+        click.echo(f"  {layer['name']:<{width}}  {layer['bits']}  {layer['reason']}")
+    if "pareto" in res:
+        click.echo(f"Pareto frontier ({res['pareto']['points']} points): {res['pareto']['markdown']}")
+
+
+@main.command("sensitivity")
+@click.argument("model", metavar="MODEL")
+@click.option("--method", type=click.Choice(SENSITIVITY_METHODS), default="hessian",
+              show_default=True)
+@click.option("--calib", default="synthetic", show_default=True, metavar="DIR|synthetic",
+              help="Data to measure on (labels are not needed).")
+@click.option("--samples", type=click.IntRange(min=1), default=AllocSpec().sensitivity_samples,
+              show_default=True, metavar="N")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_preprocess_options
+def sensitivity_cmd(model: str, method: str, calib: str, samples: int, as_json: bool,
+                    size: int | None, resize: int, mean: str | None, std: str | None,
+                    layout: str) -> None:
+    """Per-layer sensitivity Omega(4), Omega(8) of MODEL (cached on disk)."""
+    model_path = _check_model(model)
+    calib_spec = CalibSpec(source=calib, num_samples=max(samples, 1),
+                           preprocess=_preprocess(model_path, size, resize, mean, std, layout))
+    res = _api().sensitivity_model(model_path, method=method, calib=calib_spec,
+                                   num_samples=samples, progress=not as_json)
+    if as_json:
+        _print_json(res)
+        return
+    omega = res["omega"]
+    width = max(len(n) for n in omega)
+    click.echo(f"{'layer':<{width}}  {'Omega(4)':>10}  {'Omega(8)':>10}")
+    for name, per in omega.items():
+        click.echo(f"{name:<{width}}  {per['4']:10.4g}  {per['8']:10.4g}")  # JSON keys
 
 
 @main.command("run")

@@ -67,3 +67,33 @@ class QuantSpec:
         for b in (self.bits, self.first_last_bits):
             if b not in (4, 8):
                 raise UsageError(f"--bits must be 4 or 8, got {b}")
+
+
+SENSITIVITY_METHODS: tuple[str, ...] = ("hessian", "kl")
+
+
+@dataclass(frozen=True)
+class AllocSpec:
+    """Mixed precision: budgets (absolute like ``6ms``/``15MB``/``100G``, or a relative
+    alpha in [0, 1] between all-INT4 and all-INT8), pins and the sensitivity measure.
+    No budget means no allocation: the uniform ``QuantSpec`` bits apply."""
+
+    latency: str | None = None
+    size: str | None = None
+    bops: str | None = None
+    pins: tuple[str, ...] = ()
+    sensitivity: str = "hessian"
+    sensitivity_samples: int = 8
+    pin_first: int | None = 8
+    pin_last: int | None = 8
+
+    def __post_init__(self) -> None:
+        if self.sensitivity not in SENSITIVITY_METHODS:
+            raise UsageError(f"--sensitivity must be one of {SENSITIVITY_METHODS}, "
+                             f"got {self.sensitivity!r}")
+        if self.sensitivity_samples <= 0:
+            raise UsageError("--sensitivity-samples must be positive")
+
+    @property
+    def active(self) -> bool:
+        return any(b is not None for b in (self.latency, self.size, self.bops))

@@ -89,12 +89,17 @@ class _Quantizer:
     def __init__(self, graph: Graph, stats: Mapping[str, Observer], spec: QuantSpec,
                  bits: Mapping[str, int] | None) -> None:
         self.g, self.stats, self.spec = graph, stats, spec
-        self.bits = dict(bits or {})
+        self.layer_bits = layer_bits(graph, spec, bits)
+        self.act_bits = activation_bits(graph, self.layer_bits)
         self.t: dict[str, QTensor] = {}
         self.raw = _raw_output_producer(graph)
 
     def node_bits(self, n: Node) -> int:
-        return self.bits.get(n.name, self.spec.bits)
+        return self.layer_bits[n.name]
+
+    def out_bits(self, tensor: str) -> int:
+        """A requantizing op's output width: that of the layers that read it (8 if none)."""
+        return self.act_bits.get(tensor, ACT_BITS_NO_LAYER)
 
     def calibrated(self, name: str, qt: QType, cap: float = math.inf) -> float:
         if name not in self.stats:
@@ -118,7 +123,7 @@ class _Quantizer:
         wsum = np.abs(wq.reshape(wq.shape[0], -1).astype(np.int64)).sum(axis=1)
         acc_bound = int((wsum * max(-x.qtype.qmin, x.qtype.qmax) + np.abs(bq.astype(np.int64))).max())
         ndim = 4 if n.op == "conv" else 2
-        attrs: dict = {"acc_bound": acc_bound, "bits": bits}
+        attrs: dict = {"acc_bound": acc_bound, "bits": bits, "a_bits": x.qtype.bits}
         if n.op == "conv":
             attrs.update(strides=tuple(n.attrs["strides"]), pads=tuple(n.attrs["pads"]),
                          dilations=tuple(n.attrs["dilations"]), group=int(n.attrs["group"]))
@@ -131,7 +136,7 @@ class _Quantizer:
             attrs.update(raw=True, lo=INT32_MIN, hi=INT32_MAX)
         else:
             signed = act is None or act[0] < 0
-            qt = QType(self.node_bits(n), signed)
+            qt = QType(self.out_bits(n.output), signed)
             sy = self.calibrated(n.output, qt, act[1] if act else math.inf)
             m, r, s = dyadic(sw * sx / sy)
             lo, hi = _act_bounds(act, qt, sy)
@@ -144,7 +149,7 @@ class _Quantizer:
     def add(self, n: Node) -> QNode:
         a, b = (self.t[i] for i in n.inputs)
         act = n.attrs.get("act")
-        qt = QType(max(a.qtype.bits, b.qtype.bits), act is None or act[0] < 0)
+        qt = QType(self.out_bits(n.output), act is None or act[0] < 0)
         sy = self.calibrated(n.output, qt, act[1] if act else math.inf)
         # 22-bit multipliers keep a*ma + b*mb + r inside int32 for 8-bit inputs, so the
         # add can run in 32-bit lanes (2x the width of int64, and no vpmullq); the
@@ -180,7 +185,8 @@ class _Quantizer:
 
     def pool(self, n: Node) -> QNode:
         x = self.t[n.inputs[0]]
-        sy = self.calibrated(n.output, x.qtype)
+        qt = QType(self.out_bits(n.output), x.qtype.signed)
+        sy = self.calibrated(n.output, qt)
         oh, ow = self.g.shapes[n.output][2:]
         if n.op == "gap":
             h, w = self.g.shapes[n.inputs[0]][2:]
@@ -191,13 +197,13 @@ class _Quantizer:
             (m,), r, s = shared_shift([float(x.scale) / (sy * cnt)])
             m = m.reshape(1, 1, oh, ow)
             attrs = {k: tuple(n.attrs[k]) for k in ("kernel", "strides", "pads")}
-        self.add_tensor(n.output, x.qtype, sy)
-        attrs.update(lo=x.qtype.qmin, hi=x.qtype.qmax)
+        self.add_tensor(n.output, qt, sy)
+        attrs.update(lo=qt.qmin, hi=qt.qmax)
         return QNode(n.op, n.name, n.inputs, n.output, attrs, {"m": m, "r": r, "s": s})
 
     def concat(self, n: Node) -> QNode:
         ins = [self.t[i] for i in n.inputs]
-        qt = QType(max(i.qtype.bits for i in ins), any(i.qtype.signed for i in ins))
+        qt = QType(self.out_bits(n.output), any(i.qtype.signed for i in ins))
         sy = self.calibrated(n.output, qt)
         params, identity = {}, []
         for k, x in enumerate(ins):
@@ -264,15 +270,72 @@ def calibration_tensors(graph: Graph) -> list[str]:
     return names
 
 
+LAYER_OPS = ("conv", "dense")
+# Ops whose output keeps the input's integer type and scale: a tensor's precision is
+# decided where it is requantized, and flows through these unchanged.
+PASSTHROUGH = ("maxpool", "clip", "flatten", "reshape")
+# Tensors that feed no conv/dense (residual sums, pool inputs) enter no multiply with a
+# weight, so they cost no BOPs: they stay 8-bit whatever the layers around them use.
+ACT_BITS_NO_LAYER = 8
+
+
+def layer_bits(graph: Graph, spec: QuantSpec, plan: Mapping[str, int] | None = None
+               ) -> dict[str, int]:
+    """Bits of every conv/dense: ``plan`` first, else first/last at ``spec.first_last_bits``
+    and the rest at ``spec.bits``. A layer's width applies to its weights *and* its input
+    activation (HAWQ-V3), so BOPs are MACs * b^2."""
+    layers = [n.name for n in graph.nodes if n.op in LAYER_OPS]
+    plan = dict(plan or {})
+    unknown = sorted(set(plan) - set(layers))
+    if unknown:
+        raise ValueError(f"bit plan names unknown layers: {unknown[:5]}")
+    out = {}
+    for i, name in enumerate(layers):
+        edge = i == 0 or i == len(layers) - 1
+        default = spec.first_last_bits if edge else spec.bits
+        b = int(plan.get(name, default))
+        if b not in (4, 8):
+            raise ValueError(f"layer {name!r}: bits must be 4 or 8, got {b}")
+        out[name] = b
+    return out
+
+
+def layer_readers(graph: Graph, tensor: str) -> list[Node]:
+    """conv/dense nodes that read ``tensor``, directly or through pass-through ops."""
+    found, todo = [], [tensor]
+    while todo:
+        for c in graph.consumers(todo.pop()):
+            if c.op in LAYER_OPS:
+                found.append(c)
+            elif c.op in PASSTHROUGH:
+                todo.append(c.output)
+    return found
+
+
+def activation_bits(graph: Graph, lbits: Mapping[str, int]) -> dict[str, int]:
+    """Width of each tensor that feeds a layer: the width of its reading layers.
+
+    Readers of one tensor should agree (the allocator ties them); if a hand-written
+    plan makes them disagree, the wider one wins so no layer sees less than it asked for.
+    """
+    out = {}
+    for t in [graph.input] + [n.output for n in graph.nodes]:
+        readers = layer_readers(graph, t)
+        if readers:
+            out[t] = max(lbits[r.name] for r in readers)
+    return out
+
+
 def quantize_graph(graph: Graph, stats: Mapping[str, Observer], spec: QuantSpec = QuantSpec(),
                    bits: Mapping[str, int] | None = None) -> QGraph:
     """Quantize a canonical float graph (see ``graph.py``) into a ``QGraph``.
 
     ``stats`` maps each name from ``calibration_tensors`` to an observer;
-    ``bits`` optionally overrides the bit width per node name (weights and output).
+    ``bits`` optionally sets the width of conv/dense layers by node name (see
+    ``layer_bits``); activation widths follow from it (``activation_bits``).
     """
     q = _Quantizer(graph, stats, spec, bits)
-    in_qt = QType(spec.first_last_bits, True)
+    in_qt = QType(q.out_bits(graph.input), True)
     qin = q.add_tensor(graph.input, in_qt, q.calibrated(graph.input, in_qt))
     handlers = {"conv": q.conv_or_dense, "dense": q.conv_or_dense, "add": q.add,
                 "clip": q.clip, "maxpool": q.passthrough, "flatten": q.passthrough,

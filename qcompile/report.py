@@ -89,3 +89,32 @@ def render_card(qg: QGraph, meta: dict[str, Any]) -> str:
                      f"| {math.log2(max(b, 1)):.1f} | {ok} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def render_plan(plan: dict[str, Any]) -> str:
+    """The mixed-precision section: budgets, totals, and per layer bits, Omega, latency
+    share and why (pinned, tied, chosen)."""
+    b = plan.get("budgets") or {}
+    units = {"latency_ms": "ms", "size_mb": "MB", "bops_g": "G BOPs"}
+    asked = ", ".join(f"{k.split('_')[0]} <= {v:.4g} {units[k]}" for k, v in b.items()) or "none"
+    total_lat = sum(layer["latency_ms"] for layer in plan["layers"]) or 1.0
+    lines = [
+        "",
+        "## Mixed-precision plan",
+        "",
+        f"Budgets (resolved to absolute units): {asked}. Latency per layer: "
+        f"{plan.get('latency_source', '?')}; non-layer overhead "
+        f"{plan.get('overhead_ms') or 0:.3f} ms.",
+        "",
+        f"Predicted latency {plan['predicted_latency_ms']:.3f} ms, size {plan['size_mb']:.2f} MB, "
+        f"{plan['bops_g']:.1f} G BOPs; objective sum Omega = {plan['objective']:.4g}.",
+        "",
+        "| layer | bits | Omega | latency (ms) | share | why |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for layer in plan["layers"]:
+        lines.append(f"| `{layer['name']}` | {layer['bits']} | {layer['omega']:.3g} "
+                     f"| {layer['latency_ms']:.4f} | {100 * layer['latency_ms'] / total_lat:.1f}% "
+                     f"| {layer['reason']} |")
+    lines.append("")
+    return "\n".join(lines)

@@ -36,15 +36,16 @@ def _desc(n: QNode, ctx: LowerCtx, batch: int) -> krules.LayerDesc | None:
     common = dict(in_dtype=t_in.qtype.dtype, out_dtype="int32" if raw else t_out.qtype.dtype,
                   raw=raw, lo=None if raw else int(n.attrs.get("lo", 0)),
                   hi=None if raw else int(n.attrs.get("hi", 0)))
+    layer = dict(common, w_bits=int(n.attrs.get("bits", 8)))  # conv/dense weight width
     if n.op == "qconv":
         w = n.params["w"]
         a = n.attrs
         return krules.LayerDesc("conv2d", _nhwc(in_shape), channels=int(w.shape[0]),
                               kernel=(int(w.shape[2]), int(w.shape[3])), strides=tuple(a["strides"]),
                               pads=tuple(a["pads"]), dilations=tuple(a["dilations"]),
-                              group=int(a["group"]), **common)
+                              group=int(a["group"]), **layer)
     if n.op == "qdense":
-        return krules.LayerDesc("dense", in_shape, channels=int(n.params["w"].shape[1]), **common)
+        return krules.LayerDesc("dense", in_shape, channels=int(n.params["w"].shape[1]), **layer)
     if n.op == "maxpool":
         a = n.attrs
         return krules.LayerDesc("maxpool", _nhwc(in_shape), in_dtype=t_in.qtype.dtype,
@@ -59,6 +60,13 @@ def _desc(n: QNode, ctx: LowerCtx, batch: int) -> krules.LayerDesc | None:
     return None
 
 
+# weight_layout -> op -> NumPy packer of the (OC, C, kh, kw) / (N, K) int8 weights.
+_PACKERS = {
+    "vnni16x4": {"qconv": vnni.pack_conv_weights, "qdense": vnni.pack_weights},
+    "vnni16x4_int4": {"qconv": vnni.pack_conv_weights_int4, "qdense": vnni.pack_weights_int4},
+}
+
+
 def _params(n: QNode, spec: krules.KernelSpec, ctx: LowerCtx) -> list[relax.Var]:
     """The kernel's parameter list after its activation input, prepared in NumPy."""
     p, name = n.params, n.name
@@ -67,8 +75,8 @@ def _params(n: QNode, spec: krules.KernelSpec, ctx: LowerCtx) -> list[relax.Var]
         bias = _vec(p["bias"]).astype(np.int32)
         if spec.signed_bias:
             bias = vnni.signed_input_bias(w, bias)
-        if spec.weight_layout == "vnni16x4":
-            wk = vnni.pack_conv_weights(w) if n.op == "qconv" else vnni.pack_weights(w)
+        if spec.weight_layout in _PACKERS:
+            wk = _PACKERS[spec.weight_layout][n.op](w)
         elif spec.weight_layout == "hwc":
             wk = np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
         else:

@@ -44,6 +44,8 @@ from .errors import BuildError
 from .intcheck import check_integer_only
 from .kernels import cuda_tc as ct
 from .lower import LowerCtx, Rule
+
+R = relax.op
 from .qgraph import QNode
 
 ARCH = "sm_75"  # the T4; the only arch this module emits code for
@@ -79,48 +81,108 @@ def _epilogue_params(n: QNode, ctx: LowerCtx) -> list[relax.Var]:
     return out
 
 
-def _conv(n: QNode, ctx: LowerCtx, batch: int) -> tuple[tvm.tirx.PrimFunc, list[relax.Var]] | None:
+def int4_operands(n: QNode, ctx: LowerCtx, k: int) -> bool:
+    """Whether a layer runs on the int4 MMA: 4-bit weights *and* a 4-bit input (one width
+    per instruction), and a reduction that packs into whole bytes."""
+    return (int(n.attrs.get("bits", 8)) == 4 and ctx.qg.tensors[n.inputs[0]].qtype.bits == 4
+            and k % 2 == 0)
+
+
+def pack_nibbles(ctx: LowerCtx, x: relax.Expr, width: int) -> relax.Var:
+    """int4-valued bytes (..., width) -> packed bytes (..., width/2), low nibble = even index.
+
+    Integer-only Relax (and, shift, or): the int4 kernels read two values per byte, while
+    layers write one per byte; dlight fuses this into one elementwise kernel.
+    """
+    shape = list(x.ty.shape)
+    pairs = ctx.emit(R.reshape(x, shape[:-1] + [width // 2, 2]))
+    lo, hi = (ctx.emit(R.squeeze(R.strided_slice(pairs, [len(shape)], [i], [i + 1]), [len(shape)]))
+              for i in (0, 1))
+    lo = ctx.emit(R.bitwise_and(R.astype(lo, "int32"), relax.const(15, "int32")))
+    hi = ctx.emit(R.left_shift(R.bitwise_and(R.astype(hi, "int32"), relax.const(15, "int32")),
+                               relax.const(4, "int32")))
+    return ctx.emit(R.astype(R.bitwise_or(lo, hi), "uint8"))
+
+
+def _gemm_kernel(schedule: bool, bits: int, opts: dict, conv: dict | None = None,
+                 mnk: tuple[int, int, int] = (0, 0, 0)) -> tvm.tirx.PrimFunc:
+    """The tensor-core conv (``conv`` kwargs) or dense (``mnk``) kernel; ``schedule=False``
+    gives its unscheduled compute, which runs anywhere (the CPU check of this lowering)."""
+    if schedule:
+        func = (ct.conv2d_nhwc_tc(**conv, bits=bits, **opts) if conv
+                else ct.dense_tc(*mnk, bits=bits, **opts))
+    else:
+        q = ct.QuantOpts(bits=bits, **opts)
+        func = (ct.conv2d_nhwc_compute(conv["data_shape"], conv["out_channels"], conv["kernel"],
+                                       conv["strides"], conv["pads"], conv["dilations"], q)
+                if conv else ct.dense_compute(*mnk, q))
+    return func.with_attr("qcompile.int4", bits == 4)
+
+
+def _conv(n: QNode, ctx: LowerCtx, batch: int, schedule: bool = True
+          ) -> tuple[tvm.tirx.PrimFunc, list[relax.Var]] | None:
     a, w = n.attrs, n.params["w"]  # w: OIHW
     _, c, h, wd = ctx.qg.tensors[n.inputs[0]].shape
     data = (batch, h, wd, c)
     o, kernel = int(w.shape[0]), (int(w.shape[2]), int(w.shape[3]))
-    common = dict(strides=tuple(a["strides"]), pads=tuple(a["pads"]), **_epilogue_opts(n, ctx))
+    opts = _epilogue_opts(n, ctx)
     group = int(a["group"])
     if group == 1:
-        func = ct.conv2d_nhwc_tc(data, o, kernel, dilations=tuple(a["dilations"]), **common)
         wk = np.ascontiguousarray(w.transpose(0, 2, 3, 1)).astype(np.int8)  # OIHW -> OHWI
+        conv = dict(data_shape=data, out_channels=o, kernel=kernel, strides=tuple(a["strides"]),
+                    pads=tuple(a["pads"]), dilations=tuple(a["dilations"]))
+        if int4_operands(n, ctx, c):
+            func = _gemm_kernel(schedule, 4, opts, conv)
+            return func, [ctx.param(f"{n.name}.w_ohwi_int4", ct.pack_int4(wk))] + \
+                _epilogue_params(n, ctx)
+        func = _gemm_kernel(schedule, 8, opts, conv)
         return func, [ctx.param(f"{n.name}.w_ohwi", wk)] + _epilogue_params(n, ctx)
     if group == c == o and w.shape[1] == 1 and tuple(a["dilations"]) == (1, 1):
-        func = ct.depthwise_conv2d_nhwc(data, kernel, **common)
+        func = ct.depthwise_conv2d_nhwc(data, kernel, strides=tuple(a["strides"]),
+                                        pads=tuple(a["pads"]), schedule=schedule, **opts)
         wk = np.ascontiguousarray(w[:, 0].transpose(1, 2, 0)).astype(np.int8)  # C1HW -> HWC
         return func, [ctx.param(f"{n.name}.w_hwc", wk)] + _epilogue_params(n, ctx)
     return None  # grouped (not depthwise) or dilated depthwise: generic
 
 
-def _dense(n: QNode, ctx: LowerCtx, batch: int) -> tuple[tvm.tirx.PrimFunc, list[relax.Var]]:
+def _dense(n: QNode, ctx: LowerCtx, batch: int, schedule: bool = True
+           ) -> tuple[tvm.tirx.PrimFunc, list[relax.Var]]:
     w = n.params["w"]  # (K, N)
     k, nout = int(w.shape[0]), int(w.shape[1])
-    func = ct.dense_tc(batch, nout, k, **_epilogue_opts(n, ctx))
     wk = np.ascontiguousarray(w.T).astype(np.int8)  # dense_tc takes W as (N, K)
+    if int4_operands(n, ctx, k):
+        func = _gemm_kernel(schedule, 4, _epilogue_opts(n, ctx), mnk=(batch, nout, k))
+        return func, [ctx.param(f"{n.name}.w_nk_int4", ct.pack_int4(wk))] + \
+            _epilogue_params(n, ctx)
+    func = _gemm_kernel(schedule, 8, _epilogue_opts(n, ctx), mnk=(batch, nout, k))
     return func, [ctx.param(f"{n.name}.w_nk", wk)] + _epilogue_params(n, ctx)
 
 
-def cuda_rules(batch: int) -> list[tuple[str, Rule]]:
-    """Tensor-core conv/dense and the CUDA-core depthwise kernel for the T4 (static batch)."""
+def cuda_rules(batch: int, schedule: bool = True) -> list[tuple[str, Rule]]:
+    """Tensor-core conv/dense and the CUDA-core depthwise kernel for the T4 (static batch).
+
+    ``schedule=False`` lowers to the same kernels' unscheduled computes (same parameters,
+    packing and layouts), which build for ``llvm``: how the CUDA lowering is checked
+    bit-exact on a machine without a GPU."""
 
     def rule(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var | None:
         # Step 1. Only 8-bit storage in and a kernel that fits the node; else generic.
         if n.op not in ("qconv", "qdense") or ctx.dtype(n.inputs[0]) not in KERNEL_DTYPES:
             return None
-        built = _conv(n, ctx, batch) if n.op == "qconv" else _dense(n, ctx, batch)
+        built = (_conv(n, ctx, batch, schedule) if n.op == "qconv"
+                 else _dense(n, ctx, batch, schedule))
         if built is None:
             return None
         func, params = built
+        x = xs[0]
+        if func.attrs.get("qcompile.int4", False):  # the int4 MMA reads packed activations
+            x = pack_nibbles(ctx, x, int(x.ty.shape[-1]))
         # Step 2. Opaque (op_pattern 8) so FuseOps keeps the hand schedule whole, and
-        # tir.is_scheduled so dlight does not schedule it again.
+        # tirx.is_scheduled so dlight does not schedule it again.
         fname = f"{func.attrs['global_symbol']}_{_safe(n.name)}"
-        func = (func.with_attr("global_symbol", fname).with_attr("op_pattern", 8)
-                .with_attr("tir.is_scheduled", True))
+        func = func.with_attr("global_symbol", fname).with_attr("op_pattern", 8)
+        if schedule:  # dlight in 0.27 reads "tirx.is_scheduled"; older code "tir."
+            func = func.with_attr("tirx.is_scheduled", True).with_attr("tir.is_scheduled", True)
         gv = ctx.bb.add_func(func, fname)
         ctx.funcs[fname] = n.name
         # Step 3. call_tir with the kernel's own output type (NHWC for conv).
@@ -128,7 +190,7 @@ def cuda_rules(batch: int) -> list[tuple[str, Rule]]:
         if len(shape) == 4:
             shape = (shape[0], shape[2], shape[3], shape[1])  # NCHW -> NHWC
         dtype = "int32" if n.attrs.get("raw", False) else ctx.dtype(n.output)
-        return ctx.emit(relax.call_tir(gv, [xs[0]] + params, relax.TensorType(shape, dtype)))
+        return ctx.emit(relax.call_tir(gv, [x] + params, relax.TensorType(shape, dtype)))
 
     return [("cuda_tc", rule)]
 
@@ -272,8 +334,11 @@ class CudaBuilt:
     seconds: float  # whole build
 
 
-def build_cuda(mod: tvm.IRModule, target: tvm.target.Target) -> CudaBuilt:
-    """Legalize for CUDA, prove the core integer-only, compile with sm_75 code embedded."""
+def build_cuda(mod: tvm.IRModule, target: tvm.target.Target, arch: str = ARCH) -> CudaBuilt:
+    """Legalize for CUDA, prove the core integer-only, compile with ``arch`` code embedded.
+
+    ``arch`` is the T4's sm_75 for artifacts; GPU tests on other GPUs pass their own (an sm_75
+    binary does not load on sm_90)."""
     t0 = time.perf_counter()
     _debug_dump("relax", mod)
     try:
@@ -283,7 +348,7 @@ def build_cuda(mod: tvm.IRModule, target: tvm.target.Target) -> CudaBuilt:
     _debug_dump("legalized", lowered)
     rep = check_integer_only(lowered, "core")
     rest = tvm.transform.Sequential(_stage(target, "dataflow_lower") + _stage(target, "finalize"))
-    with nvcc_at_build_time(ARCH) as device:
+    with nvcc_at_build_time(arch) as device:
         try:
             ex = tvm.compile(lowered, target, relax_pipeline=rest)
         except Exception as e:

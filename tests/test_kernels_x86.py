@@ -15,12 +15,17 @@ from numpy.lib.stride_tricks import sliding_window_view
 from qcompile.kernels import x86_rules as Rl
 from qcompile.kernels import x86_vnni as V
 from qcompile.kernels import x86_window as Wd
-from qcompile.targets import has_vnni, make_target
+from qcompile.kernels import x86_int4 as I4
+from qcompile.targets import cpu_flags, has_vnni, make_target
 
 pytestmark = pytest.mark.skipif(
     not has_vnni(), reason="CPU lacks avx512_vnni (no 'avx512_vnni' in /proc/cpuinfo flags)")
+needs_gfni = pytest.mark.skipif(
+    I4.GFNI.cpu_flag not in cpu_flags(),
+    reason="the int4 unpack needs GFNI (no 'gfni' in /proc/cpuinfo flags)")
 
 Pads = tuple[int, int, int, int]
+UNPACK = ["tile", "prologue"]  # where the int4 kernels unpack (x86_int4.unpack_mode)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -67,6 +72,11 @@ def _windows(x: np.ndarray, kh: int, kw: int, strides: Sequence[int], pads: Pads
     return win[..., ::dil[0], ::dil[1]]
 
 
+def _weights(rng: np.random.Generator, shape: tuple[int, ...], w_bits: int) -> np.ndarray:
+    """int8 weights at ``w_bits``: the full int8 range, or every int4 value -8..7."""
+    return _rand(rng, shape, "int8") if w_bits == 8 else rng.integers(-8, 8, shape).astype(np.int8)
+
+
 def _expected(acc: np.ndarray, q: Sequence[np.ndarray] | None, out_dtype: str) -> np.ndarray:
     if q is None:
         return _wrap32(acc)
@@ -81,6 +91,41 @@ def test_pack_weights_layout() -> None:
     assert p.shape == (3, 1, 16, 4) and p.dtype == np.int8
     assert p[1, 0, 2, 1] == w[18, 1] and p[2, 0, 2, 2] == w[34, 2]
     assert not p[..., 3].any() and not p[2, 0, 3:].any()  # zero padding in K and N
+
+
+def test_pack_weights_int4_layout_and_round_trip() -> None:
+    """Byte b = 4*r + k of a block holds element b (low nibble) and b + 32 (high)."""
+    w = np.tile(np.arange(-8, 8, dtype=np.int8), 35 * 9 // 16 + 1)[:35 * 9].reshape(35, 9)
+    p8, p4 = V.pack_weights(w), V.pack_weights_int4(w)
+    assert p4.shape == (3, 3, 8, 4) and p4.dtype == np.uint8  # half of (3, 3, 16, 4) int8
+    flat8, flat4 = p8.reshape(3, 3, 64).view(np.uint8) & 15, p4.reshape(3, 3, 32)
+    np.testing.assert_array_equal(flat4 & 15, flat8[..., :32])
+    np.testing.assert_array_equal(flat4 >> 4, flat8[..., 32:])
+    np.testing.assert_array_equal(I4.nibble_unpack(p4), p8)
+    wc = np.random.default_rng(0).integers(-8, 8, (20, 7, 3, 3)).astype(np.int8)
+    np.testing.assert_array_equal(I4.nibble_unpack(V.pack_conv_weights_int4(wc)),
+                                  V.pack_conv_weights(wc))
+
+
+def test_pack_weights_int4_rejects_wide_values() -> None:
+    with pytest.raises(ValueError, match=r"\[-8, 7\]"):
+        V.pack_weights_int4(np.full((16, 4), 8, np.int8))
+
+
+@needs_gfni
+@pytest.mark.parametrize("unpack", UNPACK)
+def test_int4_minus_eight_and_extremes_are_exact(unpack: str) -> None:
+    """-8 is 0b1000 (sign bit only) in either nibble: the unpack must give -8, not 8;
+    all -8 weights against all-255 activations is the largest product sum."""
+    rng = np.random.default_rng(7)
+    w = np.full((32, 64), -8, np.int8)
+    w[16:, ::3] = 7
+    w[:8, 1::5] = rng.integers(-8, 8, w[:8, 1::5].shape)
+    a = np.full((9, 64), 255, np.uint8)
+    a[3:] = _rand(rng, (6, 64), "uint8")
+    got = _run(V.dense_vnni(9, 32, 64, out_dtype="int32", raw=True, w_bits=4, int4_unpack=unpack),
+               [a, V.pack_weights_int4(w), np.zeros(32, np.int32)], (9, 32), "int32")
+    np.testing.assert_array_equal(got, a.astype(np.int64) @ w.astype(np.int64).T)
 
 
 def test_signed_input_bias_folds_the_shift() -> None:
@@ -98,14 +143,34 @@ def test_signed_input_bias_folds_the_shift() -> None:
     (49, 1000, 512, "uint8", "int32", True),  # N tail, M = 7x7
 ])
 def test_dense_vnni_exact(M: int, N: int, K: int, in_dtype: str, out_dtype: str, raw: bool) -> None:
+    _check_dense(M, N, K, in_dtype, out_dtype, raw, w_bits=8)
+
+
+@needs_gfni
+@pytest.mark.parametrize("unpack", UNPACK)
+@pytest.mark.parametrize("M,N,K,in_dtype,out_dtype,raw", [
+    (256, 256, 256, "uint8", "int8", False),
+    (64, 48, 128, "int8", "int32", True),
+    (7, 10, 5, "int8", "uint8", False),      # every dimension ragged
+    (1, 1000, 512, "uint8", "int32", True),   # batch-1 fc: N tail, one row
+])
+def test_dense_vnni_int4_exact(M: int, N: int, K: int, in_dtype: str, out_dtype: str,
+                               raw: bool, unpack: str) -> None:
+    _check_dense(M, N, K, in_dtype, out_dtype, raw, w_bits=4, unpack=unpack)
+
+
+def _check_dense(M: int, N: int, K: int, in_dtype: str, out_dtype: str, raw: bool,
+                 w_bits: int, unpack: str | None = None) -> None:
     rng = np.random.default_rng(M + N + K)
-    a, w = _rand(rng, (M, K), in_dtype), _rand(rng, (N, K), "int8")
+    a, w = _rand(rng, (M, K), in_dtype), _weights(rng, (N, K), w_bits)
     bias = rng.integers(-2**20, 2**20, N).astype(np.int32)
     q = None if raw else _qparams(rng, (N,))
     kbias = V.signed_input_bias(w, bias) if in_dtype == "int8" else bias
-    args = [a, V.pack_weights(w), kbias, *(q or [])]
-    got = _run(V.dense_vnni(M, N, K, out_dtype=out_dtype, raw=raw, in_dtype=in_dtype), args,
-               (M, N), "int32" if raw else out_dtype)
+    pack = V.pack_weights if w_bits == 8 else V.pack_weights_int4
+    args = [a, pack(w), kbias, *(q or [])]
+    f = V.dense_vnni(M, N, K, out_dtype=out_dtype, raw=raw, in_dtype=in_dtype, w_bits=w_bits,
+                     int4_unpack=unpack)
+    got = _run(f, args, (M, N), "int32" if raw else out_dtype)
     acc = a.astype(np.int64) @ w.astype(np.int64).T + bias
     np.testing.assert_array_equal(got, _expected(acc, q, out_dtype))
 
@@ -143,16 +208,44 @@ def _conv_ref(x: np.ndarray, w: np.ndarray, strides: Sequence[int], pads: Pads,
 def test_conv2d_nhwc_vnni_exact(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int,
                                 st: tuple[int, int], pads: Pads, dil: tuple[int, int],
                                 in_dtype: str, out_dtype: str, raw: bool, im2col: bool) -> None:
+    _check_conv(N, H, W, C, OC, kh, kw, st, pads, dil, in_dtype, out_dtype, raw, im2col, 8)
+
+
+CONV_INT4_CASES = [  # same columns as CONV_CASES
+    (1, 9, 9, 7, 20, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), "int8", "int8", False, False),  # pad 1
+    (1, 9, 9, 16, 40, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), "uint8", "int32", True, False),  # raw
+    (1, 7, 7, 64, 48, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), "uint8", "uint8", False, False),  # 1x1
+    (2, 11, 7, 5, 13, 3, 3, (2, 2), (0, 1, 1, 0), (1, 1), "uint8", "int32", True, False),  # odd
+    (1, 7, 11, 13, 24, 1, 1, (2, 2), (0, 0, 0, 0), (1, 1), "int8", "uint8", False, False),  # s2
+    (1, 9, 9, 8, 32, 3, 3, (2, 2), (1, 1, 0, 0), (1, 1), "uint8", "int8", False, True),  # im2col
+]
+
+
+@needs_gfni
+@pytest.mark.parametrize("unpack", UNPACK)
+@pytest.mark.parametrize("N,H,W,C,OC,kh,kw,st,pads,dil,in_dtype,out_dtype,raw,im2col",
+                         CONV_INT4_CASES)
+def test_conv2d_nhwc_vnni_int4_exact(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int,
+                                     st: tuple[int, int], pads: Pads, dil: tuple[int, int],
+                                     in_dtype: str, out_dtype: str, raw: bool,
+                                     im2col: bool, unpack: str) -> None:
+    _check_conv(N, H, W, C, OC, kh, kw, st, pads, dil, in_dtype, out_dtype, raw, im2col, 4,
+                unpack)
+
+
+def _check_conv(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int, st: tuple[int, int],
+                pads: Pads, dil: tuple[int, int], in_dtype: str, out_dtype: str, raw: bool,
+                im2col: bool, w_bits: int, unpack: str | None = None) -> None:
     rng = np.random.default_rng(H * C + OC)
-    x, w = _rand(rng, (N, H, W, C), in_dtype), _rand(rng, (OC, C, kh, kw), "int8")
+    x, w = _rand(rng, (N, H, W, C), in_dtype), _weights(rng, (OC, C, kh, kw), w_bits)
     bias = rng.integers(-2**20, 2**20, OC).astype(np.int32)
     q = None if raw else _qparams(rng, (OC,))
     kbias = V.signed_input_bias(w, bias) if in_dtype == "int8" else bias
     f = V.conv2d_nhwc_vnni(N, H, W, C, OC, kh, kw, st, pads, dil, out_dtype=out_dtype, raw=raw,
-                           in_dtype=in_dtype, im2col=im2col)
+                           in_dtype=in_dtype, im2col=im2col, w_bits=w_bits, int4_unpack=unpack)
+    pack = V.pack_conv_weights if w_bits == 8 else V.pack_conv_weights_int4
     acc = _conv_ref(x, w, st, pads, dil) + bias
-    got = _run(f, [x, V.pack_conv_weights(w), kbias, *(q or [])], acc.shape,
-               "int32" if raw else out_dtype)
+    got = _run(f, [x, pack(w), kbias, *(q or [])], acc.shape, "int32" if raw else out_dtype)
     np.testing.assert_array_equal(got, _expected(acc, q, out_dtype))
 
 
@@ -230,6 +323,41 @@ def test_asm_uses_vpdpbusd_in_a_register_tile() -> None:
     tile = V.gemm_tile(64, 64, 64)
     assert asm.count(V.ISA.instruction) >= tile.mr * tile.nb  # the unrolled register tile
     assert "TVMBackendAllocWorkspace" not in asm.split(".L__tvm_parallel_lambda:")[-1]
+
+
+def _asm(f: tvm.tirx.PrimFunc) -> str:
+    return _compile(f).mod.inspect_source("asm")
+
+
+@needs_gfni
+def test_int4_asm_unpacks_once_per_block_with_gfni() -> None:
+    """"tile": one vgf2p8affineqb per 16x4 weight block and K step, shared by the tile's
+    mr rows; "prologue": the GEMM is the int8 one, after one unpack loop."""
+    tile = V.gemm_tile(64, 64, 64)
+    asm = _asm(V.dense_vnni(64, 64, 64, out_dtype="int32", raw=True, w_bits=4,
+                            int4_unpack="tile"))
+    n_dot, n_unpack = asm.count(V.ISA.instruction), asm.count(I4.GFNI.instruction)
+    assert n_dot >= tile.mr * tile.nb and n_unpack * tile.mr == n_dot
+    asm = _asm(V.dense_vnni(64, 64, 64, out_dtype="int32", raw=True, w_bits=4))  # prologue
+    int8 = _asm(V.dense_vnni(64, 64, 64, out_dtype="int32", raw=True))
+    assert asm.count(I4.GFNI.instruction) > 0  # in the (LLVM-unrolled) unpack loop
+    assert asm.count(V.ISA.instruction) == int8.count(V.ISA.instruction)
+
+
+def test_select_kernel_int4_rules() -> None:
+    conv = Rl.LayerDesc("conv2d", (1, 8, 8, 16), channels=32, kernel=(3, 3), w_bits=4)
+    spec = Rl.select_kernel(conv, cpu_flags=frozenset({"avx512_vnni", "gfni"}))
+    assert (spec.name, spec.weight_layout) == ("conv2d_nhwc_vnni_int4", "vnni16x4_int4")
+    # Without GFNI the int8 kernel takes the layer: 4-bit values are exact in int8.
+    spec = Rl.select_kernel(conv, cpu_flags=frozenset({"avx512_vnni"}))
+    assert (spec.name, spec.weight_layout) == ("conv2d_nhwc_vnni", "vnni16x4")
+    dense = Rl.LayerDesc("dense", (1, 64), in_dtype="int8", channels=10, w_bits=4)
+    spec = Rl.select_kernel(dense)
+    assert (spec.name, spec.weight_layout, spec.signed_bias) == (
+        "dense_vnni_int4", "vnni16x4_int4", True)
+    assert isinstance(spec.build(), tvm.tirx.PrimFunc)
+    dw = Rl.LayerDesc("conv2d", (1, 8, 8, 16), channels=16, kernel=(3, 3), group=16, w_bits=4)
+    assert Rl.select_kernel(dw).weight_layout == "hwc"  # depthwise keeps int8 weights
 
 
 def test_select_kernel_rules() -> None:

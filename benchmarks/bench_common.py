@@ -1,0 +1,307 @@
+"""Helpers shared by ``speedup.py`` and ``reproduce_resnet50.py``: machine labels,
+timing summaries, tables (build, check complete, render) and the Pareto plot.
+
+Benchmark-only code.  Light imports only (NumPy), so the smoke test stays fast;
+matplotlib is imported lazily and is optional (the ``plots`` extra).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+NA = "n/a"        # a cell that does not apply (allowed); None/NaN/absent is missing
+REFERENCE = "ref"  # the configuration other cells are measured against
+
+
+# --- the machine ----------------------------------------------------------------------
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo (falls back to platform.processor())."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_info() -> dict[str, Any]:
+    """Where a measurement was taken: host, CPU, thread counts, ISA hints."""
+    threads = os.cpu_count() or 1
+    try:
+        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                     if ln.startswith("flags")).split()
+    except (OSError, StopIteration):
+        flags = []
+    isa = [f for f in ("avx512_vnni", "avx512f", "avx2") if f in flags][:1]
+    cpu = cpu_model()
+    return {"node": platform.node() or "host", "cpu": cpu, "threads": threads,
+            "tvm_threads": int(os.environ.get("TVM_NUM_THREADS", threads)),
+            "isa": isa[0] if isa else "", "python": platform.python_version(),
+            "label": f"{cpu}, {threads} threads" + (f", {isa[0]}" if isa else "")}
+
+
+def result_stem(prefix: str, quick: bool = False, node: str | None = None) -> str:
+    """``<prefix>-<machine>-<date>[-quick]``: the file stem under benchmarks/results/."""
+    host = (node or platform.node() or "host").replace(" ", "_")
+    return f"{prefix}-{host}-{dt.date.today().isoformat()}" + ("-quick" if quick else "")
+
+
+# --- timing -----------------------------------------------------------------------------
+def interleaved_rounds(fns: Mapping[str, Callable[[], object]], repeat: int, *,
+                       every: Mapping[str, int] | None = None, warmup: int = 3,
+                       slow_warmup: int = 1, progress: Callable[[int], None] | None = None,
+                       runner: Callable[..., dict[str, list[float]]] | None = None
+                       ) -> dict[str, list[float]]:
+    """Round-robin timing (``peers.interleaved_times``) where slow configurations join
+    only every ``every[k]``-th round, so one process times them all side by side.
+
+    Each round is one ``runner(subset, 1, warmup=0)`` call: the same measurement as
+    ``interleaved_times``, with the subset and its order (rotated) changing per round.
+    Returns seconds.
+    """
+    every = dict(every or {})
+    if runner is None:
+        from peers import interleaved_times as runner  # type: ignore[no-redef]
+    for k, f in fns.items():  # warm-up: caches, page faults, TVM's thread pool
+        for _ in range(slow_warmup if every.get(k, 1) > 1 else warmup):
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(repeat):
+        keys = [k for k in fns if i % every.get(k, 1) == 0]
+        # Rotate the order each round: what runs just before a configuration (cache and
+        # frequency state) otherwise biases it the same way in every round.
+        keys = keys[i % len(keys):] + keys[:i % len(keys)]
+        subset = {k: fns[k] for k in keys}
+        for k, v in runner(subset, 1, warmup=0).items():
+            times[k].extend(v)
+        if progress:
+            progress(i)
+    return times
+
+
+def summarize(seconds: Sequence[float]) -> dict[str, Any]:
+    """Median and min-max in ms of one configuration's samples."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    return {"median_ms": float(np.median(ms)), "min_ms": float(ms.min()),
+            "max_ms": float(ms.max()), "repeat": int(ms.size),
+            "samples_ms": [round(float(v), 4) for v in ms]}
+
+
+def fmt_ms(t: Mapping[str, Any] | None) -> str | None:
+    """``median (min-max)`` with precision that suits the magnitude; None if no timing."""
+    if not t:
+        return None
+    med = t["median_ms"]
+    d = 0 if med >= 1000 else 1 if med >= 10 else 2
+    return f"{med:.{d}f} ({t['min_ms']:.{d}f}–{t['max_ms']:.{d}f})"
+
+
+def fmt_num(v: float | None, digits: int = 1, suffix: str = "") -> str | None:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    return f"{v:.{digits}f}{suffix}"
+
+
+def speedup(base_ms: float | None, ms: float | None) -> float | None:
+    if base_ms is None or ms is None or ms <= 0:
+        return None
+    return base_ms / ms
+
+
+# --- fidelity ---------------------------------------------------------------------------
+def agreement_sqnr(ref: np.ndarray, out: np.ndarray) -> tuple[float, float]:
+    """Top-1 agreement and SQNR (dB) of ``out`` against ``ref`` logits, (N, classes)."""
+    ref = np.asarray(ref, np.float64).reshape(len(ref), -1)
+    out = np.asarray(out, np.float64).reshape(len(out), -1)
+    agree = float(np.mean(ref.argmax(1) == out.argmax(1)))
+    noise = float(((ref - out) ** 2).sum())
+    signal = float((ref ** 2).sum())
+    sqnr = math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
+    return agree, sqnr
+
+
+# --- tables -----------------------------------------------------------------------------
+class IncompleteTableError(ValueError):
+    """A table has missing (None, NaN or absent) cells."""
+
+
+@dataclass(frozen=True)
+class Table:
+    """Rows of cells keyed by column; ``columns`` are (key, header) pairs.
+
+    A cell is *missing* when absent, None, NaN or an empty string.  Cells that do not
+    apply must say so (``NA``), so an incomplete table never passes as complete.
+    """
+
+    columns: tuple[tuple[str, str], ...]
+    rows: tuple[Mapping[str, Any], ...]
+    title: str = ""
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        keys = [k for k, _ in self.columns]
+        if not keys or len(set(keys)) != len(keys):
+            raise ValueError("a table needs unique, non-empty column keys")
+        object.__setattr__(self, "columns", tuple(tuple(c) for c in self.columns))
+        object.__setattr__(self, "rows", tuple(self.rows))
+        object.__setattr__(self, "notes", tuple(self.notes))
+
+
+def is_missing(v: Any) -> bool:
+    if v is None:
+        return True
+    if isinstance(v, float) and math.isnan(v):
+        return True
+    return isinstance(v, str) and (not v.strip() or v.strip().lower() == "nan")
+
+
+def missing_cells(table: Table) -> list[tuple[int, str]]:
+    """(row index, column key) of every missing cell; empty for a complete table."""
+    out = [(i, k) for i, row in enumerate(table.rows) for k, _ in table.columns
+           if is_missing(row.get(k))]
+    if not table.rows:
+        out.append((-1, "<no rows>"))
+    return out
+
+
+def check_complete(table: Table) -> None:
+    """Raise ``IncompleteTableError`` naming the missing cells."""
+    miss = missing_cells(table)
+    if miss:
+        head = dict(table.columns)
+        shown = ", ".join(f"row {i} ({table.rows[i].get(table.columns[0][0], '?')}): "
+                          f"{head.get(k, k)}" if i >= 0 else k for i, k in miss[:8])
+        more = f" and {len(miss) - 8} more" if len(miss) > 8 else ""
+        raise IncompleteTableError(f"{len(miss)} missing cell(s): {shown}{more}")
+
+
+def _cell(v: Any) -> str:
+    if is_missing(v):
+        return "—"  # visible, and check_complete reports it
+    if isinstance(v, float):
+        return "inf" if math.isinf(v) else f"{v:.3g}"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(table: Table) -> str:
+    """GitHub Markdown: optional title line, the table, then notes as a list."""
+    lines = [f"**{table.title}**", ""] if table.title else []
+    lines.append("| " + " | ".join(h for _, h in table.columns) + " |")
+    lines.append("| " + " | ".join("---" for _ in table.columns) + " |")
+    for row in table.rows:
+        lines.append("| " + " | ".join(_cell(row.get(k)) for k, _ in table.columns) + " |")
+    if table.notes:
+        lines.append("")
+        lines.extend(f"- {n}" for n in table.notes)
+    return "\n".join(lines) + "\n"
+
+
+def table_json(table: Table) -> dict[str, Any]:
+    return {"title": table.title, "columns": [list(c) for c in table.columns],
+            "rows": [dict(r) for r in table.rows], "notes": list(table.notes)}
+
+
+# --- Pareto -----------------------------------------------------------------------------
+def pareto_mask(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """True where no other point is <= in both coordinates and < in one (minimise both)."""
+    out = []
+    for i, (a, b) in enumerate(points):
+        dominated = any((c <= a and d <= b) and (c < a or d < b)
+                        for j, (c, d) in enumerate(points) if j != i)
+        out.append(not dominated)
+    return out
+
+
+def plot_latency_vs_size(series: Mapping[str, Sequence[tuple[str, float, float]]],
+                         path: Path, title: str) -> str | None:
+    """One panel per series (label, size MB, latency ms); Pareto points ringed.
+
+    Returns None when written, or why it was skipped (matplotlib missing).
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install -e '.[plots]'); PNG skipped"
+    n = max(len(series), 1)
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(series):]:
+        ax.set_visible(False)
+    for ax, (name, pts) in zip(axes.flat, series.items()):
+        mask = pareto_mask([(s, t) for _, s, t in pts])
+        for (label, s, t), front in zip(pts, mask):
+            ax.scatter([s], [t], marker="o", s=60 if front else 25,
+                       facecolors="none" if not front else "C3", edgecolors="C3" if front else "C0")
+            ax.annotate(label, (s, t), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        front = sorted((s, t) for (_, s, t), m in zip(pts, mask) if m)
+        if front:
+            ax.plot(*zip(*front), "C3--", lw=1, label="Pareto front")
+            ax.legend(fontsize=7)
+        ax.set_xlabel("size (MB)")
+        ax.set_ylabel("latency (ms, median; log scale)")
+        ax.set_yscale("log")  # untuned TVM FP32 is ~10x the rest
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+# --- output -----------------------------------------------------------------------------
+def write_results(out_dir: Path, stem: str, data: Mapping[str, Any], markdown: str) -> tuple[Path, Path]:
+    """``<stem>.json`` and ``<stem>.md`` under ``out_dir`` (created)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js, md = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    js.write_text(json.dumps(_finite(data), indent=1, default=_json_default, allow_nan=False) + "\n")
+    md.write_text(markdown)
+    return js, md
+
+
+def _finite(o: Any) -> Any:
+    """Strict JSON: inf/NaN floats become the strings "inf"/"-inf"/"nan"."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return "nan" if math.isnan(o) else ("inf" if o > 0 else "-inf")
+    if isinstance(o, Mapping):
+        return {str(k): _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+class Stopwatch:
+    """Wall time since construction, for the "took N s" lines."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0

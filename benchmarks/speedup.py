@@ -1,0 +1,484 @@
+"""Speedup of qcompile's integer-only modules over the float model and onnxruntime.
+
+    python benchmarks/speedup.py                       # zoo ResNet-18/50, Inception-v3 (+ EfficientNet-Lite0)
+    python benchmarks/speedup.py --models resnet50 --batch 1 8 --repeat 30
+    python benchmarks/speedup.py --quick               # ResNet-18 at 64 px, batch 1, 5 rounds
+
+Per model and batch, in one process, timed round-robin after warm-up: ORT FP32, ORT
+INT8 (static QDQ, per-channel), TVM FP32 through qcompile's own float Relax builder
+(untuned: fewer repetitions, batch 1 by default), and qcompile INT8, INT4 and mixed
+precision at relative latency budgets.  Fidelity (top-1 agreement, SQNR) is measured
+against ORT FP32 on the same synthetic inputs; ours are also checked bit-exact against
+the NumPy oracle.  Without a GPU a "T4 predicted" column comes from qcompile.costs.
+
+Writes benchmarks/results/speedup-<machine>-<date>.{json,md} (+ .png with matplotlib).
+Exits 1 when a configuration failed or one of our modules is not bit-exact/integer-only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_common as bc  # noqa: E402
+from peers import ort_int8, ort_runner  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+EFFNET = "efficientnet_lite0"
+EFFNET_PATH = REPO / "models" / "efficientnet_lite0.onnx"
+ZOO_MODELS = ("resnet18", "resnet50", "inceptionv3")
+ORT_FP32, ORT_INT8, TVM_FP32 = "ORT FP32", "ORT INT8", "TVM FP32"
+Q_INT8, Q_INT4 = "qcompile INT8", "qcompile INT4"
+
+
+@dataclass(frozen=True)
+class QConfig:
+    """One qcompile configuration: uniform bits, or a relative latency budget ``alpha``."""
+
+    key: str
+    bits: int = 8
+    alpha: float | None = None
+
+    def specs(self, sensitivity: str, samples: int) -> dict[str, Any]:
+        from qcompile.config import AllocSpec, QuantSpec
+        alloc = (AllocSpec(latency=f"{self.alpha:g}", sensitivity=sensitivity,
+                           sensitivity_samples=samples) if self.alpha is not None else AllocSpec())
+        return {"quant": QuantSpec(bits=self.bits), "alloc": alloc}
+
+
+def qconfigs(alphas: list[float]) -> list[QConfig]:
+    mixed = [QConfig(f"qcompile mixed α={a:g}", alpha=a) for a in sorted(alphas, reverse=True)]
+    return [QConfig(Q_INT8, 8), *mixed, QConfig(Q_INT4, 4)]
+
+
+@dataclass
+class ModelFiles:
+    """The model as each runtime wants it, plus the canonical graph for the cost model."""
+
+    name: str
+    onnx: Path            # what qcompile compiles (zoo: batch 1)
+    dynamic: Path         # the same weights with a symbolic batch, for onnxruntime
+    graph: Any
+    layers: list
+    input_shape: tuple[int, ...]
+    source: str
+    ort_int8: Path | None = None
+
+
+# --- models ------------------------------------------------------------------------------
+def effnet_available() -> bool:
+    if EFFNET_PATH.is_file():
+        return True
+    import importlib.util
+    return all(importlib.util.find_spec(m) for m in ("efficientnet_lite_pytorch", "torch"))
+
+
+def _effnet_path() -> Path:
+    if not EFFNET_PATH.is_file():
+        import subprocess
+        subprocess.run([sys.executable, str(REPO / "tools/export_efficientnet.py"), "-o",
+                        str(EFFNET_PATH)], check=True)
+    return EFFNET_PATH
+
+
+def dynamic_batch(src: Path, dst: Path) -> Path:
+    """Copy of ``src`` whose input/output batch dimension is the symbol ``N``."""
+    import onnx
+    m = onnx.load(str(src))
+    for v in (*m.graph.input, *m.graph.output):
+        v.type.tensor_type.shape.dim[0].dim_param = "N"
+    del m.graph.value_info[:]
+    onnx.save(m, str(dst))
+    return dst
+
+
+def prepare_model(name: str, work: Path, input_size: int | None) -> ModelFiles:
+    from qcompile import costs, zoo
+    from qcompile.onnx_import import import_onnx, load_model
+    from qcompile.prepare import prepare
+    if name == EFFNET:
+        path, source = _effnet_path(), "pretrained EfficientNet-Lite0 (tools/export_efficientnet.py)"
+    else:
+        path = zoo.save(zoo.build(name, input_size=input_size), work / f"{name}.onnx")
+        source = "zoo architecture, seeded synthetic weights"
+    graph = prepare(import_onnx(load_model(path), batch=1, source=name))
+    return ModelFiles(name, path, dynamic_batch(path, work / f"{name}-dyn.onnx"), graph,
+                      costs.layers_of(graph), tuple(graph.input_shape), source)
+
+
+# --- cost model ----------------------------------------------------------------------------
+def plan_costs(files: ModelFiles, bits: dict[str, int] | int, batch: int) -> dict[str, float]:
+    """Size, BOPs and the T4 roofline prediction for a plan (or uniform bits, 32 = FP32)."""
+    from qcompile import costs
+    plan = costs.uniform(files.layers, bits) if isinstance(bits, int) else bits
+    if isinstance(bits, int) and bits in costs.FLOAT_BITS:
+        t4 = costs.t4_float_ms(files.layers, batch, bits, costs.t4_other_ms(files.graph, batch, bits))
+    else:
+        t4 = costs.t4_model_ms(files.layers, plan, batch, costs.t4_other_ms(files.graph, batch))
+    return {"size_mb": costs.size_mb(files.layers, plan), "bops_g": costs.bops_g(files.layers, plan),
+            "t4_predicted_ms": t4}
+
+
+# --- compile ----------------------------------------------------------------------------
+def compile_q(files: ModelFiles, cfg: QConfig, batch: int, out: Path, *, target: str,
+              calib_n: int, sensitivity: str, sens_samples: int) -> dict[str, Any]:
+    """Compile one configuration; errors are recorded, not raised (the table shows them)."""
+    from qcompile import api
+    from qcompile.config import CalibSpec
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # synthetic calibration: said once in the notes
+            res = api.compile_model(files.onnx, out, target=target, batch=batch, progress=False,
+                                    calib=CalibSpec(num_samples=calib_n),
+                                    **cfg.specs(sensitivity, sens_samples))
+    except Exception as e:  # noqa: BLE001 -- one failed cell must not lose the others
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    q = json.loads((out / "qconfig.json").read_text())
+    bits = {k: int(v) for k, v in q["costs"]["bits"].items()}
+    return {"art": str(out), "compile_s": res.compile_seconds, "integer_only": res.integer_only,
+            "costs": q["costs"], "plan": q.get("plan"), "bits": bits,
+            "n4": sum(b == 4 for b in bits.values()), "n_layers": len(bits),
+            **plan_costs(files, bits, batch)}
+
+
+def float_vm(files: ModelFiles, batch: int) -> Any:
+    """TVM FP32 through qcompile's own float Relax builder (relax_float), llvm."""
+    from qcompile.relax_float import FloatVM, build_float_module
+    return FloatVM(build_float_module(files.graph, batch, grad=False))
+
+
+def run_float_vm(fvm: Any, x: np.ndarray) -> np.ndarray:
+    b, outs = fvm.fm.batch, []
+    for i in range(0, len(x), b):
+        part = x[i:i + b]
+        pad = b - len(part)
+        if pad:
+            part = np.concatenate([part, np.zeros((pad, *part.shape[1:]), part.dtype)])
+        outs.append(fvm.forward(part)[:b - pad])
+    return np.concatenate(outs)
+
+
+# --- fidelity ------------------------------------------------------------------------------
+def fidelity(files: ModelFiles, x: np.ndarray, arts: dict[str, dict], fvm: Any | None,
+             step: Callable[[str], None], done: Callable[[], None] = lambda: None,
+             peers: bool = True) -> dict[str, dict[str, Any]]:
+    """Agreement/SQNR vs ORT FP32 on ``x``; ours via api.evaluate (also bit-exactness).
+
+    ``peers=False`` skips ORT INT8 / TVM FP32 (only our modules are evaluated)."""
+    from qcompile import api
+    out: dict[str, dict[str, Any]] = {}
+    if peers:
+        fp32, int8 = ort_runner(files.dynamic), ort_runner(files.ort_int8)
+        ref = np.concatenate([fp32(x[i:i + 8]) for i in range(0, len(x), 8)])
+        a, s = bc.agreement_sqnr(ref, np.concatenate([int8(x[i:i + 8]) for i in range(0, len(x), 8)]))
+        out[ORT_INT8] = {"top1_agreement": a, "sqnr_db": s}
+    if peers and fvm is not None:
+        a, s = bc.agreement_sqnr(ref, run_float_vm(fvm, x))
+        out[TVM_FP32] = {"top1_agreement": a, "sqnr_db": s}
+    for key, c in arts.items():
+        step(f"evaluate {key}")
+        if "error" not in c:
+            ev = api.evaluate(files.onnx, c["art"], inputs=x, progress=False)
+            out[key] = {k: ev[k] for k in ("bit_exact", "integer_only", "top1_agreement", "sqnr_db")}
+        done()
+    return out
+
+
+# --- timing -------------------------------------------------------------------------------
+def time_batch(files: ModelFiles, batch: int, arts: dict[str, dict], fvm: Any | None,
+               repeat: int, fp32_every: int, progress: Callable[[int], None]) -> dict[str, dict]:
+    """Every configuration at ``batch``, round-robin in this process."""
+    import tvm
+    from qcompile.runtime import Artifact
+    x = np.random.default_rng(0).normal(size=(batch, *files.input_shape[1:])).astype(np.float32)
+    fp32 = ort_runner(files.dynamic)
+    fns: dict[str, Callable[[], object]] = {ORT_FP32: lambda: fp32(x)}
+    if files.ort_int8 is not None:  # the reproduction times ORT FP32 only
+        int8 = ort_runner(files.ort_int8)
+        fns[ORT_INT8] = lambda: int8(x)
+    every = {}
+    if fvm is not None:
+        fargs = fvm._tensors([x, *fvm.fm.weights])
+        fns[TVM_FP32] = lambda: fvm.vm["forward"](*fargs)
+        every[TVM_FP32] = fp32_every
+    for key, c in arts.items():
+        if "error" in c:
+            continue
+        art = Artifact.load(c["art"])
+        xt = tvm.runtime.tensor(x, art.device)
+
+        def run(art: Any = art, xt: Any = xt) -> None:
+            art.vm["main"](xt, *art.params)
+            art.device.sync()  # a no-op on the CPU; GPU calls are asynchronous
+        fns[key] = run
+    times = bc.interleaved_rounds(fns, repeat, every=every, progress=progress)
+    return {k: bc.summarize(v) for k, v in times.items()}
+
+
+# --- one model ------------------------------------------------------------------------
+@dataclass
+class Settings:
+    batches: list[int]
+    fp32_batches: list[int]
+    repeat: int
+    fp32_every: int
+    calib_n: int
+    eval_n: int
+    alphas: list[float]
+    target: str
+    sensitivity: str
+    sens_samples: int
+    input_size: int | None
+    cfgs: list[QConfig] = field(default_factory=list)
+
+    def steps(self) -> int:
+        per_batch = 2 * len(self.cfgs) + self.repeat  # compile + evaluate + timing rounds
+        return 2 + len(self.fp32_batches) + len(self.batches) * per_batch
+
+
+def bench_model(name: str, st: Settings, work: Path, bar: Any) -> dict[str, Any]:
+    def step(what: str) -> None:
+        bar.set_postfix_str(f"{name}: {what}", refresh=True)
+
+    step("prepare")
+    files = prepare_model(name, work, st.input_size)
+    rng = np.random.default_rng(0)
+    calib = rng.normal(size=(st.calib_n, *files.input_shape[1:])).astype(np.float32)
+    files.ort_int8 = ort_int8(files.dynamic, work / f"{name}-ort-int8.onnx", calib)
+    bar.update(1)
+    fvms = {}
+    for b in st.fp32_batches:
+        step(f"TVM FP32 build, batch {b}")
+        fvms[b] = float_vm(files, b)
+        bar.update(1)
+    x_eval = np.random.default_rng(1).normal(size=(st.eval_n, *files.input_shape[1:])).astype(np.float32)
+    out: dict[str, Any] = {"model": name, "source": files.source, "input": list(files.input_shape),
+                           "float": plan_costs(files, 32, 1), "batches": {}}
+    for b in st.batches:
+        arts = {}
+        for cfg in st.cfgs:
+            step(f"compile {cfg.key}, batch {b}")
+            arts[cfg.key] = compile_q(files, cfg, b, work / f"{name}-b{b}-{cfg.key.split()[-1]}",
+                                      target=st.target, calib_n=st.calib_n,
+                                      sensitivity=st.sensitivity, sens_samples=st.sens_samples)
+            bar.update(1)
+        fvm = fvms.get(b)
+        fid = fidelity(files, x_eval, arts, fvm or next(iter(fvms.values()), None),
+                       step, lambda: bar.update(1))
+        step(f"timing batch {b}")
+        timing = time_batch(files, b, arts, fvm, st.repeat, st.fp32_every, lambda i: bar.update(1))
+        costs = {ORT_FP32: plan_costs(files, 32, b), ORT_INT8: plan_costs(files, 8, b),
+                 TVM_FP32: plan_costs(files, 32, b)}
+        out["batches"][str(b)] = {
+            "timing": timing, "fidelity": fid, "costs": costs,
+            "configs": {k: {kk: vv for kk, vv in c.items() if kk != "costs"} for k, c in arts.items()}}
+    out["eval_samples"] = st.eval_n
+    return out
+
+
+# --- tables -------------------------------------------------------------------------------
+MAIN_COLUMNS = (("model", "model"), ("batch", "batch"), ("config", "configuration"),
+                ("latency", "latency ms, median (min–max), measured here"),
+                ("vs_int8", "speedup vs qcompile INT8"), ("vs_fp32", "speedup vs ORT FP32"),
+                ("size", "size MB"), ("bops", "BOPs G"), ("agree", "top-1 agreement vs FP32"),
+                ("sqnr", "SQNR dB vs FP32"), ("exact", "bit-exact + integer-only"),
+                ("t4", "T4 predicted ms (roofline)"))
+MIXED_COLUMNS = (("model", "model"), ("batch", "batch"), ("alpha", "latency budget α"),
+                 ("n4", "4-bit layers"), ("budget", "budget ms"), ("predicted", "plan predicted ms"),
+                 ("measured", "measured ms (median)"), ("ratio", "measured / budget"),
+                 ("ok", "measured ≤ budget + 5%"))
+
+
+def _x(v: float | None) -> str | None:
+    return None if v is None else f"{v:.2f}x"
+
+
+def model_rows(r: dict[str, Any], st: Settings) -> tuple[list[dict], list[dict]]:
+    rows, mixed = [], []
+    for b, d in r["batches"].items():
+        tim, fid, confs = d["timing"], d["fidelity"], d["configs"]
+        med = {k: t["median_ms"] for k, t in tim.items()}
+        keys = [ORT_FP32, ORT_INT8] + ([TVM_FP32] if TVM_FP32 in tim else []) + [c.key for c in st.cfgs]
+        for k in keys:
+            c = confs.get(k, {})
+            cost = c if k in confs else d["costs"][k]
+            f = fid.get(k, {})
+            label = k
+            if k == TVM_FP32:
+                n = tim[k]["repeat"]
+                label = f"{k} (untuned, {n} rep{'s' if n != 1 else ''})"
+            elif "n4" in c and k != Q_INT8:
+                label = f"{k} ({c['n4']}/{c['n_layers']} layers 4-bit)"
+            rows.append({
+                "model": r["model"], "batch": b, "config": label,
+                "latency": bc.fmt_ms(tim.get(k)) if "error" not in c else None,
+                "vs_int8": _x(bc.speedup(med.get(Q_INT8), med.get(k))),
+                "vs_fp32": _x(bc.speedup(med.get(ORT_FP32), med.get(k))),
+                "size": bc.fmt_num(cost.get("size_mb"), 1), "bops": bc.fmt_num(cost.get("bops_g"), 1),
+                "agree": bc.REFERENCE if k == ORT_FP32 else bc.fmt_num(f.get("top1_agreement"), 2),
+                "sqnr": bc.REFERENCE if k == ORT_FP32 else bc.fmt_num(f.get("sqnr_db"), 1),
+                "exact": (("yes" if f["bit_exact"] and f["integer_only"] else "NO")
+                          if "bit_exact" in f else None) if k in confs else bc.NA,
+                "t4": bc.fmt_num(cost.get("t4_predicted_ms"), 2),
+                "error": c.get("error")})
+            plan = c.get("plan")
+            if k in confs and "α=" in k:
+                budget = (plan or {}).get("budgets", {}).get("latency_ms")
+                ratio = bc.speedup(med.get(k), budget)  # measured / budget
+                mixed.append({
+                    "model": r["model"], "batch": b, "alpha": k.split("=")[-1],
+                    "n4": f"{c['n4']}/{c['n_layers']}" if "n4" in c else None,
+                    "budget": bc.fmt_num(budget, 2),
+                    "predicted": bc.fmt_num((plan or {}).get("predicted_latency_ms"), 2),
+                    "measured": bc.fmt_num(med.get(k), 2), "ratio": bc.fmt_num(ratio, 3),
+                    "ok": None if ratio is None else ("yes" if ratio <= 1.05 else "no"),
+                    "source": (plan or {}).get("latency_source")})
+    return rows, mixed
+
+
+def plot_series(results: list[dict]) -> dict[str, list[tuple[str, float, float]]]:
+    """(label, size MB, median ms) of every timed configuration, per model and batch."""
+    series = {}
+    for r in results:
+        for b, d in r["batches"].items():
+            pts = []
+            for k, t in d["timing"].items():
+                cost = d["configs"].get(k) or d["costs"].get(k) or {}
+                if "size_mb" in cost:
+                    pts.append((k.replace("qcompile ", ""), cost["size_mb"], t["median_ms"]))
+            series[f"{r['model']} batch {b}"] = pts
+    return series
+
+
+def problems(results: list[dict]) -> list[str]:
+    """Failed configurations and modules that are not bit-exact or not integer-only."""
+    out = []
+    for r in results:
+        for b, d in r["batches"].items():
+            for k, c in d["configs"].items():
+                f = d["fidelity"].get(k, {})
+                if "error" in c:
+                    out.append(f"{r['model']} batch {b} {k}: {c['error']}")
+                elif not (f.get("bit_exact") and f.get("integer_only")):
+                    out.append(f"{r['model']} batch {b} {k}: bit_exact={f.get('bit_exact')} "
+                               f"integer_only={f.get('integer_only')}")
+    return out
+
+
+# --- main ---------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=None,
+                    help=f"zoo names and/or {EFFNET} (default: {' '.join(ZOO_MODELS)} [+ {EFFNET}])")
+    ap.add_argument("--batch", nargs="+", type=int, default=None, help="default: 1 8")
+    ap.add_argument("--repeat", type=int, default=None, help="timing rounds (default 20)")
+    ap.add_argument("--calib-samples", type=int, default=None, help="default 16")
+    ap.add_argument("--eval-samples", type=int, default=None, help="default 8")
+    ap.add_argument("--alphas", nargs="+", type=float, default=None, help="default 0.25 0.5 0.75")
+    ap.add_argument("--tvm-fp32-batch", nargs="*", type=int, default=[1],
+                    help="batches (of --batch) at which to build and time TVM FP32 (slow; default 1; "
+                         "none: skip it)")
+    ap.add_argument("--tvm-fp32-every", type=int, default=4,
+                    help="TVM FP32 joins every Nth timing round (default 4)")
+    ap.add_argument("--sensitivity", choices=("hessian", "kl"), default=None,
+                    help="default hessian (kl with --quick)")
+    ap.add_argument("--sensitivity-samples", type=int, default=8)
+    ap.add_argument("--input-size", type=int, default=None, help="zoo models' input size")
+    ap.add_argument("--target", choices=("llvm", "cuda"), default="llvm")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: resnet18 at 64 px, batch 1, 5 rounds, α=0.5, 4 calibration samples")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    a = ap.parse_args(argv)
+    q = a.quick
+    default_models = list(ZOO_MODELS) + ([EFFNET] if effnet_available() else [])
+    a.models = a.models or (["resnet18"] if q else default_models)
+    a.batch = a.batch or ([1] if q else [1, 8])
+    a.repeat = a.repeat or (5 if q else 20)
+    a.calib_samples = a.calib_samples or (4 if q else 16)
+    a.eval_samples = a.eval_samples or (2 if q else 8)
+    a.alphas = a.alphas or ([0.5] if q else [0.25, 0.5, 0.75])
+    a.sensitivity = a.sensitivity or ("kl" if q else "hessian")
+    if q and a.input_size is None:
+        a.input_size = 64
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    clock = bc.Stopwatch()
+    import tvm
+    from tqdm import tqdm
+    from qcompile import zoo
+    unknown = [m for m in args.models if m != EFFNET and m not in zoo.ZOO]
+    if unknown:
+        print(f"error: unknown model(s) {unknown}; choose from {sorted(zoo.ZOO)} or {EFFNET}",
+              file=sys.stderr)
+        return 2
+    if args.target == "cuda" and not tvm.cuda().exist:
+        print("error: --target cuda needs a CUDA GPU, and none is present", file=sys.stderr)
+        return 9
+    cfgs = qconfigs(args.alphas)
+    st = Settings(args.batch, [b for b in args.tvm_fp32_batch if b in args.batch],
+                  args.repeat, max(1, args.tvm_fp32_every), args.calib_samples, args.eval_samples,
+                  args.alphas, args.target, args.sensitivity, args.sensitivity_samples,
+                  args.input_size, cfgs)
+    machine = bc.machine_info()
+    results = []
+    with tempfile.TemporaryDirectory() as d, \
+            tqdm(total=st.steps() * len(args.models), desc="speedup", unit="step") as bar:
+        for name in args.models:
+            results.append(bench_model(name, st, Path(d), bar))
+    rows, mixed = [], []
+    for r in results:
+        a, b = model_rows(r, st)
+        rows += a
+        mixed += b
+    where = ("" if args.target == "llvm" else
+             f" (qcompile modules on {tvm.cuda().device_name}; ORT and TVM FP32 on the CPU)")
+    notes = (
+        f"Measured on {machine['label']}{where}; batch latency, median (min–max) of "
+        f"{st.repeat} interleaved rounds after warm-up; TVM FP32 joins every {st.fp32_every}th round.",
+        "T4 predicted: qcompile.costs roofline model of an NVIDIA T4 (not measured).",
+        f"Fidelity vs ORT FP32 on {st.eval_n} synthetic N(0,1) inputs; calibration: "
+        f"{st.calib_n} synthetic samples for qcompile and ORT INT8 alike.",
+        f"Mixed: relative latency budget α between all-INT4 and all-INT8 plans, sensitivity "
+        f"{st.sensitivity}; ORT INT8 is static QDQ per-channel (peers.ort_int8).",
+        "Size/BOPs: conv/dense weights + int32 bias (FP32 rows: 32-bit), MB = 2^20 bytes.")
+    main_t = bc.Table(MAIN_COLUMNS, rows, "Speedup", notes)
+    mixed_t = bc.Table(MIXED_COLUMNS, mixed, "Mixed precision: latency budget vs measured",
+                       tuple(sorted({f"plan latency source: {m['source']}" for m in mixed
+                                     if m.get("source")})))
+    markdown = bc.render_markdown(main_t) + "\n" + bc.render_markdown(mixed_t)
+    stem = bc.result_stem("speedup", args.quick)
+    series = plot_series(results)
+    png = args.out / f"{stem}.png"
+    skipped = bc.plot_latency_vs_size(series, png, f"latency vs size, {machine['label']}")
+    plot_note = f"plot: {png.name}" if skipped is None else f"plot skipped: {skipped}"
+    markdown += f"\n{plot_note}\n"
+    bad = problems(results)
+    wall = clock.seconds
+    data = {"command": " ".join(sys.argv), "machine": machine, "quick": args.quick,
+            "settings": {k: v for k, v in vars(args).items() if k != "out"},
+            "wall_seconds": wall, "results": results, "tables": {
+                "main": bc.table_json(main_t), "mixed": bc.table_json(mixed_t)},
+            "plot": None if skipped else str(png), "plot_skipped": skipped, "problems": bad}
+    js, md = bc.write_results(args.out, stem, data, markdown)
+    print(markdown)
+    print(f"wrote {js} and {md} in {wall:.0f} s")
+    for p in bad:
+        print(f"error: {p}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Bit allocation as one pipeline stage: sensitivity + costs + latency -> a per-layer plan.
+
+    sensitivity  Omega_l(b) per layer and width      (sensitivity.py: hessian or kl)
+    latency      ms per layer and width on the target (latency.py: measured kernels on llvm;
+                 costs.py: the T4 roofline model for cuda, labelled *predicted*)
+    overhead     the non-layer rest of the model (adds, pools, layout, runtime): on llvm the
+                 measured all-INT8 module minus its per-layer sum, cached per model and target
+    allocate     OR-Tools ILP under the budgets, ties and pins (allocate.py)
+
+The plan feeds ``quantize_graph(..., bits=plan.bits)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from . import costs, latency
+from .allocate import Plan, Problem, parse_budgets, solve
+from .artifact import write_json
+from .build import build
+from .config import AllocSpec, QuantSpec
+from .graph import Graph
+from .lower import lower
+from .quantize import Observer, quantize_graph
+from .readers import Reader
+from .schedule import x86_rules
+from .sensitivity import Sensitivity, compute_sensitivity
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Latency per layer and width plus a constant for the rest, and where it came from."""
+
+    latency: dict[str, dict[int, float]] | None  # None: the T4 model inside Problem
+    overhead_ms: float | None
+    source: str
+    check: dict[str, float]  # per-layer sum vs whole-model, for the all-INT8 plan (llvm)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    plan: Plan
+    sensitivity: Sensitivity
+    cost: CostModel
+
+    def to_json(self) -> dict[str, Any]:
+        out = self.plan.to_json()
+        out.update(latency_source=self.cost.source, overhead_ms=self.cost.overhead_ms,
+                   latency_check=self.cost.check, sensitivity={
+                       "method": self.sensitivity.method, "probes": self.sensitivity.probes,
+                       "num_samples": self.sensitivity.num_samples})
+        return out
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("QCOMPILE_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "qcompile"
+
+
+def gather_inputs(reader: Reader, limit: int) -> np.ndarray:
+    """Up to ``limit`` calibration samples as one float32 batch."""
+    reader.rewind()
+    parts, n = [], 0
+    while n < limit and (batch := reader.get_next()) is not None:
+        x = next(iter(batch.values()))
+        parts.append(x[:limit - n])
+        n += len(parts[-1])
+    reader.rewind()
+    return np.concatenate(parts).astype(np.float32)
+
+
+def _time_core(graph: Graph, stats: Mapping[str, Observer], quant: QuantSpec,
+               target: tvm.target.Target, batch: int, plan: Mapping[str, int]) -> float:
+    """Median ms of the whole compiled module for ``plan`` (the real kernels)."""
+    qg = quantize_graph(graph, stats, quant, bits=plan)
+    low = lower(qg, x86_rules(batch), batch=batch)
+    vm = relax.VirtualMachine(build(low.mod, target).executable, tvm.cpu())
+    x = np.random.default_rng(0).normal(size=(batch,) + graph.input_shape[1:]).astype(np.float32)
+    args = [tvm.runtime.tensor(x)] + [tvm.runtime.tensor(a) for _, a in low.params]
+    vm["main"](*args)  # warm-up
+    timer = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=30)
+    return float(np.median(timer(*args).results)) * 1e3
+
+
+def measured_cost_model(graph: Graph, model_bytes: bytes, stats: Mapping[str, Observer],
+                        quant: QuantSpec, target: tvm.target.Target, batch: int,
+                        progress: bool) -> CostModel:
+    """Per-layer kernel latencies measured on this CPU, plus the fitted non-layer overhead."""
+    table = latency.measure_layers(graph, target, bits=(4, 8), batch=batch, progress=progress)
+    int8 = costs.uniform(costs.layers_of(graph), 8)
+    key = f"{hashlib.sha256(model_bytes).hexdigest()[:20]}|{latency.target_key(target)}|b{batch}"
+    path = cache_dir() / "overhead.json"
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    if key not in cached:
+        whole = _time_core(graph, stats, quant, target, batch, int8)
+        cached[key] = {"whole_ms": whole, "layers_ms": table.total(int8)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, cached)
+    whole, layers_ms = cached[key]["whole_ms"], cached[key]["layers_ms"]
+    overhead = max(whole - layers_ms, 0.0)
+    return CostModel(table.ms, overhead, f"measured on {latency.target_key(target)}",
+                     {"int8_layers_sum_ms": layers_ms, "int8_whole_model_ms": whole,
+                      "overhead_ms": overhead})
+
+
+def allocate_bits(graph: Graph, model_bytes: bytes, reader: Reader,
+                  stats: Mapping[str, Observer], target: tvm.target.Target, *, spec: AllocSpec,
+                  quant: QuantSpec = QuantSpec(), batch: int = 1, progress: bool = True,
+                  budgets: bool = True) -> Allocation:
+    """Measure what the ILP needs and solve it (``budgets=False``: no constraints, for
+    reports and sweeps that only want the problem's data)."""
+    # Step 1. Sensitivity Omega_l(b), cached by model, data and method.
+    x = gather_inputs(reader, spec.sensitivity_samples)
+    sens = compute_sensitivity(graph, model_bytes, x, method=spec.sensitivity, bits=(4, 8),
+                               progress=progress)
+    # Step 2. Latency per layer and width: measured kernels on the CPU, T4 model for cuda.
+    if target.kind.name == "llvm":
+        cost = measured_cost_model(graph, model_bytes, stats, quant, target, batch, progress)
+    else:
+        cost = CostModel(None, None, costs.PREDICTED, {})
+    # Step 3. The ILP.
+    problem = problem_for(graph, sens, cost, spec, batch)
+    specs = parse_budgets(spec.latency, spec.size, spec.bops) if budgets else ()
+    return Allocation(solve(problem, specs), sens, cost)
+
+
+def problem_for(graph: Graph, sens: Sensitivity, cost: CostModel, spec: AllocSpec,
+                batch: int) -> Problem:
+    return Problem.from_graph(graph, sens.omega, latency=cost.latency, batch=batch,
+                              overhead_ms=cost.overhead_ms, pins=tuple(spec.pins),
+                              pin_first=spec.pin_first, pin_last=spec.pin_last)

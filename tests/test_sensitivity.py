@@ -1,0 +1,192 @@
+"""sensitivity: Hutchinson traces against the exact Hessian trace, KL, Omega, cache."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from onnx_builders import run_ort
+from qcompile import sensitivity as S
+from qcompile.errors import DataError, UsageError
+from qcompile.graph import Graph
+from qcompile.quantize import quantize_weights
+from test_relax_float import branchy_cnn, canonical, tiny_cnn
+
+N = 4
+Case = tuple[onnx.ModelProto, Graph, np.ndarray]  # model, canonical graph, inputs
+# Hutchinson vs exact: 4096 probes, every layer within 15% (and within 4 of its own
+# standard errors). The worst layer's single-probe relative std is ~2.8, so its
+# standard error is ~4.4% at 4096 probes; 15% is > 3 sigma.
+TRACE_PROBES, TRACE_RTOL = 4096, 0.15
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Case:
+    model = tiny_cnn()
+    g = canonical(model)
+    x = np.random.default_rng(7).normal(size=(N, *g.input_shape[1:])).astype(np.float32)
+    return model, g, x
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny: Case) -> S.GradOracle:
+    return S.GradOracle(tiny[1], tiny[2], None, batch_size=N)
+
+
+def exact_traces(o: S.GradOracle, central: bool) -> np.ndarray:
+    """Tr(H_ll) as sum_i e_i . H e_i, one finite-difference HVP per basis vector."""
+    out = []
+    for li, w in enumerate(o.weights):
+        total = 0.0
+        for i in range(w.size):
+            v = [np.zeros(a.shape) for a in o.weights]
+            v[li].flat[i] = 1.0
+            total += o.hvp_blocks(v, central)[li].flat[i]
+        out.append(total)
+    return np.array(out)
+
+
+def test_forward_and_central_differences_agree(oracle: S.GradOracle) -> None:
+    fwd, cen = exact_traces(oracle, False), exact_traces(oracle, True)
+    assert np.all(np.abs(cen) > 0)
+    np.testing.assert_allclose(fwd, cen, rtol=1e-5)
+
+
+def test_hutchinson_matches_exact_trace(oracle: S.GradOracle) -> None:
+    exact = exact_traces(oracle, central=True)
+    tr, se, k = S.hutchinson(oracle, max_probes=TRACE_PROBES, tol=0.01, seed=0, progress=False)
+    assert k == TRACE_PROBES  # tol 1% is out of reach: ran to the cap
+    rel = np.abs(tr - exact) / np.abs(exact)
+    assert np.all(rel < TRACE_RTOL), (tr, exact)
+    assert np.all(np.abs(tr - exact) < 4 * se * np.abs(tr)), (tr, exact, se)
+
+
+def test_hutchinson_stops_at_tolerance(oracle: S.GradOracle) -> None:
+    tr, se, k = S.hutchinson(oracle, max_probes=4096, tol=0.5, seed=1, progress=False)
+    assert S.MIN_PROBES <= k < 4096
+    assert np.all(se < 0.5)
+
+
+def test_fake_quant_is_quantize_weights() -> None:
+    w = np.random.default_rng(0).normal(size=(6, 3, 3, 3)).astype(np.float32)
+    for b in range(2, 9):
+        q, s = quantize_weights(w, b)
+        np.testing.assert_allclose(S.fake_quant(w, b), q * s.reshape(-1, 1, 1, 1), rtol=1e-6)
+    assert S.quant_error(w, 16) < 1e-6 * float((w * w).sum())
+
+
+def test_canonical_onnx_matches_original(tiny: Case) -> None:
+    for model in (tiny[0], branchy_cnn()):
+        g = canonical(model)
+        x = np.random.default_rng(2).normal(size=(3, *g.input_shape[1:])).astype(np.float32)
+        sess = ort.InferenceSession(S.canonical_onnx(g).SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+        feeds = {f"{n.name}::w": n.params["w"] for n in S.layer_nodes(g)}
+        logits = sess.run(None, {g.input: x, **feeds})[0]
+        ref = run_ort(model, x)
+        if g.nodes[-1].op == "softmax":
+            ref = np.log(ref)
+            logits = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_kl(tiny: Case, tmp_path: Path) -> None:
+    model, g, x = tiny
+    s = S.compute_sensitivity(g, model.SerializeToString(), x, method="kl", bits=(16, 4, 8),
+                              cache_dir=tmp_path, progress=False)
+    assert s.method == "kl" and s.trace == {} and s.probes == 0 and s.num_samples == N
+    assert set(s.omega) == {n.name for n in S.layer_nodes(g)}
+    for om in s.omega.values():
+        assert sorted(om) == [4, 8, 16]
+        assert om[16] < 1e-8           # "almost float": no perturbation
+        assert om[4] > om[8] > om[16]
+
+
+def test_hessian_omega(tiny: Case, tmp_path: Path) -> None:
+    model, g, x = tiny
+    s = S.compute_sensitivity(g, model.SerializeToString(), x, bits=(4, 8), max_probes=64,
+                              tol=0.2, cache_dir=tmp_path, progress=False)
+    assert s.method == "hessian" and S.MIN_PROBES <= s.probes <= 64
+    assert set(s.trace) == set(s.stderr) == set(s.omega)
+    for name, om in s.omega.items():
+        if s.trace[name] > 0:
+            assert om[4] > om[8] > 0
+        else:
+            assert om[4] == om[8] == 0.0
+
+
+def test_labels_change_the_loss(oracle: S.GradOracle) -> None:
+    assert np.array_equal(oracle.labels, oracle.logits().argmax(axis=1))
+    given = copy.copy(oracle)  # same compiled module, other labels
+    given.labels = (oracle.labels + 1) % 5
+    a, b = oracle.grad(oracle.weights), given.grad(given.weights)
+    assert any(not np.allclose(p, q) for p, q in zip(a, b))
+
+
+def test_padded_chunks_equal_one_batch(tiny: Case,
+                                       oracle: S.GradOracle) -> None:
+    _, g, x = tiny
+    chunked = S.GradOracle(g, x, None, batch_size=3)  # chunks of 3 + 1 (padded)
+    assert np.array_equal(chunked.labels, oracle.labels)
+    for p, q in zip(chunked.grad(chunked.weights), oracle.grad(oracle.weights)):
+        np.testing.assert_allclose(p, q, rtol=1e-9, atol=1e-14)
+
+
+def test_cache_hit_and_miss(tiny: Case, tmp_path: Path,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    model, g, x = tiny
+    monkeypatch.setenv("QCOMPILE_CACHE_DIR", str(tmp_path))
+    kw = dict(max_probes=8, tol=0.5, progress=False)
+    first = S.compute_sensitivity(g, model.SerializeToString(), x, **kw)
+    assert not first.cached and len(list((tmp_path / "sensitivity").glob("*.json"))) == 1
+    again = S.compute_sensitivity(g, model.SerializeToString(), x, **kw)
+    assert again.cached
+    assert {**again.to_json(), "cached": False} == first.to_json()
+    # Omega for other widths comes from the cached trace, still a hit.
+    wider = S.compute_sensitivity(g, model.SerializeToString(), x, bits=(2, 4, 8), **kw)
+    assert wider.cached and sorted(next(iter(wider.omega.values()))) == [2, 4, 8]
+    other = S.compute_sensitivity(g, model.SerializeToString(), x[::-1].copy(), **kw)
+    assert not other.cached
+    kl = S.compute_sensitivity(g, model.SerializeToString(), x, method="kl", progress=False)
+    assert not kl.cached
+    assert S.compute_sensitivity(g, model.SerializeToString(), x, method="kl",
+                                 progress=False).cached
+
+
+def test_bad_arguments(tiny: Case, tmp_path: Path) -> None:
+    model, g, x = tiny
+    mb = model.SerializeToString()
+    with pytest.raises(UsageError, match="sensitivity"):
+        S.compute_sensitivity(g, mb, x, method="fisher", cache_dir=tmp_path)
+    with pytest.raises(DataError, match="sensitivity data"):
+        S.compute_sensitivity(g, mb, x[:, :2], cache_dir=tmp_path)
+    with pytest.raises(DataError, match="labels"):
+        S.compute_sensitivity(g, mb, x, np.zeros(3, np.int64), cache_dir=tmp_path)
+
+
+def test_non_positive_trace_gives_zero_omega(tiny: Case) -> None:
+    g = tiny[1]
+    names = [n.name for n in S.layer_nodes(g)]
+    om = S.hessian_omega(g, {names[0]: -3.0, names[1]: 0.0, names[2]: 2.0}, (4, 8))
+    assert om[names[0]] == om[names[1]] == {4: 0.0, 8: 0.0}
+    w = S.layer_nodes(g)[2].params["w"]
+    assert om[names[2]][4] == pytest.approx(2.0 / w.size * S.quant_error(w, 4))
+
+
+def test_data_hash_ignores_dtype_but_not_values() -> None:
+    x = np.random.default_rng(0).normal(size=(2, 3, 4, 4)).astype(np.float32)
+    assert S.data_hash(x, None) == S.data_hash(x.astype(np.float64), None)
+    assert S.data_hash(x, None) != S.data_hash(x, np.array([0, 1]))
+    assert S.data_hash(x, None) != S.data_hash(x[::-1], None)
+
+
+def test_cache_dir_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("QCOMPILE_CACHE_DIR", raising=False)
+    assert S.cache_root() == Path.home() / ".cache" / "qcompile" / "sensitivity"
+    monkeypatch.setenv("QCOMPILE_CACHE_DIR", str(tmp_path))
+    assert S.cache_root() == tmp_path / "sensitivity"
+    assert S.cache_root(tmp_path / "x") == tmp_path / "x"
