@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.stamp
 PYTHON3 ?= python3
 
-.PHONY: venv test test-slow demo bench bench-effnet clean
+.PHONY: venv test test-slow test-gpu demo bench bench-effnet clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,9 @@ test: venv
 # setup.cfg's addopts deselect slow tests; a later -m wins.
 test-slow: venv
 	$(PY) -m pytest -q -m slow
+
+test-gpu: venv
+	$(PY) -m pytest -q -m gpu -rs
 
 demo: venv
 	$(PY) tools/demo.py --out out/demo

@@ -303,6 +303,12 @@ def _x(v: float | None) -> str | None:
     return None if v is None else f"{v:.2f}x"
 
 
+def _exact(f: dict[str, Any]) -> str | None:
+    if "bit_exact" not in f:
+        return None  # not evaluated: a missing cell
+    return "yes" if f["bit_exact"] and f["integer_only"] else "NO"
+
+
 def model_rows(r: dict[str, Any], st: Settings) -> tuple[list[dict], list[dict]]:
     rows, mixed = [], []
     for b, d in r["batches"].items():
@@ -327,8 +333,7 @@ def model_rows(r: dict[str, Any], st: Settings) -> tuple[list[dict], list[dict]]
                 "size": bc.fmt_num(cost.get("size_mb"), 1), "bops": bc.fmt_num(cost.get("bops_g"), 1),
                 "agree": bc.REFERENCE if k == ORT_FP32 else bc.fmt_num(f.get("top1_agreement"), 2),
                 "sqnr": bc.REFERENCE if k == ORT_FP32 else bc.fmt_num(f.get("sqnr_db"), 1),
-                "exact": (("yes" if f["bit_exact"] and f["integer_only"] else "NO")
-                          if "bit_exact" in f else None) if k in confs else bc.NA,
+                "exact": _exact(f) if k in confs else bc.NA,
                 "t4": bc.fmt_num(cost.get("t4_predicted_ms"), 2),
                 "error": c.get("error")})
             plan = c.get("plan")

@@ -12,14 +12,11 @@ import tvm
 from tvm import relax
 
 from qcompile import reference as oracle
-from qcompile import zoo
-from qcompile.calibrate import MinMaxObserver
 from qcompile.config import QuantSpec
 from qcompile.lower import lower
-from qcompile.onnx_import import import_onnx, load_model
-from qcompile.prepare import prepare
-from qcompile.quantize import calibration_tensors, quantize_graph
+from qcompile.quantize import quantize_graph
 from qcompile.schedule_cuda import build_cuda, cuda_rules
+from zoo_graphs import linspace_stats, zoo_graph
 
 pytestmark = pytest.mark.gpu
 BATCH = 8
@@ -37,13 +34,8 @@ def _device_arch() -> str:
 @pytest.mark.parametrize("bits", ["int8", "int4", "mixed"])
 def test_zoo_bit_exact_on_gpu(model: str, bits: str, tmp_path) -> None:
     arch = _device_arch()
-    g = prepare(import_onnx(load_model(zoo.save(zoo.build(model, input_size=224),
-                                                tmp_path / f"{model}.onnx"))))
-    obs = {}
-    for k, t in enumerate(calibration_tensors(g)):
-        o = MinMaxObserver()
-        o.update(np.linspace(-1 - k % 3, 2 + k % 3, 64))
-        obs[t] = o
+    g = zoo_graph(model, tmp_path, input_size=224, num_classes=1000)
+    obs = linspace_stats(g)
     plan = None
     if bits == "mixed":
         plan = {n.name: 4 if n.name.startswith(("layer2", "layer4")) else 8

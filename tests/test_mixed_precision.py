@@ -11,33 +11,23 @@ import tvm
 from tvm import relax
 
 from qcompile import reference as oracle
-from qcompile import zoo
 from qcompile.build import build
-from qcompile.calibrate import MinMaxObserver
 from qcompile.config import QuantSpec
 from qcompile.costs import tie_groups
 from qcompile.lower import lower
-from qcompile.onnx_import import import_onnx, load_model
-from qcompile.prepare import prepare
-from qcompile.quantize import calibration_tensors, layer_readers, quantize_graph
+from qcompile.quantize import layer_readers, quantize_graph
 from qcompile.schedule import x86_rules
 from qcompile.targets import make_target
+from zoo_graphs import linspace_stats, zoo_graph
 
 
 @pytest.fixture(scope="module")
 def graph(tmp_path_factory: pytest.TempPathFactory):
-    d = tmp_path_factory.mktemp("r18")
-    return prepare(import_onnx(load_model(zoo.save(
-        zoo.build("resnet18", input_size=32, num_classes=10), d / "resnet18.onnx"))))
+    return zoo_graph("resnet18", tmp_path_factory.mktemp("r18"))
 
 
 def _stats(g) -> dict:
-    obs = {}
-    for k, t in enumerate(calibration_tensors(g)):
-        o = MinMaxObserver()
-        o.update(np.linspace(-1 - k % 3, 2 + k % 3, 64))
-        obs[t] = o
-    return obs
+    return linspace_stats(g)
 
 
 def _random_plan(g, seed: int) -> dict[str, int]:

@@ -16,6 +16,7 @@ import tvm
 
 from qcompile import zoo
 from qcompile.calibrate import MinMaxObserver
+from qcompile.config import QuantSpec
 from qcompile.kernels import cuda_tc as ct
 from qcompile.lower import lower
 from qcompile.onnx_import import import_onnx, load_model
@@ -23,6 +24,7 @@ from qcompile.prepare import prepare
 from qcompile.quantize import calibration_tensors, quantize_graph
 from qcompile.schedule_cuda import build_cuda, cuda_rules, embedded_fatbins, sass_histogram
 from qcompile.targets import make_target
+from zoo_graphs import linspace_stats, zoo_graph
 
 HAVE_NVCC = shutil.which("nvcc") is not None
 HAVE_CUOBJDUMP = ct.tool_path("cuobjdump") is not None and ct.tool_path("nvdisasm") is not None
@@ -115,3 +117,19 @@ def _write(d: Path, data: bytes) -> Path:
     p = d / "embedded.fatbin"
     p.write_bytes(data)
     return p
+
+
+def test_int4_plan_kernels_issue_native_int4_imma(tmp_path: Path) -> None:
+    """--bits 4 on the T4: every 4-bit layer (weights and input) is an IMMA.8832 kernel,
+    with no sub-byte emulation CALL; the 8-bit stem stays IMMA.8816."""
+    graph = zoo_graph("resnet18", tmp_path, input_size=64)
+    qg = quantize_graph(graph, linspace_stats(graph), QuantSpec(bits=4))
+    low = lower(qg, cuda_rules(1), batch=1)
+    hist = sass_histogram(build_cuda(low.mod, make_target("cuda")).device.binaries[0])
+    int4 = [f for f in low.funcs if low.mod[f].attrs.get("qcompile.int4", False)]
+    assert len(int4) == 19  # 21 layers minus the 8-bit stem and classifier
+    for f in int4:
+        ops = hist[f + "_kernel"]
+        assert any(op.startswith("IMMA.8832.") for op in ops), f"{f}: {ops}"
+        assert not any(op.startswith("CALL") for op in ops), f"{f}: emulated ({ops})"
+    assert "IMMA.8816.S8.S8" in hist["conv2d_nhwc_tc_conv1_kernel"]
