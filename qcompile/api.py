@@ -7,6 +7,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tvm
@@ -18,7 +19,7 @@ from . import reference as oracle
 from .artifact import atomic_dir, check_output_dir, write_json
 from .build import build
 from .calibrate import FloatRunner, collect_stats
-from .readers import load_inputs, make_reader
+from .readers import Reader, load_inputs, make_reader
 from .config import AllocSpec, CalibSpec, Preprocess, QuantSpec
 from .errors import BuildError, UsageError
 from .lower import lower
@@ -33,6 +34,9 @@ from .schedule import x86_rules
 from .schedule_cuda import build_cuda, cuda_rules
 from .serialize import qgraph_to_json
 from .targets import make_target
+
+if TYPE_CHECKING:  # meta-schedule is imported only when --tune asks for it
+    from .tune import TuneReport
 
 
 @dataclass(frozen=True)
@@ -132,7 +136,7 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
     return CompileResult(out_dir, seconds, built.intcheck.ok, n_layers)
 
 
-def _tune_json(report) -> dict | None:  # tune.TuneReport | None
+def _tune_json(report: "TuneReport | None") -> dict | None:
     if report is None:
         return None
     return {"trials_per_task": report.trials, "seconds": round(report.seconds, 1),
@@ -261,7 +265,7 @@ def ort_bench(model: str | Path, *, batch: int = 1, repeat: int = 50, warmup: in
 
 
 # ----------------------------------------------------------------------------- bit allocation
-def _front(model: Path, calib: CalibSpec, progress: bool):  # -> (graph, reader, stats)
+def _front(model: Path, calib: CalibSpec, progress: bool) -> tuple[Graph, Reader, dict]:
     """Import, prepare and calibrate: what sensitivity and allocation start from."""
     proto = load_model(model)
     graph = prepare(import_onnx(proto, batch=1, source=model.name))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -96,10 +97,18 @@ def measured_cost_model(graph: Graph, model_bytes: bytes, stats: Mapping[str, Ob
     """Per-layer kernel latencies measured on this CPU, plus the fitted non-layer overhead."""
     table = latency.measure_layers(graph, target, bits=(4, 8), batch=batch, progress=progress)
     int8 = costs.uniform(costs.layers_of(graph), 8)
-    key = f"{hashlib.sha256(model_bytes).hexdigest()[:20]}|{latency.target_key(target)}|b{batch}"
+    # The kernels' fingerprint is in the key: after a kernel change the per-layer table is
+    # re-measured, and an overhead fitted against the old table would be wrong.
+    key = (f"{hashlib.sha256(model_bytes).hexdigest()[:20]}|{latency.target_key(target)}|"
+           f"b{batch}|{latency.fingerprint()}")
     path = cache_dir() / "overhead.json"
     cached = json.loads(path.read_text()) if path.is_file() else {}
     if key not in cached:
+        load = os.getloadavg()[0]
+        if load > (os.cpu_count() or 1):  # the fit is cached: a busy machine skews it for good
+            warnings.warn(f"load average {load:.1f} on {os.cpu_count()} cores while timing the "
+                          "model: latency predictions will be off; rerun on a quiet machine "
+                          f"after deleting {path}", stacklevel=2)
         whole = _time_core(graph, stats, quant, target, batch, int8)
         cached[key] = {"whole_ms": whole, "layers_ms": table.total(int8)}
         path.parent.mkdir(parents=True, exist_ok=True)
