@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,6 +274,17 @@ def write_results(out_dir: Path, stem: str, data: Mapping[str, Any], markdown: s
     js.write_text(json.dumps(_finite(data), indent=1, default=_json_default, allow_nan=False) + "\n")
     md.write_text(markdown)
     return js, md
+
+
+def finish(out_dir: Path, stem: str, data: Mapping[str, Any], markdown: str,
+           problems: Sequence[str], seconds: float) -> int:
+    """Write the results, print the table and any problems; the script's exit status."""
+    js, md = write_results(out_dir, stem, data, markdown)
+    print(markdown)
+    print(f"wrote {js} and {md}; took {seconds:.0f} s")
+    for p in problems:
+        print(f"error: {p}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def _finite(o: Any) -> Any:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import sys
 import tempfile
 import warnings
@@ -23,7 +22,7 @@ import numpy as np
 import tvm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from peers import interleaved_times  # noqa: E402
+import bench_common as bc  # noqa: E402
 
 from qcompile import api, zoo  # noqa: E402
 from qcompile.config import AllocSpec, CalibSpec, QuantSpec  # noqa: E402
@@ -72,7 +71,7 @@ def run_model(name: str, repeat: int, calib_n: int, work: Path) -> dict:
     xin = np.random.default_rng(0).normal(size=(1,) + tuple(zoo_input(name))).astype(np.float32)
     xt = tvm.runtime.tensor(xin)
     fns = {k: (lambda a=a: a.vm["main"](xt, *a.params)) for k, a in arts.items()}
-    times = interleaved_times(fns, repeat)
+    times = bc.interleaved_rounds(fns, repeat)  # round-robin, order rotated
     for k, v in times.items():
         rows[k].update(median_ms=1e3 * float(np.median(v)), min_ms=1e3 * min(v),
                        max_ms=1e3 * max(v))
@@ -120,12 +119,10 @@ def main() -> None:
         res = [run_model(m, args.repeat, args.calib_samples, Path(d)) for m in args.models]
     table = markdown(res)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = f"plans-{platform.node() or 'host'}-{dt.date.today().isoformat()}"
-    (args.out / f"{stamp}.json").write_text(json.dumps(
-        {"date": dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-         "results": res}, indent=1))
-    (args.out / f"{stamp}.md").write_text(table + "\n")
+    bc.write_results(args.out, bc.result_stem("plans"),
+                     {"date": dt.datetime.now().isoformat(timespec="seconds"),
+                      "command": " ".join(sys.argv), "machine": bc.machine_info(),
+                      "results": res}, table + "\n")
 
 
 if __name__ == "__main__":

@@ -209,12 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             "timing": timing, "mixed_budget_check": {"budget_ms": budget, "measured_ms": m_ms,
                                                      "ratio": ratio},
             "table": bc.table_json(table), "problems": bad}
-    js, md = bc.write_results(a.out, bc.result_stem("resnet50", a.quick), data, markdown)
-    print(markdown)
-    print(f"wrote {js} and {md}; took {wall:.0f} s")
-    for p in bad:
-        print(f"error: {p}", file=sys.stderr)
-    return 1 if bad else 0
+    return bc.finish(a.out, bc.result_stem("resnet50", a.quick), data, markdown, bad, wall)
 
 
 if __name__ == "__main__":

@@ -477,12 +477,7 @@ def main(argv: list[str] | None = None) -> int:
             "wall_seconds": wall, "results": results, "tables": {
                 "main": bc.table_json(main_t), "mixed": bc.table_json(mixed_t)},
             "plot": None if skipped else str(png), "plot_skipped": skipped, "problems": bad}
-    js, md = bc.write_results(args.out, stem, data, markdown)
-    print(markdown)
-    print(f"wrote {js} and {md} in {wall:.0f} s")
-    for p in bad:
-        print(f"error: {p}", file=sys.stderr)
-    return 1 if bad else 0
+    return bc.finish(args.out, stem, data, markdown, bad, wall)
 
 
 if __name__ == "__main__":

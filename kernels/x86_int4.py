@@ -28,9 +28,11 @@ the packed bytes: best when one M tile uses the weights once (batch-1 dense);
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from tvm import te, tirx
+from tvm.ir.expr import ExprWithOp as PrimExpr  # 0.27 has no tirx.PrimExpr class
 from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
 
@@ -118,8 +120,12 @@ def unpack_intrin() -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
     return desc, impl
 
 
-def dot_intrin_int4(c_scope: str, llvm_name: str) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
-    """desc/impl of C[16] += A[4] . unpack(B[8, 4]) (the 16x4 int4 block), C in ``c_scope``."""
+DotFn = Callable[[tirx.Buffer, tirx.Buffer, PrimExpr], PrimExpr]
+
+
+def dot_intrin_int4(c_scope: str, dot: DotFn) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
+    """desc/impl of C[16] += A[4] . unpack(B[8, 4]) (the 16x4 int4 block), C in ``c_scope``;
+    ``dot(C, A, b)`` issues the instruction (x86_vnni's ``vpdpbusd``, the int8 one's too)."""
 
     @T.prim_func(s_tir=True)
     def desc(A: T.Buffer((4,), "uint8", offset_factor=1),
@@ -141,14 +147,7 @@ def dot_intrin_int4(c_scope: str, llvm_name: str) -> tuple[tirx.PrimFunc, tirx.P
         with T.sblock("root"):
             T.reads(C[0:16], A[0:4], B[0:8, 0:4])
             T.writes(C[0:16])
-            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(llvm_name),
-                C.vload([0], dtype="int32x16"),
-                T.reinterpret(
-                    T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16),
-                    dtype="uint8x64"),
-                _unpack64(B),
-                dtype="int32x16")
+            C[T.ramp(T.int32(0), 1, 16)] = dot(C, A, _unpack64(B))
 
     return desc, impl
 

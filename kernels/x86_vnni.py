@@ -49,6 +49,7 @@ Standalone: ``tvm.compile(tvm.IRModule({"main": f}), target)``; inside Relax:
 from __future__ import annotations
 
 import math
+from functools import partial
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -120,19 +121,21 @@ def _dot_intrin(c_scope: str, llvm_name: str = AVX512_VNNI.llvm_intrinsic
         with T.sblock("root"):
             T.reads(C[0:16], A[0:4], B[0:16, 0:4])
             T.writes(C[0:16])
-            # LLVM 22's vpdpbusd.512 takes <64 x i8> operands (the built-in passes i32x16):
-            # broadcast the 4 activation bytes as one i32, then view them as u8x64.
-            # (An `a = ...` binding here would become a local buffer store in the IR.)
-            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(llvm_name),
-                C.vload([0], dtype="int32x16"),
-                T.reinterpret(
-                    T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16),
-                    dtype="uint8x64"),
-                B.vload([0, 0], dtype="int8x64"),
-                dtype="int32x16")
+            C[T.ramp(T.int32(0), 1, 16)] = vpdpbusd(llvm_name, C, A, B.vload([0, 0], "int8x64"))
 
     return desc, impl
+
+
+def vpdpbusd(llvm_name: str, C: tirx.Buffer, A: tirx.Buffer, b: tirx.PrimExpr) -> tirx.PrimExpr:
+    """C[0:16] + A[0:4] . b (64 weight bytes) as one instruction; shared by the int8 and
+    int4 dot intrinsics, which differ only in how they produce ``b``.
+
+    LLVM 22's vpdpbusd.512 takes <64 x i8> operands (the built-in intrinsic passes
+    i32x16): broadcast the 4 activation bytes as one i32, then view them as u8x64.
+    """
+    a = tirx.reinterpret("uint8x64",
+                         tirx.Broadcast(tirx.reinterpret("int32", A.vload([0], "uint8x4")), 16))
+    return tirx.call_llvm_pure_intrin("int32x16", llvm_name, C.vload([0], "int32x16"), a, b)
 
 
 # Accumulators live in a "global"-scope buffer of < 1024 bytes: TVM puts exactly those
@@ -144,8 +147,9 @@ MAX_STACK_BYTES = 1023
 INTRIN = "qcompile_vnni_u8s8s32_16x4"
 TensorIntrin.register(INTRIN, *_dot_intrin(ACC_SCOPE), override=True)
 INTRIN_INT4 = "qcompile_vnni_u8s4s32_16x4"
-TensorIntrin.register(INTRIN_INT4, *dot_intrin_int4(ACC_SCOPE, AVX512_VNNI.llvm_intrinsic),
-                      override=True)
+TensorIntrin.register(
+    INTRIN_INT4, *dot_intrin_int4(ACC_SCOPE, partial(vpdpbusd, AVX512_VNNI.llvm_intrinsic)),
+    override=True)
 
 
 # ----------------------------------------------------------------------------- packing

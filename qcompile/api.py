@@ -47,6 +47,18 @@ class CompileResult:
     num_layers: int
 
 
+def _front(model: Path, calib: CalibSpec, progress: bool, calibrate: bool = True
+           ) -> tuple[Graph, Reader, dict]:
+    """1. Import: load, check, shape-infer, canonicalize (BN folding, fusion).
+    2. Calibrate activation ranges on the float model in onnxruntime (unless not asked)."""
+    proto = load_model(model)
+    graph = prepare(import_onnx(proto, batch=1, source=model.name))
+    reader = make_reader(calib, graph.input, graph.input_shape)
+    stats = (collect_stats(proto, calibration_tensors(graph), reader, calib.method, calib,
+                           progress) if calibrate else {})
+    return graph, reader, stats
+
+
 def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm",
                   quant: QuantSpec = QuantSpec(), calib: CalibSpec = CalibSpec(),
                   progress: bool = True, batch: int = 1, kernels: bool = True,
@@ -65,12 +77,8 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
     model, out_dir = Path(model), Path(out_dir)
     check_output_dir(out_dir, protect=(model,))
     tgt = make_target(target)
-    # 1. Import: load, check, shape-infer, canonicalize (BN folding, fusion).
-    proto = load_model(model)
-    graph = prepare(import_onnx(proto, batch=1, source=model.name))
-    # 2. Calibrate activation ranges on the float model in onnxruntime.
-    reader = make_reader(calib, graph.input, graph.input_shape)
-    stats = collect_stats(proto, calibration_tensors(graph), reader, calib.method, calib, progress)
+    # 1-2. Import (load, check, shape-infer, canonicalize), calibrate in onnxruntime.
+    graph, reader, stats = _front(model, calib, progress)
     # 3. Mixed precision: sensitivity + per-layer latency + ILP under the budgets.
     allocation = None
     if alloc.active:
@@ -146,13 +154,10 @@ def _tune_json(report: "TuneReport | None") -> dict | None:
 
 def cost_summary(graph: Graph, qg: QGraph) -> dict:
     """Size and BOPs of the compiled plan, plus the T4 model's latency (labelled)."""
-    layers = costs.layers_of(graph)
     plan = {n.name: int(n.attrs["bits"]) for n in qg.nodes if n.op in ("qconv", "qdense")}
-    return {"bits": plan, "size_mb": costs.size_mb(layers, plan),
-            "bops_g": costs.bops_g(layers, plan),
-            "t4_latency_ms_batch1": costs.t4_model_ms(layers, plan, 1,
-                                                      costs.t4_other_ms(graph, 1)),
-            "t4_label": costs.PREDICTED}
+    c = costs.summarize(graph, plan, batch=1)
+    return {"bits": plan, "size_mb": c.size_mb, "bops_g": c.bops_g,
+            "t4_latency_ms_batch1": c.latency_ms, "t4_label": c.label}
 
 
 def _target_str(tgt: tvm.target.Target) -> str:
@@ -265,15 +270,6 @@ def ort_bench(model: str | Path, *, batch: int = 1, repeat: int = 50, warmup: in
 
 
 # ----------------------------------------------------------------------------- bit allocation
-def _front(model: Path, calib: CalibSpec, progress: bool) -> tuple[Graph, Reader, dict]:
-    """Import, prepare and calibrate: what sensitivity and allocation start from."""
-    proto = load_model(model)
-    graph = prepare(import_onnx(proto, batch=1, source=model.name))
-    reader = make_reader(calib, graph.input, graph.input_shape)
-    stats = collect_stats(proto, calibration_tensors(graph), reader, calib.method, calib, progress)
-    return graph, reader, stats
-
-
 def pin_matches(model: str | Path, pins: tuple[str, ...]) -> dict[str, list[str]]:
     """What each ``--pin`` glob matches (the dry run), without measuring anything."""
     from .allocate import pin_dry_run
@@ -289,9 +285,7 @@ def sensitivity_model(model: str | Path, *, method: str = "hessian", calib: Cali
     from .sensitivity import compute_sensitivity
 
     model = Path(model)
-    proto = load_model(model)
-    graph = prepare(import_onnx(proto, batch=1, source=model.name))
-    reader = make_reader(calib, graph.input, graph.input_shape)
+    graph, reader, _ = _front(model, calib, progress, calibrate=False)
     x = gather_inputs(reader, num_samples)
     return compute_sensitivity(graph, model.read_bytes(), x, method=method, bits=(4, 8),
                                progress=progress).to_json()
@@ -306,23 +300,21 @@ def allocate_model(model: str | Path, *, target: str = "llvm", alloc: AllocSpec 
     ``pareto_dir``: also sweep the budget (the latency budget unless only size or BOPs is
     given) from all-INT4 to all-INT8 and write the frontier there.
     """
-    from .allocate import parse_budgets, pareto, solve, write_pareto
+    from .allocate import parse_budgets, pareto, write_pareto
     from .bitplan import allocate_bits, problem_for
 
     model = Path(model)
     tgt = make_target(target)
     graph, reader, stats = _front(model, calib, progress)
     a = allocate_bits(graph, model.read_bytes(), reader, stats, tgt, spec=alloc, quant=quant,
-                      batch=batch, progress=progress, budgets=False)
-    problem = problem_for(graph, a.sensitivity, a.cost, alloc, batch)
-    specs = parse_budgets(alloc.latency, alloc.size, alloc.bops)
-    plan = solve(problem, specs) if specs else a.plan
-    out = dataclasses.replace(a, plan=plan).to_json()
+                      batch=batch, progress=progress)
+    out = a.to_json()
     out.update(model=str(model), target=_target_str(tgt), batch=batch)
     if pareto_dir is not None:
         kind = next((k for k, v in (("latency", alloc.latency), ("size", alloc.size),
                                     ("bops", alloc.bops)) if v is not None), "latency")
-        others = [s for s in specs if s.kind != kind]
+        others = [b for b in parse_budgets(alloc.latency, alloc.size, alloc.bops) if b.kind != kind]
+        problem = problem_for(graph, a.sensitivity, a.cost, alloc, batch)
         points = pareto(problem, kind, pareto_alphas, others)
         files = write_pareto(points, pareto_dir)
         out["pareto"] = {"kind": kind, "points": len(points), "json": str(files.json),

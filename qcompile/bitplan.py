@@ -122,10 +122,9 @@ def measured_cost_model(graph: Graph, model_bytes: bytes, stats: Mapping[str, Ob
 
 def allocate_bits(graph: Graph, model_bytes: bytes, reader: Reader,
                   stats: Mapping[str, Observer], target: tvm.target.Target, *, spec: AllocSpec,
-                  quant: QuantSpec = QuantSpec(), batch: int = 1, progress: bool = True,
-                  budgets: bool = True) -> Allocation:
-    """Measure what the ILP needs and solve it (``budgets=False``: no constraints, for
-    reports and sweeps that only want the problem's data)."""
+                  quant: QuantSpec = QuantSpec(), batch: int = 1,
+                  progress: bool = True) -> Allocation:
+    """Measure what the ILP needs and solve it under ``spec``'s budgets."""
     # Step 1. Sensitivity Omega_l(b), cached by model, data and method.
     x = gather_inputs(reader, spec.sensitivity_samples)
     sens = compute_sensitivity(graph, model_bytes, x, method=spec.sensitivity, bits=(4, 8),
@@ -137,8 +136,8 @@ def allocate_bits(graph: Graph, model_bytes: bytes, reader: Reader,
         cost = CostModel(None, None, costs.PREDICTED, {})
     # Step 3. The ILP.
     problem = problem_for(graph, sens, cost, spec, batch)
-    specs = parse_budgets(spec.latency, spec.size, spec.bops) if budgets else ()
-    return Allocation(solve(problem, specs), sens, cost)
+    return Allocation(solve(problem, parse_budgets(spec.latency, spec.size, spec.bops)), sens,
+                      cost)
 
 
 def problem_for(graph: Graph, sens: Sensitivity, cost: CostModel, spec: AllocSpec,

@@ -433,7 +433,7 @@ def sensitivity_cmd(model: str, method: str, calib: str, samples: int, as_json: 
                     layout: str) -> None:
     """Per-layer sensitivity Omega(4), Omega(8) of MODEL (cached on disk)."""
     model_path = _check_model(model)
-    calib_spec = CalibSpec(source=calib, num_samples=max(samples, 1),
+    calib_spec = CalibSpec(source=calib, num_samples=samples,
                            preprocess=_preprocess(model_path, size, resize, mean, std, layout))
     res = _api().sensitivity_model(model_path, method=method, calib=calib_spec,
                                    num_samples=samples, progress=not as_json)

@@ -15,13 +15,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping, Sequence
 
-from .graph import Graph, Node
+from .graph import LAYER_OPS, Graph
 
 PREDICTED = "predicted (T4 roofline model)"
-LAYER_OPS: frozenset[str] = frozenset({"conv", "dense"})
-# Ops that keep their input's quantization (same scale, same bits), so a layer that
-# reads their output really reads the tensor behind them.
-PASS_THROUGH_OPS: frozenset[str] = frozenset({"maxpool", "clip", "flatten", "reshape"})
 # Non-layer ops that cost nothing at run time: views, or fused into the producer.
 FREE_OPS: frozenset[str] = frozenset({"flatten", "reshape", "clip"})
 BIAS_BITS = 32  # int32 bias, one per output channel
@@ -42,7 +38,7 @@ class Layer:
     params: int                     # weight count (bias excluded)
     macs: int                       # multiply-accumulates per sample
     input: str                      # tensor the node reads
-    source: str                     # quantized tensor behind ``input`` (see PASS_THROUGH_OPS)
+    source: str                     # quantized tensor behind ``input`` (``Graph.source_of``)
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     cin: int
@@ -72,17 +68,8 @@ class Layer:
         return math.prod(self.out_shape[1:])
 
 
-def _source(tensor: str, producers: Mapping[str, Node]) -> str:
-    node = producers.get(tensor)
-    while node is not None and node.op in PASS_THROUGH_OPS:
-        tensor = node.inputs[0]
-        node = producers.get(tensor)
-    return tensor
-
-
 def layers_of(graph: Graph) -> list[Layer]:
     """The conv/dense layers of a canonical graph, in graph order."""
-    producers = {n.output: n for n in graph.nodes}
     layers = []
     for n in graph.nodes:
         if n.op not in LAYER_OPS:
@@ -93,7 +80,7 @@ def layers_of(graph: Graph) -> list[Layer]:
         cout = int(w.shape[0])
         per_out = int(w.size) // cout  # MACs per output element
         common = dict(name=n.name, op=n.op, params=int(w.size), input=n.inputs[0],
-                      source=_source(n.inputs[0], producers), in_shape=in_shape,
+                      source=graph.source_of(n.inputs[0]), in_shape=in_shape,
                       out_shape=out_shape, cout=cout, macs=math.prod(out_shape[1:]) * per_out)
         if n.op == "conv":
             group = int(n.attrs.get("group", 1))

@@ -38,6 +38,11 @@ import numpy as np
 CANONICAL_OPS: frozenset[str] = frozenset(
     {"conv", "dense", "add", "clip", "maxpool", "avgpool", "gap", "flatten",
      "reshape", "concat", "softmax"})
+# The layers: what carries weights, gets a bit width, and costs MACs.
+LAYER_OPS: frozenset[str] = frozenset({"conv", "dense"})
+# Ops whose output keeps the input's integer type and scale: a tensor's precision is
+# decided where it is requantized and flows through these unchanged.
+PASSTHROUGH_OPS: frozenset[str] = frozenset({"maxpool", "clip", "flatten", "reshape"})
 
 
 def _freeze(d: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -87,6 +92,15 @@ class Graph:
             if n.output == tensor:
                 return n
         return None
+
+    def source_of(self, tensor: str) -> str:
+        """The requantized tensor behind ``tensor``, traced back through PASSTHROUGH_OPS:
+        the one quantized tensor (one width, one scale) a layer reading it really reads."""
+        node = self.producer(tensor)
+        while node is not None and node.op in PASSTHROUGH_OPS:
+            tensor = node.inputs[0]
+            node = self.producer(tensor)
+        return tensor
 
     def consumers(self, tensor: str) -> list[Node]:
         """Nodes that read ``tensor``, in graph order."""

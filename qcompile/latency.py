@@ -59,16 +59,15 @@ from tvm import relax  # noqa: E402
 from .artifact import atomic_write_bytes  # noqa: E402
 from .build import legalize  # noqa: E402
 from .errors import UsageError  # noqa: E402
-from .graph import Graph, Node  # noqa: E402
+from .graph import LAYER_OPS, Graph, Node  # noqa: E402
 from .kernels import x86_rules as krules  # noqa: E402
-from .quantize import _raw_output_producer  # noqa: E402  (the quantizer's own rule)
+from .quantize import raw_output_producer  # noqa: E402  (the quantizer's own rule)
 from .targets import cpu_flags, make_target  # noqa: E402
 
 LayerDesc = krules.LayerDesc
 CACHE_FORMAT = 1
 GENERIC = "generic"          # kernel name of TVM's legalized (unscheduled) fallback
 UNAVAILABLE = "unavailable"  # no such bit width on this kernel library yet
-_LAYER_OPS = ("conv", "dense")
 # Ops whose output keeps the input's integer type (quantize.py: passthrough / pool / clip).
 _SAME_DTYPE = ("maxpool", "clip", "flatten", "reshape", "gap", "avgpool", "softmax")
 TARGET_SAMPLE_MS = 1        # each timing sample runs >= this long (number auto-scaled)
@@ -131,8 +130,8 @@ def layer_descs(graph: Graph, batch: int = 1) -> dict[str, LayerDesc]:
     """
     if batch <= 0:
         raise UsageError(f"batch must be positive, got {batch}")
-    raw_name = _raw_output_producer(graph)
-    return {n.name: _desc(graph, n, batch, raw_name) for n in graph.nodes if n.op in _LAYER_OPS}
+    raw_name = raw_output_producer(graph)
+    return {n.name: _desc(graph, n, batch, raw_name) for n in graph.nodes if n.op in LAYER_OPS}
 
 
 def supports_w_bits() -> bool:

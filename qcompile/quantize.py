@@ -15,7 +15,7 @@ import numpy as np
 
 from .config import QuantSpec
 from .errors import UnsupportedOpError
-from .graph import Graph, Node
+from .graph import LAYER_OPS, Graph, Node
 from .qgraph import INT32, QGraph, QNode, QTensor, QType
 
 M_BITS = 31      # dyadic multipliers are below 2^31
@@ -92,7 +92,7 @@ class _Quantizer:
         self.layer_bits = layer_bits(graph, spec, bits)
         self.act_bits = activation_bits(graph, self.layer_bits)
         self.t: dict[str, QTensor] = {}
-        self.raw = _raw_output_producer(graph)
+        self.raw = raw_output_producer(graph)
 
     def node_bits(self, n: Node) -> int:
         return self.layer_bits[n.name]
@@ -237,7 +237,7 @@ def _window_counts(in_hw: tuple[int, int], out_hw: tuple[int, int], attrs: Mappi
     return cnt
 
 
-def _raw_output_producer(g: Graph) -> str | None:
+def raw_output_producer(g: Graph) -> str | None:
     """The conv/dense whose int32 accumulator can be the graph output (logits).
 
     Keeping the last layer's accumulator un-requantized costs nothing and keeps
@@ -262,7 +262,7 @@ def _raw_output_producer(g: Graph) -> str | None:
 
 def calibration_tensors(graph: Graph) -> list[str]:
     """Tensors whose ranges quantization needs, in graph order."""
-    raw = _raw_output_producer(graph)
+    raw = raw_output_producer(graph)
     names = [graph.input]
     for n in graph.nodes:
         if n.op in ("conv", "dense", "add", "avgpool", "gap", "concat") and n.name != raw:
@@ -270,10 +270,6 @@ def calibration_tensors(graph: Graph) -> list[str]:
     return names
 
 
-LAYER_OPS = ("conv", "dense")
-# Ops whose output keeps the input's integer type and scale: a tensor's precision is
-# decided where it is requantized, and flows through these unchanged.
-PASSTHROUGH = ("maxpool", "clip", "flatten", "reshape")
 # Tensors that feed no conv/dense (residual sums, pool inputs) enter no multiply with a
 # weight, so they cost no BOPs: they stay 8-bit whatever the layers around them use.
 ACT_BITS_NO_LAYER = 8
@@ -300,29 +296,18 @@ def layer_bits(graph: Graph, spec: QuantSpec, plan: Mapping[str, int] | None = N
     return out
 
 
-def layer_readers(graph: Graph, tensor: str) -> list[Node]:
-    """conv/dense nodes that read ``tensor``, directly or through pass-through ops."""
-    found, todo = [], [tensor]
-    while todo:
-        for c in graph.consumers(todo.pop()):
-            if c.op in LAYER_OPS:
-                found.append(c)
-            elif c.op in PASSTHROUGH:
-                todo.append(c.output)
-    return found
-
-
 def activation_bits(graph: Graph, lbits: Mapping[str, int]) -> dict[str, int]:
-    """Width of each tensor that feeds a layer: the width of its reading layers.
+    """Width of each requantized tensor that feeds a layer (directly or through
+    PASSTHROUGH_OPS): the width of the layers reading it.
 
     Readers of one tensor should agree (the allocator ties them); if a hand-written
     plan makes them disagree, the wider one wins so no layer sees less than it asked for.
     """
-    out = {}
-    for t in [graph.input] + [n.output for n in graph.nodes]:
-        readers = layer_readers(graph, t)
-        if readers:
-            out[t] = max(lbits[r.name] for r in readers)
+    out: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op in LAYER_OPS:
+            src = graph.source_of(n.inputs[0])
+            out[src] = max(out.get(src, 0), lbits[n.name])
     return out
 
 

@@ -27,10 +27,9 @@ from tvm.s_tir import dlight
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
 from .errors import UnsupportedOpError
-from .graph import Graph, Node
+from .graph import LAYER_OPS, Graph, Node
 from .targets import make_target
 
-LAYER_OPS: frozenset[str] = frozenset({"conv", "dense"})
 Emitter = Callable[[relax.BlockBuilder, Node, list[relax.Expr], "_Ctx"], relax.Expr]
 
 
