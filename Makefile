@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.stamp
 PYTHON3 ?= python3
 
-.PHONY: venv test test-slow test-gpu demo bench bench-effnet clean
+.PHONY: venv test test-slow test-gpu demo bench bench-effnet clean corpus onnx-backend-sweep
 
 venv: $(STAMP)
 
@@ -44,6 +44,24 @@ bench-effnet: venv
 	$(PY) -m pip install --quiet -e '.[models]'
 	test -f models/efficientnet_lite0.onnx || $(PY) tools/export_efficientnet.py -o models/efficientnet_lite0.onnx
 	$(PY) benchmarks/effnet_fidelity.py --model models/efficientnet_lite0.onnx
+
+# GitHub issue 9: real-world ONNX models. `make corpus` exports the corpus (raw torch
+# exports of torchvision/timm models, cached under ~/.cache/qcompile/corpus) and compiles,
+# checks and times each one; QUICK=1 for a representative subset. Torch first (the CPU
+# wheel), torchvision without its deps (they name the CUDA torch; see DATA.md).
+corpus: venv
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet --no-deps torchvision==0.28.0
+	$(PY) -m pip install --quiet -e '.[corpus]'
+	$(PY) tools/export_corpus.py $(CORPUS_ARGS)
+	$(PY) benchmarks/corpus.py $(QUICK_FLAG) $(BENCH_ARGS)
+
+# Every ONNX backend node test through `qcompile compile`: compiled / refused / traceback /
+# hang. Needs the Debian package libonnx-testdata (installed here when apt-get can).
+onnx-backend-sweep: venv
+	@test -d /usr/share/libonnx-testdata/data/node || (apt-get update && apt-get install -y libonnx-testdata) \
+		|| (echo "install libonnx-testdata (apt-get install -y libonnx-testdata)" >&2; exit 1)
+	$(PY) benchmarks/onnx_backend_sweep.py $(QUICK_FLAG) $(BENCH_ARGS)
 
 clean:
 	rm -rf out build dist .pytest_cache .qcompile-cache

@@ -1,0 +1,329 @@
+"""Try to compile every ONNX backend node test model and classify what a user would see.
+
+    python benchmarks/onnx_backend_sweep.py [--root DIR] [--suites node] [--timeout 120]
+        [--workers 2] [--limit N] [--match SUBSTR] [--quick]
+
+The models come from the Debian package ``libonnx-testdata``
+(``apt-get install -y libonnx-testdata``: ``/usr/share/libonnx-testdata/data/<suite>/
+<test>/model.onnx``; ~930 single-op ``node`` tests).  Each one is compiled by the
+``qcompile`` CLI's own ``main``, in-process in a worker, exactly as
+``qcompile compile model.onnx -o OUT --target llvm --bits 8 --calib synthetic
+--calib-samples 2 -q`` would run it, and classified:
+
+* ``compiled``  exit 0;
+* ``refused``   a ``QCompileError``: its exit code and the one-line ``error: ...``;
+* ``traceback`` anything else (exit 70, "internal error"): a bug.  The model is run a
+  second time with ``QCOMPILE_DEBUG=1`` to capture the traceback;
+* ``hang``      no answer within ``--timeout`` seconds: the worker is killed and restarted;
+* ``crash``     the worker died (a signal such as SIGSEGV, or out of memory).
+
+A pool of ``--workers`` worker processes each handle many models (TVM is imported once
+per worker).  Results go to ``benchmarks/results/onnx-backend-sweep-<date>.{json,md}``.
+Exits 1 when there is any traceback, hang or crash.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import datetime as dt
+import io
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import Stopwatch, finish, machine_info  # noqa: E402
+
+DEFAULT_ROOT = Path("/usr/share/libonnx-testdata/data")
+RESULTS = Path(__file__).resolve().parent / "results"
+CLASSES = ("compiled", "refused", "traceback", "hang", "crash")
+BUGS = ("traceback", "hang", "crash")
+
+
+# ----------------------------------------------------------------------------- the worker
+def _cli_args(model: Path, out: Path, samples: int) -> list[str]:
+    return ["compile", str(model), "-o", str(out), "--target", "llvm", "--bits", "8",
+            "--calib", "synthetic", "--calib-samples", str(samples), "-q"]
+
+
+def _run_cli(main: Any, args: list[str]) -> tuple[int, str, str | None]:
+    """(exit code, captured stderr, traceback if an exception escaped ``main``)."""
+    err = io.StringIO()
+    tb = None
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main.main(args, prog_name="qcompile", standalone_mode=True)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException as e:  # noqa: BLE001 - a bug: keep the whole story
+            code = 70
+            tb = traceback.format_exc()
+            err.write(f"internal error: {type(e).__name__}: {e}\n")
+    return code, err.getvalue(), tb
+
+
+def _error_line(stderr: str) -> str:
+    """The line a user would read: the last ``error:``/``internal error:`` line."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    errs = [ln for ln in lines if ln.startswith(("error:", "internal error:"))]
+    return (errs or lines or [""])[-1][:500]
+
+
+def compile_one(main: Any, model: Path, samples: int) -> dict[str, Any]:
+    """Compile one model through the CLI; the classified outcome."""
+    work = Path(tempfile.mkdtemp(prefix="qc-sweep-"))
+    t = time.perf_counter()
+    try:
+        code, stderr, tb = _run_cli(main, _cli_args(model, work / "out", samples))
+        rec: dict[str, Any] = {"exit_code": code, "line": _error_line(stderr) if code else ""}
+        if code == 0:
+            rec["class"] = "compiled"
+        elif code in (2, 3, 4, 5, 6, 7, 8, 9):
+            rec["class"] = "refused"
+        else:
+            rec["class"] = "traceback"
+            if tb is None:  # the CLI swallowed it (exit 70): rerun with the traceback on
+                shutil.rmtree(work / "out", ignore_errors=True)
+                os.environ["QCOMPILE_DEBUG"] = "1"
+                try:
+                    _, _, tb = _run_cli(main, _cli_args(model, work / "out", samples))
+                finally:
+                    os.environ.pop("QCOMPILE_DEBUG", None)
+            rec["traceback"] = tb or "(no traceback: exited with code %d)" % code
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    rec["seconds"] = round(time.perf_counter() - t, 2)
+    return rec
+
+
+def _worker(conn: Connection, samples: int) -> None:
+    # TVM and LLVM print from C++ straight to fds 1/2; keep them out of the parent's output.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.environ.pop("QCOMPILE_DEBUG", None)
+    import warnings
+    warnings.simplefilter("ignore")
+    from qcompile.cli import main
+    conn.send(("ready", None))
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        if job is None:
+            return
+        conn.send((job, compile_one(main, Path(job), samples)))
+
+
+class Worker:
+    """One worker process and its pipe; ``job`` is the model it is working on."""
+
+    def __init__(self, ctx: Any, samples: int) -> None:
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(child, samples), daemon=True)
+        self.proc.start()
+        child.close()
+        self.job: str | None = None
+        self.since = 0.0
+        self.ready = False
+
+    def give(self, job: str) -> None:
+        self.job, self.since = job, time.monotonic()
+        self.conn.send(job)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.join(5)
+        self.conn.close()
+
+
+# ----------------------------------------------------------------------------- the pool
+def sweep(models: list[Path], root: Path, workers: int, timeout: float, samples: int,
+          startup: float = 120.0) -> dict[str, dict[str, Any]]:
+    """Classify every model; a hung or dead worker is replaced and the sweep goes on."""
+    ctx = mp.get_context("spawn")
+    queue = collections.deque(str(m) for m in models)
+    results: dict[str, dict[str, Any]] = {}
+    pool = [Worker(ctx, samples) for _ in range(min(workers, len(queue)) or 1)]
+    t0 = time.monotonic()
+    for w in pool:
+        w.since = t0
+
+    def name(job: str) -> str:
+        return str(Path(job).parent.relative_to(root))
+
+    def replace(w: Worker) -> None:
+        w.kill()
+        pool[pool.index(w)] = nw = Worker(ctx, samples)
+        nw.since = time.monotonic()
+
+    while queue or any(w.job for w in pool):
+        for w in pool:
+            if w.ready and w.job is None and queue:
+                w.give(queue.popleft())
+        ready = wait([w.conn for w in pool] + [w.proc.sentinel for w in pool], timeout=1.0)
+        for w in list(pool):
+            if w.conn in ready:
+                try:
+                    job, rec = w.conn.recv()
+                except (EOFError, OSError):
+                    job, rec = None, None
+                if job == "ready":
+                    w.ready = True
+                    continue
+                if rec is not None:
+                    results[name(job)] = rec
+                    _progress(len(results), len(models), name(job), rec)
+                    w.job = None
+                    continue
+            if not w.proc.is_alive() or (w.conn in ready and rec is None):
+                if w.job is None and not w.ready:
+                    raise RuntimeError("a sweep worker died while starting (is qcompile "
+                                       "importable from this Python?)")
+                if w.job is not None:
+                    rec = {"class": "crash", "exit_code": w.proc.exitcode,
+                           "line": f"worker died (exit code {w.proc.exitcode})",
+                           "seconds": round(time.monotonic() - w.since, 2)}
+                    results[name(w.job)] = rec
+                    _progress(len(results), len(models), name(w.job), rec)
+                replace(w)
+                continue
+            limit = timeout if w.ready else startup
+            if (w.job is not None or not w.ready) and time.monotonic() - w.since > limit:
+                if w.job is not None:
+                    rec = {"class": "hang", "exit_code": None,
+                           "line": f"no result after {timeout:.0f} s (worker killed)",
+                           "seconds": round(time.monotonic() - w.since, 2)}
+                    results[name(w.job)] = rec
+                    _progress(len(results), len(models), name(w.job), rec)
+                replace(w)
+    for w in pool:
+        with contextlib.suppress(OSError):
+            w.conn.send(None)
+        w.proc.join(5)
+        if w.proc.is_alive():
+            w.kill()
+    return results
+
+
+def _progress(done: int, total: int, name: str, rec: dict[str, Any]) -> None:
+    line = f" {rec['line'][:110]}" if rec.get("line") else ""
+    print(f"[{done}/{total}] {name}: {rec['class']} ({rec['seconds']:.1f} s){line}", flush=True)
+
+
+# ----------------------------------------------------------------------------- report
+def first_line(rec: dict[str, Any]) -> str:
+    line = rec.get("line") or ""
+    return line.removeprefix("internal error: ")
+
+
+def _tb_where(tb: str) -> str:
+    """The innermost ``File ...`` frame inside qcompile (where the bug is), if any."""
+    frames = [ln.strip() for ln in tb.splitlines() if ln.strip().startswith("File ")]
+    ours = [f for f in frames if "/qcompile/" in f or "/kernels/" in f]
+    return (ours or frames or [""])[-1]
+
+
+def render(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
+    counts = collections.Counter(r["class"] for r in results.values())
+    out = [f"# ONNX backend test sweep ({meta['date']})", "",
+           f"{len(results)} models from `{meta['root']}` (suites: {', '.join(meta['suites'])}), "
+           f"each compiled with `qcompile {' '.join(meta['cli'])}`; per-model timeout "
+           f"{meta['timeout_s']:.0f} s; {meta['workers']} workers; took {meta['seconds']:.0f} s "
+           f"on {meta['machine']['label']}.", "",
+           "| class | models |", "| --- | --- |"]
+    out += [f"| {c} | {counts.get(c, 0)} |" for c in CLASSES]
+    codes = collections.Counter(r["exit_code"] for r in results.values() if r["class"] == "refused")
+    if codes:
+        out += ["", "Refusals by exit code: " + ", ".join(
+            f"{c}: {n}" for c, n in sorted(codes.items()))]
+        msgs = collections.Counter(_shape_of(first_line(r)) for r in results.values()
+                                   if r["class"] == "refused")
+        out += ["", "Most common refusals (message with names and numbers elided):", "",
+                "| count | message |", "| --- | --- |"]
+        out += [f"| {n} | {m.replace('|', '/')} |" for m, n in msgs.most_common(15)]
+    for cls in BUGS:
+        bad = sorted((k, r) for k, r in results.items() if r["class"] == cls)
+        if not bad:
+            continue
+        out += ["", f"## {cls} ({len(bad)})", "", "| model | line | where |", "| --- | --- | --- |"]
+        for k, r in bad:
+            where = _tb_where(r.get("traceback", "")) if cls == "traceback" else ""
+            out.append(f"| {k} | `{first_line(r).replace('|', '/')[:200]}` | "
+                       f"{where.replace('|', '/')} |")
+    ok = sorted(k for k, r in results.items() if r["class"] == "compiled")
+    if ok:
+        out += ["", f"## compiled ({len(ok)})", "", ", ".join(ok)]
+    return "\n".join(out) + "\n"
+
+
+def _shape_of(msg: str) -> str:
+    """Group messages that differ only in node/tensor names and numbers."""
+    import re
+    msg = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", msg)
+    msg = re.sub(r"\b(node|input|output|tensor)\s+\S+", r"\1 …", msg)
+    msg = re.sub(r"\d+", "N", msg)
+    return msg[:160]
+
+
+# ----------------------------------------------------------------------------- main
+def find_models(root: Path, suites: list[str], match: str | None) -> list[Path]:
+    models = []
+    for s in suites:
+        models += sorted((root / s).glob("*/model.onnx"))
+    if match:
+        models = [m for m in models if match in m.parent.name]
+    return models
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", type=Path, default=DEFAULT_ROOT)
+    ap.add_argument("--suites", nargs="+", default=["node"],
+                    help="node, pytorch-converted, pytorch-operator, simple (default: node)")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per model")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--samples", type=int, default=2, help="synthetic calibration samples")
+    ap.add_argument("--match", help="only tests whose name contains this")
+    ap.add_argument("--limit", type=int, help="only the first N models")
+    ap.add_argument("--quick", action="store_true", help="every 10th model (a smoke run)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    models = find_models(args.root, args.suites, args.match)
+    if not models:
+        print(f"error: no */model.onnx under {args.root}/{{{','.join(args.suites)}}}; "
+              "install them with `apt-get install -y libonnx-testdata`", file=sys.stderr)
+        return 2
+    if args.quick:
+        models = models[::10]
+    if args.limit:
+        models = models[:args.limit]
+    watch = Stopwatch()
+    results = sweep(models, args.root, args.workers, args.timeout, args.samples)
+    date = dt.date.today().isoformat()
+    meta = {"date": date, "root": str(args.root), "suites": args.suites,
+            "cli": _cli_args(Path("MODEL"), Path("OUT"), args.samples),
+            "timeout_s": args.timeout, "workers": args.workers, "seconds": watch.seconds,
+            "machine": machine_info(), "quick": args.quick}
+    counts = collections.Counter(r["class"] for r in results.values())
+    data = {**meta, "counts": {c: counts.get(c, 0) for c in CLASSES},
+            "models": dict(sorted(results.items()))}
+    stem = f"onnx-backend-sweep-{date}" + ("-quick" if args.quick else "")
+    problems = [f"{k}: {r['class']}: {first_line(r)}" for k, r in sorted(results.items())
+                if r["class"] in BUGS]
+    return finish(args.out, stem, data, render(results, meta), problems, watch.seconds)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
