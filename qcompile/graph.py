@@ -12,11 +12,24 @@ conv       params w (O, I/group, kh, kw) f32, b (O,) f32;
            attrs strides (2), pads (top, left, bottom, right), dilations (2),
            group, act (lo, hi) floats or None (relu = (0, inf), relu6 = (0, 6))
 dense      params w (N, K) f32, b (N,) f32; attrs act.  y = x @ w.T + b
-add        two activation inputs; attrs act
+add        n activation inputs (numpy broadcasting, equal ranks); attrs signs (+-1 each,
+           Sub is (1, -1)), act
+mul        two activation inputs (broadcasting, equal ranks); attrs act.  y = a * b
+affine     one activation input; params scale, shift (float32, broadcastable to the
+           output, same rank); attrs act.  y = x * scale + shift  (Mul/Add/Sub/Div by
+           a constant, a BatchNormalization that follows no conv)
+lut        attrs fn (an ONNX op in activations.UNARY_FUNCTIONS, or PRelu), fn_attrs,
+           times_x (y = x * f(x): SiLU, HardSwish patterns), act; params slope (PRelu)
 clip       attrs lo, hi (a standalone Relu/Clip that could not be fused)
 maxpool    attrs kernel (2), strides (2), pads (4), dilations (2)
 avgpool    attrs kernel, strides, pads, count_include_pad (bool)
-gap        global average pool, keeps dims (N, C, 1, 1)
+gap        global average (mean=True) or sum pool over H, W; attrs mean, keepdims
+lrn        attrs size, alpha, beta, bias (ONNX LRN across channels)
+pad        constant padding; attrs pads (begin..., end...) per axis, value (float)
+transpose  attrs perm
+slice      attrs begin, end, step (one entry per axis, non-negative, clamped)
+gather     attrs axes; params idx<axis> (int64): y = x.take(idx, axis) per axis in turn
+           (nearest Resize, reflect/edge Pad, channel shuffle)
 flatten    attrs axis
 reshape    attrs shape (fully resolved, no -1 / 0)
 concat     attrs axis
@@ -36,13 +49,14 @@ from typing import Any, Mapping
 import numpy as np
 
 CANONICAL_OPS: frozenset[str] = frozenset(
-    {"conv", "dense", "add", "clip", "maxpool", "avgpool", "gap", "flatten",
-     "reshape", "concat", "softmax"})
+    {"conv", "dense", "add", "mul", "affine", "lut", "clip", "maxpool", "avgpool", "gap",
+     "lrn", "pad", "transpose", "slice", "gather", "flatten", "reshape", "concat", "softmax"})
 # The layers: what carries weights, gets a bit width, and costs MACs.
 LAYER_OPS: frozenset[str] = frozenset({"conv", "dense"})
 # Ops whose output keeps the input's integer type and scale: a tensor's precision is
 # decided where it is requantized and flows through these unchanged.
-PASSTHROUGH_OPS: frozenset[str] = frozenset({"maxpool", "clip", "flatten", "reshape"})
+PASSTHROUGH_OPS: frozenset[str] = frozenset(
+    {"maxpool", "clip", "flatten", "reshape", "pad", "transpose", "slice", "gather"})
 
 
 def _freeze(d: Mapping[str, Any] | None) -> Mapping[str, Any]:

@@ -45,6 +45,22 @@ def to_nhwc(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a.transpose(NCHW_TO_NHWC)) if a.ndim == 4 else a
 
 
+def stored_order(rank: int) -> tuple[int, ...]:
+    """Logical (ONNX) axes in the order ``core`` stores them: 4-D tensors are NHWC,
+    every other rank keeps its logical order."""
+    return NCHW_TO_NHWC if rank == 4 else tuple(range(rank))
+
+
+def stored_axis(axis: int, rank: int) -> int:
+    """Where logical ``axis`` sits in the stored tensor."""
+    return stored_order(rank).index(axis)
+
+
+def _compose(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
+    """x.transpose(a).transpose(b) == x.transpose(_compose(a, b))."""
+    return tuple(a[i] for i in b)
+
+
 class LowerCtx:
     """What a rule may use: emit Relax, own parameters, add PrimFuncs, read types."""
 
@@ -53,9 +69,21 @@ class LowerCtx:
         self.params: list[tuple[str, np.ndarray]] = []
         self.vars: list[relax.Var] = []
         self.funcs: dict[str, str] = {}  # kernel PrimFunc name -> the layer it serves
+        self._perms: dict[relax.Expr, tuple[relax.Expr, tuple[int, ...]]] = {}
 
     def emit(self, e: relax.Expr) -> relax.Var:
         return self.bb.emit(e)
+
+    def permute(self, x: relax.Expr, axes: Sequence[int]) -> relax.Expr:
+        """permute_dims that folds into a permute_dims it directly follows (an NHWC model
+        input followed by its Transpose costs nothing)."""
+        src, before = self._perms.get(x, (x, tuple(range(len(axes)))))
+        total = _compose(before, axes)
+        if total == tuple(range(len(total))):
+            return src
+        v = self.emit(R.permute_dims(src, list(total)))
+        self._perms[v] = (src, total)
+        return v
 
     def param(self, name: str, array: np.ndarray) -> relax.Var:
         """Register a core input holding ``array`` (weights, multipliers ...)."""
@@ -105,13 +133,96 @@ def generic_dense(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Va
 
 
 def generic_qadd(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
-    # quantize.py proved |a*ma + b*mb + r| < 2^31 when it chose int32 lanes
+    # quantize.py proved |sum x_i*m_i + r| < 2^31 when it chose int32 lanes
     acc = n.attrs.get("acc_dtype", "int64")
-    p = {k: ctx.param(f"{n.name}.{k}", n.params[k].astype(acc)) for k in ("ma", "mb", "r", "s")}
-    va = ctx.emit(R.multiply(R.astype(xs[0], acc), p["ma"]))
-    vb = ctx.emit(R.multiply(R.astype(xs[1], acc), p["mb"]))
-    v = ctx.emit(R.add(R.add(va, vb), p["r"]))
-    return ctx.clip_cast(ctx.emit(R.right_shift(v, p["s"])), n)
+    v = None
+    for i, x in enumerate(xs):
+        term = ctx.emit(R.multiply(R.astype(x, acc), ctx.param(f"{n.name}.m{i}",
+                                                              n.params[f"m{i}"].astype(acc))))
+        v = term if v is None else ctx.emit(R.add(v, term))
+    v = ctx.emit(R.add(v, ctx.param(f"{n.name}.r", n.params["r"].astype(acc))))
+    return ctx.clip_cast(ctx.emit(R.right_shift(v, ctx.param(f"{n.name}.s",
+                                                               n.params["s"].astype(acc)))), n)
+
+
+def generic_qmul(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
+    prod = ctx.emit(R.multiply(R.astype(xs[0], "int32"), R.astype(xs[1], "int32")))  # < 2^16
+    return ctx.requant(prod, n)
+
+
+def generic_qaffine(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
+    v = ctx.emit(R.multiply(R.astype(xs[0], "int64"), ctx.qparam(n, "m")))
+    v = ctx.emit(R.add(v, ctx.qparam(n, "c")))
+    return ctx.clip_cast(ctx.emit(R.right_shift(v, ctx.qparam(n, "s"))), n)
+
+
+def _channel_offsets(rank: int, channels: int, stride: int) -> relax.Expr:
+    """c * stride laid out to broadcast along the stored channel axis."""
+    shape = [1] * rank
+    shape[stored_axis(1, rank)] = channels
+    return relax.const((np.arange(channels, dtype=np.int32) * stride).reshape(shape))
+
+
+def generic_lut(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
+    table = n.params["table"]
+    rows, width = table.shape
+    idx = ctx.emit(R.add(R.astype(xs[0], "int32"), relax.const(np.int32(n.attrs["offset"]))))
+    if rows > 1:  # one table per channel (PRelu)
+        rank = len(ctx.qg.tensors[n.output].shape)
+        idx = ctx.emit(R.add(idx, _channel_offsets(rank, rows, width)))
+    flat = ctx.param(f"{n.name}.table", table.reshape(-1))
+    return ctx.emit(R.take(flat, idx, axis=0))
+
+
+def generic_lrn(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
+    size, c = n.attrs["size"], ctx.qg.tensors[n.output].shape[1]
+    sq = ctx.emit(R.astype(xs[0], "int32"))
+    sq = ctx.emit(R.multiply(sq, sq))
+    sq = ctx.emit(R.nn.pad(sq, [0, 0, 0, 0, 0, 0, (size - 1) // 2, size // 2]))
+    total = None
+    for i in range(size):
+        part = ctx.emit(R.strided_slice(sq, [3], [i], [i + c]))
+        total = part if total is None else ctx.emit(R.add(total, part))
+    idx = ctx.emit(R.right_shift(total, relax.const(np.int32(n.attrs["k"]))))
+    mult = ctx.emit(R.take(ctx.qparam(n, "table", nhwc=False), idx, axis=0))
+    v = ctx.emit(R.multiply(R.astype(xs[0], "int64"), mult))
+    v = ctx.emit(R.add(v, ctx.qparam(n, "r")))
+    return ctx.clip_cast(ctx.emit(R.right_shift(v, ctx.qparam(n, "s"))), n)
+
+
+def generic_pad(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
+    p = n.attrs["pads"]
+    rank = len(p) // 2
+    width = [w for a in stored_order(rank) for w in (p[a], p[rank + a])]
+    return ctx.emit(R.nn.pad(xs[0], width, "constant", int(n.attrs["value"])))
+
+
+def generic_transpose(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Expr:
+    perm = tuple(n.attrs["perm"])
+    order = stored_order(len(perm))
+    inverse = tuple(int(i) for i in np.argsort(order))
+    return ctx.permute(xs[0], _compose(_compose(inverse, perm), order))
+
+
+def generic_slice(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
+    a = n.attrs
+    order = stored_order(len(a["begin"]))
+    axes = [j for j, ax in enumerate(order) if (a["begin"][ax], a["step"][ax]) != (0, 1)
+            or a["end"][ax] != ctx.qg.tensors[n.inputs[0]].shape[ax]]
+    if not axes:
+        return xs[0]
+    return ctx.emit(R.strided_slice(xs[0], axes, [a["begin"][order[j]] for j in axes],
+                                    [a["end"][order[j]] for j in axes],
+                                    [a["step"][order[j]] for j in axes], assume_inbound=True))
+
+
+def generic_gather(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
+    x = xs[0]
+    rank = len(ctx.qg.tensors[n.output].shape)
+    for axis in n.attrs["axes"]:
+        idx = relax.const(n.params[f"idx{axis}"].astype(np.int32))
+        x = ctx.emit(R.take(x, idx, axis=stored_axis(axis, rank)))
+    return x
 
 
 def generic_clip(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
@@ -136,17 +247,19 @@ def generic_avgpool(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.
 
 
 def generic_gap(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
-    acc = ctx.emit(R.sum(R.astype(xs[0], "int32"), axis=[1, 2], keepdims=True))
+    keep = n.attrs.get("keepdims", True)
+    acc = ctx.emit(R.sum(R.astype(xs[0], "int32"), axis=[1, 2], keepdims=keep))
     return ctx.requant(acc, n)
 
 
-def generic_reshape(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
+def generic_reshape(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Expr:
     x = xs[0]
-    shape = x.ty.shape
-    if len(shape) == 4:  # back to NCHW so the flattening order is ONNX's
-        x = ctx.emit(R.permute_dims(x, NHWC_TO_NCHW))
-    out = list(n.attrs["shape"][1:])  # rank <= 3: quantize.py refuses 4-D reshapes
-    return ctx.emit(R.reshape(x, [shape[0]] + out))
+    batch = x.ty.shape[0]
+    if len(x.ty.shape) == 4:  # back to NCHW so the element order is ONNX's
+        x = ctx.permute(x, NHWC_TO_NCHW)
+    out = list(n.attrs["shape"][1:])
+    y = ctx.emit(R.reshape(x, [batch] + out))
+    return ctx.permute(y, NCHW_TO_NHWC) if len(out) == 3 else y
 
 
 def generic_concat(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
@@ -158,6 +271,9 @@ def generic_concat(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.V
 
 GENERIC: dict[str, Rule] = {
     "qconv": generic_conv, "qdense": generic_dense, "qadd": generic_qadd, "clip": generic_clip,
+    "qmul": generic_qmul, "qaffine": generic_qaffine, "lut": generic_lut, "lrn": generic_lrn,
+    "pad": generic_pad, "transpose": generic_transpose, "slice": generic_slice,
+    "gather": generic_gather,
     "maxpool": generic_maxpool, "avgpool": generic_avgpool, "gap": generic_gap,
     "flatten": generic_reshape, "reshape": generic_reshape, "concat": generic_concat,
 }
@@ -180,7 +296,8 @@ def lower(qg: QGraph, rules: Sequence[tuple[str, Rule]] = (), batch: int | None 
     used: dict[str, str] = {}
     with bb.function("core"):
         with bb.dataflow():
-            env: dict[str, relax.Expr] = {qg.input.name: bb.emit(R.permute_dims(q, NCHW_TO_NHWC))}
+            env: dict[str, relax.Expr] = {qg.input.name: ctx.permute(
+                q, stored_order(len(qg.input.shape)))}
             for n in qg.nodes:
                 xs = [env[i] for i in n.inputs]
                 out = None
@@ -195,7 +312,7 @@ def lower(qg: QGraph, rules: Sequence[tuple[str, Rule]] = (), batch: int | None 
                 env[n.output] = out
             y = env[qg.output.name]
             if len(qg.output.shape) == 4:
-                y = bb.emit(R.permute_dims(y, NHWC_TO_NCHW))
+                y = ctx.permute(y, NHWC_TO_NCHW)
             out = bb.emit_output(y)
         bb.emit_func_output(out, params=[q] + ctx.vars)
 

@@ -14,16 +14,23 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, NoReturn
+import tempfile
+from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import external_data_helper, helper, numpy_helper, shape_inference, version_converter
 
 from .errors import BadModelError, UnsupportedOpError, UsageError
+from .activations import UNARY_FUNCTIONS
 from .graph import Graph, Node
 
 TARGET_OPSET = 17
+MIN_OPSET = 7
+MAX_INPUT_ELEMENTS = 1 << 28  # 256 Mi input values: far beyond any image batch
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                onnx.TensorProto.BFLOAT16)
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _CONTROL_FLOW = ("If", "Loop", "Scan")
 
@@ -35,12 +42,20 @@ def _one_line(err: BaseException | str) -> str:
 
 # --------------------------------------------------------------------------- loading
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Read, validate and normalise an ONNX file (opset 17, strictly inferred shapes).
+def load_model(path: str | os.PathLike, input_shape: Sequence[int] | None = None
+               ) -> onnx.ModelProto:
+    """Read, validate and normalise an ONNX file: static input shape, constants folded,
+    opset 17, shapes inferred.
 
-    Raises ``BadModelError`` for missing/empty/non-ONNX/invalid/hostile files and
-    ``UnsupportedOpError`` for valid models outside qcompile's scope.  The file on
-    disk is only ever read.
+    ``input_shape`` fixes every dimension of the input (trtexec's ``--shapes`` habit);
+    without it a symbolic batch becomes 1 and any other symbolic dimension is refused
+    with a line that names ``--input-shape``.  Every subgraph that depends only on
+    initializers and static shapes (Shape, ConstantOfShape, Gather, Cast, Range ...) is
+    evaluated by onnxruntime's BASIC graph optimizer, which emits standard ops only.
+
+    Raises ``BadModelError`` for missing/empty/non-ONNX/invalid/hostile files,
+    ``UsageError`` for a bad ``input_shape`` and ``UnsupportedOpError`` for valid models
+    outside qcompile's scope.  The file on disk is only ever read.
     """
     path = os.fspath(path)
     # Step 1. The file itself: clear messages before protobuf gets a say.
@@ -71,15 +86,151 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
                             "keep the .onnx file next to its data files") from None
     # Step 3. Refuse what no later step can lower, before the checker's cryptic view of it.
     _check_scope(model)
-    # Step 4. Checker, opset conversion, strict shape inference.
+    _untyped_outputs_to_float(model)
+    # Step 4. The structural checker.  Shapes are not checked here: exporters leave
+    # outputs without shapes, and everything is re-inferred after the input is fixed.
+    version = _default_opset(model)
+    if not MIN_OPSET <= version:
+        raise UnsupportedOpError(f"{path}: opset {version} is older than {MIN_OPSET}; "
+                                 f"re-export the model with opset {MIN_OPSET} or newer")
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(_for_checker(model))
     except Exception as err:
         raise BadModelError(f"{path}: fails the ONNX checker: {_one_line(err)}") from None
+    _check_io(model, path)
+    _check_weights(model, path)
+    # Step 5. A static input, then constant folding, opset 17 and strict inference.
+    _fix_input(model, input_shape, path)
+    model = _fold_constants(model, path)
     model = _to_target_opset(model, path)
     model = _infer(model, path)
     _check_io(model, path)
     return model
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``1x3x224x224`` (or with commas) -> (1, 3, 224, 224); UsageError otherwise."""
+    parts = [p for p in text.replace(",", "x").lower().split("x")]
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        raise UsageError(f"--input-shape takes dimensions like 1x3x224x224, got {text!r}") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise UsageError(f"--input-shape dimensions must be positive, got {text!r}")
+    return dims
+
+
+def _untyped_outputs_to_float(model: onnx.ModelProto) -> None:
+    """Outputs declared without a type (onnxruntime runs such graphs) get float32 and
+    no shape: the checker insists on a type, and inference fills in the shape."""
+    for out in model.graph.output:
+        if not out.type.HasField("tensor_type") or not out.type.tensor_type.elem_type:
+            out.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+            out.type.tensor_type.ClearField("shape")
+
+
+def _for_checker(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model as the structural checker wants it: every output with a shape field.
+
+    Exporters may leave outputs shapeless, which onnxruntime accepts; the shape only
+    matters after folding, where inference fills it in.  The copy shares nothing."""
+    if all(o.type.tensor_type.HasField("shape") for o in model.graph.output):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for out in copy.graph.output:
+        if not out.type.tensor_type.HasField("shape"):
+            out.type.tensor_type.shape.dim.add().dim_param = "unknown"
+    return copy
+
+
+def _check_weights(model: onnx.ModelProto, path: str) -> None:
+    """NaN or Inf in a float initializer makes every later step garbage: refuse it here."""
+    for t in _all_tensors(model):
+        if t.data_type not in _FLOAT_TYPES or t.data_location == onnx.TensorProto.EXTERNAL \
+                and not t.raw_data:
+            continue
+        try:
+            a = numpy_helper.to_array(t)
+        except Exception as err:
+            raise BadModelError(f"{path}: tensor {t.name!r} cannot be read "
+                                f"({_one_line(err)}); re-export the model") from None
+        if a.size and not np.all(np.isfinite(a)):
+            raise BadModelError(f"{path}: weight {t.name!r} contains NaN or Inf; fix the "
+                                "trained weights before compiling")
+
+
+def _fix_input(model: onnx.ModelProto, input_shape: Sequence[int] | None, path: str) -> None:
+    """Give the input a fully static shape in place: ``input_shape``, else symbolic batch -> 1."""
+    x = _graph_inputs(model)[0]
+    t = x.type.tensor_type
+    dims = t.shape.dim if t.HasField("shape") else []
+    if input_shape is not None:
+        want = tuple(int(d) for d in input_shape)
+        if dims and len(want) != len(dims):
+            raise UsageError(f"--input-shape has {len(want)} dimensions, input {x.name!r} has "
+                             f"{len(dims)}; pass all of them, e.g. 1x3x224x224")
+        for axis, d in enumerate(dims):
+            if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != want[axis] \
+                    and axis != 0:
+                raise UsageError(f"--input-shape sets axis {axis} of input {x.name!r} to "
+                                 f"{want[axis]}, but the model fixes it at {d.dim_value}")
+    else:
+        if not dims:
+            raise UsageError(f"{path}: input {x.name!r} has no shape; pass --input-shape, "
+                             "e.g. --input-shape 1x3x224x224")
+        want = []
+        for axis, d in enumerate(dims):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                want.append(d.dim_value)
+            elif axis == 0:
+                want.append(1)
+            else:
+                name = d.dim_param or "?"
+                raise UsageError(f"{path}: input {x.name!r} has a dynamic dimension {name!r} "
+                                 f"at axis {axis}; fix it with --input-shape, e.g. "
+                                 f"--input-shape {'x'.join(['1', '3', '224', '224'][:len(dims)])}")
+    if any(d == 0 for d in want):
+        raise BadModelError(f"{path}: input {x.name!r} has a zero-sized dimension; "
+                            "re-export it with a real image shape")
+    if math.prod(want) > MAX_INPUT_ELEMENTS:
+        raise UsageError(f"input {x.name!r} of shape {'x'.join(map(str, want))} has more than "
+                         f"{MAX_INPUT_ELEMENTS:,} elements; pass a smaller --input-shape")
+    t.ClearField("shape")
+    for d in want:
+        t.shape.dim.add().dim_value = int(d)
+    # Stale symbolic shapes would fight the fixed ones in strict inference.
+    del model.graph.value_info[:]
+    for out in model.graph.output:
+        out.type.tensor_type.ClearField("shape")
+
+
+def _fold_constants(model: onnx.ModelProto, path: str) -> onnx.ModelProto:
+    """onnxruntime's BASIC optimizer: constant folding (Shape of static tensors included),
+    Identity/Dropout elimination and Conv+BN/Add/Mul fusion, all in standard ops.
+
+    It runs on a static input shape, so shape subgraphs become initializers.  The result
+    is read back from the file onnxruntime writes; the caller's model is not touched."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="qcompile-fold-") as tmp:
+        out = os.path.join(tmp, "folded.onnx")
+        opts.optimized_model_filepath = out
+        try:
+            ort.InferenceSession(model.SerializeToString(), opts,
+                                 providers=["CPUExecutionProvider"])
+            folded = onnx.load(out)
+        except Exception as err:
+            raise BadModelError(f"{path}: onnxruntime cannot load the model "
+                                f"({_one_line(err)}); check it with onnx.checker and "
+                                "onnxruntime first") from None
+    # onnxruntime may leave initializers listed as inputs; keep the single real input.
+    inits = {t.name for t in folded.graph.initializer}
+    keep = [v for v in folded.graph.input if v.name not in inits]
+    del folded.graph.input[:]
+    folded.graph.input.extend(keep)
+    return folded
 
 
 def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
@@ -128,8 +279,10 @@ def _default_opset(model: onnx.ModelProto) -> int:
 
 
 def _to_target_opset(model: onnx.ModelProto, path: str) -> onnx.ModelProto:
+    """Older opsets are converted up to 17; newer ones (18+) are kept as they are, since
+    downgrading loses ops such as Mish and Gelu, and the handlers read both spellings."""
     version = _default_opset(model)
-    if version == TARGET_OPSET:
+    if version >= TARGET_OPSET:
         return model
     try:
         return version_converter.convert_version(model, TARGET_OPSET)
@@ -200,11 +353,6 @@ def _check_io(model: onnx.ModelProto, source: str) -> None:
 
 # --------------------------------------------------------------------------- importing
 
-SUPPORTED_OPS: frozenset[str] = frozenset({
-    "Add", "AveragePool", "BatchNormalization", "Clip", "Concat", "Conv", "Dropout", "Flatten",
-    "Gemm", "GlobalAveragePool", "Identity", "MatMul", "MaxPool", "Relu", "Reshape", "Softmax"})
-
-
 def _unsupported_msg(name: str, op: str) -> str:
     return (f"node {name!r} (op {op}) is not supported; supported ops: "
             f"{', '.join(sorted(SUPPORTED_OPS))}. Replace it or file an issue.")
@@ -253,9 +401,13 @@ def import_onnx(model: onnx.ModelProto, *, batch: int = 1, source: str = "") -> 
                                 "static inferred shape; re-export with static shapes")
         ctx = _Ctx(name, onode, _parse_attrs(onode), consts, shapes)
         for extra in list(onode.output)[1:]:
-            if extra in used:
+            if extra in used and onode.op_type not in _MULTI_OUTPUT:
                 ctx.unsupported(f"output {extra!r}", "only the first output may be used")
-        nodes.append(handler(ctx))
+        made = handler(ctx)
+        nodes.extend(made if isinstance(made, list) else [made])
+    if len(nodes) == 0:
+        raise UnsupportedOpError(f"{src}: the graph does nothing after constant folding "
+                                 "(its output does not depend on the input)")
     activations = {x.name, *(n.output for n in nodes)}  # Constant outputs are not activations
     graph = Graph(input=x.name, input_shape=shapes[x.name], output=g.output[0].name,
                   nodes=tuple(nodes), source=src,
@@ -465,15 +617,6 @@ def _clip(ctx: _Ctx) -> Node:
     return ctx.node((ctx.act(0),), {"min": lo, "max": hi})
 
 
-def _add(ctx: _Ctx) -> Node:
-    c0, c1 = ctx.is_const(0), ctx.is_const(1)
-    if c0 and c1:
-        ctx.unsupported("two constant inputs", "fold constants before compiling")
-    if c0 or c1:
-        return ctx.node((ctx.act(1 if c0 else 0),), {}, {"c": ctx.const(0 if c0 else 1, "c")})
-    return ctx.node((ctx.act(0), ctx.act(1)), {})
-
-
 def _gemm(ctx: _Ctx) -> Node:
     if ctx.attrs.get("transA", 0):
         ctx.unsupported("attribute transA=1", "transpose the input before Gemm")
@@ -519,10 +662,252 @@ def _concat(ctx: _Ctx) -> Node:
     return ctx.node(tuple(ctx.act(i) for i in range(len(ctx.onode.input))), ctx.attrs)
 
 
-_HANDLERS: dict[str, Callable[[_Ctx], Node]] = {
+def _shape_of(ctx: _Ctx, i: int) -> tuple[int, ...]:
+    return ctx.shapes[ctx.onode.input[i]]
+
+
+def _ints(ctx: _Ctx, i: int, role: str) -> tuple[int, ...]:
+    """A constant integer input (shapes, axes, pads ...) as a tuple."""
+    t = ctx.onode.input[i]
+    if t not in ctx.consts:
+        ctx.unsupported(f"non-constant {role} input {t!r}",
+                        f"{role} must be an initializer or foldable to one")
+    return tuple(int(v) for v in np.asarray(ctx.consts[t]).reshape(-1))
+
+
+def _axes(ctx: _Ctx, rank: int, input_index: int = 1) -> tuple[int, ...] | None:
+    """``axes`` from the attribute (old opsets) or the optional input (new ones)."""
+    if "axes" in ctx.attrs:
+        raw = tuple(ctx.attrs["axes"])
+    elif ctx.has(input_index):
+        raw = _ints(ctx, input_index, "axes")
+    else:
+        return None
+    return tuple(sorted(a + rank if a < 0 else a for a in raw))
+
+
+def _elementwise(ctx: _Ctx) -> Node:
+    """Add/Sub/Mul/Div/Sum/Max/Min: activations in ``inputs``, at most one constant ``c``.
+
+    ``const_at`` says where the constant stood, since Sub and Div are not symmetric."""
+    n = len(ctx.onode.input)
+    const_at = [i for i in range(n) if ctx.is_const(i)]
+    if len(const_at) == n:
+        ctx.unsupported("all-constant inputs", "nothing depends on the model input")
+    if len(const_at) > 1:
+        ctx.unsupported("more than one constant input", "fold the constants into one")
+    params = {"c": ctx.const(const_at[0], "constant")} if const_at else {}
+    acts = tuple(ctx.act(i) for i in range(n) if i not in const_at)
+    return ctx.node(acts, {"const_at": const_at[0] if const_at else -1}, params)
+
+
+def _prelu(ctx: _Ctx) -> Node:
+    return ctx.node((ctx.act(0),), {}, {"slope": ctx.const(1, "slope")})
+
+
+def _pad(ctx: _Ctx) -> Node:
+    rank = len(_shape_of(ctx, 0))
+    if "pads" in ctx.attrs:  # opset < 11
+        pads, value = tuple(ctx.attrs["pads"]), float(ctx.attrs.get("value", 0.0))
+    else:
+        pads = _ints(ctx, 1, "pads")
+        value = float(ctx.const(2, "constant_value").reshape(-1)[0]) if ctx.has(2) else 0.0
+    axes = _axes(ctx, rank, input_index=3) if not "pads" in ctx.attrs else None
+    if axes is not None:  # opset 18: pads only for ``axes``
+        full = [0] * (2 * rank)
+        k = len(axes)
+        for j, a in enumerate(axes):
+            full[a], full[rank + a] = pads[j], pads[k + j]
+        pads = tuple(full)
+    if len(pads) != 2 * rank:
+        ctx.unsupported(f"pads of length {len(pads)}", f"need {2 * rank} for rank {rank}")
+    mode = ctx.attrs.get("mode", "constant")
+    if mode not in ("constant", "reflect", "edge"):
+        ctx.unsupported(f"mode={mode}", "only constant, reflect and edge are supported")
+    if any(p < 0 for p in pads):
+        ctx.unsupported("negative pads (cropping)", "use Slice to crop")
+    return ctx.node((ctx.act(0),), {"pads": pads, "mode": mode, "value": value})
+
+
+def _transpose(ctx: _Ctx) -> Node:
+    rank = len(_shape_of(ctx, 0))
+    perm = tuple(int(p) for p in ctx.attrs.get("perm", tuple(range(rank))[::-1]))
+    return ctx.node((ctx.act(0),), {"perm": perm})
+
+
+def _to_shape(ctx: _Ctx) -> Node:
+    """Squeeze/Unsqueeze/Reshape: a reshape to the statically inferred output shape."""
+    if ctx.op == "Reshape" and not ctx.is_const(1):
+        ctx.unsupported(f"non-constant shape input {ctx.onode.input[1]!r}",
+                        "the target shape must be an initializer or foldable to one")
+    node = ctx.node((ctx.act(0),), {"shape": tuple(ctx.shapes[ctx.onode.output[0]])})
+    return node.with_(op="Reshape")
+
+
+def _slice(ctx: _Ctx) -> Node:
+    shape = _shape_of(ctx, 0)
+    rank = len(shape)
+    if "starts" in ctx.attrs:  # opset < 10
+        starts, ends = tuple(ctx.attrs["starts"]), tuple(ctx.attrs["ends"])
+        axes = tuple(ctx.attrs.get("axes", range(len(starts))))
+        steps = (1,) * len(starts)
+    else:
+        starts, ends = _ints(ctx, 1, "starts"), _ints(ctx, 2, "ends")
+        axes = _ints(ctx, 3, "axes") if ctx.has(3) else tuple(range(len(starts)))
+        steps = _ints(ctx, 4, "steps") if ctx.has(4) else (1,) * len(starts)
+    begin, end, step = [0] * rank, list(shape), [1] * rank
+    for a, b, e, st in zip(axes, starts, ends, steps):
+        a = a + rank if a < 0 else a
+        if st <= 0:
+            ctx.unsupported(f"step {st}", "only positive Slice steps are supported")
+        size = shape[a]
+        b = min(max(b + size if b < 0 else b, 0), size)
+        e = min(max(e + size if e < 0 else e, 0), size)
+        begin[a], end[a], step[a] = b, e, st
+    return ctx.node((ctx.act(0),), {"begin": tuple(begin), "end": tuple(end),
+                                    "step": tuple(step)}).with_(op="Slice")
+
+
+def _split(ctx: _Ctx) -> list[Node]:
+    """One Slice node per output: the graph stays single-output per node."""
+    shape = _shape_of(ctx, 0)
+    rank = len(shape)
+    axis = int(ctx.attrs.get("axis", 0))
+    axis = axis + rank if axis < 0 else axis
+    outs = list(ctx.onode.output)
+    if "split" in ctx.attrs:
+        sizes = tuple(ctx.attrs["split"])
+    elif ctx.has(1):
+        sizes = _ints(ctx, 1, "split")
+    else:  # equal parts; opset 18's num_outputs gives the last one the remainder
+        k = len(outs)
+        part = -(-shape[axis] // k)
+        sizes = tuple(min(part, shape[axis] - i * part) for i in range(k))
+    if len(sizes) != len(outs) or sum(sizes) != shape[axis]:
+        ctx.unsupported(f"split sizes {sizes}", f"they must cover axis {axis} of {shape}")
+    nodes, start = [], 0
+    for i, (out, size) in enumerate(zip(outs, sizes)):
+        begin, end = [0] * rank, list(shape)
+        begin[axis], end[axis] = start, start + size
+        start += size
+        if not out:
+            continue
+        nodes.append(Node(op="Slice", name=f"{ctx.name}:{i}" if len(outs) > 1 else ctx.name,
+                          inputs=(ctx.act(0),), output=out,
+                          attrs={"begin": tuple(begin), "end": tuple(end),
+                                 "step": (1,) * rank}))
+    return nodes
+
+
+def _nearest_index(out_size: int, in_size: int, scale: float, ctm: str, mode: str) -> np.ndarray:
+    """ONNX Resize's input index for every output index of one axis, nearest mode."""
+    o = np.arange(out_size, dtype=np.float64)
+    if ctm == "half_pixel":
+        x = (o + 0.5) / scale - 0.5
+    elif ctm == "pytorch_half_pixel":
+        x = (o + 0.5) / scale - 0.5 if out_size > 1 else np.zeros_like(o)
+    elif ctm == "align_corners":
+        x = o * (in_size - 1) / (out_size - 1) if out_size > 1 else np.zeros_like(o)
+    elif ctm == "asymmetric":
+        x = o / scale
+    elif ctm == "tf_half_pixel_for_nn":
+        x = (o + 0.5) / scale
+    else:
+        raise ValueError(ctm)
+    if mode == "round_prefer_floor":
+        i = np.where(x - np.floor(x) == 0.5, np.floor(x), np.round(x))
+    elif mode == "round_prefer_ceil":
+        i = np.where(x - np.floor(x) == 0.5, np.ceil(x), np.round(x))
+    elif mode == "floor":
+        i = np.floor(x)
+    elif mode == "ceil":
+        i = np.ceil(x)
+    else:
+        raise ValueError(mode)
+    return np.clip(i, 0, in_size - 1).astype(np.int64)
+
+
+def _resize(ctx: _Ctx) -> Node:
+    """Nearest Resize/Upsample -> a gather per resized axis, indices computed here."""
+    mode = ctx.attrs.get("mode", "nearest")
+    if mode != "nearest":
+        ctx.unsupported(f"mode={mode}", "only nearest Resize is integer-only here; "
+                        "re-export with mode='nearest'")
+    in_shape, out_shape = _shape_of(ctx, 0), ctx.shapes[ctx.onode.output[0]]
+    ctm = ctx.attrs.get("coordinate_transformation_mode", "half_pixel")
+    nmode = ctx.attrs.get("nearest_mode", "round_prefer_floor")
+    if ctx.op == "Upsample":
+        ctm, nmode = "asymmetric", "floor"
+    if ctm == "tf_crop_and_resize":
+        ctx.unsupported("coordinate_transformation_mode=tf_crop_and_resize", "not supported")
+    scales: tuple[float, ...] = ()
+    scale_input = 2 if ctx.op == "Resize" else 1
+    if ctx.has(scale_input) and ctx.is_const(scale_input):
+        scales = tuple(float(v) for v in ctx.const(scale_input, "scales").reshape(-1))
+    if len(scales) != len(in_shape):
+        scales = tuple(o / i for o, i in zip(out_shape, in_shape))
+    idx = {}
+    for a, (i_size, o_size) in enumerate(zip(in_shape, out_shape)):
+        if i_size == o_size and scales[a] == 1.0:
+            continue
+        if a < 2 and len(in_shape) == 4:
+            ctx.unsupported(f"resizing axis {a}", "only H and W may be resized")
+        try:
+            idx[a] = _nearest_index(o_size, i_size, scales[a], ctm, nmode)
+        except ValueError as err:
+            ctx.unsupported(f"mode {err}", "unknown Resize mode")
+    return Node(op="Gather", name=ctx.name, inputs=(ctx.act(0),), output=ctx.onode.output[0],
+                attrs={"axes": tuple(sorted(idx))},
+                params={f"idx{a}": v for a, v in idx.items()})
+
+
+def _reduce(ctx: _Ctx) -> Node:
+    rank = len(_shape_of(ctx, 0))
+    axes = _axes(ctx, rank) or tuple(range(rank))
+    if ctx.attrs.get("noop_with_empty_axes", 0) and not _axes(ctx, rank):
+        return ctx.node((ctx.act(0),), {}).with_(op="Identity")
+    if rank != 4 or axes != (2, 3):
+        ctx.unsupported(f"axes {axes}", "only reductions over H and W of (N, C, H, W) "
+                                        "are supported")
+    return ctx.node((ctx.act(0),), {"keepdims": bool(ctx.attrs.get("keepdims", 1))})
+
+
+def _lrn(ctx: _Ctx) -> Node:
+    if len(_shape_of(ctx, 0)) != 4:
+        ctx.unsupported("a non-4-D input", "only (N, C, H, W) is supported")
+    a = ctx.attrs
+    return ctx.node((ctx.act(0),), {"size": int(a["size"]), "alpha": float(a.get("alpha", 1e-4)),
+                                    "beta": float(a.get("beta", 0.75)),
+                                    "bias": float(a.get("bias", 1.0))})
+
+
+def _cast(ctx: _Ctx) -> Node:
+    if int(ctx.attrs.get("to", 0)) != onnx.TensorProto.FLOAT:
+        ctx.unsupported(f"a cast to {onnx.TensorProto.DataType.Name(ctx.attrs.get('to', 0))}",
+                        "only casts to float32 inside the network are supported")
+    return ctx.node((ctx.act(0),), {}).with_(op="Identity")
+
+
+def _global_max(ctx: _Ctx) -> Node:
+    if len(_shape_of(ctx, 0)) != 4:
+        ctx.unsupported("a non-4-D input", "only (N, C, H, W) is supported")
+    return ctx.node((ctx.act(0),), {"keepdims": True}).with_(op="ReduceMax")
+
+
+# Unary elementwise functions with a float definition in ``activations.py``: each becomes
+# a table lookup on its quantized input.
+_MULTI_OUTPUT = ("Split",)
+
+_HANDLERS: dict[str, Callable[[_Ctx], "Node | list[Node]"]] = {
     "Conv": _conv, "MaxPool": _pool, "AveragePool": _pool, "BatchNormalization": _batchnorm,
-    "Clip": _clip, "Add": _add, "Gemm": _gemm, "MatMul": _matmul, "Reshape": _reshape,
-    "Dropout": _dropout, "Concat": _concat, "Relu": _unary, "GlobalAveragePool": _gap,
-    "Flatten": _unary, "Softmax": _unary, "Identity": _unary,
+    "Clip": _clip, "Gemm": _gemm, "MatMul": _matmul, "Reshape": _to_shape,
+    "Squeeze": _to_shape, "Unsqueeze": _to_shape, "Dropout": _dropout, "Concat": _concat,
+    "Relu": _unary, "GlobalAveragePool": _gap, "Flatten": _unary, "Softmax": _unary,
+    "Identity": _unary, "Add": _elementwise, "Sub": _elementwise, "Mul": _elementwise,
+    "Div": _elementwise, "Sum": _elementwise, "Max": _elementwise, "Min": _elementwise,
+    "PRelu": _prelu, "Pad": _pad, "Transpose": _transpose, "Slice": _slice, "Split": _split,
+    "Resize": _resize, "Upsample": _resize, "ReduceMean": _reduce, "ReduceSum": _reduce,
+    "ReduceMax": _reduce, "GlobalMaxPool": _global_max, "LRN": _lrn, "Cast": _cast,
+    **{op: _unary for op in UNARY_FUNCTIONS},
 }
-assert set(_HANDLERS) == SUPPORTED_OPS, "keep the handler table and the list in sync"
+SUPPORTED_OPS: frozenset[str] = frozenset(_HANDLERS)

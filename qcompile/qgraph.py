@@ -11,11 +11,24 @@ Integer ops (``QNode.op``):
 qconv      acc = conv2d(x, w) in int32 + bias (int32); if ``raw`` the int32 acc
            is the output, else out = requant(acc) with per-output-channel m/r/s
 qdense     acc = x @ w in int32 + bias, w stored (K, N); then as qconv
-qadd       out = clip((a*ma + b*mb + r) >> s)  (int64, scalars)
+qadd       n inputs: out = clip((sum_i x_i*m<i> + r) >> s)  (m<i> signed scalars; inputs
+           broadcast like NumPy; in int32 when attrs["acc_dtype"] says it cannot overflow,
+           else int64)
+qmul       out = clip((int64(a)*b*m + r) >> s)  (broadcasting; scalars m, r, s)
+qaffine    out = clip((int64(x)*m + c) >> s)  (m, c int64 arrays broadcast against x,
+           m signed; c includes the rounding term; s scalar)
+lut        out = table[ch, x + offset]  (table (1 or C, 2^bits) of the output dtype; ch
+           is the channel (axis 1) when the table has C rows, else 0)
+lrn        S = sum over the channel window [c - (size-1)//2, c + size//2] of x^2 (int32,
+           zero outside); out = clip((int64(x)*table[S >> k] + r) >> s)
 clip       out = clip(x, lo, hi)  (same dtype and scale)
+pad        constant pad with the integer attrs["value"]; attrs pads (begin..., end...)
+transpose  x.transpose(attrs["perm"])
+slice      x[begin:end:step] on every axis
+gather     for each axis a in attrs["axes"]: x = x.take(params["idx<a>"], axis=a)
 maxpool    window max, padding with the dtype's minimum
 avgpool    acc = window sum in int32 with zero padding; out = clip((acc*m[oh,ow] + r) >> s)
-gap        acc = sum over H, W in int32 (keepdims); out = clip((acc*m + r) >> s)
+gap        acc = sum over H, W in int32; out = clip((acc*m + r) >> s); keepdims per attrs
 flatten    reshape to attrs["shape"]
 reshape    reshape to attrs["shape"]
 concat     each input i: requant with (m_i, r_i, s_i) unless attrs["identity"][i]; then concat
@@ -35,8 +48,8 @@ from typing import Any, Mapping
 import numpy as np
 
 QOPS: frozenset[str] = frozenset(
-    {"qconv", "qdense", "qadd", "clip", "maxpool", "avgpool", "gap", "flatten",
-     "reshape", "concat"})
+    {"qconv", "qdense", "qadd", "qmul", "qaffine", "lut", "lrn", "clip", "maxpool", "avgpool",
+     "gap", "pad", "transpose", "slice", "gather", "flatten", "reshape", "concat"})
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import numpy as np
 
 from .config import QuantSpec
 from .errors import UnsupportedOpError
+from .activations import TIMES_X, evaluate
 from .graph import LAYER_OPS, Graph, Node
 from .qgraph import INT32, QGraph, QNode, QTensor, QType
 
@@ -44,6 +45,30 @@ def dyadic(M: np.ndarray | float, max_shift: int = MAX_SHIFT) -> tuple[np.ndarra
         raise ValueError(f"rescale factor {float(M.max()):.3g} is too large for a 31-bit multiplier")
     m = np.where(M > 0, m, 0)
     return m, rounding_term(s), s
+
+
+AFFINE_MAX_SHIFT = 40  # x*m + c stays far inside int64 (see _Quantizer.affine)
+LRN_TABLE = 4096       # entries of the LRN power table
+# Ops that write a new scale: calibration measures their outputs.
+REQUANTIZING_OPS = ("conv", "dense", "add", "mul", "affine", "lut", "lrn", "avgpool", "gap",
+                    "concat")
+
+
+def signed_dyadic(M: np.ndarray, max_shift: int = MAX_SHIFT) -> tuple[np.ndarray, np.int64]:
+    """Signed multipliers m (|m| < 2^31) sharing one shift s with m / 2^s ~= M."""
+    M = np.asarray(M, np.float64)
+    if not np.all(np.isfinite(M)):
+        raise ValueError("dyadic multipliers must be finite")
+    top = float(np.abs(M).max()) if M.size else 0.0
+    if top == 0.0:
+        return np.zeros(M.shape, np.int64), np.int64(0)
+    s = int(np.clip((M_BITS - 1) - math.floor(math.log2(top)), 0, max_shift))
+    m = np.round(np.ldexp(M, s)).astype(np.int64)
+    if np.any(np.abs(m) >= (1 << M_BITS)):
+        m, s = np.round(np.ldexp(M, s - 1)).astype(np.int64), s - 1
+    if s < 0 or np.any(np.abs(m) >= (1 << M_BITS)):
+        raise ValueError(f"rescale factor {top:.3g} is too large for a 31-bit multiplier")
+    return m, np.int64(s)
 
 
 def rounding_term(s: np.ndarray) -> np.ndarray:
@@ -147,21 +172,106 @@ class _Quantizer:
         return QNode(op, n.name, n.inputs, n.output, attrs, params)
 
     def add(self, n: Node) -> QNode:
-        a, b = (self.t[i] for i in n.inputs)
+        """y = sum_i sign_i * x_i (broadcasting): one shared-shift dyadic sum."""
+        xs = [self.t[i] for i in n.inputs]
         act = n.attrs.get("act")
         qt = QType(self.out_bits(n.output), act is None or act[0] < 0)
         sy = self.calibrated(n.output, qt, act[1] if act else math.inf)
-        # 22-bit multipliers keep a*ma + b*mb + r inside int32 for 8-bit inputs, so the
+        signs = tuple(n.attrs.get("signs", (1,) * len(xs)))
+        # 22-bit multipliers keep sum(x_i*m_i) + r inside int32 for 8-bit inputs, so the
         # add can run in 32-bit lanes (2x the width of int64, and no vpmullq); the
         # relative error 2^-22 is far below the 8-bit output's resolution.
-        (ma, mb), r, s = shared_shift([float(a.scale) / sy, float(b.scale) / sy], m_bits=22)
-        amax = max(max(-t.qtype.qmin, t.qtype.qmax) for t in (a, b))
-        bound = amax * (abs(int(ma)) + abs(int(mb))) + int(r)
+        ms, r, s = shared_shift([float(x.scale) / sy for x in xs], m_bits=22)
+        ms = [np.int64(sg) * np.int64(m) for sg, m in zip(signs, ms)]
+        bound = sum(max(-x.qtype.qmin, x.qtype.qmax) * abs(int(m)) for x, m in zip(xs, ms)) + int(r)
         lo, hi = _act_bounds(act, qt, sy)
         self.add_tensor(n.output, qt, sy)
         return QNode("qadd", n.name, n.inputs, n.output,
                      {"lo": lo, "hi": hi, "acc_dtype": "int32" if bound < (1 << 31) else "int64"},
-                     {"ma": ma, "mb": mb, "r": r, "s": s})
+                     {**{f"m{i}": m for i, m in enumerate(ms)}, "r": r, "s": s})
+
+    def mul(self, n: Node) -> QNode:
+        """y = a * b (broadcasting): the int16 product times one dyadic factor."""
+        a, b = (self.t[i] for i in n.inputs)
+        act = n.attrs.get("act")
+        signed = (a.qtype.signed or b.qtype.signed) and (act is None or act[0] < 0)
+        qt = QType(self.out_bits(n.output), signed)
+        sy = self.calibrated(n.output, qt, act[1] if act else math.inf)
+        m, r, s = dyadic(float(a.scale) * float(b.scale) / sy)
+        lo, hi = _act_bounds(act, qt, sy)
+        self.add_tensor(n.output, qt, sy)
+        return QNode("qmul", n.name, n.inputs, n.output, {"lo": lo, "hi": hi},
+                     {"m": m, "r": r, "s": s})
+
+    def affine(self, n: Node) -> QNode:
+        """y = x * scale + shift with array constants: (x*m + c) >> s, m signed."""
+        x = self.t[n.inputs[0]]
+        act = n.attrs.get("act")
+        qt = QType(self.out_bits(n.output), act is None or act[0] < 0)
+        sy = self.calibrated(n.output, qt, act[1] if act else math.inf)
+        M = float(x.scale) * n.params["scale"].astype(np.float64) / sy
+        m, s = signed_dyadic(M, max_shift=AFFINE_MAX_SHIFT)
+        # c carries the shift and the rounding term; past +-2^47 the result saturates
+        # either way (|x*m| < 2^39), so clamping keeps int64 safe and changes nothing.
+        c = np.round(np.ldexp(n.params["shift"].astype(np.float64) / sy, int(s)))
+        c = np.clip(c, -(1 << 47), 1 << 47).astype(np.int64) + rounding_term(s)
+        lo, hi = _act_bounds(act, qt, sy)
+        self.add_tensor(n.output, qt, sy)
+        return QNode("qaffine", n.name, n.inputs, n.output, {"lo": lo, "hi": hi},
+                     {"m": m, "c": c, "s": s})
+
+    def lut(self, n: Node) -> QNode:
+        """Any unary function of a quantized tensor: a table over its 2^bits values."""
+        x = self.t[n.inputs[0]]
+        act = n.attrs.get("act")
+        grid = np.arange(x.qtype.qmin, x.qtype.qmax + 1, dtype=np.float64) * float(x.scale)
+        slope = n.params.get("slope")
+        xs = grid[None, :] if slope is None else np.broadcast_to(grid, (len(slope), len(grid)))
+        f = evaluate(n.attrs["fn"], xs, {**n.attrs["fn_attrs"], TIMES_X: n.attrs["times_x"]},
+                     None if slope is None else slope.astype(np.float64)[:, None])
+        if act is not None:
+            f = np.clip(f, act[0], act[1])
+        f = np.where(np.isnan(f), 0.0, f)
+        signed = bool(np.min(f) < 0)
+        qt = QType(self.out_bits(n.output), signed)
+        sy = self.calibrated(n.output, qt, act[1] if act else math.inf)
+        lo, hi = _act_bounds(act, qt, sy)
+        with np.errstate(over="ignore", invalid="ignore"):
+            table = np.clip(np.floor(f / sy + 0.5), lo, hi).astype(qt.dtype)
+        self.add_tensor(n.output, qt, sy)
+        return QNode("lut", n.name, n.inputs, n.output,
+                     {"offset": -x.qtype.qmin, "fn": n.attrs["fn"]}, {"table": table})
+
+    def lrn(self, n: Node) -> QNode:
+        """ONNX LRN: y = x * (bias + alpha/size * S)^-beta, S the windowed sum of squares.
+
+        S is an exact integer sum of q^2; the power is a table indexed by S >> shift
+        (at most LRN_TABLE entries) of dyadic multipliers with one shared shift."""
+        x = self.t[n.inputs[0]]
+        a = n.attrs
+        qt = QType(self.out_bits(n.output), x.qtype.signed)
+        sy = self.calibrated(n.output, qt)
+        qmax = max(-x.qtype.qmin, x.qtype.qmax)
+        s_max = a["size"] * qmax * qmax
+        k = max(0, math.ceil(math.log2((s_max + 1) / LRN_TABLE)))
+        sq = ((np.arange((s_max >> k) + 1, dtype=np.float64) * (1 << k)) + (1 << k) / 2
+              if k else np.arange(s_max + 1, dtype=np.float64))
+        f = (a["bias"] + a["alpha"] / a["size"] * sq * float(x.scale) ** 2) ** -a["beta"]
+        (m,), r, s = shared_shift([f * float(x.scale) / sy])
+        self.add_tensor(n.output, qt, sy)
+        return QNode("lrn", n.name, n.inputs, n.output,
+                     {"size": a["size"], "k": k, "lo": qt.qmin, "hi": qt.qmax},
+                     {"table": m.astype(np.int64), "r": r, "s": s})
+
+    def pad(self, n: Node) -> QNode:
+        x = self.t[n.inputs[0]]
+        value = float(n.attrs["value"])
+        q = np.clip(np.floor(value / float(x.scale) + 0.5) if math.isfinite(value)
+                    else (x.qtype.qmin if value < 0 else x.qtype.qmax),
+                    x.qtype.qmin, x.qtype.qmax)
+        self.add_tensor(n.output, x.qtype, x.scale)
+        return QNode("pad", n.name, n.inputs, n.output,
+                     {"pads": tuple(n.attrs["pads"]), "value": int(q)})
 
     def clip(self, n: Node) -> QNode:
         x = self.t[n.inputs[0]]
@@ -175,24 +285,25 @@ class _Quantizer:
         attrs = dict(n.attrs)
         if n.op in ("flatten", "reshape"):
             attrs = {"shape": tuple(self.g.shapes[n.output])}
-            if len(attrs["shape"]) > 3:  # NHWC inside the core: only flattening reshapes map
-                raise UnsupportedOpError(f"node {n.name!r} (Reshape) to a 4-D shape is not "
-                                         "supported; only reshapes to rank <= 3 (e.g. flatten)")
-            if x.scale.ndim and self.g.shapes[n.output][1] != x.scale.shape[0]:
-                raise UnsupportedOpError(f"node {n.name!r}: reshape of a per-channel tensor")
+        if x.scale.ndim and n.op not in ("maxpool", "clip") and (
+                n.op not in ("flatten", "reshape")
+                or self.g.shapes[n.output][1] != x.scale.shape[0]):
+            raise UnsupportedOpError(f"node {n.name!r} ({n.op}) moves the channels of a "
+                                     "per-channel tensor; not supported")
         self.add_tensor(n.output, x.qtype, x.scale)
-        return QNode(n.op, n.name, n.inputs, n.output, attrs)
+        return QNode(n.op, n.name, n.inputs, n.output, attrs, dict(n.params))
 
     def pool(self, n: Node) -> QNode:
         x = self.t[n.inputs[0]]
         qt = QType(self.out_bits(n.output), x.qtype.signed)
         sy = self.calibrated(n.output, qt)
-        oh, ow = self.g.shapes[n.output][2:]
         if n.op == "gap":
             h, w = self.g.shapes[n.inputs[0]][2:]
-            m, r, s = dyadic(float(x.scale) / (sy * h * w))
-            attrs: dict = {}
+            count = h * w if n.attrs.get("mean", True) else 1
+            m, r, s = dyadic(float(x.scale) / (sy * count))
+            attrs: dict = {"keepdims": bool(n.attrs.get("keepdims", True))}
         else:
+            oh, ow = self.g.shapes[n.output][2:]
             cnt = _window_counts(self.g.shapes[n.inputs[0]][2:], (oh, ow), n.attrs)
             (m,), r, s = shared_shift([float(x.scale) / (sy * cnt)])
             m = m.reshape(1, 1, oh, ow)
@@ -265,7 +376,7 @@ def calibration_tensors(graph: Graph) -> list[str]:
     raw = raw_output_producer(graph)
     names = [graph.input]
     for n in graph.nodes:
-        if n.op in ("conv", "dense", "add", "avgpool", "gap", "concat") and n.name != raw:
+        if n.op in REQUANTIZING_OPS and n.name != raw:
             names.append(n.output)
     return names
 
@@ -323,8 +434,10 @@ def quantize_graph(graph: Graph, stats: Mapping[str, Observer], spec: QuantSpec 
     in_qt = QType(q.out_bits(graph.input), True)
     qin = q.add_tensor(graph.input, in_qt, q.calibrated(graph.input, in_qt))
     handlers = {"conv": q.conv_or_dense, "dense": q.conv_or_dense, "add": q.add,
-                "clip": q.clip, "maxpool": q.passthrough, "flatten": q.passthrough,
-                "reshape": q.passthrough, "avgpool": q.pool, "gap": q.pool, "concat": q.concat}
+                "mul": q.mul, "affine": q.affine, "lut": q.lut, "lrn": q.lrn, "pad": q.pad,
+                "clip": q.clip, "avgpool": q.pool, "gap": q.pool, "concat": q.concat,
+                **{op: q.passthrough for op in ("maxpool", "flatten", "reshape", "transpose",
+                                                "slice", "gather")}}
     nodes, softmax_axis, out = [], None, graph.output
     for n in graph.nodes:
         if n.op == "softmax":

@@ -82,10 +82,61 @@ def qdense(n: QNode, x: np.ndarray) -> np.ndarray:
     return acc if n.attrs["raw"] else _requant(acc, n)
 
 
-def qadd(n: QNode, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def qadd(n: QNode, *xs: np.ndarray) -> np.ndarray:
     p = n.params
-    v = (a.astype(np.int64) * p["ma"] + b.astype(np.int64) * p["mb"] + p["r"]) >> p["s"]
+    v = sum(x.astype(np.int64) * p[f"m{i}"] for i, x in enumerate(xs))
+    return np.clip((v + p["r"]) >> p["s"], n.attrs["lo"], n.attrs["hi"])
+
+
+def qmul(n: QNode, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    p = n.params
+    v = (a.astype(np.int64) * b.astype(np.int64) * p["m"] + p["r"]) >> p["s"]
     return np.clip(v, n.attrs["lo"], n.attrs["hi"])
+
+
+def qaffine(n: QNode, x: np.ndarray) -> np.ndarray:
+    p = n.params
+    return np.clip((x.astype(np.int64) * p["m"] + p["c"]) >> p["s"], n.attrs["lo"], n.attrs["hi"])
+
+
+def lut(n: QNode, x: np.ndarray) -> np.ndarray:
+    table = n.params["table"]
+    i = x.astype(np.int64) + n.attrs["offset"]
+    if table.shape[0] == 1:
+        return table[0][i]
+    ch = np.arange(x.shape[1]).reshape((1, -1) + (1,) * (x.ndim - 2))
+    return table[ch, i]
+
+
+def lrn(n: QNode, x: np.ndarray) -> np.ndarray:
+    size, c = n.attrs["size"], x.shape[1]
+    sq = np.pad(x.astype(np.int64) ** 2, ((0, 0), ((size - 1) // 2, size // 2), (0, 0), (0, 0)))
+    total = sum(sq[:, i:i + c] for i in range(size))
+    p = n.params
+    v = (x.astype(np.int64) * p["table"][total >> n.attrs["k"]] + p["r"]) >> p["s"]
+    return np.clip(v, n.attrs["lo"], n.attrs["hi"])
+
+
+def pad(n: QNode, x: np.ndarray) -> np.ndarray:
+    p, r = n.attrs["pads"], x.ndim
+    return np.pad(x, [(p[i], p[r + i]) for i in range(r)], constant_values=n.attrs["value"])
+
+
+def transpose(n: QNode, x: np.ndarray) -> np.ndarray:
+    return x.transpose(n.attrs["perm"])
+
+
+def slice_(n: QNode, x: np.ndarray) -> np.ndarray:
+    a = n.attrs
+    # axis 0 is the batch, never sliced (the importer refuses that)
+    return x[(slice(None),) + tuple(slice(b, e, s) for b, e, s in
+                                    zip(a["begin"][1:], a["end"][1:], a["step"][1:]))]
+
+
+def gather(n: QNode, x: np.ndarray) -> np.ndarray:
+    for axis in n.attrs["axes"]:
+        x = x.take(n.params[f"idx{axis}"], axis=axis)
+    return x
 
 
 def clip(n: QNode, x: np.ndarray) -> np.ndarray:
@@ -105,7 +156,8 @@ def avgpool(n: QNode, x: np.ndarray) -> np.ndarray:
 
 
 def gap(n: QNode, x: np.ndarray) -> np.ndarray:
-    return _requant(x.astype(np.int64).sum(axis=(2, 3), keepdims=True), n)
+    keep = n.attrs.get("keepdims", True)
+    return _requant(x.astype(np.int64).sum(axis=(2, 3), keepdims=keep), n)
 
 
 def reshape(n: QNode, x: np.ndarray) -> np.ndarray:
@@ -123,8 +175,10 @@ def concat(n: QNode, *xs: np.ndarray) -> np.ndarray:
 
 
 OPS: dict[str, Callable[..., np.ndarray]] = {
-    "qconv": qconv, "qdense": qdense, "qadd": qadd, "clip": clip, "maxpool": maxpool,
-    "avgpool": avgpool, "gap": gap, "flatten": reshape, "reshape": reshape, "concat": concat,
+    "qconv": qconv, "qdense": qdense, "qadd": qadd, "qmul": qmul, "qaffine": qaffine,
+    "lut": lut, "lrn": lrn, "clip": clip, "maxpool": maxpool, "avgpool": avgpool, "gap": gap,
+    "pad": pad, "transpose": transpose, "slice": slice_, "gather": gather,
+    "flatten": reshape, "reshape": reshape, "concat": concat,
 }
 
 

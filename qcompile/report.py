@@ -24,8 +24,9 @@ def layer_table(qg: QGraph) -> list[dict[str, Any]]:
             row.update(w_bits=n.attrs["bits"], in_bits=x.qtype.bits, in_scale=float(x.scale),
                        acc_bound=n.attrs["acc_bound"], raw=bool(n.attrs["raw"]),
                        macs=_macs(qg, n), params=int(n.params["w"].size))
-        for k in ("m", "s", "ma", "mb"):
-            if k in n.params:
+        for k in sorted(n.params):  # dyadic multipliers and shifts: m, m0, m1 ..., s
+            if (k == "s" or k[0] == "m" and k[1:].isdigit() or k == "m") \
+                    and np.asarray(n.params[k]).size <= 4096:
                 row[k] = np.asarray(n.params[k]).reshape(-1).tolist()
         rows.append(row)
     return rows

@@ -113,10 +113,15 @@ def x86_rules(batch: int) -> list[tuple[str, Rule]]:
         ctx.funcs[fname] = n.name
         out_t = ctx.qg.tensors[n.output]
         shape = (batch,) + tuple(out_t.shape[1:])
-        shape = _nhwc(shape) if len(shape) == 4 else shape
+        flat = n.op == "gap" and not n.attrs.get("keepdims", True)
+        if flat:  # the kernel writes (N, 1, 1, C); ReduceMean(keepdims=0) wants (N, C)
+            shape = (batch, 1, 1, shape[1])
+        else:
+            shape = _nhwc(shape) if len(shape) == 4 else shape
         dtype = "int32" if n.attrs.get("raw", False) else out_t.qtype.dtype
         args = [xs[0]] + _params(n, spec, ctx)
-        return ctx.emit(relax.call_tir(gv, args, relax.TensorType(shape, dtype)))
+        y = ctx.emit(relax.call_tir(gv, args, relax.TensorType(shape, dtype)))
+        return ctx.emit(relax.op.reshape(y, (batch, shape[3]))) if flat else y
 
     return [("x86_vnni", rule)]
 
