@@ -51,7 +51,7 @@ def _front(model: Path, calib: CalibSpec, progress: bool, calibrate: bool = True
            ) -> tuple[Graph, Reader, dict]:
     """1. Import: load, check, shape-infer, canonicalize (BN folding, fusion).
     2. Calibrate activation ranges on the float model in onnxruntime (unless not asked)."""
-    proto = load_model(model)
+    proto = load_model(model, calib.preprocess.input_shape)
     graph = prepare(import_onnx(proto, batch=1, source=model.name))
     reader = make_reader(calib, graph.input, graph.input_shape)
     stats = (collect_stats(proto, calibration_tensors(graph), reader, calib.method, calib,
@@ -62,7 +62,8 @@ def _front(model: Path, calib: CalibSpec, progress: bool, calibrate: bool = True
 def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm",
                   quant: QuantSpec = QuantSpec(), calib: CalibSpec = CalibSpec(),
                   progress: bool = True, batch: int = 1, kernels: bool = True,
-                  alloc: AllocSpec = AllocSpec(), tune: int = 0) -> CompileResult:
+                  alloc: AllocSpec = AllocSpec(), tune: int = 0,
+                  input_shape: tuple[int, ...] | None = None) -> CompileResult:
     """ONNX file -> integer-only artifact directory (written atomically).
 
     With a budget in ``alloc`` each conv/dense gets 4 or 8 bits from the ILP (see
@@ -74,6 +75,9 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
     (unscheduled, slow) lowering is used and any batch size works.
     """
     t0 = time.perf_counter()
+    if input_shape is not None:  # shorthand for calib.preprocess.input_shape
+        calib = dataclasses.replace(calib, preprocess=dataclasses.replace(
+            calib.preprocess, input_shape=tuple(input_shape)))
     model, out_dir = Path(model), Path(out_dir)
     check_output_dir(out_dir, protect=(model,))
     tgt = make_target(target)
@@ -198,7 +202,8 @@ def evaluate(model: str | Path, art_dir: str | Path, *, data: str | None = None,
         else:
             inputs = load_inputs(data, p, shape, num_samples)
     layer_names = [n.output for n in qg.nodes]
-    runner = FloatRunner(load_model(model), layer_names)
+    fixed = art.qconfig["preprocess"].get("input_shape")
+    runner = FloatRunner(load_model(model, fixed), layer_names)
     sig: dict[str, float] = {}
     err: dict[str, float] = {}
     bit_exact, agree, correct, fcorrect = True, 0, 0, 0
@@ -270,11 +275,13 @@ def ort_bench(model: str | Path, *, batch: int = 1, repeat: int = 50, warmup: in
 
 
 # ----------------------------------------------------------------------------- bit allocation
-def pin_matches(model: str | Path, pins: tuple[str, ...]) -> dict[str, list[str]]:
+def pin_matches(model: str | Path, pins: tuple[str, ...],
+                input_shape: tuple[int, ...] | None = None) -> dict[str, list[str]]:
     """What each ``--pin`` glob matches (the dry run), without measuring anything."""
     from .allocate import pin_dry_run
 
-    graph = prepare(import_onnx(load_model(Path(model)), batch=1, source=Path(model).name))
+    proto = load_model(Path(model), input_shape)
+    graph = prepare(import_onnx(proto, batch=1, source=Path(model).name))
     return pin_dry_run(costs.layers_of(graph), pins)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import __version__
 from .artifact import check_output_dir
-from .config import (CALIBRATORS, LAYOUTS, SENSITIVITY_METHODS, AllocSpec, CalibSpec,
+from .config import (CALIBRATORS, LAYOUTS, parse_shape, SENSITIVITY_METHODS, AllocSpec, CalibSpec,
                      Preprocess, QuantSpec)
 from .errors import ArtifactError, BadModelError, DataError, QCompileError, UsageError
 
@@ -135,19 +135,34 @@ def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
     return values
 
 
-def _model_input(model: Path, layout: str) -> tuple[int | None, int | None]:
-    """(spatial size, channels) of the model's input when cheaply knowable, else None.
-
-    Only a default for --size and grayscale; the API reports broken models properly.
-    """
+def _model_dims(model: Path, input_shape: tuple[int, ...] | None) -> list[int]:
+    """The model input's dims (0 where symbolic), or ``input_shape``; [] when unknowable."""
+    if input_shape is not None:
+        return list(input_shape)
     try:
         import onnx  # deferred: only compile/eval with images need it
         graph = onnx.load(str(model), load_external_data=False).graph
         inits = {t.name for t in graph.initializer}
-        dims = [d.dim_value for d in next(i for i in graph.input if i.name not in inits)
+        return [d.dim_value for d in next(i for i in graph.input if i.name not in inits)
                 .type.tensor_type.shape.dim]
     except Exception:  # any failure: fall back to defaults, the API will say what's wrong
-        return None, None
+        return []
+
+
+def _guess_layout(dims: list[int]) -> str:
+    """NHWC when the last axis looks like colour channels and axis 1 does not (TF exports)."""
+    if len(dims) == 4 and dims[3] in (1, 3, 4) and dims[1] not in (1, 3, 4):
+        return "NHWC"
+    return "NCHW"
+
+
+def _model_input(model: Path, layout: str, input_shape: tuple[int, ...] | None = None
+                 ) -> tuple[int | None, int | None]:
+    """(spatial size, channels) of the model's input when cheaply knowable, else None.
+
+    Only a default for --size and grayscale; the API reports broken models properly.
+    """
+    dims = _model_dims(model, input_shape)
     if len(dims) != 4:
         return None, None
     c, h = (dims[1], dims[2]) if layout == "NCHW" else (dims[3], dims[1])
@@ -155,9 +170,12 @@ def _model_input(model: Path, layout: str) -> tuple[int | None, int | None]:
 
 
 def _preprocess(model: Path, size: int | None, resize: int, mean: str | None, std: str | None,
-                layout: str) -> Preprocess:
-    """Preprocess from options; unset --size and channel count follow the model's input."""
-    model_size, channels = _model_input(model, layout)
+                layout: str | None, input_shape: str | None = None) -> Preprocess:
+    """Preprocess from options; unset --size, --layout and the channel count follow the
+    model's input (or ``--input-shape``)."""
+    fixed = parse_shape(input_shape) if input_shape else None
+    layout = layout or _guess_layout(_model_dims(model, fixed))
+    model_size, channels = _model_input(model, layout, fixed)
     gray = channels == 1
     m, s = _floats(mean, "--mean"), _floats(std, "--std")
     base = Preprocess()
@@ -168,7 +186,7 @@ def _preprocess(model: Path, size: int | None, resize: int, mean: str | None, st
     n = max(len(m), len(s))
     m, s = (m * n if len(m) == 1 else m), (s * n if len(s) == 1 else s)
     return Preprocess(size=size or model_size or base.size, resize=resize, mean=m, std=s,
-                      layout=layout, grayscale=gray)
+                      layout=layout, grayscale=gray, input_shape=fixed)
 
 
 def _check_model(model: str) -> Path:
@@ -232,8 +250,12 @@ def _print_json(d: dict) -> None:
 def _preprocess_options(f: F) -> F:
     """Image preprocessing options shared by compile and eval (innermost first)."""
     opts = [
-        click.option("--layout", type=click.Choice(LAYOUTS), default="NCHW", show_default=True,
-                     help="Model input layout."),
+        click.option("--input-shape", metavar="NxCxHxW", default=None,
+                     help="Fix the model input's symbolic dimensions, e.g. 1x3x224x224 "
+                          "(the batch entry is ignored: see --batch)."),
+        click.option("--layout", type=click.Choice(LAYOUTS), default=None,
+                     help="Model input layout (default: NHWC when the input's last axis "
+                          "has 1, 3 or 4 channels, else NCHW)."),
         click.option("--std", metavar="a,b,c", help="Per-channel std (default: ImageNet)."),
         click.option("--mean", metavar="a,b,c", help="Per-channel mean, after scaling to [0,1] "
                      "(default: ImageNet)."),
@@ -341,7 +363,8 @@ def zoo_cmd(name: str | None, output: str | None, list_: bool, input_size: int |
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
 def compile_cmd(model: str, out: str, target: str, bits: int, calib: str, calib_samples: int,
                 calibrator: str, percentile: float, batch: int, kernels: bool, tune: int,
-                size: int | None, resize: int, mean: str | None, std: str | None, layout: str,
+                size: int | None, resize: int, mean: str | None, std: str | None,
+                layout: str | None, input_shape: str | None,
                 quiet: bool, budget_latency: str | None, budget_size: str | None, budget_bops: str | None,
                 pins: tuple[str, ...], pin_dry_run: bool, sens_method: str,
                 sensitivity_samples: int) -> None:
@@ -354,13 +377,14 @@ def compile_cmd(model: str, out: str, target: str, bits: int, calib: str, calib_
     alloc = _alloc_spec(budget_latency, budget_size, budget_bops, pins, sens_method,
                         sensitivity_samples)
     if pin_dry_run:
-        _print_pins(_api().pin_matches(model_path, alloc.pins))
+        _print_pins(_api().pin_matches(model_path, alloc.pins,
+                                       parse_shape(input_shape) if input_shape else None))
         return
     check_output_dir(out_path, protect=(model_path,))
     quant = QuantSpec(bits=bits)
     calib_spec = CalibSpec(source=calib, method=calibrator, num_samples=calib_samples,
                            percentile=percentile,
-                           preprocess=_preprocess(model_path, size, resize, mean, std, layout))
+                           preprocess=_preprocess(model_path, size, resize, mean, std, layout, input_shape))
     # Step 2. The work.
     res = _api().compile_model(model_path, out_path, target=target, quant=quant,
                                calib=calib_spec, progress=not quiet, batch=batch, kernels=kernels,
@@ -391,16 +415,17 @@ def allocate_cmd(model: str, target: str, batch: int, calib: str, calib_samples:
                  pins: tuple[str, ...], pin_dry_run: bool, sens_method: str,
                  sensitivity_samples: int, pareto: bool, pareto_dir: str, as_json: bool,
                  size: int | None, resize: int, mean: str | None, std: str | None,
-                 layout: str) -> None:
+                 layout: str | None, input_shape: str | None) -> None:
     """Choose 4 or 8 bits per layer of MODEL under the budgets, without compiling."""
     model_path = _check_model(model)
     alloc = _alloc_spec(budget_latency, budget_size, budget_bops, pins, sens_method,
                         sensitivity_samples)
     if pin_dry_run:
-        _print_pins(_api().pin_matches(model_path, alloc.pins))
+        _print_pins(_api().pin_matches(model_path, alloc.pins,
+                                       parse_shape(input_shape) if input_shape else None))
         return
     calib_spec = CalibSpec(source=calib, num_samples=calib_samples,
-                           preprocess=_preprocess(model_path, size, resize, mean, std, layout))
+                           preprocess=_preprocess(model_path, size, resize, mean, std, layout, input_shape))
     res = _api().allocate_model(model_path, target=target, alloc=alloc, calib=calib_spec,
                                 batch=batch, progress=not as_json,
                                 pareto_dir=pareto_dir if pareto else None)
@@ -430,11 +455,11 @@ def allocate_cmd(model: str, target: str, batch: int, calib: str, calib_samples:
 @_preprocess_options
 def sensitivity_cmd(model: str, method: str, calib: str, samples: int, as_json: bool,
                     size: int | None, resize: int, mean: str | None, std: str | None,
-                    layout: str) -> None:
+                    layout: str | None, input_shape: str | None) -> None:
     """Per-layer sensitivity Omega(4), Omega(8) of MODEL (cached on disk)."""
     model_path = _check_model(model)
     calib_spec = CalibSpec(source=calib, num_samples=samples,
-                           preprocess=_preprocess(model_path, size, resize, mean, std, layout))
+                           preprocess=_preprocess(model_path, size, resize, mean, std, layout, input_shape))
     res = _api().sensitivity_model(model_path, method=method, calib=calib_spec,
                                    num_samples=samples, progress=not as_json)
     if as_json:
@@ -470,14 +495,15 @@ def run_cmd(art: str, inp: str, output: str) -> None:
 @_preprocess_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_cmd(model: str, art: str, data: str | None, num_samples: int, size: int | None,
-             resize: int, mean: str | None, std: str | None, layout: str, as_json: bool) -> None:
+             resize: int, mean: str | None, std: str | None, layout: str | None,
+             input_shape: str | None, as_json: bool) -> None:
     """Compare artifact ART with MODEL in onnxruntime FP32 and the integer oracle."""
     model_path, art_path = _check_model(model), _check_artifact(art)
     ctx = click.get_current_context()
     # Only override the artifact's recorded preprocessing when asked to.
     touched = any(ctx.get_parameter_source(p) != click.core.ParameterSource.DEFAULT
-                  for p in ("size", "resize", "mean", "std", "layout"))
-    pre = _preprocess(model_path, size, resize, mean, std, layout) if touched else None
+                  for p in ("size", "resize", "mean", "std", "layout", "input_shape"))
+    pre = _preprocess(model_path, size, resize, mean, std, layout, input_shape) if touched else None
     res = _api().evaluate(model_path, art_path, data=data, num_samples=num_samples,
                           preprocess=pre, progress=not as_json)
     if as_json:

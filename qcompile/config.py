@@ -5,6 +5,18 @@ from dataclasses import dataclass, field
 
 from .errors import UsageError
 
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``1x3x224x224`` (or with commas) -> (1, 3, 224, 224); UsageError otherwise."""
+    parts = [p for p in text.replace(",", "x").lower().split("x")]
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        raise UsageError(f"--input-shape takes dimensions like 1x3x224x224, got {text!r}") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise UsageError(f"--input-shape dimensions must be positive, got {text!r}")
+    return dims
+
+
 CALIBRATORS: tuple[str, ...] = ("minmax", "percentile", "mse")
 LAYOUTS: tuple[str, ...] = ("NCHW", "NHWC")
 
@@ -25,8 +37,15 @@ class Preprocess:
     layout: str = "NCHW"
     scale01: bool = True
     grayscale: bool = False
+    # The model input's full static shape when the model leaves some of it symbolic
+    # (``--input-shape 1x3x224x224``); its batch entry is ignored, ``--batch`` rules.
+    input_shape: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.input_shape is not None:
+            if not self.input_shape or any(int(d) <= 0 for d in self.input_shape):
+                raise UsageError(f"--input-shape needs positive dimensions, got {self.input_shape}")
+            object.__setattr__(self, "input_shape", (1,) + tuple(int(d) for d in self.input_shape[1:]))
         if self.size <= 0:
             raise UsageError(f"--size must be positive, got {self.size}")
         if self.layout not in LAYOUTS:

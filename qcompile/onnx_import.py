@@ -108,18 +108,6 @@ def load_model(path: str | os.PathLike, input_shape: Sequence[int] | None = None
     return model
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    """``1x3x224x224`` (or with commas) -> (1, 3, 224, 224); UsageError otherwise."""
-    parts = [p for p in text.replace(",", "x").lower().split("x")]
-    try:
-        dims = tuple(int(p) for p in parts)
-    except ValueError:
-        raise UsageError(f"--input-shape takes dimensions like 1x3x224x224, got {text!r}") from None
-    if not dims or any(d <= 0 for d in dims):
-        raise UsageError(f"--input-shape dimensions must be positive, got {text!r}")
-    return dims
-
-
 def _untyped_outputs_to_float(model: onnx.ModelProto) -> None:
     """Outputs declared without a type (onnxruntime runs such graphs) get float32 and
     no shape: the checker insists on a type, and inference fills in the shape."""

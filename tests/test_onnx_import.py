@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnx_builders import conv_bn_relu_model, dense_model, init, make_model, rng, save
-from qcompile.errors import BadModelError, UnsupportedOpError
+from qcompile.errors import BadModelError, UnsupportedOpError, UsageError
 from qcompile.onnx_import import SUPPORTED_OPS, import_onnx, load_model
 
 
@@ -180,11 +180,11 @@ def test_control_flow_refused(tmp_path: Path) -> None:
 
 
 def test_unsupported_op_message(tmp_path: Path) -> None:
-    nodes = [helper.make_node("Sigmoid", ["x"], ["y"], name="foo")]
+    nodes = [helper.make_node("Hardmax", ["x"], ["y"], name="foo")]
     with pytest.raises(UnsupportedOpError) as err:
         _load_import(make_model(nodes, [], [1, 4], [1, 4]), tmp_path)
     msg = _one_line(err)
-    assert msg.startswith("node 'foo' (op Sigmoid) is not supported; supported ops: ")
+    assert msg.startswith("node 'foo' (op Hardmax) is not supported; supported ops: ")
     assert ", ".join(sorted(SUPPORTED_OPS)) in msg and msg.endswith("file an issue.")
 
 
@@ -229,18 +229,27 @@ def test_used_dropout_mask_refused(tmp_path: Path) -> None:
 
 def test_symbolic_batch_fixed_and_shapes(tmp_path: Path) -> None:
     model = conv_bn_relu_model(batch="N", strides=[2, 2], pads=[1, 0, 2, 1])
-    graph = _load_import(model, tmp_path, batch=4)
-    assert graph.input_shape == (4, 3, 9, 9)
-    assert graph.shapes["y"] == (4, 8, 5, 4) and graph.shapes["c"] == (4, 8, 5, 4)
+    assert import_onnx(model, batch=4).input_shape == (4, 3, 9, 9)
+    graph = _load_import(model, tmp_path)  # load_model fixes a symbolic batch at 1
+    assert graph.input_shape == (1, 3, 9, 9)
+    assert graph.shapes["y"] == (1, 8, 5, 4) and graph.shapes["c"] == (1, 8, 5, 4)
     assert [n.op for n in graph.nodes] == ["Conv", "BatchNormalization", "Relu", "Identity"]
     assert set(graph.shapes) == {"x", "c", "n", "r", "y"}  # activations only
 
 
 def test_dynamic_spatial_dim_refused(tmp_path: Path) -> None:
     model = make_model([helper.make_node("Relu", ["x"], ["y"])], [], ["N", 3, "H", 8])
-    with pytest.raises(BadModelError) as err:
+    with pytest.raises(UsageError) as err:
         _load_import(model, tmp_path)
-    assert "'H'" in _one_line(err)
+    assert "'H'" in _one_line(err) and "--input-shape" in _one_line(err)
+
+
+def test_input_shape_fixes_dynamic_dims(tmp_path: Path) -> None:
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [], ["N", 3, "H", "W"])
+    graph = import_onnx(load_model(save(model, tmp_path), (1, 3, 5, 7)))
+    assert graph.input_shape == (1, 3, 5, 7) and graph.shapes["y"] == (1, 3, 5, 7)
+    with pytest.raises(UsageError, match="dimensions"):
+        load_model(save(model, tmp_path), (1, 3, 5))
 
 
 def test_param_roles(tmp_path: Path) -> None:
@@ -255,12 +264,13 @@ def test_param_roles(tmp_path: Path) -> None:
         helper.make_node("MatMul", ["f", "mw"], ["m"], name="matmul"),
         helper.make_node("Add", ["c", "m"], ["y"], name="add"),
     ]
-    graph = _load_import(make_model(nodes, inits, [1, 2, 4, 4]), tmp_path)
+    # import_onnx on the raw model: load_model's constant folding would fuse MatMul + Add
+    graph = import_onnx(make_model(nodes, inits, [1, 2, 4, 4]))
     conv, clip, reshape, matmul, add = graph.nodes
     assert set(conv.params) == {"w"} and conv.params["w"].dtype == np.float32
     assert conv.attrs["pads"] == (1, 1, 1, 1) and conv.attrs["group"] == 1
     assert (clip.attrs["min"], clip.attrs["max"]) == (0.0, 6.0) and not clip.params
-    assert reshape.attrs["shape"] == (0, -1) and graph.shapes["f"] == (1, 64)
+    assert reshape.attrs["shape"] == (1, 64) and graph.shapes["f"] == (1, 64)  # resolved
     assert matmul.params["w"].shape == (64, 5)
     assert add.inputs == ("m",) and add.params["c"].shape == (5,)
 

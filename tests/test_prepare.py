@@ -204,7 +204,7 @@ def test_prepare_is_idempotent(tmp_path: Path) -> None:
 
 
 def test_prepare_is_pure(tmp_path: Path) -> None:
-    imported = import_onnx(load_model(save(conv_bn_relu_model(), tmp_path)))
+    imported = import_onnx(conv_bn_relu_model())  # unfolded: prepare has work to do
     w_before = imported.nodes[0].params["w"].copy()
     prepare(imported)
     assert [n.op for n in imported.nodes] == ["Conv", "BatchNormalization", "Relu", "Identity"]
@@ -229,20 +229,23 @@ def _refused(model: onnx.ModelProto, tmp_path: Path) -> str:
     return str(err.value)
 
 
-def test_unfoldable_batchnorm(tmp_path: Path) -> None:
+def test_unfoldable_batchnorm_is_affine(tmp_path: Path) -> None:
     inits: list[TensorProto] = []
     nodes = [helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[2, 2]),
              bn_node("lonely_bn", "p", "y", 3, rng(0), inits)]
-    assert "'lonely_bn'" in _refused(make_model(nodes, inits, [1, 3, 4, 4]), tmp_path)
+    g = _canonical(make_model(nodes, inits, [1, 3, 4, 4]), tmp_path)
+    assert [n.op for n in g.nodes] == ["maxpool", "affine"]
+    assert g.nodes[1].params["scale"].shape == (1, 3, 1, 1)
 
 
-def test_batchnorm_after_shared_conv(tmp_path: Path) -> None:
+def test_batchnorm_after_shared_conv_is_affine(tmp_path: Path) -> None:
     r = rng(1)
     inits: list[TensorProto] = []
     nodes = [conv_node("c", "x", "a", r.normal(size=(2, 2, 1, 1)), None, inits),
              bn_node("bn", "a", "b", 2, r, inits),
              helper.make_node("Add", ["a", "b"], ["y"], name="add")]
-    assert "'bn'" in _refused(make_model(nodes, inits, [1, 2, 3, 3]), tmp_path)
+    g = _canonical(make_model(nodes, inits, [1, 2, 3, 3]), tmp_path)
+    assert [n.op for n in g.nodes] == ["conv", "affine", "add"]
 
 
 def test_softmax_not_last(tmp_path: Path) -> None:
@@ -251,13 +254,21 @@ def test_softmax_not_last(tmp_path: Path) -> None:
     assert "'sm' (op Softmax)" in _refused(make_model(nodes, [], [2, 5]), tmp_path)
 
 
-def test_constant_add_without_conv(tmp_path: Path) -> None:
+def test_constant_add_without_conv_is_affine(tmp_path: Path) -> None:
     nodes = [helper.make_node("Add", ["x", "c"], ["y"], name="shift")]
-    msg = _refused(make_model(nodes, [init("c", np.ones(4))], [1, 4]), tmp_path)
-    assert "'shift' (op Add)" in msg
+    g = _canonical(make_model(nodes, [init("c", np.arange(4.0))], [1, 4]), tmp_path)
+    (n,) = g.nodes
+    assert n.op == "affine" and np.array_equal(n.params["shift"], np.arange(4.0)[None])
 
 
 def test_broadcasting_add(tmp_path: Path) -> None:
     nodes = [helper.make_node("GlobalAveragePool", ["x"], ["g"]),
              helper.make_node("Add", ["x", "g"], ["y"], name="bcast")]
-    assert "'bcast'" in _refused(make_model(nodes, [], [1, 2, 3, 3]), tmp_path)
+    g = _canonical(make_model(nodes, [], [1, 2, 3, 3]), tmp_path)
+    assert g.nodes[-1].op == "add" and g.nodes[-1].attrs["signs"] == (1, 1)
+
+
+def test_division_by_activation_refused(tmp_path: Path) -> None:
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Div", ["x", "r"], ["y"], name="ratio")]
+    assert "'ratio' (op Div)" in _refused(make_model(nodes, [], [1, 4]), tmp_path)

@@ -56,7 +56,7 @@ def test_round_half_up_for_negatives() -> None:
     x = QTensor("x", QType(8, True), (1, 1, 1, 1), np.float64(1))
     y = QTensor("y", QType(8, True), (1, 1, 1, 1), np.float64(2))
     node = QNode("qadd", "a", ("x", "x"), "y", {"lo": -128, "hi": 127},
-                 {"ma": np.int64(1), "mb": np.int64(0), "r": np.int64(1), "s": np.int64(1)})
+                 {"m0": np.int64(1), "m1": np.int64(0), "r": np.int64(1), "s": np.int64(1)})
     qg = QGraph(x, (node,), y, {"x": x, "y": y})
     q = np.array([-3, -2, -1, 1, 3], np.int8).reshape(5, 1, 1, 1)
     # v/2 rounded half up: -1.5 -> -1, -1 -> -1, -0.5 -> 0, 0.5 -> 1, 1.5 -> 2
