@@ -233,7 +233,7 @@ def test_symbolic_batch_fixed_and_shapes(tmp_path: Path) -> None:
     graph = _load_import(model, tmp_path)  # load_model fixes a symbolic batch at 1
     assert graph.input_shape == (1, 3, 9, 9)
     assert graph.shapes["y"] == (1, 8, 5, 4)  # Conv + BN were fused by the folding
-    assert [n.op for n in graph.nodes] == ["Conv", "BatchNormalization", "Relu", "Identity"]
+    assert [n.op for n in graph.nodes] == ["Conv", "Relu"]
     assert set(graph.shapes) == {"x", "c", "n", "r", "y"}  # activations only
 
 
