@@ -1,7 +1,7 @@
 """Try to compile every ONNX backend node test model and classify what a user would see.
 
     python benchmarks/onnx_backend_sweep.py [--root DIR] [--suites node] [--timeout 120]
-        [--workers 2] [--limit N] [--match SUBSTR] [--quick]
+        [--workers 2] [--freeze no|yes|both] [--limit N] [--match SUBSTR] [--quick]
 
 The models come from the Debian package ``libonnx-testdata``
 (``apt-get install -y libonnx-testdata``: ``/usr/share/libonnx-testdata/data/<suite>/
@@ -17,6 +17,12 @@ The models come from the Debian package ``libonnx-testdata``
 * ``hang``      no answer within ``--timeout`` seconds: the worker is killed and restarted;
 * ``crash``     the worker died (a signal such as SIGSEGV, or out of memory).
 
+Most node tests pass weights as graph inputs (``Conv(x, W)``), which qcompile refuses
+at load (one image input only).  ``--freeze both`` (the default) therefore sweeps twice:
+*plain*, the models as shipped, and *frozen*, every multi-input model with its extra
+inputs turned into initializers holding the test's own ``test_data_set_0`` values,
+which exercises the op itself.
+
 A pool of ``--workers`` worker processes each handle many models (TVM is imported once
 per worker).  Results go to ``benchmarks/results/onnx-backend-sweep-<date>.{json,md}``.
 Exits 1 when there is any traceback, hang or crash.
@@ -30,6 +36,7 @@ import datetime as dt
 import io
 import multiprocessing as mp
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -78,11 +85,43 @@ def _error_line(stderr: str) -> str:
     return (errs or lines or [""])[-1][:500]
 
 
-def compile_one(main: Any, model: Path, samples: int) -> dict[str, Any]:
+def freeze_extra_inputs(model: Path, dst: Path) -> bool:
+    """Make every graph input but the first an initializer holding the test's own
+    ``test_data_set_0/input_<i>.pb``: ``Conv(x, W)`` becomes a conv with weights, which
+    is what a CNN has.  False (nothing written) when the model has one input already."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(model))
+    inits = {t.name for t in m.graph.initializer}
+    inputs = [i for i in m.graph.input if i.name not in inits]
+    if len(inputs) < 2:
+        return False
+    data = model.parent / "test_data_set_0"
+    for k, inp in enumerate(inputs[1:], start=1):
+        pb = data / f"input_{k}.pb"
+        if not pb.exists():
+            return False
+        t = onnx.TensorProto()
+        t.ParseFromString(pb.read_bytes())
+        t.name = inp.name
+        m.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(t), inp.name))
+        if m.ir_version >= 4:  # before IR 4 every initializer must also be a graph input
+            m.graph.input.remove(inp)
+    onnx.save(m, str(dst))
+    return True
+
+
+def compile_one(main: Any, model: Path, samples: int, freeze: bool = False) -> dict[str, Any]:
     """Compile one model through the CLI; the classified outcome."""
     work = Path(tempfile.mkdtemp(prefix="qc-sweep-"))
     t = time.perf_counter()
     try:
+        if freeze:
+            frozen = work / "model.onnx"
+            if not freeze_extra_inputs(model, frozen):
+                return {"class": "not-frozen", "exit_code": None, "line": "", "seconds": 0.0}
+            model = frozen
         code, stderr, tb = _run_cli(main, _cli_args(model, work / "out", samples))
         rec: dict[str, Any] = {"exit_code": code, "line": _error_line(stderr) if code else ""}
         if code == 0:
@@ -122,7 +161,14 @@ def _worker(conn: Connection, samples: int) -> None:
             return
         if job is None:
             return
-        conn.send((job, compile_one(main, Path(job), samples)))
+        path, freeze = job
+        try:
+            rec = compile_one(main, Path(path), samples, freeze)
+        except Exception as e:  # noqa: BLE001 - the harness itself (e.g. freezing) failed
+            rec = {"class": "traceback", "exit_code": None, "seconds": 0.0,
+                   "line": f"harness: {type(e).__name__}: {e}",
+                   "traceback": traceback.format_exc()}
+        conn.send((job, rec))
 
 
 class Worker:
@@ -133,11 +179,11 @@ class Worker:
         self.proc = ctx.Process(target=_worker, args=(child, samples), daemon=True)
         self.proc.start()
         child.close()
-        self.job: str | None = None
+        self.job: tuple[str, bool] | None = None
         self.since = 0.0
         self.ready = False
 
-    def give(self, job: str) -> None:
+    def give(self, job: tuple[str, bool]) -> None:
         self.job, self.since = job, time.monotonic()
         self.conn.send(job)
 
@@ -149,18 +195,26 @@ class Worker:
 
 # ----------------------------------------------------------------------------- the pool
 def sweep(models: list[Path], root: Path, workers: int, timeout: float, samples: int,
-          startup: float = 120.0) -> dict[str, dict[str, Any]]:
-    """Classify every model; a hung or dead worker is replaced and the sweep goes on."""
+          freeze: bool = False, startup: float = 120.0) -> dict[str, dict[str, Any]]:
+    """Classify every model; a hung or dead worker is replaced and the sweep goes on.
+
+    With ``freeze`` each model's extra inputs become initializers first (models with
+    one input are left out: the plain sweep has them)."""
     ctx = mp.get_context("spawn")
-    queue = collections.deque(str(m) for m in models)
+    queue = collections.deque((str(m), freeze) for m in models)
     results: dict[str, dict[str, Any]] = {}
     pool = [Worker(ctx, samples) for _ in range(min(workers, len(queue)) or 1)]
     t0 = time.monotonic()
     for w in pool:
         w.since = t0
 
-    def name(job: str) -> str:
-        return str(Path(job).parent.relative_to(root))
+    def name(job: tuple[str, bool]) -> str:
+        return ("frozen:" if job[1] else "") + str(Path(job[0]).parent.relative_to(root))
+
+    def record(job: tuple[str, bool], rec: dict[str, Any]) -> None:
+        if rec["class"] != "not-frozen":
+            results[name(job)] = rec
+            _progress(len(results), len(models), name(job), rec)
 
     def replace(w: Worker) -> None:
         w.kill()
@@ -182,8 +236,7 @@ def sweep(models: list[Path], root: Path, workers: int, timeout: float, samples:
                     w.ready = True
                     continue
                 if rec is not None:
-                    results[name(job)] = rec
-                    _progress(len(results), len(models), name(job), rec)
+                    record(tuple(job), rec)
                     w.job = None
                     continue
             if not w.proc.is_alive() or (w.conn in ready and rec is None):
@@ -194,8 +247,7 @@ def sweep(models: list[Path], root: Path, workers: int, timeout: float, samples:
                     rec = {"class": "crash", "exit_code": w.proc.exitcode,
                            "line": f"worker died (exit code {w.proc.exitcode})",
                            "seconds": round(time.monotonic() - w.since, 2)}
-                    results[name(w.job)] = rec
-                    _progress(len(results), len(models), name(w.job), rec)
+                    record(w.job, rec)
                 replace(w)
                 continue
             limit = timeout if w.ready else startup
@@ -204,8 +256,7 @@ def sweep(models: list[Path], root: Path, workers: int, timeout: float, samples:
                     rec = {"class": "hang", "exit_code": None,
                            "line": f"no result after {timeout:.0f} s (worker killed)",
                            "seconds": round(time.monotonic() - w.since, 2)}
-                    results[name(w.job)] = rec
-                    _progress(len(results), len(models), name(w.job), rec)
+                    record(w.job, rec)
                 replace(w)
     for w in pool:
         with contextlib.suppress(OSError):
@@ -222,36 +273,61 @@ def _progress(done: int, total: int, name: str, rec: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- report
+MODES = ("plain", "frozen")
+
+
+def mode_of(key: str) -> str:
+    return "frozen" if key.startswith("frozen:") else "plain"
+
+
 def first_line(rec: dict[str, Any]) -> str:
-    line = rec.get("line") or ""
-    return line.removeprefix("internal error: ")
+    line = (rec.get("line") or "").removeprefix("internal error: ")
+    return line.removesuffix("; rerun with QCOMPILE_DEBUG=1 for the traceback")
 
 
 def _tb_where(tb: str) -> str:
     """The innermost ``File ...`` frame inside qcompile (where the bug is), if any."""
     frames = [ln.strip() for ln in tb.splitlines() if ln.strip().startswith("File ")]
     ours = [f for f in frames if "/qcompile/" in f or "/kernels/" in f]
-    return (ours or frames or [""])[-1]
+    where = (ours or frames or [""])[-1]
+    return re.sub(r'File "[^"]*/((?:qcompile|kernels)/[^"]+)"', r"\1", where)
+
+
+def _shape_of(msg: str) -> str:
+    """Group messages that differ only in paths, node/tensor names and numbers."""
+    msg = re.sub(r"\S*model\.onnx", "MODEL", msg)
+    msg = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", msg)
+    msg = re.sub(r"\((?!op )[^)]*\)", "(…)", msg)  # keep "(op Foo)"
+    msg = re.sub(r"supported ops: .*", "supported ops: …", msg)
+    msg = re.sub(r"\d+", "N", msg)
+    return msg[:200]
 
 
 def render(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
-    counts = collections.Counter(r["class"] for r in results.values())
+    counts = {m: collections.Counter(r["class"] for k, r in results.items() if mode_of(k) == m)
+              for m in MODES}
     out = [f"# ONNX backend test sweep ({meta['date']})", "",
-           f"{len(results)} models from `{meta['root']}` (suites: {', '.join(meta['suites'])}), "
-           f"each compiled with `qcompile {' '.join(meta['cli'])}`; per-model timeout "
-           f"{meta['timeout_s']:.0f} s; {meta['workers']} workers; took {meta['seconds']:.0f} s "
-           f"on {meta['machine']['label']}.", "",
-           "| class | models |", "| --- | --- |"]
-    out += [f"| {c} | {counts.get(c, 0)} |" for c in CLASSES]
-    codes = collections.Counter(r["exit_code"] for r in results.values() if r["class"] == "refused")
-    if codes:
+           f"Models from `{meta['root']}` (suites: {', '.join(meta['suites'])}), each compiled "
+           f"in-process by the CLI's `main` as `qcompile {' '.join(meta['cli'])}`; per-model "
+           f"timeout {meta['timeout_s']:.0f} s; {meta['workers']} workers; took "
+           f"{meta['seconds']:.0f} s on {meta['machine']['label']}.", "",
+           "*plain*: the test's model as shipped. *frozen*: the same model with every input "
+           "but the first turned into an initializer holding the test's own "
+           "`test_data_set_0` values (Conv(x, W) becomes a conv with weights); only models "
+           "with several inputs.", "",
+           "| class | plain | frozen |", "| --- | --- | --- |"]
+    out += [f"| {c} | {counts['plain'].get(c, 0)} | {counts['frozen'].get(c, 0)} |"
+            for c in CLASSES]
+    out.append(f"| total | {sum(counts['plain'].values())} | {sum(counts['frozen'].values())} |")
+    refused = {k: r for k, r in results.items() if r["class"] == "refused"}
+    if refused:
+        codes = collections.Counter(r["exit_code"] for r in refused.values())
         out += ["", "Refusals by exit code: " + ", ".join(
-            f"{c}: {n}" for c, n in sorted(codes.items()))]
-        msgs = collections.Counter(_shape_of(first_line(r)) for r in results.values()
-                                   if r["class"] == "refused")
-        out += ["", "Most common refusals (message with names and numbers elided):", "",
+            f"{c}: {n}" for c, n in sorted(codes.items(), key=lambda kv: str(kv[0])))]
+        msgs = collections.Counter(_shape_of(first_line(r)) for r in refused.values())
+        out += ["", "Most common refusals, both modes (paths, names and numbers elided):", "",
                 "| count | message |", "| --- | --- |"]
-        out += [f"| {n} | {m.replace('|', '/')} |" for m, n in msgs.most_common(15)]
+        out += [f"| {n} | `{m.replace('|', '/')}` |" for m, n in msgs.most_common(20)]
     for cls in BUGS:
         bad = sorted((k, r) for k, r in results.items() if r["class"] == cls)
         if not bad:
@@ -259,21 +335,13 @@ def render(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
         out += ["", f"## {cls} ({len(bad)})", "", "| model | line | where |", "| --- | --- | --- |"]
         for k, r in bad:
             where = _tb_where(r.get("traceback", "")) if cls == "traceback" else ""
-            out.append(f"| {k} | `{first_line(r).replace('|', '/')[:200]}` | "
+            out.append(f"| {k} | `{first_line(r).replace('|', '/')[:240]}` | "
                        f"{where.replace('|', '/')} |")
-    ok = sorted(k for k, r in results.items() if r["class"] == "compiled")
-    if ok:
-        out += ["", f"## compiled ({len(ok)})", "", ", ".join(ok)]
+    for m in MODES:
+        ok = sorted(k for k, r in results.items() if r["class"] == "compiled" and mode_of(k) == m)
+        if ok:
+            out += ["", f"## compiled, {m} ({len(ok)})", "", ", ".join(ok)]
     return "\n".join(out) + "\n"
-
-
-def _shape_of(msg: str) -> str:
-    """Group messages that differ only in node/tensor names and numbers."""
-    import re
-    msg = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", msg)
-    msg = re.sub(r"\b(node|input|output|tensor)\s+\S+", r"\1 …", msg)
-    msg = re.sub(r"\d+", "N", msg)
-    return msg[:160]
 
 
 # ----------------------------------------------------------------------------- main
@@ -295,6 +363,9 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per model")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--samples", type=int, default=2, help="synthetic calibration samples")
+    ap.add_argument("--freeze", choices=("no", "yes", "both"), default="both",
+                    help="also compile each multi-input model with its extra inputs frozen "
+                         "to the test's data (default: both the plain and the frozen sweep)")
     ap.add_argument("--match", help="only tests whose name contains this")
     ap.add_argument("--limit", type=int, help="only the first N models")
     ap.add_argument("--quick", action="store_true", help="every 10th model (a smoke run)")
@@ -310,14 +381,18 @@ def main() -> int:
     if args.limit:
         models = models[:args.limit]
     watch = Stopwatch()
-    results = sweep(models, args.root, args.workers, args.timeout, args.samples)
+    results: dict[str, dict[str, Any]] = {}
+    for freeze in {"no": [False], "yes": [True], "both": [False, True]}[args.freeze]:
+        results.update(sweep(models, args.root, args.workers, args.timeout, args.samples,
+                             freeze=freeze))
     date = dt.date.today().isoformat()
     meta = {"date": date, "root": str(args.root), "suites": args.suites,
             "cli": _cli_args(Path("MODEL"), Path("OUT"), args.samples),
             "timeout_s": args.timeout, "workers": args.workers, "seconds": watch.seconds,
             "machine": machine_info(), "quick": args.quick}
-    counts = collections.Counter(r["class"] for r in results.values())
-    data = {**meta, "counts": {c: counts.get(c, 0) for c in CLASSES},
+    counts = {m: collections.Counter(r["class"] for k, r in results.items() if mode_of(k) == m)
+              for m in MODES}
+    data = {**meta, "counts": {m: {c: counts[m].get(c, 0) for c in CLASSES} for m in MODES},
             "models": dict(sorted(results.items()))}
     stem = f"onnx-backend-sweep-{date}" + ("-quick" if args.quick else "")
     problems = [f"{k}: {r['class']}: {first_line(r)}" for k, r in sorted(results.items())
