@@ -230,11 +230,13 @@ def test_used_dropout_mask_refused(tmp_path: Path) -> None:
 def test_symbolic_batch_fixed_and_shapes(tmp_path: Path) -> None:
     model = conv_bn_relu_model(batch="N", strides=[2, 2], pads=[1, 0, 2, 1])
     assert import_onnx(model, batch=4).input_shape == (4, 3, 9, 9)
+    full = import_onnx(model, batch=4)
+    assert full.shapes["y"] == (4, 8, 5, 4) and full.shapes["c"] == (4, 8, 5, 4)
+    assert set(full.shapes) == {"x", "c", "n", "r", "y"}  # activations only
     graph = _load_import(model, tmp_path)  # load_model fixes a symbolic batch at 1
-    assert graph.input_shape == (1, 3, 9, 9)
-    assert graph.shapes["y"] == (1, 8, 5, 4)  # Conv + BN were fused by the folding
+    assert graph.input_shape == (1, 3, 9, 9) and graph.shapes["y"] == (1, 8, 5, 4)
+    # onnxruntime's BASIC folding fused Conv + BN and removed the Identity
     assert [n.op for n in graph.nodes] == ["Conv", "Relu"]
-    assert set(graph.shapes) == {"x", "c", "n", "r", "y"}  # activations only
 
 
 def test_dynamic_spatial_dim_refused(tmp_path: Path) -> None:
