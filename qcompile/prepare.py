@@ -369,10 +369,12 @@ def _check_batch_axis(g: Graph, n: Node) -> None:
         "Gather": lambda: 0 in a["axes"],
         "Pad": lambda: bool(a["pads"][0] or a["pads"][rank]),
         "Concat": lambda: a["axis"] in (0, -rank),
+        "Reshape": lambda: g.shapes[n.output][:1] != g.shapes[n.inputs[0]][:1],
+        "Flatten": lambda: a.get("axis", 1) == 0 or g.shapes[n.output][:1] != g.shapes[n.inputs[0]][:1],
     }.get(n.op)
     if moved is not None and moved():
         raise _refuse(n, "moves data along the batch axis (0); only the other axes may be "
-                         "transposed, sliced, padded, gathered or concatenated")
+                         "reshaped, transposed, sliced, padded, gathered or concatenated")
 
 
 def shape_ops_to_canonical(graph: Graph) -> Graph:
