@@ -578,5 +578,14 @@ def inspect_cmd(art: str, sass: bool, as_json: bool) -> None:
                + ", ".join(f"{n} {c}" for n, c in res["totals"].items() if c))
 
 
+
+@main.command("ops")
+def ops_cmd() -> None:
+    """Print the supported ONNX ops and what each becomes inside the integer core."""
+    from .onnx_import import ops_table
+
+    click.echo(ops_table(), nl=False)
+
+
 if __name__ == "__main__":
     main()

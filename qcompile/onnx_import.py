@@ -899,3 +899,41 @@ _HANDLERS: dict[str, Callable[[_Ctx], "Node | list[Node]"]] = {
     **{op: _unary for op in UNARY_FUNCTIONS},
 }
 SUPPORTED_OPS: frozenset[str] = frozenset(_HANDLERS)
+
+# What each supported op becomes inside the integer core (README's table is made from this).
+_LUT = "table lookup (256 entries at 8 bits, 16 at 4), built from the float function"
+LOWERED_AS: dict[str, str] = {
+    "Conv": "VNNI implicit GEMM / depthwise kernel, dyadic requant epilogue",
+    "Gemm": "VNNI dense kernel", "MatMul": "VNNI dense kernel (constant 2-D right operand)",
+    "BatchNormalization": "folded into the conv before it, else a per-channel dyadic affine",
+    "Relu": "fused as output bounds, else an integer clip", "Clip": "same as Relu",
+    "Add": "dyadic sum with broadcasting; with a constant: folded into the bias or a dyadic "
+           "affine",
+    "Sub": "same as Add, negative multiplier", "Sum": "n-ary dyadic sum",
+    "Mul": "int16 product x dyadic multiplier (squeeze-excitation); x * f(x) fuses into one "
+           "table; with a constant: dyadic affine",
+    "Div": "by a constant only: dyadic affine", "Max": "with a scalar constant: clip",
+    "Min": "with a scalar constant: clip", "PRelu": "per-channel table lookup",
+    "MaxPool": "vectorized window max", "AveragePool": "window sum x dyadic factor",
+    "GlobalAveragePool": "global sum x dyadic factor", "GlobalMaxPool": "window max",
+    "ReduceMean": "over H, W: global sum x dyadic factor",
+    "ReduceSum": "over H, W: global sum x dyadic factor", "ReduceMax": "over H, W: window max",
+    "LRN": "integer sum of squares, dyadic table for the power",
+    "Pad": "constant: integer pad (zero pads fold into the next conv); reflect/edge: gather",
+    "Transpose": "integer permute (folds into neighbouring layout changes)",
+    "Reshape": "reshape (the batch axis must stay)", "Flatten": "reshape",
+    "Squeeze": "reshape", "Unsqueeze": "reshape", "Slice": "strided slice (positive steps)",
+    "Split": "one strided slice per output", "Concat": "dyadic requant per input, concat",
+    "Resize": "nearest: a gather of precomputed indices", "Upsample": "as Resize",
+    "Softmax": "last node only, in float after dequantize", "Identity": "removed",
+    "Dropout": "removed (inference mode)", "Cast": "to float32 only: removed",
+    **{op: _LUT for op in UNARY_FUNCTIONS},
+}
+assert set(LOWERED_AS) == SUPPORTED_OPS, "document every supported op"
+
+
+def ops_table() -> str:
+    """The supported-ops table in Markdown, one row per ONNX op."""
+    rows = ["| ONNX op | inside the integer core |", "| --- | --- |"]
+    rows += [f"| `{op}` | {LOWERED_AS[op]} |" for op in sorted(SUPPORTED_OPS)]
+    return "\n".join(rows) + "\n"

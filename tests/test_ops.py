@@ -269,3 +269,13 @@ def test_lut_within_half_a_step(fn: str, bits: int) -> None:
     assert inside.any()
     err = np.abs(table * sy - f)[inside]
     assert err.max() <= sy / 2 + 1e-9, f"{fn}: max error {err.max()} > half step {sy / 2}"
+
+
+def test_readme_ops_table_in_sync() -> None:
+    """README's table is generated from the registry: `python tools/readme_ops.py`."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, str(root / "tools" / "readme_ops.py"), "--check"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
