@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 from tvm import tirx
 
 from .x86_int4 import GFNI
-from .x86_vnni import ISA, conv2d_nhwc_vnni, dense_vnni
+from .x86_vnni import KG, ISA, conv2d_nhwc_vnni, conv2d_nhwc_vnni_grouped, dense_vnni
 from .x86_window import (depthwise_conv2d_nhwc, global_sum_pool_nhwc, max_pool2d_nhwc,
                          sum_pool2d_nhwc)
 
@@ -121,6 +121,19 @@ def rule_conv_vnni(d: LayerDesc) -> KernelSpec | None:
     return _conv_spec(d, 8)
 
 
+def rule_conv_grouped(d: LayerDesc) -> KernelSpec | None:
+    """Grouped, not depthwise (ResNeXt, RegNet): one GEMM per group. Any weight width
+    (4-bit values are exact in the int8 layout)."""
+    if d.op != "conv2d" or d.group == 1 or d.in_dtype not in _ACT:
+        return None
+    n, h, w, c = d.in_shape
+    if d.group == c == d.channels or (c // d.group) % KG:
+        return None
+    return KernelSpec("conv2d_nhwc_vnni_grouped", lambda: conv2d_nhwc_vnni_grouped(
+        n, h, w, c, d.channels, *d.kernel, d.group, d.strides, d.pads, d.dilations,
+        in_dtype=d.in_dtype, **_requant_kw(d)), "vnni16x4_grouped", d.in_dtype == "int8")
+
+
 def rule_depthwise(d: LayerDesc) -> KernelSpec | None:
     if d.op != "conv2d" or d.in_dtype not in _ACT or not d.group == d.in_shape[3] == d.channels:
         return None
@@ -147,8 +160,8 @@ def rule_pool(d: LayerDesc) -> KernelSpec | None:
 
 
 # The int4 rules go first; when their CPU flags are missing the int8 rule takes the layer.
-RULES: tuple[Rule, ...] = (rule_dense_int4, rule_dense, rule_depthwise, rule_conv_int4,
-                           rule_conv_vnni, rule_pool)
+RULES: tuple[Rule, ...] = (rule_dense_int4, rule_dense, rule_depthwise, rule_conv_grouped,
+                           rule_conv_int4, rule_conv_vnni, rule_pool)
 
 
 def select_kernel(d: LayerDesc, cpu_flags: frozenset[str] | None = None,

@@ -308,9 +308,11 @@ def gemm_tile(m: int, n_pad: int, k_pad: int, isa: DotIsa = ISA) -> GemmTile:
     return GemmTile(mr, nb, n_outer=n_pad * k_pad > m * k_pad)
 
 
-def _schedule_gemm(sch: Schedule, tile: GemmTile, n_red: int, intrin: str = INTRIN) -> None:
-    """Tile, tensorize and parallelize block "acc" (loops i, j, *reduce, last reduce
-    over packed k) and fuse block "out" into the register tile.
+def _schedule_gemm(sch: Schedule, tile: GemmTile, n_red: int, intrin: str = INTRIN,
+                   lead: int = 0) -> None:
+    """Tile, tensorize and parallelize block "acc" (loops *lead, i, j, *reduce, last
+    reduce over packed k) and fuse block "out" into the register tile. ``lead`` outer
+    spatial loops (the groups of a grouped conv) join the parallel loop.
 
     # Step 1. split i -> (io, ii), j -> (jo, jb, 16), last reduce -> (ko, 4)
     # Step 2. io/jo outermost and parallel, reduction next, register tile innermost
@@ -319,15 +321,15 @@ def _schedule_gemm(sch: Schedule, tile: GemmTile, n_red: int, intrin: str = INTR
     """
     acc = sch.get_sblock("acc")
     loops = sch.get_loops(acc)
-    i, j, red = loops[0], loops[1], loops[2:]
+    groups, (i, j), red = loops[:lead], loops[lead:lead + 2], loops[lead + 2:]
     io, ii = sch.split(i, [None, tile.mr])
     jo, jb, ji = sch.split(j, [None, tile.nb, LANES])
     ko, ki = sch.split(red[-1], [None, KG])
-    outer = [jo, io] if tile.n_outer else [io, jo]
+    outer = [*groups, *([jo, io] if tile.n_outer else [io, jo])]
     sch.reorder(*outer, *red[:-1], ko, ii, jb, ji, ki)
     sch.set_scope(acc, 0, ACC_SCOPE)
     out = sch.get_sblock("out")
-    sch.reverse_compute_at(out, outer[1])
+    sch.reverse_compute_at(out, outer[-1])
     sch.parallel(sch.fuse(*outer))
     init = sch.decompose_reduction(acc, red[0] if n_red > 1 else ko)
     sch.tensorize(ji, intrin)
@@ -504,4 +506,64 @@ def conv2d_nhwc_vnni(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int,
         schedule_unpack(sch)
     if im2col:
         _schedule_stage(sch, "col")
+    return sch.mod["main"].with_attr("global_symbol", "main")
+
+
+def pack_conv_weights_grouped(w_oihw: np.ndarray, group: int) -> np.ndarray:
+    """Grouped OIHW int8 (OC, C/group, kh, kw) -> the groups' ``pack_conv_weights``
+    stacked on the block axis: (group * ceil(OC/group/16), kh*kw*C/group/4, 16, 4)."""
+    og = w_oihw.shape[0] // group
+    return np.concatenate([pack_conv_weights(w_oihw[g * og:(g + 1) * og]) for g in range(group)])
+
+
+def conv2d_nhwc_vnni_grouped(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int,
+                             group: int, strides: Sequence[int] = (1, 1),
+                             pads: Sequence[int] = (0, 0, 0, 0),
+                             dilations: Sequence[int] = (1, 1), *, out_dtype: str = "int8",
+                             raw: bool = False, in_dtype: str = "uint8", lo: int | None = None,
+                             hi: int | None = None, tile: GemmTile | None = None
+                             ) -> tirx.PrimFunc:
+    """Grouped NHWC conv2d (ResNeXt, RegNet): one implicit GEMM per group, the group
+    an outer parallel loop, M = N*OH*OW, K = kh*kw*C/group, N = OC/group padded to 16.
+
+    Parameters as ``conv2d_nhwc_vnni`` with W = pack_conv_weights_grouped(w_oihw, group).
+    Needs C/group % 4 == 0 (a group's channels fill whole vpdpbusd quads); groups
+    narrower than 16 output channels compute padded lanes that are never stored.
+    """
+    ep = _epilogue(out_dtype, raw, lo, hi)
+    G, ipg, og = group, C // group, OC // group
+    if C % G or OC % G or ipg % KG:
+        raise ValueError(f"grouped conv needs C/group % {KG} == 0, got C={C}, group={G}")
+    (sh, sw), (dh, dw) = _pair(strides), _pair(dilations)
+    OH, OW = conv_out_hw(H, W, kh, kw, strides, pads, dilations)
+    ogp, M, kp = _ceil(og, LANES), N * OH * OW, kh * kw * ipg
+    tile = tile or gemm_tile(M, ogp, kp)
+    x = te.placeholder((N, H, W, C), in_dtype, name="x")
+    w = _weights(G * ogp, kp, 8, "tile")
+    bias = te.placeholder((OC,), "int32", name="bias")
+    q = ep.params((OC,))
+    if any(pads) or in_dtype != "uint8":
+        fill = tirx.const(128 if in_dtype == "int8" else 0, "uint8")
+        xp = _pad_nhwc(x, pads, C, fill, lambda v: _to_u8(v, in_dtype), "x_pad")
+    else:
+        xp = x
+    r = te.reduce_axis((0, kh), "r")
+    s = te.reduce_axis((0, kw), "s")
+    c = te.reduce_axis((0, ipg), "c")
+
+    def acc_f(g: tirx.Var, i: tirx.Var, j: tirx.Var) -> tirx.PrimExpr:
+        i = tirx.min(i, M - 1)  # tail rows of the last tile recompute row M-1
+        b, oh, ow = i // (OH * OW), i % (OH * OW) // OW, i % OW
+        a = xp[b, oh * sh + r * dh, ow * sw + s * dw, g * ipg + c].astype("int32")
+        return te.sum(a * w.value(g * ogp + j, (r * kw + s) * ipg + c), axis=[r, s, c])
+
+    acc = te.compute((G, _ceil(M, tile.mr), ogp), acc_f, name="acc")
+    out = te.compute((G, M, og), lambda g, i, o: ep.apply(
+        acc[g, i, o], bias[g * og + o], q, g * og + o), name="out")
+    sch = Schedule(te.create_prim_func([x, w.tensor, bias, *q, out]))
+    sch.transform_layout("out", ("write", 0), lambda g, i, o: [
+        i // (OH * OW), i % (OH * OW) // OW, i % OW, g * og + o])
+    _schedule_gemm(sch, tile, 3, w.intrin, lead=1)
+    if xp is not x:
+        _schedule_stage(sch, "x_pad")
     return sch.mod["main"].with_attr("global_symbol", "main")

@@ -77,6 +77,8 @@ def _params(n: QNode, spec: krules.KernelSpec, ctx: LowerCtx) -> list[relax.Var]
             bias = vnni.signed_input_bias(w, bias)
         if spec.weight_layout in _PACKERS:
             wk = _PACKERS[spec.weight_layout][n.op](w)
+        elif spec.weight_layout == "vnni16x4_grouped":
+            wk = vnni.pack_conv_weights_grouped(w, int(n.attrs["group"]))
         elif spec.weight_layout == "hwc":
             wk = np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
         else:

@@ -89,12 +89,14 @@ def resnets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Graph]:
 
 def test_resnet_tie_groups(resnets: dict[str, Graph]) -> None:
     groups = costs.tie_groups(resnets["resnet18"])
-    assert ("layer2.0.conv1", "layer2.0.downsample.0") in groups
+    # graph order: onnxruntime's folding may put the shortcut first
+    assert {"layer2.0.conv1", "layer2.0.downsample.0"} in [set(g) for g in groups]
     assert ("layer1.0.conv1",) in groups and groups[0] == ("conv1",) and groups[-1] == ("fc",)
     assert len(groups) == 21 - 3  # three downsample shortcuts follow their block's conv1
     g50 = costs.tie_groups(resnets["resnet50"])
     # layer1.0's shortcut reads maxpool(relu): traced back to conv1's output, like its conv1.
-    assert ("layer1.0.conv1", "layer1.0.downsample.0") in g50 and len(g50) == 54 - 4
+    assert {"layer1.0.conv1", "layer1.0.downsample.0"} in [set(g) for g in g50]
+    assert len(g50) == 54 - 4
     assert sorted(n for g in g50 for n in g) == sorted(la.name for la in costs.layers_of(resnets["resnet50"]))
 
 

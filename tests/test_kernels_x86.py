@@ -249,6 +249,30 @@ def _check_conv(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int, st: t
     np.testing.assert_array_equal(got, _expected(acc, q, out_dtype))
 
 
+@pytest.mark.parametrize("N,H,W,C,OC,k,group,st,pads,in_dtype,out_dtype,raw", [
+    (1, 7, 7, 32, 32, 3, 8, (1, 1), (1, 1, 1, 1), "uint8", "uint8", False),  # RegNet-like
+    (2, 9, 8, 64, 48, 3, 4, (2, 2), (1, 0, 1, 1), "int8", "int8", False),    # og 12 < 16
+    (1, 6, 6, 128, 128, 3, 32, (1, 1), (1, 1, 1, 1), "uint8", "int32", True),  # ResNeXt-like
+    (1, 5, 5, 48, 48, 1, 3, (1, 1), (0, 0, 0, 0), "int8", "uint8", False),   # grouped 1x1
+])
+def test_conv2d_grouped_exact(N: int, H: int, W: int, C: int, OC: int, k: int, group: int,
+                              st: tuple[int, int], pads: Pads, in_dtype: str, out_dtype: str,
+                              raw: bool) -> None:
+    rng = np.random.default_rng(C + OC + group)
+    x, w = _rand(rng, (N, H, W, C), in_dtype), _weights(rng, (OC, C // group, k, k), 8)
+    bias = rng.integers(-2**20, 2**20, OC).astype(np.int32)
+    q = None if raw else _qparams(rng, (OC,))
+    kbias = V.signed_input_bias(w, bias) if in_dtype == "int8" else bias
+    f = V.conv2d_nhwc_vnni_grouped(N, H, W, C, OC, k, k, group, st, pads, out_dtype=out_dtype,
+                                   raw=raw, in_dtype=in_dtype)
+    og, ipg = OC // group, C // group
+    acc = np.concatenate([_conv_ref(x[..., g * ipg:(g + 1) * ipg], w[g * og:(g + 1) * og], st,
+                                    pads, (1, 1)) for g in range(group)], axis=-1) + bias
+    got = _run(f, [x, V.pack_conv_weights_grouped(w, group), kbias, *(q or [])], acc.shape,
+               "int32" if raw else out_dtype)
+    np.testing.assert_array_equal(got, _expected(acc, q, out_dtype))
+
+
 def test_conv_1x1_reads_input_directly() -> None:
     """1x1 stride 1 on uint8 with C % 4 == 0 is a plain GEMM: no pad/im2col buffer."""
     script = V.conv2d_nhwc_vnni(1, 7, 7, 64, 64, 1, 1).script()

@@ -26,6 +26,7 @@ CASES = {
     "relu6_no_bias": dict(cin=4, cout=5, size=6, act="relu6", bias=False, pads=[1, 0, 1, 0]),
     "signed_no_act": dict(cin=3, cout=3, size=5, act=None),
     "grouped": dict(cin=6, cout=9, group=3, size=7, strides=[2, 1]),
+    "grouped_vnni": dict(cin=16, cout=24, group=4, size=7, pads=[1, 1, 1, 1]),
 }
 
 
