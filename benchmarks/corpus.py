@@ -192,7 +192,8 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
            f"{len(rows)} models from `{meta['corpus']}`: INT8, llvm, synthetic calibration "
            f"({meta['samples']} samples), evaluation on {meta['samples']} synthetic inputs, "
            f"latency median of {meta['repeat']} on {meta['machine']['label']}; "
-           f"per-model timeout {meta['timeout_s']:.0f} s. Random (seeded) weights except "
+           f"per-model timeout {meta['timeout_s']:.0f} s; compiler at `{meta['compiler']}`. "
+           "Random (seeded) weights except "
            "`efficientnet_lite0_real`: agreement and SQNR measure quantization noise, "
            "not accuracy.", "",
            "Status: " + ", ".join(f"{s} {n}" for s, n in counts.items() if n), "",
@@ -215,6 +216,20 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             out += [f"### {r['name']} ({r['status']}, stage {r.get('failed_stage')})", "",
                     "```", r["traceback"].rstrip()[-4000:], "```", ""]
     return "\n".join(out) + "\n"
+
+
+def compiler_revision() -> str:
+    """HEAD of the checkout, with "+dirty" when qcompile/ or kernels/ have local edits:
+    the compiler changes under these runs, so each result says which one it measured."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo,
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "qcompile", "kernels"],
+                               cwd=repo, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def main() -> int:
@@ -258,7 +273,8 @@ def main() -> int:
     watch = Stopwatch()
     date = dt.date.today().isoformat()
     stem = f"corpus-{date}" + ("-quick" if args.quick else "")
-    meta = {"date": date, "corpus": str(corpus), "samples": args.samples, "repeat": args.repeat,
+    meta = {"date": date, "compiler": compiler_revision(), "corpus": str(corpus),
+            "samples": args.samples, "repeat": args.repeat,
             "timeout_s": args.timeout, "machine": machine_info(),
             "versions": manifest.get("versions", {}), "quick": args.quick}
     rows: list[dict[str, Any]] = []

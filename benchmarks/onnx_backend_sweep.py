@@ -48,6 +48,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import Stopwatch, finish, machine_info  # noqa: E402
+from corpus import compiler_revision  # noqa: E402
 
 DEFAULT_ROOT = Path("/usr/share/libonnx-testdata/data")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -153,6 +154,7 @@ def _worker(conn: Connection, samples: int) -> None:
     import warnings
     warnings.simplefilter("ignore")
     from qcompile.cli import main
+    import qcompile.api  # noqa: F401 - TVM's import (seconds) is not any model's time
     conn.send(("ready", None))
     while True:
         try:
@@ -244,6 +246,7 @@ def sweep(models: list[Path], root: Path, workers: int, timeout: float, samples:
                     raise RuntimeError("a sweep worker died while starting (is qcompile "
                                        "importable from this Python?)")
                 if w.job is not None:
+                    w.proc.join(2)  # reap it, for the exit code (-11: SIGSEGV)
                     rec = {"class": "crash", "exit_code": w.proc.exitcode,
                            "line": f"worker died (exit code {w.proc.exitcode})",
                            "seconds": round(time.monotonic() - w.since, 2)}
@@ -310,7 +313,8 @@ def render(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
            f"Models from `{meta['root']}` (suites: {', '.join(meta['suites'])}), each compiled "
            f"in-process by the CLI's `main` as `qcompile {' '.join(meta['cli'])}`; per-model "
            f"timeout {meta['timeout_s']:.0f} s; {meta['workers']} workers; took "
-           f"{meta['seconds']:.0f} s on {meta['machine']['label']}.", "",
+           f"{meta['seconds']:.0f} s on {meta['machine']['label']}; compiler at "
+           f"`{meta['compiler']}`.", "",
            "*plain*: the test's model as shipped. *frozen*: the same model with every input "
            "but the first turned into an initializer holding the test's own "
            "`test_data_set_0` values (Conv(x, W) becomes a conv with weights); only models "
@@ -386,7 +390,8 @@ def main() -> int:
         results.update(sweep(models, args.root, args.workers, args.timeout, args.samples,
                              freeze=freeze))
     date = dt.date.today().isoformat()
-    meta = {"date": date, "root": str(args.root), "suites": args.suites,
+    meta = {"date": date, "compiler": compiler_revision(), "root": str(args.root),
+            "suites": args.suites,
             "cli": _cli_args(Path("MODEL"), Path("OUT"), args.samples),
             "timeout_s": args.timeout, "workers": args.workers, "seconds": watch.seconds,
             "machine": machine_info(), "quick": args.quick}

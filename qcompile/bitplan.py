@@ -1,6 +1,8 @@
 """Bit allocation as one pipeline stage: sensitivity + costs + latency -> a per-layer plan.
 
-    sensitivity  Omega_l(b) per layer and width      (sensitivity.py: hessian or kl)
+    sensitivity  Omega_l(b) per layer and width      (sensitivity.py: hessian or kl; a graph
+                 the Hessian is refused for (an op without a Relax gradient, no 2-D
+                 logits) falls back to kl with a one-line warning)
     latency      ms per layer and width on the target (latency.py: measured kernels on llvm;
                  costs.py: the T4 roofline model for cuda, labelled *predicted*)
     overhead     the non-layer rest of the model (adds, pools, layout, runtime): on llvm the
@@ -95,7 +97,8 @@ def measured_cost_model(graph: Graph, model_bytes: bytes, stats: Mapping[str, Ob
                         quant: QuantSpec, target: tvm.target.Target, batch: int,
                         progress: bool) -> CostModel:
     """Per-layer kernel latencies measured on this CPU, plus the fitted non-layer overhead."""
-    table = latency.measure_layers(graph, target, bits=(4, 8), batch=batch, progress=progress)
+    table = latency.measure_layers(graph, target, bits=(4, 8), batch=batch, progress=progress,
+                                   stats=stats)
     int8 = costs.uniform(costs.layers_of(graph), 8)
     # The kernels' fingerprint is in the key: after a kernel change the per-layer table is
     # re-measured, and an overhead fitted against the old table would be wrong.
@@ -125,10 +128,11 @@ def allocate_bits(graph: Graph, model_bytes: bytes, reader: Reader,
                   quant: QuantSpec = QuantSpec(), batch: int = 1,
                   progress: bool = True) -> Allocation:
     """Measure what the ILP needs and solve it under ``spec``'s budgets."""
-    # Step 1. Sensitivity Omega_l(b), cached by model, data and method.
+    # Step 1. Sensitivity Omega_l(b), cached by model, data and method; hessian falls back
+    # to kl (with a warning) where the graph has no Relax gradient.
     x = gather_inputs(reader, spec.sensitivity_samples)
     sens = compute_sensitivity(graph, model_bytes, x, method=spec.sensitivity, bits=(4, 8),
-                               progress=progress)
+                               progress=progress, fallback=True)
     # Step 2. Latency per layer and width: measured kernels on the CPU, T4 model for cuda.
     if target.kind.name == "llvm":
         cost = measured_cost_model(graph, model_bytes, stats, quant, target, batch, progress)

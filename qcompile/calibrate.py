@@ -250,10 +250,17 @@ class FloatRunner:
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Float values of the requested tensors and the graph outputs for batch ``x``."""
         x = np.ascontiguousarray(x, np.float32)
-        if self.fixed_batch and len(x) != self.fixed_batch:
-            if self.fixed_batch != 1:
-                raise DataError(f"the model's batch dim is {self.fixed_batch}, got {len(x)}")
-            parts = [self.run(x[i:i + 1]) for i in range(len(x))]
+        b = self.fixed_batch
+        if b and len(x) != b:
+            # A model with a static batch B runs in chunks of B; the last chunk is padded
+            # with copies of its last sample and the padding dropped again.
+            parts = []
+            for i in range(0, len(x), b):
+                chunk = x[i:i + b]
+                pad = b - len(chunk)
+                if pad:
+                    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+                parts.append({k: v[:b - pad] for k, v in self.run(chunk).items()})
             return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         try:
             vals = self._sess.run(self._fetch, {self.input_name: x})

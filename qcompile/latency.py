@@ -7,7 +7,7 @@ feeds it random buffers and times it; identical layer shapes are timed once.
 
 Pipeline::
 
-    layer_descs(graph, batch)            name -> LayerDesc (NHWC, dtypes traced)
+    layer_descs(graph, batch)            name -> LayerDesc (NHWC, the quantizer's dtypes)
     measure_layers(graph, target, ...)   -> LatencyTable (ms per layer per bit width)
     fit_overhead(table, plan, model_ms)  the non-layer rest of the model, a constant
 
@@ -61,40 +61,50 @@ from .build import legalize  # noqa: E402
 from .errors import UsageError  # noqa: E402
 from .graph import LAYER_OPS, Graph, Node  # noqa: E402
 from .kernels import x86_rules as krules  # noqa: E402
-from .quantize import raw_output_producer  # noqa: E402  (the quantizer's own rule)
+from .config import QuantSpec  # noqa: E402
+from .quantize import (Observer, calibration_tensors, quantize_graph,  # noqa: E402
+                       raw_output_producer)  # the quantizer's own rules
 from .targets import cpu_flags, make_target  # noqa: E402
 
 LayerDesc = krules.LayerDesc
 CACHE_FORMAT = 1
 GENERIC = "generic"          # kernel name of TVM's legalized (unscheduled) fallback
 UNAVAILABLE = "unavailable"  # no such bit width on this kernel library yet
-# Ops whose output keeps the input's integer type (quantize.py: passthrough / pool / clip).
-_SAME_DTYPE = ("maxpool", "clip", "flatten", "reshape", "gap", "avgpool", "softmax")
 TARGET_SAMPLE_MS = 1        # each timing sample runs >= this long (number auto-scaled)
 MAX_LAYER_SECONDS = 2.0     # cap the repeats of very slow (generic) layers
 Buffers = list[tuple[str, tuple[int, ...], str]]  # (name, shape, dtype) per parameter
 
 
 # ----------------------------------------------------------------------------- descriptions
-def act_dtype(graph: Graph, tensor: str) -> str:
-    """Storage dtype of an activation: uint8 after a ReLU-like act (lo >= 0), else int8.
+class _UnitRange:
+    """Stand-in calibration: every tensor's range is [-1, 1] (or [0, 1])."""
 
-    Mirrors quantize.py: the graph input is int8; conv/dense/add are unsigned iff their
-    fused act has lo >= 0; maxpool/clip/flatten/reshape/pools keep their input's type;
-    concat is unsigned iff all inputs are. 4-bit activations use the same dtypes.
+    def threshold(self, signed: bool, bits: int) -> float:
+        return 1.0
+
+
+def tensor_dtypes(graph: Graph, stats: Mapping[str, Observer] | None = None
+                  ) -> dict[str, str]:
+    """Storage dtype of every activation, as ``quantize_graph`` itself decides it.
+
+    The graph is quantized once (uniform 8-bit: the dtype does not depend on the
+    width, 4-bit values live in int8/uint8 too), so the answer is the quantizer's own:
+    unsigned after a ReLU-like act, a product of unsigned tensors, a table whose values
+    are all >= 0, ...  Only a table function's sign depends on the calibrated ranges
+    (it is the sign of f over the input's grid): ``stats`` gives them; tensors without
+    one get [-1, 1], which decides the sign of every common activation (Sigmoid,
+    HardSwish, SiLU, Gelu, Tanh ...) the same way as any range around 0.
     """
-    node = graph.producer(tensor)
-    if node is None:
-        return "int8"
-    if node.op in ("conv", "dense", "add"):
-        act = node.attrs.get("act")
-        return "uint8" if act is not None and act[0] >= 0 else "int8"
-    if node.op in _SAME_DTYPE:
-        return act_dtype(graph, node.inputs[0])
-    if node.op == "concat":
-        signed = any(act_dtype(graph, t) == "int8" for t in node.inputs)
-        return "int8" if signed else "uint8"
-    return "int8"
+    unit = _UnitRange()
+    st = {t: (stats.get(t, unit) if stats is not None else unit)
+          for t in calibration_tensors(graph)}
+    qg = quantize_graph(graph, st, QuantSpec())
+    return {name: t.qtype.dtype for name, t in qg.tensors.items()}
+
+
+def act_dtype(graph: Graph, tensor: str, stats: Mapping[str, Observer] | None = None) -> str:
+    """Storage dtype of one activation (``tensor_dtypes``): int8, uint8 or int32 (raw)."""
+    return tensor_dtypes(graph, stats)[tensor]
 
 
 def _nhwc(shape: Sequence[int], batch: int) -> tuple[int, ...]:
@@ -104,14 +114,14 @@ def _nhwc(shape: Sequence[int], batch: int) -> tuple[int, ...]:
     return (batch, *shape[1:])
 
 
-def _desc(graph: Graph, n: Node, batch: int, raw_name: str | None) -> LayerDesc:
+def _desc(graph: Graph, n: Node, batch: int, raw_name: str | None,
+          dtypes: Mapping[str, str]) -> LayerDesc:
     in_shape = _nhwc(graph.shapes[n.inputs[0]], batch)
-    act = n.attrs.get("act")
     # The last layer may keep its int32 accumulator (raw), exactly as quantize.py decides.
     raw = n.name == raw_name
-    out = "int32" if raw else ("uint8" if act is not None and act[0] >= 0 else "int8")
-    common: dict[str, Any] = dict(in_shape=in_shape, in_dtype=act_dtype(graph, n.inputs[0]),
-                                  out_dtype=out, raw=raw, channels=int(n.params["w"].shape[0]))
+    common: dict[str, Any] = dict(in_shape=in_shape, in_dtype=dtypes[n.inputs[0]],
+                                  out_dtype=dtypes[n.output], raw=raw,
+                                  channels=int(n.params["w"].shape[0]))
     if n.op == "dense":
         return LayerDesc("dense", **common)
     w, a = n.params["w"], n.attrs
@@ -122,16 +132,20 @@ def _desc(graph: Graph, n: Node, batch: int, raw_name: str | None) -> LayerDesc:
                      group=int(a["group"]), **common)
 
 
-def layer_descs(graph: Graph, batch: int = 1) -> dict[str, LayerDesc]:
+def layer_descs(graph: Graph, batch: int = 1,
+                stats: Mapping[str, Observer] | None = None) -> dict[str, LayerDesc]:
     """Each conv/dense node of a prepared graph -> its kernel description at ``batch``.
 
+    Dtypes come from ``tensor_dtypes`` (the quantizer's own, ``stats`` as there).
     ``lo``/``hi`` stay None (the dtype's range): the clip bounds come from calibration,
     which a latency table does not need, and they do not change the kernel's speed.
     """
     if batch <= 0:
         raise UsageError(f"batch must be positive, got {batch}")
     raw_name = raw_output_producer(graph)
-    return {n.name: _desc(graph, n, batch, raw_name) for n in graph.nodes if n.op in LAYER_OPS}
+    dtypes = tensor_dtypes(graph, stats)
+    return {n.name: _desc(graph, n, batch, raw_name, dtypes)
+            for n in graph.nodes if n.op in LAYER_OPS}
 
 
 def supports_w_bits() -> bool:
@@ -410,7 +424,8 @@ class LatencyTable:
 def measure_layers(graph: Graph, target: tvm.target.Target | str = "llvm", *,
                    bits: Sequence[int] = (4, 8), batch: int = 1, repeat: int = 20,
                    rounds: int = 5, cache: Path | bool | None = True, force: bool = False,
-                   progress: bool = True) -> LatencyTable:
+                   progress: bool = True, stats: Mapping[str, Observer] | None = None
+                   ) -> LatencyTable:
     """Time every conv/dense layer of ``graph`` at each of ``bits`` on this machine.
 
     Unique (layer description, bits) pairs are compiled and timed once each, with the
@@ -418,7 +433,8 @@ def measure_layers(graph: Graph, target: tvm.target.Target | str = "llvm", *,
     ``cache``: True = ``default_cache_path()``, a Path = that file, False/None = none;
     cached entries are reused unless ``force``. Each layer gets about ``repeat``
     samples of >= 1 ms, spread over ``rounds`` passes over all layers (see
-    ``_time_interleaved``); the table holds their median.
+    ``_time_interleaved``); the table holds their median.  ``stats`` (calibration
+    observers) pin down the dtypes of table-function outputs (``tensor_dtypes``).
     """
     tgt = make_target(target) if isinstance(target, str) else target
     if tgt.kind.name != "llvm":
@@ -426,7 +442,7 @@ def measure_layers(graph: Graph, target: tvm.target.Target | str = "llvm", *,
                          f"got {tgt.kind.name}; use the predicted T4 model for CUDA")
     path = default_cache_path() if cache is True else (Path(cache) if cache else None)
     tkey, fp = target_key(tgt), fingerprint()
-    descs = layer_descs(graph, batch)
+    descs = layer_descs(graph, batch, stats)
     keys = {(name, b): cache_key(tkey, d, b, batch) for name, d in descs.items() for b in bits}
     unique = {k: (descs[name], b) for (name, b), k in keys.items()}
     cached = _read_cache(path) if path is not None and not force else {}

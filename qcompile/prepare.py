@@ -211,6 +211,8 @@ def constants_to_affine(graph: Graph) -> Graph:
         if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
             raise _refuse(n, "has a constant that makes the result infinite (division by 0)")
         scale, shift = _minimal(scale), _minimal(shift)
+        if scale.shape[0] != 1 or shift.shape[0] != 1:
+            raise _refuse(n, "has a constant that varies along the batch axis (0)")
         return n.with_(op="affine", attrs={"act": None},
                        params={"scale": scale.astype(np.float32),
                                "shift": shift.astype(np.float32)})

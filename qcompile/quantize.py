@@ -448,4 +448,7 @@ def quantize_graph(graph: Graph, stats: Mapping[str, Observer], spec: QuantSpec 
         if n.op not in handlers:
             raise UnsupportedOpError(f"node {n.name!r} (op {n.op}) has no integer lowering")
         nodes.append(handlers[n.op](n))
+    if not nodes:
+        raise UnsupportedOpError(f"{graph.source or 'model'}: nothing to compute in integers "
+                                 "(the model is an identity, a dropout or a lone softmax)")
     return QGraph(qin, tuple(nodes), q.t[out], dict(q.t), softmax_axis, graph.source)

@@ -44,10 +44,19 @@ def _fmt_scale(s: np.ndarray) -> str:
     return f"{float(s):.4g}" if s.ndim == 0 else f"per-channel ({s.size})"
 
 
+def _edge_rows(convs: list[Any]) -> list[str]:
+    if not convs:
+        return ["| layers | none: the model has no conv or dense layer |"]
+    first, last = convs[0], convs[-1]
+    return [f"| first layer | `{first.name}`: {first.attrs['bits']}-bit weights |",
+            f"| last layer | `{last.name}`: {last.attrs['bits']}-bit weights, "
+            + ("int32 accumulator dequantized directly" if last.attrs["raw"] else "requantized")
+            + " |"]
+
+
 def render_card(qg: QGraph, meta: dict[str, Any]) -> str:
     """Markdown card listing every choice that affects accuracy and speed."""
     convs = [n for n in qg.nodes if n.op in ("qconv", "qdense")]
-    first, last = convs[0], convs[-1]
     cal = meta["calibration"]
     lines = [
         f"# Quantization card: {qg.source or 'model'}",
@@ -62,14 +71,14 @@ def render_card(qg: QGraph, meta: dict[str, Any]) -> str:
         "| weights | per-output-channel symmetric, zero point 0 |",
         "| activations | per-tensor; unsigned after a fused ReLU/ReLU6, signed otherwise; zero point 0 |",
         "| bias | int32, scale s_w * s_x |",
-        "| BatchNorm | folded into the preceding conv before quantization |",
+        "| BatchNorm | folded into the preceding conv before quantization, else a dyadic affine |",
         "| requantization | dyadic m / 2^s per output channel, m < 2^31, int64 product, round half up |",
-        "| residual add | each branch rescaled dyadically to the output scale, summed in int64 |",
+        "| residual add | each branch rescaled dyadically to the output scale, summed in int32 "
+        "or int64 |",
+        "| activations (sigmoid, swish ...) | integer table lookup built from the float function |",
         "| average pooling | integer window sum times a dyadic per-position factor |",
         f"| input | {qg.input.qtype.dtype} ({qg.input.qtype.bits} bit), scale {_fmt_scale(qg.input.scale)} |",
-        f"| first layer | `{first.name}`: {first.attrs['bits']}-bit weights |",
-        f"| last layer | `{last.name}`: {last.attrs['bits']}-bit weights, "
-        + ("int32 accumulator dequantized directly" if last.attrs["raw"] else "requantized") + " |",
+        *_edge_rows(convs),
         f"| output | {qg.output.qtype.dtype}, scale {_fmt_scale(qg.output.scale)}"
         + (f", then float softmax on axis {qg.softmax_axis}" if qg.softmax_axis is not None else "") + " |",
         "| accumulator | int32 |",

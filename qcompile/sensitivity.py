@@ -38,7 +38,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from tqdm import tqdm
 
-from .errors import DataError, UsageError
+from .errors import DataError, UnsupportedOpError, UsageError
 from .graph import Graph, Node
 from .quantize import quantize_weights
 from .relax_float import FloatVM, build_float_module, layer_nodes
@@ -230,8 +230,50 @@ def _act_nodes(n: Node, x: str, act: tuple[float, float] | None, inits: list[Ten
     return [helper.make_node("Clip", [x, *bounds], [n.output])]
 
 
-def _onnx_node(n: Node, inits: list[TensorProto]) -> list[onnx.NodeProto]:
-    a, pre = n.attrs, f"{n.name}::pre"
+def _init(inits: list[TensorProto], name: str, value: np.ndarray | float | Sequence[int],
+          dtype: type = np.float32) -> str:
+    """Add a constant initializer; returns its name."""
+    inits.append(numpy_helper.from_array(np.asarray(value, dtype), name))
+    return name
+
+
+def _onnx_add(n: Node, pre: str) -> list[onnx.NodeProto]:
+    """sum_i sign_i * x_i as a chain of Add/Sub (a leading minus is a Neg)."""
+    signs = tuple(n.attrs.get("signs", (1,) * len(n.inputs)))
+    nodes, acc = [], n.inputs[0]
+    if signs[0] < 0:
+        nodes.append(helper.make_node("Neg", [acc], [f"{n.name}::neg"]))
+        acc = f"{n.name}::neg"
+    if len(n.inputs) == 1:
+        return nodes + [helper.make_node("Identity", [acc], [pre])]
+    for i, (sg, x) in enumerate(zip(signs[1:], n.inputs[1:]), 1):
+        out = pre if i == len(n.inputs) - 1 else f"{n.name}::sum{i}"
+        nodes.append(helper.make_node("Add" if sg > 0 else "Sub", [acc, x], [out]))
+        acc = out
+    return nodes
+
+
+def _onnx_lut(g: Graph, n: Node, pre: str, inits: list[TensorProto]) -> list[onnx.NodeProto]:
+    """The table function as the ONNX op itself (``Mul(x, f(x))`` when ``times_x``)."""
+    a, x = n.attrs, n.inputs[0]
+    times_x = bool(a.get("times_x", False))
+    f_out = f"{n.name}::f" if times_x else pre
+    if a["fn"] == "PRelu":  # one slope per channel: (C, 1, ...) against (N, C, ...)
+        rank = len(g.shapes[x])
+        slope = np.asarray(n.params["slope"], np.float32).reshape((-1,) + (1,) * (rank - 2))
+        nodes = [helper.make_node("PRelu", [x, _init(inits, f"{n.name}::slope", slope)],
+                                  [f_out])]
+    else:
+        attrs = {k: float(v) if isinstance(v, (float, np.floating)) else v
+                 for k, v in dict(a.get("fn_attrs", {})).items()}
+        nodes = [helper.make_node(a["fn"], [x], [f_out], **attrs)]
+    if times_x:
+        nodes.append(helper.make_node("Mul", [x, f_out], [pre]))
+    return nodes
+
+
+def _onnx_node(g: Graph, n: Node, inits: list[TensorProto]) -> list[onnx.NodeProto]:
+    a, pre, ins, out = n.attrs, f"{n.name}::pre", list(n.inputs), [n.output]
     if n.op in ("conv", "dense"):
         inits.append(numpy_helper.from_array(np.asarray(n.params["b"], np.float32), f"{n.name}::b"))
         ins = [n.inputs[0], f"{n.name}::w", f"{n.name}::b"]
@@ -240,28 +282,66 @@ def _onnx_node(n: Node, inits: list[TensorProto]) -> list[onnx.NodeProto]:
                 if n.op == "conv" else helper.make_node("Gemm", ins, [pre], transB=1))
         return [core, *_act_nodes(n, pre, a["act"], inits)]
     if n.op == "add":
-        add = helper.make_node("Add", list(n.inputs), [pre])
-        return [add, *_act_nodes(n, pre, a["act"], inits)]
+        return [*_onnx_add(n, pre), *_act_nodes(n, pre, a["act"], inits)]
+    if n.op == "mul":
+        return [helper.make_node("Mul", ins, [pre]), *_act_nodes(n, pre, a["act"], inits)]
+    if n.op == "affine":
+        scale = _init(inits, f"{n.name}::scale", n.params["scale"])
+        shift = _init(inits, f"{n.name}::shift", n.params["shift"])
+        return [helper.make_node("Mul", [ins[0], scale], [f"{n.name}::scaled"]),
+                helper.make_node("Add", [f"{n.name}::scaled", shift], [pre]),
+                *_act_nodes(n, pre, a["act"], inits)]
+    if n.op == "lut":
+        return [*_onnx_lut(g, n, pre, inits), *_act_nodes(n, pre, a.get("act"), inits)]
     if n.op == "clip":
         return _act_nodes(n, n.inputs[0], (a["lo"], a["hi"]), inits)
     if n.op == "maxpool":
-        return [helper.make_node("MaxPool", list(n.inputs), [n.output], kernel_shape=a["kernel"],
+        return [helper.make_node("MaxPool", ins, out, kernel_shape=a["kernel"],
                                  strides=a["strides"], pads=a["pads"], dilations=a["dilations"])]
     if n.op == "avgpool":
-        return [helper.make_node("AveragePool", list(n.inputs), [n.output],
-                                 kernel_shape=a["kernel"], strides=a["strides"], pads=a["pads"],
+        return [helper.make_node("AveragePool", ins, out, kernel_shape=a["kernel"],
+                                 strides=a["strides"], pads=a["pads"],
                                  count_include_pad=int(a["count_include_pad"]))]
     if n.op == "gap":
-        return [helper.make_node("GlobalAveragePool", list(n.inputs), [n.output])]
+        axes = _init(inits, f"{n.name}::axes", [2, 3], np.int64)
+        return [helper.make_node("ReduceMean" if a.get("mean", True) else "ReduceSum",
+                                 [ins[0], axes], out, keepdims=int(a.get("keepdims", True)))]
+    if n.op == "lrn":
+        return [helper.make_node("LRN", ins, out, size=int(a["size"]), alpha=float(a["alpha"]),
+                                 beta=float(a["beta"]), bias=float(a["bias"]))]
+    if n.op == "pad":
+        pads = _init(inits, f"{n.name}::pads", a["pads"], np.int64)
+        value = _init(inits, f"{n.name}::value", float(a["value"]))
+        return [helper.make_node("Pad", [ins[0], pads, value], out, mode="constant")]
+    if n.op == "transpose":
+        return [helper.make_node("Transpose", ins, out, perm=[int(p) for p in a["perm"]])]
+    if n.op == "slice":  # every axis but the batch (never sliced)
+        r = len(a["begin"])
+        names = [_init(inits, f"{n.name}::{k}", np.asarray(a[k][1:], np.int64), np.int64)
+                 for k in ("begin", "end")]
+        axes = _init(inits, f"{n.name}::axes", np.arange(1, r), np.int64)
+        steps = _init(inits, f"{n.name}::steps", np.asarray(a["step"][1:]), np.int64)
+        return [helper.make_node("Slice", [ins[0], *names, axes, steps], out)]
+    if n.op == "gather":
+        nodes, x, axes = [], ins[0], list(a["axes"])
+        for i, ax in enumerate(axes):
+            idx = _init(inits, f"{n.name}::idx{ax}", n.params[f"idx{ax}"], np.int64)
+            y = n.output if i == len(axes) - 1 else f"{n.name}::g{i}"
+            nodes.append(helper.make_node("Gather", [x, idx], [y], axis=int(ax)))
+            x = y
+        return nodes or [helper.make_node("Identity", ins, out)]
     if n.op == "flatten":
-        return [helper.make_node("Flatten", list(n.inputs), [n.output], axis=a["axis"])]
+        return [helper.make_node("Flatten", ins, out, axis=a["axis"])]
     if n.op == "reshape":
-        shape = np.array([-1, *a["shape"][1:]], np.int64)  # dim 0 is the batch
-        inits.append(numpy_helper.from_array(shape, f"{n.name}::shape"))
-        return [helper.make_node("Reshape", [n.inputs[0], f"{n.name}::shape"], [n.output])]
+        shape = _init(inits, f"{n.name}::shape", [-1, *a["shape"][1:]], np.int64)  # batch
+        return [helper.make_node("Reshape", [ins[0], shape], out)]
     if n.op == "concat":
-        return [helper.make_node("Concat", list(n.inputs), [n.output], axis=a["axis"])]
+        return [helper.make_node("Concat", ins, out, axis=a["axis"])]
     raise UsageError(f"node {n.name!r}: op {n.op!r} is not a canonical op")
+
+
+# Opset of the export: 20 has every table function as an ONNX op (Gelu: 20, Mish: 18).
+CANONICAL_OPSET = 20
 
 
 def canonical_onnx(graph: Graph) -> onnx.ModelProto:
@@ -273,7 +353,7 @@ def canonical_onnx(graph: Graph) -> onnx.ModelProto:
     for n in graph.nodes:
         if n.op == "softmax":
             continue
-        nodes += _onnx_node(n, inits)
+        nodes += _onnx_node(graph, n, inits)
     logits = graph.nodes[-1].inputs[0] if graph.nodes[-1].op == "softmax" else graph.output
     f32 = TensorProto.FLOAT
     inputs = [helper.make_tensor_value_info(graph.input, f32, ["N", *graph.input_shape[1:]])]
@@ -281,7 +361,8 @@ def canonical_onnx(graph: Graph) -> onnx.ModelProto:
                for n in layer_nodes(graph)]
     out = helper.make_tensor_value_info(logits, f32, None)
     g = helper.make_graph(nodes, "canonical", inputs, [out], initializer=inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", CANONICAL_OPSET)],
+                             ir_version=10)
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -372,7 +453,8 @@ def compute_sensitivity(graph: Graph, model_bytes: bytes, inputs: np.ndarray,
                         labels: np.ndarray | None = None, *, method: str = "hessian",
                         bits: tuple[int, ...] = (4, 8), max_probes: int = 64, tol: float = 0.05,
                         seed: int = 0, batch_size: int = 8, central: bool = False,
-                        cache_dir: Path | None = None, progress: bool = True) -> Sensitivity:
+                        cache_dir: Path | None = None, progress: bool = True,
+                        fallback: bool = True) -> Sensitivity:
     """Omega_l(b) for every conv/dense layer of ``graph`` and every width in ``bits``.
 
     ``graph`` is the prepared (canonical) graph of ``model_bytes``; ``inputs`` is
@@ -381,6 +463,10 @@ def compute_sensitivity(graph: Graph, model_bytes: bytes, inputs: np.ndarray,
     every layer's relative std error is below ``tol`` (at least MIN_PROBES, at most
     ``max_probes``), with ``batch_size`` samples per compiled gradient call, and
     one gradient per probe (forward difference) or two with ``central``.
+
+    A graph the Hessian cannot be taken of (an op without a Relax gradient, outputs
+    that are not 2-D logits) falls back to ``kl`` with a one-line warning when
+    ``fallback``; without it the ``UnsupportedOpError`` propagates.
     """
     if method not in METHODS:
         raise UsageError(f"--sensitivity must be one of {METHODS}, got {method!r}")
@@ -411,7 +497,16 @@ def compute_sensitivity(graph: Graph, model_bytes: bytes, inputs: np.ndarray,
         res = Sensitivity("kl", kl_omega(graph, inputs, bits, progress), {}, {}, 0, len(inputs),
                           False, settings)
     else:
-        oracle = GradOracle(graph, inputs, labels, batch_size)
+        try:
+            oracle = GradOracle(graph, inputs, labels, batch_size)
+        except UnsupportedOpError as e:
+            if not fallback:
+                raise
+            why = str(e).split("; use --sensitivity kl")[0]
+            warnings.warn(f"hessian sensitivity refused ({why}); using kl (forward-only) instead",
+                          stacklevel=2)
+            return compute_sensitivity(graph, model_bytes, inputs, None, method="kl", bits=bits,
+                                       cache_dir=cache_dir, progress=progress)
         tr, se, k = hutchinson(oracle, max_probes=max_probes, tol=tol, seed=seed,
                                progress=progress, central=central)
         names = oracle.vm.fm.layers
