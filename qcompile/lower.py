@@ -25,6 +25,7 @@ import numpy as np
 import tvm
 from tvm import relax, tirx
 
+from .errors import UnsupportedOpError
 from .qgraph import QGraph, QNode
 
 R = relax.op
@@ -313,6 +314,9 @@ def lower(qg: QGraph, rules: Sequence[tuple[str, Rule]] = (), batch: int | None 
             y = env[qg.output.name]
             if len(qg.output.shape) == 4:
                 y = ctx.permute(y, NHWC_TO_NCHW)
+            if y is q:
+                raise UnsupportedOpError(f"{qg.source or 'model'}: nothing to compute in "
+                                         "integers (every op folded into a no-op)")
             out = bb.emit_output(y)
         bb.emit_func_output(out, params=[q] + ctx.vars)
 

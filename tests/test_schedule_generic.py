@@ -123,9 +123,13 @@ def test_even_shape_parallel_and_vectorized(case) -> None:
     if shape[3] != 64:
         pytest.skip("the prime shape has no vector width")
     kinds = {name: _loop_kinds(built.lowered[name]) for name in built.schedules.scheduled}
-    # the requant chain, the add and the table lookup: one inlined loop nest each
+    # the requant chain, the add and the table lookup (a vector gather): one inlined
+    # loop nest each, parallel and vectorized
     vectorized = [n for n, k in kinds.items() if k == {"parallel", "vectorized"}]
     assert len(vectorized) >= 5, kinds
+    assert kinds["take"] == {"parallel", "vectorized"}, kinds
+    # the transpose's input is strided along the output's inner loop: left to LLVM
+    assert kinds["transpose"] == {"parallel"}, kinds
     # the NHWC sum over H, W keeps C innermost and vectorized under the reduction loops
     sums = [n for n, how in built.schedules.scheduled.items() if how == "reduction"]
     assert any("vectorized" in kinds[n] for n in sums), kinds
