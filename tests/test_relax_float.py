@@ -161,11 +161,16 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def test_unsupported_op_is_a_clear_error() -> None:
+    """Round has no Relax gradient (nor an expression through ops that have one)."""
     g = canonical(tiny_cnn())
-    lrn = Node("lrn", "my_lrn", (g.nodes[0].output,), "lrn_out", {"size": 3})
+    rnd = Node("lut", "my_round", (g.nodes[0].output,), "round_out",
+               {"fn": "Round", "fn_attrs": {}, "times_x": False, "act": None})
     nodes = list(g.nodes)
-    nodes.insert(1, lrn)
-    nodes[2] = nodes[2].with_(inputs=("lrn_out",))
+    nodes.insert(1, rnd)
+    nodes[2] = nodes[2].with_(inputs=("round_out",))
     bad = g.with_nodes(nodes)
-    with pytest.raises(UnsupportedOpError, match=r"'my_lrn' \(op lrn\).*--sensitivity kl"):
+    with pytest.raises(UnsupportedOpError, match=r"'my_round' \(op lut\).*--sensitivity kl"):
         build_float_module(bad, BATCH)
+    unknown = g.with_nodes([g.nodes[0].with_(op="mystery")] + list(g.nodes[1:]))
+    with pytest.raises(UnsupportedOpError, match=r"\(op mystery\).*--sensitivity kl"):
+        build_float_module(unknown, BATCH)
