@@ -279,3 +279,25 @@ def test_readme_ops_table_in_sync() -> None:
     res = subprocess.run([sys.executable, str(root / "tools" / "readme_ops.py"), "--check"],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("opset", [7, 9])
+def test_old_opsets(opset: int, tmp_path: Path) -> None:
+    """Opset 7/9 spellings (Clip/Pad/Slice attributes, Upsample) compile bit-exact."""
+    r = rng(0)
+    ins: list = []
+    up = (helper.make_node("Upsample", ["s"], ["u"], scales=[1.0, 1.0, 2.0, 2.0], mode="nearest")
+          if opset == 7 else helper.make_node("Upsample", ["s", "sc"], ["u"], mode="nearest"))
+    nodes = [conv_node("c", "x", "c", r.normal(0, .4, (4, 3, 3, 3)), r.normal(0, .1, 4), ins,
+                       pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c"], ["cl"], min=0.0, max=6.0),
+             helper.make_node("Pad", ["cl"], ["p"], pads=[0, 0, 1, 1, 0, 0, 1, 1], mode="reflect"),
+             helper.make_node("Slice", ["p"], ["s"], starts=[1], ends=[7], axes=[2]), up,
+             helper.make_node("MaxPool", ["u"], ["y"], kernel_shape=[2, 2], strides=[2, 2])]
+    if opset == 9:
+        ins.append(init("sc", np.array([1.0, 1.0, 2.0, 2.0])))
+    path = save(make_model(nodes, ins, [1, 3, 6, 6], opset=opset), tmp_path)
+    api.compile_model(path, tmp_path / "art", progress=False)
+    with pytest.warns(UserWarning, match="synthetic"):
+        ev = api.evaluate(path, tmp_path / "art", num_samples=8, progress=False)
+    assert ev["bit_exact"] and ev["sqnr_db"] > 20
