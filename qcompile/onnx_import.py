@@ -169,7 +169,11 @@ def _fix_input(model: onnx.ModelProto, input_shape: Sequence[int] | None, path: 
                              "e.g. --input-shape 1x3x224x224")
         want = []
         for axis, d in enumerate(dims):
-            if d.HasField("dim_value") and d.dim_value > 0:
+            if d.HasField("dim_value") and d.dim_value <= 0:
+                raise BadModelError(f"{path}: input {x.name!r} has a zero-sized or negative "
+                                    f"dimension at axis {axis}; re-export it with a real "
+                                    "image shape")
+            if d.HasField("dim_value"):
                 want.append(d.dim_value)
             elif axis == 0:
                 want.append(1)

@@ -338,3 +338,23 @@ def test_import_does_not_modify_model(tmp_path: Path) -> None:
     before = model.SerializeToString()
     import_onnx(model, batch=2)
     assert model.SerializeToString() == before
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_weights_refused(tmp_path: Path, bad: float) -> None:
+    w = rng(0).normal(size=(4, 3, 3, 3))
+    w[1, 2, 0, 0] = bad
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")]
+    with pytest.raises(BadModelError) as err:
+        load_model(save(make_model(nodes, [init("w", w)], [1, 3, 5, 5]), tmp_path))
+    assert "'w'" in _one_line(err) and "NaN or Inf" in _one_line(err)
+
+
+@pytest.mark.parametrize("shape,error", [([1, 3, 200000, 200000], UsageError),
+                                         ([1, 3, 2**62, 8], UsageError),
+                                         ([1, 0, 8, 8], BadModelError)])
+def test_absurd_input_shapes_refused(tmp_path: Path, shape: list[int], error: type) -> None:
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [], shape, shape)
+    with pytest.raises(error) as err:
+        load_model(save(model, tmp_path))
+    assert "\n" not in str(err.value) and "'x'" in str(err.value)
