@@ -125,7 +125,11 @@ def run_one(entry: dict[str, Any], corpus: Path, out: Path, samples: int, repeat
         ev = api.evaluate(model, out, num_samples=samples, progress=False)
         rec.update(bit_exact=ev["bit_exact"], integer_only=ev["integer_only"] and res.integer_only,
                    top1_agreement=ev["top1_agreement"], sqnr_db=ev["sqnr_db"],
-                   eval_samples=ev["num_samples"])
+                   eval_samples=ev["num_samples"],
+                   # where the noise comes from: the three layers with the lowest SQNR
+                   worst_layers=[{"name": x["name"], "op": x["op"],
+                                  "sqnr_db": round(x["sqnr_db"], 1)}
+                                 for x in sorted(ev["layers"], key=lambda x: x["sqnr_db"])[:3]])
         stage = "bench"
         rec.update(stage=stage)
         _save(result, rec)
@@ -285,7 +289,10 @@ def main() -> int:
     for i, name in enumerate(names):
         e = entries[name]
         print(f"[{i + 1}/{len(names)}] {name} ...", flush=True)
+        load = os.getloadavg()[0]
         rec = run_isolated(name, corpus, args)
+        # Timings are only as good as the machine was quiet: keep the load beside them.
+        rec["load1"] = [round(load, 2), round(os.getloadavg()[0], 2)]
         row = {"name": name, "family": e["family"], "file": e["file"],
                "input_shape": e["input_shape"], "opset": e["opset"], "ops": e["ops"], **rec}
         rows.append(row)
