@@ -9,6 +9,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from onnx import helper
@@ -16,9 +17,11 @@ from onnx import helper
 from onnx_builders import conv_node, init, make_model, rng, save
 from qcompile import latency as L
 from qcompile.errors import UsageError
-from qcompile.graph import Graph
+from qcompile.graph import Graph, Node
 from qcompile.onnx_import import import_onnx, load_model
 from qcompile.prepare import prepare
+from qcompile.quantize import calibration_tensors, quantize_graph
+from test_ops import CASES as OPS_CASES
 
 REPEAT = 5  # samples per layer: enough for a median, keeps the file fast
 _REAL_COMPILE = L._compile
@@ -148,8 +151,9 @@ def test_default_cache_and_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_generic_fallback_for_grouped_conv(tmp_path: Path) -> None:
-    # group=2 with 8 channels is neither dense conv nor depthwise: no kernel applies.
-    table = L.measure_layers(_graph(_dup_model(group=2), tmp_path), bits=(8,), cache=None,
+    # group=4 with 4 or 8 input channels: 1 or 2 per group, too few for the grouped VNNI
+    # kernel (a multiple of 4 per group), and not depthwise: no kernel applies.
+    table = L.measure_layers(_graph(_dup_model(group=4), tmp_path), bits=(8,), cache=None,
                              repeat=REPEAT, progress=False)
     assert {per[8] for per in table.kernels.values()} == {L.GENERIC}
     assert all(per[8] > 0 for per in table.ms.values())
@@ -208,3 +212,54 @@ def test_overhead_and_report_rows() -> None:
                    "overhead_ms": 4.0, "layers_share": 0.6}
     md = L.rows_markdown([row])
     assert md.splitlines()[0].startswith("| model | layers |") and "| tiny | 3 |" in md
+
+
+# ----------------------------------------------------------------------------- new ops
+def _ops_graph(case: str) -> Graph:
+    """The canonical graph of one of test_ops' tiny models."""
+    nodes, inits, shape, opset = OPS_CASES[case][0]()
+    return prepare(import_onnx(make_model(nodes, inits, shape, opset=opset), batch=1))
+
+
+def test_latency_dtypes_are_the_quantizers() -> None:
+    """Every layer's in/out dtype is that of the quantized tensors (lut, mul, add ...)."""
+    for case in ("squeeze_excite", "silu_prelu", "add_sub_sum", "affine", "reductions"):
+        g = _ops_graph(case)
+
+        class Unit:
+            def threshold(self, signed: bool, bits: int) -> float:
+                return 1.0
+        qg = quantize_graph(g, {t: Unit() for t in calibration_tensors(g)})
+        descs = L.layer_descs(g)
+        for n in g.nodes:
+            if n.op in ("conv", "dense"):
+                d = descs[n.name]
+                assert d.in_dtype == qg.tensors[n.inputs[0]].qtype.dtype, (case, n.name)
+                assert d.out_dtype == qg.tensors[n.output].qtype.dtype, (case, n.name)
+    # SiLU's output is signed (x * sigmoid(x) < 0 for x < 0): the next conv reads int8
+    g = _ops_graph("silu_prelu")
+    assert L.act_dtype(g, "silu") == "int8" and L.layer_descs(g)["d"].in_dtype == "int8"
+    # HardSigmoid >= 0 times relu >= 0: the excite product is unsigned
+    g = _ops_graph("squeeze_excite")
+    assert L.act_dtype(g, "hs") == "uint8" and L.act_dtype(g, "y") == "uint8"
+
+
+def test_lut_dtype_follows_calibrated_range() -> None:
+    """Cos is >= 0 on [-1, 1] but not on [-4, 4]: the stats decide the table's sign."""
+    shape = (1, 2, 4, 4)
+    g = Graph("x", shape, "z", (
+        Node("lut", "cos", ("x",), "y", {"fn": "Cos", "fn_attrs": {}, "times_x": False,
+                                          "act": None}),
+        Node("conv", "c", ("y",), "z", {"strides": (1, 1), "pads": (0, 0, 0, 0),
+                                        "dilations": (1, 1), "group": 1, "act": None},
+             {"w": np.ones((2, 2, 1, 1), np.float32), "b": np.zeros(2, np.float32)})),
+        {"x": shape, "y": shape, "z": shape})
+
+    class T:
+        def __init__(self, t: float) -> None:
+            self.t = t
+
+        def threshold(self, signed: bool, bits: int) -> float:
+            return self.t
+    assert L.layer_descs(g)["c"].in_dtype == "uint8"
+    assert L.layer_descs(g, stats={"x": T(4.0), "y": T(1.0)})["c"].in_dtype == "int8"
