@@ -12,10 +12,14 @@ perturb are exactly the ones ``quantize.py`` quantizes:
   Hessian-vector product, this measures the curvature of the current linear
   piece (larger steps pick up kinks, which showed up as 10-100x noisier probes
   on ResNet-18).  A non-positive trace means the second-order model predicts no
-  loss increase, hence Omega 0.
+  loss increase, hence Omega 0.  It needs every op expressible with Relax gradients
+  and 2-D logits (``relax_float``); where either is missing, ``compute_sensitivity``
+  falls back to ``kl`` with a one-line warning.
 - ``kl``: forward-only.  Quantize only W_l to b bits and measure the mean
   ``KL(softmax(float logits) || softmax(perturbed logits))`` in onnxruntime on an
-  ONNX export of the canonical graph whose weights are graph inputs.
+  ONNX export of the canonical graph whose weights are graph inputs (every canonical
+  op, table functions as their ONNX ops; the softmax is over axis 1, averaged over
+  any further axes of a non-2-D output).
 
 Results are cached as JSON under ``$QCOMPILE_CACHE_DIR/sensitivity`` (default
 ``~/.cache/qcompile/sensitivity``), keyed by the model bytes, the data and the
@@ -514,5 +518,9 @@ def compute_sensitivity(graph: Graph, model_bytes: bytes, inputs: np.ndarray,
         stderr = {n: float(s) for n, s in zip(names, se)}
         res = Sensitivity("hessian", hessian_omega(graph, trace, bits), trace, stderr, k,
                           len(inputs), False, settings)
+    bad = [name for name, om in res.omega.items() if not np.all(np.isfinite(list(om.values())))]
+    if bad:  # e.g. a Log/Sqrt/Reciprocal table function of a value <= 0 in the float model
+        raise DataError(f"{res.method} sensitivity is not finite for layer(s) {bad[:3]}: the "
+                        "float model produces NaN/Inf on the sensitivity data")
     _write_json(path, res.to_json())
     return res

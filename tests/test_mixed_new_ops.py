@@ -26,7 +26,7 @@ from qcompile import api
 from qcompile import sensitivity as S
 from qcompile.activations import TIMES_X, UNARY_FUNCTIONS, evaluate
 from qcompile.config import AllocSpec, CalibSpec
-from qcompile.errors import UnsupportedOpError
+from qcompile.errors import DataError, UnsupportedOpError
 from qcompile.graph import Graph, Node
 from qcompile.onnx_import import import_onnx
 from qcompile.prepare import prepare
@@ -214,6 +214,22 @@ def test_no_gradient_refused_then_kl_fallback(tmp_path: Path) -> None:
     assert len([w for w in rec if "hessian" in str(w.message)]) == 1
     assert "\n" not in str(rec[0].message)
     assert s.method == "kl" and set(s.omega) == {m.name for m in S.layer_nodes(bad)}
+
+
+def test_non_finite_sensitivity_is_a_clear_error(tmp_path: Path) -> None:
+    """Log of a conv output that goes negative: NaN logits, no silent NaN Omega."""
+    shape = (1, 2, 3, 3)
+    conv_attrs = {"strides": (1, 1), "pads": (1, 1, 1, 1), "dilations": (1, 1), "group": 1,
+                  "act": None}
+    w = np.random.default_rng(0).normal(size=(2, 2, 3, 3)).astype(np.float32)
+    g = Graph("x", shape, "y", (
+        Node("conv", "c", ("x",), "c", conv_attrs, {"w": w, "b": np.zeros(2, np.float32)}),
+        Node("lut", "log", ("c",), "y", {"fn": "Log", "fn_attrs": {}, "times_x": False,
+                                         "act": None})),
+        {"x": shape, "c": shape, "y": shape})
+    x = np.random.default_rng(1).normal(size=(2, *shape[1:])).astype(np.float32)
+    with pytest.raises(DataError, match="not finite.*'c'"):
+        S.compute_sensitivity(g, b"log", x, method="kl", cache_dir=tmp_path, progress=False)
 
 
 def test_four_d_output_forward_only_and_hessian_refused() -> None:
