@@ -114,12 +114,9 @@ def _mul(bb: relax.BlockBuilder, n: Node, xs: list[relax.Expr], c: _Ctx) -> rela
 
 
 def _affine(bb: relax.BlockBuilder, n: Node, xs: list[relax.Expr], c: _Ctx) -> relax.Expr:
-    scale, shift = n.params["scale"], n.params["shift"]
-    y = xs[0]
-    if np.any(scale != 1):
-        y = bb.emit(relax.op.multiply(y, _const(scale, c.dtype)))
-    if np.any(shift != 0):
-        y = bb.emit(relax.op.add(y, _const(shift, c.dtype)))
+    # Both always: a constant may broadcast the output beyond x's shape.
+    y = bb.emit(relax.op.multiply(xs[0], _const(n.params["scale"], c.dtype)))
+    y = bb.emit(relax.op.add(y, _const(n.params["shift"], c.dtype)))
     return _act(bb, y, n.attrs["act"], c.dtype)
 
 
