@@ -101,12 +101,16 @@ def freeze_extra_inputs(model: Path, dst: Path) -> bool:
     data = model.parent / "test_data_set_0"
     for k, inp in enumerate(inputs[1:], start=1):
         pb = data / f"input_{k}.pb"
-        if not pb.exists():
+        # Sequences, optionals and maps cannot be initializers: leave the model out.
+        if not pb.exists() or inp.type.WhichOneof("value") != "tensor_type":
             return False
         t = onnx.TensorProto()
-        t.ParseFromString(pb.read_bytes())
-        t.name = inp.name
-        m.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(t), inp.name))
+        try:
+            t.ParseFromString(pb.read_bytes())
+            value = numpy_helper.to_array(t)
+        except Exception:  # noqa: BLE001 - not a plain tensor (a sequence's bytes)
+            return False
+        m.graph.initializer.append(numpy_helper.from_array(value, inp.name))
         if m.ir_version >= 4:  # before IR 4 every initializer must also be a graph input
             m.graph.input.remove(inp)
     onnx.save(m, str(dst))

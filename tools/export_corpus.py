@@ -112,6 +112,7 @@ class Entry:
     dynamic: tuple[str, ...] = ()  # "batch", "hw"
     real_weights: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
+    tier: str = "issue9"           # "issue9": issue 9's list; "extra": more ops and layouts
 
     @property
     def input_shape(self) -> list[int | str]:
@@ -195,8 +196,41 @@ def _variants() -> list[Entry]:
     return out
 
 
+def _extra() -> list[Entry]:
+    """Beyond issue 9's list: more CNNs people export, picked for the ops they add."""
+    t = "torchvision"
+    out = [
+        Entry("resnet50", "resnet50", t, tv("resnet50"), tier="extra"),
+        Entry("squeezenet1_0", "squeezenet1_0", t, tv("squeezenet1_0"), tier="extra"),
+        Entry("shufflenet_v2_x0_5", "shufflenet_v2_x0_5", t, tv("shufflenet_v2_x0_5"),
+              tier="extra"),
+        Entry("convnext_tiny", "convnext_tiny", t, tv("convnext_tiny"), tier="extra",
+              notes=("LayerNorm (channels-last via Permute), GELU, layer scale",)),
+    ]
+    for n, notes in (("mixnet_s", "mixed kernel sizes: Split + Concat, SiLU, SE"),
+                     ("resnet18d", "deep stem, AvgPool(ceil) in the shortcut"),
+                     ("hrnet_w18_small", "multi-resolution: Resize (nearest) upsampling"),
+                     ("tf_efficientnet_lite0", "TF-SAME padding: Pad before Conv"),
+                     ("tf_mobilenetv3_small_100", "TF-SAME padding, HardSwish, SE"),
+                     ("res2net50_14w_8s", "Split into 8 scales, chained Add"),
+                     ("skresnet18", "selective kernel: Softmax over branches"),
+                     ("dpn68", "dual path: Slice + Concat"),
+                     ("cspdarknet53", "cross-stage partial: Split/Concat, LeakyReLU"),
+                     ("regnetz_005", "SiLU, SE, no BN-ReLU fusion everywhere"),
+                     ("ese_vovnet19b_dw", "one-shot aggregation, HardSigmoid eSE"),
+                     ("mobileone_s0", "multi-branch (not re-parameterized), SE-less"),
+                     ("repvgg_a0", "multi-branch 3x3 + 1x1 + identity BN"),
+                     ("dla34", "deep layer aggregation: Concat trees"),
+                     ("selecsls42b", "Concat of stages"),
+                     ("convnext_atto", "LayerNorm, GELU"),
+                     ("mobilevit_xxs", "CNN + transformer: attention, LayerNorm, SiLU")):
+        out.append(Entry(f"timm_{n}", f"timm_{n}", "timm", timm_model(n), tier="extra",
+                         notes=(notes,)))
+    return out
+
+
 def corpus() -> list[Entry]:
-    return _base() + _timm() + _variants()
+    return _base() + _timm() + _variants() + _extra()
 
 
 # ----------------------------------------------------------------------------- weights
@@ -310,7 +344,7 @@ def export_entry(e: Entry, out: Path) -> dict[str, Any]:
         "compile_input_shape": shape, "layout": e.layout,
         "needs_input_shape": "hw" in e.dynamic, "dynamic": list(e.dynamic),
         "output_shape": list(y.shape), "opset": e.opset, "how": how,
-        "real_weights": e.real_weights, "seed": SEED,
+        "real_weights": e.real_weights, "seed": SEED, "tier": e.tier,
         "num_inputs": len([i for i in m.graph.input if i.name not in inits]),
         "num_nodes": len(m.graph.node), "ops": dict(sorted(ops.items())),
         "params_m": round(n_params / 1e6, 3), "size_mb": round(path.stat().st_size / 2**20, 2),
