@@ -82,7 +82,10 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
     check_output_dir(out_dir, protect=(model,))
     tgt = make_target(target)
     # 1-2. Import (load, check, shape-infer, canonicalize), calibrate in onnxruntime.
-    graph, reader, stats = _front(model, calib, progress)
+    graph, reader, stats = _front(model, calib, progress, calibrate=not quant.equalize)
+    if quant.equalize:  # re-calibrate: equalization rescales activation channels
+        from .equalize import equalize_calibrated
+        graph, stats = equalize_calibrated(graph, reader, calib, progress)
     # 3. Mixed precision: sensitivity + per-layer latency + ILP under the budgets.
     allocation = None
     if alloc.active:
@@ -91,6 +94,10 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
                                    quant=quant, batch=batch, progress=progress)
     # 4. Quantize to an integer-only graph and lower it to Relax.
     qg = quantize_graph(graph, stats, quant, bits=allocation.plan.bits if allocation else None)
+    if quant.bias_correction:
+        from .bitplan import gather_inputs
+        from .equalize import bias_correction
+        qg = bias_correction(graph, qg, gather_inputs(reader, calib.num_samples))
     cuda = tgt.kind.name == "cuda"
     rules = (cuda_rules(batch) if cuda else x86_rules(batch)) if kernels else []
     lowered = lower(qg, rules, batch=batch if rules else None)

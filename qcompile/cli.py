@@ -358,11 +358,17 @@ def zoo_cmd(name: str | None, output: str | None, list_: bool, input_size: int |
 @click.option("--tune", type=click.IntRange(min=0), default=0, show_default=True,
               metavar="TRIALS", help="Meta-schedule trials per unique shape of the ops no "
               "kernel covers (llvm); the database persists under ~/.cache/qcompile/tune.")
+@click.option("--equalize/--no-equalize", default=False, show_default=True,
+              help="Cross-layer equalization and bias absorption before calibration "
+                   "(the float function is unchanged).")
+@click.option("--bias-correction/--no-bias-correction", default=False, show_default=True,
+              help="Empirical bias correction of the int32 biases on the calibration data.")
 @_alloc_options
 @_preprocess_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
 def compile_cmd(model: str, out: str, target: str, bits: int, calib: str, calib_samples: int,
                 calibrator: str, percentile: float, batch: int, kernels: bool, tune: int,
+                equalize: bool, bias_correction: bool,
                 size: int | None, resize: int, mean: str | None, std: str | None,
                 layout: str | None, input_shape: str | None,
                 quiet: bool, budget_latency: str | None, budget_size: str | None, budget_bops: str | None,
@@ -381,7 +387,7 @@ def compile_cmd(model: str, out: str, target: str, bits: int, calib: str, calib_
                                        parse_shape(input_shape) if input_shape else None))
         return
     check_output_dir(out_path, protect=(model_path,))
-    quant = QuantSpec(bits=bits)
+    quant = QuantSpec(bits=bits, equalize=equalize, bias_correction=bias_correction)
     calib_spec = CalibSpec(source=calib, method=calibrator, num_samples=calib_samples,
                            percentile=percentile,
                            preprocess=_preprocess(model_path, size, resize, mean, std, layout, input_shape))

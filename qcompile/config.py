@@ -81,6 +81,8 @@ class QuantSpec:
 
     bits: int = 8
     first_last_bits: int = 8  # precision of the first conv and the last dense
+    equalize: bool = False  # cross-layer equalization + bias absorption (equalize.py)
+    bias_correction: bool = False  # empirical bias correction of the int32 biases
 
     def __post_init__(self) -> None:
         for b in (self.bits, self.first_last_bits):
