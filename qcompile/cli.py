@@ -341,8 +341,10 @@ def zoo_cmd(name: str | None, output: str | None, list_: bool, input_size: int |
 @click.option("-o", "--output", "out", required=True, metavar="OUT",
               help="Artifact directory (new, empty, or a previous artifact).")
 @click.option("--target", type=click.Choice(("llvm", "cuda")), default="llvm", show_default=True)
-@click.option("--bits", type=int, default=8, show_default=True,
-              help="Weight/activation bits: 8 or 4.")
+@click.option("--bits", default="8", show_default=True, metavar="8|4|w8a8|w4a8|w4a4",
+              help="Precision of the layers between the first and the last: 8 (W8A8), "
+                   "4 (W4A4, weights and input activations), or a weight/activation pair "
+                   "such as w4a8 (4-bit weights, 8-bit activations).")
 @click.option("--calib", default="synthetic", show_default=True, metavar="DIR|synthetic",
               help="Calibration data: a folder of .npy/.npz arrays or images.")
 @click.option("--calib-samples", type=int, default=CalibSpec().num_samples, show_default=True,
@@ -366,7 +368,7 @@ def zoo_cmd(name: str | None, output: str | None, list_: bool, input_size: int |
 @_alloc_options
 @_preprocess_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
-def compile_cmd(model: str, out: str, target: str, bits: int, calib: str, calib_samples: int,
+def compile_cmd(model: str, out: str, target: str, bits: str, calib: str, calib_samples: int,
                 calibrator: str, percentile: float, batch: int, kernels: bool, tune: int,
                 equalize: bool, bias_correction: bool,
                 size: int | None, resize: int, mean: str | None, std: str | None,

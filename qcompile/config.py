@@ -1,7 +1,10 @@
 """Frozen, validated configuration records shared by the pipeline stages."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from .errors import UsageError
 
@@ -75,19 +78,51 @@ class CalibSpec:
             raise UsageError(f"--percentile must be in (50, 100], got {self.percentile}")
 
 
+WIDTHS: tuple[int, ...] = (4, 8)
+
+
+def precision(value: int | str | tuple[int, int], option: str = "bits"
+              ) -> tuple[int, int]:
+    """(weight bits, activation bits) of a layer precision: 8 or "8" (W8A8), 4 (W4A4, as
+    HAWQ-V3: a width applies to weights and input activation), "w4a8", or a pair."""
+    if isinstance(value, tuple):
+        w, a = value
+    elif isinstance(value, (int, np.integer)) or str(value).isdigit():
+        w = a = int(value)
+    else:
+        m = re.fullmatch(r"w(\d+)a(\d+)", str(value).strip().lower())
+        if m is None:
+            raise UsageError(f"{option} takes 8, 4, w8a8, w4a8 or w4a4; got {value!r}")
+        w, a = int(m.group(1)), int(m.group(2))
+    if w not in WIDTHS or a not in WIDTHS or a < w:
+        raise UsageError(f"{option}: {value!r} is not a supported precision; use 8, 4, "
+                         "w8a8, w4a8 or w4a4")
+    return int(w), int(a)
+
+
+def precision_name(value: int | str | tuple[int, int]) -> str:
+    """The canonical spelling "w<W>a<A>"."""
+    w, a = precision(value)
+    return f"w{w}a{a}"
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """What to quantize and how: uniform bit-width today, per-layer plans later."""
 
-    bits: int = 8
-    first_last_bits: int = 8  # precision of the first conv and the last dense
+    bits: int | str = 8  # 8, 4 (= W4A4), or a pair "w8a8" / "w4a8" / "w4a4"
+    first_last_bits: int | str = 8  # precision of the first conv and the last dense
     equalize: bool = False  # cross-layer equalization + bias absorption (equalize.py)
     bias_correction: bool = False  # empirical bias correction of the int32 biases
 
     def __post_init__(self) -> None:
         for b in (self.bits, self.first_last_bits):
-            if b not in (4, 8):
-                raise UsageError(f"--bits must be 4 or 8, got {b}")
+            precision(b, "--bits")  # validates
+
+    @property
+    def pair(self) -> tuple[int, int]:
+        """(weight bits, activation bits) of the layers between the first and the last."""
+        return precision(self.bits)
 
 
 SENSITIVITY_METHODS: tuple[str, ...] = ("hessian", "kl")

@@ -13,7 +13,7 @@ from typing import Mapping, Protocol
 
 import numpy as np
 
-from .config import QuantSpec
+from .config import QuantSpec, precision
 from .errors import UnsupportedOpError
 from .activations import TIMES_X, evaluate
 from .graph import LAYER_OPS, Graph, Node
@@ -114,8 +114,9 @@ class _Quantizer:
     def __init__(self, graph: Graph, stats: Mapping[str, Observer], spec: QuantSpec,
                  bits: Mapping[str, int] | None) -> None:
         self.g, self.stats, self.spec = graph, stats, spec
-        self.layer_bits = layer_bits(graph, spec, bits)
-        self.act_bits = activation_bits(graph, self.layer_bits)
+        prec = layer_precisions(graph, spec, bits)
+        self.layer_bits = {k: w for k, (w, _) in prec.items()}
+        self.act_bits = activation_bits(graph, prec)
         self.t: dict[str, QTensor] = {}
         self.raw = raw_output_producer(graph)
 
@@ -386,11 +387,12 @@ def calibration_tensors(graph: Graph) -> list[str]:
 ACT_BITS_NO_LAYER = 8
 
 
-def layer_bits(graph: Graph, spec: QuantSpec, plan: Mapping[str, int] | None = None
-               ) -> dict[str, int]:
-    """Bits of every conv/dense: ``plan`` first, else first/last at ``spec.first_last_bits``
-    and the rest at ``spec.bits``. A layer's width applies to its weights *and* its input
-    activation (HAWQ-V3), so BOPs are MACs * b^2."""
+def layer_precisions(graph: Graph, spec: QuantSpec,
+                     plan: Mapping[str, int | str] | None = None) -> dict[str, tuple[int, int]]:
+    """(weight bits, input-activation bits) of every conv/dense: ``plan`` first (8, 4,
+    "w4a8" ... per layer name), else first/last at ``spec.first_last_bits`` and the rest at
+    ``spec.bits``. A bare width applies to weights *and* input activation (HAWQ-V3), so
+    BOPs are MACs * b_w * b_a."""
     layers = [n.name for n in graph.nodes if n.op in LAYER_OPS]
     plan = dict(plan or {})
     unknown = sorted(set(plan) - set(layers))
@@ -400,16 +402,20 @@ def layer_bits(graph: Graph, spec: QuantSpec, plan: Mapping[str, int] | None = N
     for i, name in enumerate(layers):
         edge = i == 0 or i == len(layers) - 1
         default = spec.first_last_bits if edge else spec.bits
-        b = int(plan.get(name, default))
-        if b not in (4, 8):
-            raise ValueError(f"layer {name!r}: bits must be 4 or 8, got {b}")
-        out[name] = b
+        out[name] = precision(plan.get(name, default), f"layer {name!r}")
     return out
 
 
-def activation_bits(graph: Graph, lbits: Mapping[str, int]) -> dict[str, int]:
+def layer_bits(graph: Graph, spec: QuantSpec, plan: Mapping[str, int | str] | None = None
+               ) -> dict[str, int]:
+    """Weight bits of every conv/dense (see ``layer_precisions``)."""
+    return {k: w for k, (w, _) in layer_precisions(graph, spec, plan).items()}
+
+
+def activation_bits(graph: Graph, lprec: Mapping[str, int | str | tuple[int, int]]
+                    ) -> dict[str, int]:
     """Width of each requantized tensor that feeds a layer (directly or through
-    PASSTHROUGH_OPS): the width of the layers reading it.
+    PASSTHROUGH_OPS): the activation width of the layers reading it.
 
     Readers of one tensor should agree (the allocator ties them); if a hand-written
     plan makes them disagree, the wider one wins so no layer sees less than it asked for.
@@ -418,7 +424,7 @@ def activation_bits(graph: Graph, lbits: Mapping[str, int]) -> dict[str, int]:
     for n in graph.nodes:
         if n.op in LAYER_OPS:
             src = graph.source_of(n.inputs[0])
-            out[src] = max(out.get(src, 0), lbits[n.name])
+            out[src] = max(out.get(src, 0), precision(lprec[n.name])[1])
     return out
 
 
