@@ -90,7 +90,9 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
     allocation = None
     if alloc.active:
         from .bitplan import allocate_bits  # imports the sensitivity/latency machinery
-        allocation = allocate_bits(graph, model.read_bytes(), reader, stats, tgt, spec=alloc,
+        # (an equalized graph has other weights: keep its cached sensitivity apart)
+        allocation = allocate_bits(graph, model.read_bytes() + b"|equalized" * quant.equalize,
+                                   reader, stats, tgt, spec=alloc,
                                    quant=quant, batch=batch, progress=progress)
     # 4. Quantize to an integer-only graph and lower it to Relax.
     qg = quantize_graph(graph, stats, quant, bits=allocation.plan.bits if allocation else None)
