@@ -19,7 +19,7 @@ not bit-exact or not integer-only: a bug), ``refused`` (a ``QCompileError``: exi
 and its one line), ``crash`` (any other exception, or the process died: traceback),
 ``timeout``, ``skipped`` (the API lacks what the model needs, e.g. ``input_shape``).
 
-Writes ``benchmarks/results/corpus-<date>[-quick].{json,md}`` after every model.
+Writes ``benchmarks/results/corpus-<date>[-quick|-subset].{json,md}`` after every model.
 Exits 1 unless every model is ``ok``.
 """
 from __future__ import annotations
@@ -276,7 +276,8 @@ def main() -> int:
         names = args.models
     watch = Stopwatch()
     date = dt.date.today().isoformat()
-    stem = f"corpus-{date}" + ("-quick" if args.quick else "")
+    # A subset never overwrites the full run's file.
+    stem = f"corpus-{date}" + ("-quick" if args.quick else "-subset" if args.models else "")
     meta = {"date": date, "compiler": compiler_revision(), "corpus": str(corpus),
             "samples": args.samples, "repeat": args.repeat,
             "timeout_s": args.timeout, "machine": machine_info(),

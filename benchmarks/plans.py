@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_common as bc  # noqa: E402
 
 from qcompile import api, zoo  # noqa: E402
-from qcompile.config import AllocSpec, CalibSpec, QuantSpec  # noqa: E402
+from qcompile.config import AllocSpec, CalibSpec, QuantSpec, precision  # noqa: E402
 from qcompile.runtime import Artifact  # noqa: E402
 
 ALPHAS = (0.25, 0.5, 0.75)
@@ -55,7 +55,8 @@ def run_model(name: str, repeat: int, calib_n: int, work: Path) -> dict:
             x = np.random.default_rng(1).normal(size=(16,) + tuple(zoo_input(name))).astype(np.float32)
             ev = api.evaluate(model, out, inputs=x, progress=False)
             rows[label] = {"size_mb": cfg["costs"]["size_mb"], "bops_g": cfg["costs"]["bops_g"],
-                           "int4_layers": sum(b == 4 for b in cfg["costs"]["bits"].values()),
+                           "int4_layers": sum(precision(b)[0] == 4
+                                              for b in cfg["costs"]["bits"].values()),
                            "budget": plan.get("budgets"),
                            "predicted_ms": plan.get("predicted_latency_ms"),
                            "bit_exact": ev["bit_exact"], "top1_agreement": ev["top1_agreement"],

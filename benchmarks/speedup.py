@@ -144,10 +144,11 @@ def compile_q(files: ModelFiles, cfg: QConfig, batch: int, out: Path, *, target:
     except Exception as e:  # noqa: BLE001 -- one failed cell must not lose the others
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     q = json.loads((out / "qconfig.json").read_text())
-    bits = {k: int(v) for k, v in q["costs"]["bits"].items()}
+    from qcompile.config import precision
+    bits = dict(q["costs"]["bits"])  # layer -> "w8a8" / "w4a8" / "w4a4"
     return {"art": str(out), "compile_s": res.compile_seconds, "integer_only": res.integer_only,
             "costs": q["costs"], "plan": q.get("plan"), "bits": bits,
-            "n4": sum(b == 4 for b in bits.values()), "n_layers": len(bits),
+            "n4": sum(precision(b)[0] == 4 for b in bits.values()), "n_layers": len(bits),
             **plan_costs(files, bits, batch)}
 
 

@@ -35,6 +35,7 @@ from ortools.sat.python import cp_model
 
 from . import costs
 from .costs import Layer
+from .config import precision
 from .errors import InfeasibleBudgetError, QCompileError, UsageError
 from .graph import Graph
 
@@ -55,7 +56,7 @@ FORMS = {"latency": "6ms, 0.8s or 250us", "size": "15MB, 900KB or 1.5GB",
 SCALE_UNITS = 1e12      # integer units for the largest possible total of a quantity
 DEFAULT_TIME_LIMIT_S = 30.0
 _NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Zµ]*)\s*$")
-_PIN = re.compile(r"^\s*(.+?)\s*=\s*([0-9]+)\s*$")
+_PIN = re.compile(r"^\s*(.+?)\s*=\s*([0-9]+|[wW][0-9]+[aA][0-9]+)\s*$")
 
 
 # --- budgets -----------------------------------------------------------------------
@@ -99,19 +100,30 @@ def parse_budgets(latency: str | None = None, size: str | None = None,
 
 
 # --- the problem -------------------------------------------------------------------
-def _parse_pin(pin: str, bits: Sequence[int]) -> tuple[str, int]:
+def _parse_pin(pin: str, bits: Sequence[int], pairs: Mapping[int, str] | None = None
+               ) -> tuple[str, int]:
+    """GLOB=BITS -> (glob, weight bits). BITS is a width the allocator chooses between, or
+    the precision pair the target runs it as (``w4a8`` on llvm, ``w4a4`` on cuda)."""
     m = _PIN.match(pin)
-    if m is None or int(m.group(2)) not in bits:
+    pairs = dict(pairs or {})
+    by_name = {v: k for k, v in pairs.items()}
+    value = m.group(2).lower() if m else ""
+    b = int(value) if value.isdigit() else by_name.get(value, -1)
+    if b == -1 and value and not pairs:  # no target known (dry run): any supported pair
+        b = precision(value, "--pin")[0]
+    if m is None or b not in bits:
+        names = [str(x) for x in bits] + [pairs[x] for x in bits if x in pairs]
         raise UsageError(f"--pin {pin!r}: expected GLOB=BITS such as 'layer3.*=8' "
-                         f"with BITS one of {', '.join(map(str, bits))}")
-    return m.group(1), int(m.group(2))
+                         f"with BITS one of {', '.join(names)}")
+    return m.group(1), b
 
 
 def pin_dry_run(layers: Sequence[Layer], pins: Sequence[str],
-                bits: Sequence[int] = (4, 8)) -> dict[str, list[str]]:
+                bits: Sequence[int] = (4, 8), pairs: Mapping[int, str] | None = None
+                ) -> dict[str, list[str]]:
     """Each pin -> the layer names its glob matches (possibly none), in graph order."""
     names = [la.name for la in layers]
-    return {pin: fnmatch.filter(names, _parse_pin(pin, bits)[0]) for pin in pins}
+    return {pin: fnmatch.filter(names, _parse_pin(pin, bits, pairs)[0]) for pin in pins}
 
 
 def _freeze_table(table: Mapping[str, Mapping[int, float]], what: str, layers: Sequence[Layer],
@@ -148,6 +160,9 @@ class Problem:
     pin_first: int | None = 8
     pin_last: int | None = 8
     bits: tuple[int, ...] = (4, 8)
+    # weight bits -> the (weight, activation) pair the target runs them as ("w4a8" ...);
+    # None: a width applies to weights and input activation alike (HAWQ-V3)
+    pairs: Mapping[int, str] | None = None
     # group index -> (bits, layer -> reason); derived in __post_init__
     pinned: Mapping[int, tuple[int, Mapping[str, str]]] = field(init=False, repr=False)
 
@@ -157,6 +172,8 @@ class Problem:
         set_(self, "groups", tuple(tuple(g) for g in self.groups))
         set_(self, "pins", tuple(self.pins))
         set_(self, "bits", tuple(sorted(set(self.bits))))
+        set_(self, "pairs", MappingProxyType({b: (self.pairs or {}).get(b, f"w{b}a{b}")
+                                              for b in self.bits}))
         names = [la.name for la in self.layers]
         if not self.layers or len(set(names)) != len(names):
             raise UsageError("a problem needs at least one layer and unique layer names")
@@ -191,7 +208,7 @@ class Problem:
         names = [la.name for la in self.layers]
         direct: dict[str, tuple[int, str, str]] = {}  # layer -> (bits, glob, pin text)
         for pin in self.pins:
-            glob, b = _parse_pin(pin, self.bits)
+            glob, b = _parse_pin(pin, self.bits, self.pairs)
             hits = fnmatch.filter(names, glob)
             if not hits:
                 raise UsageError(f"--pin {pin!r} matches no layer (layers are named like "
@@ -237,9 +254,11 @@ class Problem:
         """Per layer per bits value of a budget quantity (ms / MB / G), plus its constant."""
         if kind == "latency":
             return {n: dict(r) for n, r in self.latency.items()}, self.overhead_ms
-        per = costs.layer_size_bits if kind == "size" else costs.layer_bops
-        div = 8 * costs.MB if kind == "size" else 1e9
-        return {la.name: {b: per(la, b) / div for b in self.bits} for la in self.layers}, 0.0
+        if kind == "size":
+            return {la.name: {b: costs.layer_size_bits(la, b) / (8 * costs.MB)
+                              for b in self.bits} for la in self.layers}, 0.0
+        return {la.name: {b: costs.layer_bops(la, *precision(self.pairs[b])) / 1e9
+                          for b in self.bits} for la in self.layers}, 0.0
 
     def value(self, kind: str, bits: Mapping[str, int]) -> float:
         """A plan's total for ``kind`` (ms including overhead, MB, or G)."""
@@ -280,7 +299,7 @@ def resolve_budgets(problem: Problem, budgets: Sequence[BudgetSpec]) -> dict[str
 class Plan:
     """A solved bit allocation; latency is predicted by whatever table the problem held."""
 
-    bits: dict[str, int]
+    bits: dict[str, int]               # weight bits per layer
     reasons: dict[str, str]
     objective: float
     predicted_latency_ms: float
@@ -292,6 +311,11 @@ class Plan:
     solver_status: str = "OPTIMAL"
     solve_time_s: float = 0.0
     budget_texts: dict[str, str] = field(default_factory=dict)  # kind -> as the user wrote it
+    precisions: dict[str, str] = field(default_factory=dict)  # layer -> "w4a8" ...
+
+    def precision_of(self, layer: str) -> str:
+        """The (weight, activation) pair a layer runs at, e.g. "w4a8"."""
+        return self.precisions.get(layer) or f"w{self.bits[layer]}a{self.bits[layer]}"
 
     def to_json(self) -> dict[str, object]:
         """The plan as JSON-ready data: totals, absolute budgets and one row per layer."""
@@ -301,7 +325,8 @@ class Plan:
             "size_mb": self.size_mb,
             "bops_g": self.bops_g,
             "budgets": dict(self.budgets),
-            "layers": [{"name": n, "bits": b, "reason": self.reasons[n], "omega": self.omega[n],
+            "layers": [{"name": n, "bits": b, "precision": self.precision_of(n),
+                        "reason": self.reasons[n], "omega": self.omega[n],
                         "latency_ms": self.latency_ms[n]} for n, b in self.bits.items()],
         }
 
@@ -409,7 +434,8 @@ def _make_plan(problem: Problem, chosen: Mapping[int, int], absolute: Mapping[st
         budgets={JSON_KEY[k]: v for k, v in absolute.items()},
         omega={n: problem.omega[n][b] for n, b in bits.items()},
         latency_ms={n: problem.latency[n][b] for n, b in bits.items()},
-        solver_status=status, solve_time_s=seconds, budget_texts=dict(texts))
+        solver_status=status, solve_time_s=seconds, budget_texts=dict(texts),
+        precisions={n: problem.pairs[b] for n, b in bits.items()})
 
 
 # --- Pareto sweep -------------------------------------------------------------------

@@ -20,20 +20,20 @@ from .artifact import atomic_dir, check_output_dir, write_json
 from .build import build
 from .calibrate import FloatRunner, collect_stats
 from .readers import Reader, load_inputs, make_reader
-from .config import AllocSpec, CalibSpec, Preprocess, QuantSpec
+from .config import AllocSpec, CalibSpec, Preprocess, QuantSpec, precision_name
 from .errors import BuildError, UsageError
 from .lower import lower
 from .onnx_import import import_onnx, load_model
 from .graph import Graph
 from .prepare import prepare
 from .qgraph import QGraph
-from .quantize import calibration_tensors, quantize_graph
+from .quantize import calibration_tensors, layer_bits, quantize_graph
 from .report import layer_table, render_card, render_plan
 from .runtime import Artifact, summarize_ms
 from .schedule import x86_rules
 from .schedule_cuda import build_cuda, cuda_rules
 from .serialize import qgraph_to_json
-from .targets import make_target
+from .targets import make_target, precisions
 
 if TYPE_CHECKING:  # meta-schedule is imported only when --tune asks for it
     from .tune import TuneReport
@@ -95,7 +95,14 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
                                    reader, stats, tgt, spec=alloc,
                                    quant=quant, batch=batch, progress=progress)
     # 4. Quantize to an integer-only graph and lower it to Relax.
-    qg = quantize_graph(graph, stats, quant, bits=allocation.plan.bits if allocation else None)
+    plan = allocation.plan.precisions if allocation else None
+    rounded = None
+    if quant.rounding == "gptq":  # Hessian-aware rounding at the widths the plan uses
+        from .bitplan import gather_inputs
+        from .gptq import gptq_weights
+        rounded = gptq_weights(graph, gather_inputs(reader, calib.num_samples),
+                               layer_bits(graph, quant, plan), progress=progress)
+    qg = quantize_graph(graph, stats, quant, bits=plan, rounded=rounded)
     if quant.bias_correction:
         from .bitplan import gather_inputs
         from .equalize import bias_correction
@@ -167,7 +174,8 @@ def _tune_json(report: "TuneReport | None") -> dict | None:
 
 def cost_summary(graph: Graph, qg: QGraph) -> dict:
     """Size and BOPs of the compiled plan, plus the T4 model's latency (labelled)."""
-    plan = {n.name: int(n.attrs["bits"]) for n in qg.nodes if n.op in ("qconv", "qdense")}
+    plan = {n.name: precision_name((int(n.attrs["bits"]), int(n.attrs["a_bits"])))
+            for n in qg.nodes if n.op in ("qconv", "qdense")}
     c = costs.summarize(graph, plan, batch=1)
     return {"bits": plan, "size_mb": c.size_mb, "bops_g": c.bops_g,
             "t4_latency_ms_batch1": c.latency_ms, "t4_label": c.label}
@@ -330,7 +338,8 @@ def allocate_model(model: str | Path, *, target: str = "llvm", alloc: AllocSpec 
         kind = next((k for k, v in (("latency", alloc.latency), ("size", alloc.size),
                                     ("bops", alloc.bops)) if v is not None), "latency")
         others = [b for b in parse_budgets(alloc.latency, alloc.size, alloc.bops) if b.kind != kind]
-        problem = problem_for(graph, a.sensitivity, a.cost, alloc, batch)
+        problem = problem_for(graph, a.sensitivity, a.cost, alloc, batch,
+                              precisions(tgt).allocator)
         points = pareto(problem, kind, pareto_alphas, others)
         files = write_pareto(points, pareto_dir)
         out["pareto"] = {"kind": kind, "points": len(points), "json": str(files.json),

@@ -9,7 +9,8 @@
                  measured all-INT8 module minus its per-layer sum, cached per model and target
     allocate     OR-Tools ILP under the budgets, ties and pins (allocate.py)
 
-The plan feeds ``quantize_graph(..., bits=plan.bits)``.
+The plan feeds ``quantize_graph(..., bits=plan.precisions)``: each layer's (weight,
+activation) pair from the target's precision table (``targets.PRECISIONS``).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from .lower import lower
 from .quantize import Observer, quantize_graph
 from .readers import Reader
 from .schedule import x86_rules
+from .targets import precisions
 from .sensitivity import Sensitivity, compute_sensitivity
 
 
@@ -139,13 +141,16 @@ def allocate_bits(graph: Graph, model_bytes: bytes, reader: Reader,
     else:
         cost = CostModel(None, None, costs.PREDICTED, {})
     # Step 3. The ILP.
-    problem = problem_for(graph, sens, cost, spec, batch)
+    problem = problem_for(graph, sens, cost, spec, batch, precisions(target).allocator)
     return Allocation(solve(problem, parse_budgets(spec.latency, spec.size, spec.bops)), sens,
                       cost)
 
 
 def problem_for(graph: Graph, sens: Sensitivity, cost: CostModel, spec: AllocSpec,
-                batch: int) -> Problem:
+                batch: int, pairs: Mapping[int, str] | None = None) -> Problem:
+    """The ILP over weight widths; ``pairs`` (the target's ``Precisions.allocator``) says
+    which (weight, activation) pair each width runs as. Omega is HAWQ-V3's weight-only
+    measure, and the llvm latency table times the kernel of the weight width."""
     return Problem.from_graph(graph, sens.omega, latency=cost.latency, batch=batch,
                               overhead_ms=cost.overhead_ms, pins=tuple(spec.pins),
-                              pin_first=spec.pin_first, pin_last=spec.pin_last)
+                              pin_first=spec.pin_first, pin_last=spec.pin_last, pairs=pairs)

@@ -21,6 +21,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 CALIBRATORS: tuple[str, ...] = ("minmax", "percentile", "mse")
+ROUNDINGS: tuple[str, ...] = ("nearest", "gptq")
 LAYOUTS: tuple[str, ...] = ("NCHW", "NHWC")
 
 
@@ -114,10 +115,18 @@ class QuantSpec:
     first_last_bits: int | str = 8  # precision of the first conv and the last dense
     equalize: bool = False  # cross-layer equalization + bias absorption (equalize.py)
     bias_correction: bool = False  # empirical bias correction of the int32 biases
+    # How weights become integers: "nearest" rounds each weight on its own; "gptq" is
+    # Hessian-aware (GPTQ/OBQ on the calibration inputs, see gptq.py).
+    rounding: str = "nearest"
 
     def __post_init__(self) -> None:
         for b in (self.bits, self.first_last_bits):
             precision(b, "--bits")  # validates
+        if self.rounding not in ROUNDINGS:
+            raise UsageError(f"--rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.rounding == "gptq" and self.bias_correction:
+            # bias_correction recomputes each layer's scale by round-to-nearest
+            raise UsageError("--rounding gptq does not combine with --bias-correction yet")
 
     @property
     def pair(self) -> tuple[int, int]:

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping, Sequence
 
+import numpy as np
+
+from .config import precision
 from .graph import LAYER_OPS, Graph
 
 PREDICTED = "predicted (T4 roofline model)"
@@ -115,19 +118,26 @@ def layer_size_bits(layer: Layer, bits: int) -> int:
     return layer.params * bits + BIAS_BITS * layer.cout
 
 
-def layer_bops(layer: Layer, bits: int) -> int:
-    """Bit-operations per sample: macs * b_w * b_a with b_w = b_a = bits."""
-    return layer.macs * bits * bits
+def layer_bops(layer: Layer, bits: int, a_bits: int | None = None) -> int:
+    """Bit-operations per sample: macs * b_w * b_a (b_a = b_w unless given)."""
+    return layer.macs * bits * (bits if a_bits is None else a_bits)
 
 
-def size_mb(layers: Sequence[Layer], plan: Mapping[str, int]) -> float:
-    """Model size in MB (2^20 bytes) under ``plan`` (layer name -> bits)."""
-    return sum(layer_size_bits(la, plan[la.name]) for la in layers) / 8 / MB
+def _pair(bits: int | str | tuple[int, int]) -> tuple[int, int]:
+    """(weight, activation) bits of a plan entry; float widths (16, 32) stand for both."""
+    if isinstance(bits, (int, np.integer)):  # a bare width: weights and activations
+        return int(bits), int(bits)
+    return precision(bits)
 
 
-def bops_g(layers: Sequence[Layer], plan: Mapping[str, int]) -> float:
-    """Giga bit-operations per sample under ``plan``."""
-    return sum(layer_bops(la, plan[la.name]) for la in layers) / 1e9
+def size_mb(layers: Sequence[Layer], plan: Mapping[str, int | str]) -> float:
+    """Model size in MB (2^20 bytes) under ``plan`` (layer name -> bits or "w4a8" ...)."""
+    return sum(layer_size_bits(la, _pair(plan[la.name])[0]) for la in layers) / 8 / MB
+
+
+def bops_g(layers: Sequence[Layer], plan: Mapping[str, int | str]) -> float:
+    """Giga bit-operations per sample under ``plan``: macs * b_w * b_a."""
+    return sum(layer_bops(la, *_pair(plan[la.name])) for la in layers) / 1e9
 
 
 def uniform(layers: Sequence[Layer], bits: int) -> dict[str, int]:
@@ -182,6 +192,9 @@ def t4_layer_ms(layer: Layer, bits: int, batch: int = 1, gpu: GpuSpec = T4) -> f
 
     Bytes moved = weights + bias + input and output activations, all at ``bits``.
     """
+    w_bits, a_bits = _pair(bits)
+    # The tensor-core rate is the wider operand's: W4A8 runs on the INT8 MMA.
+    bits = max(w_bits, a_bits)
     if bits not in gpu.peak_ops:
         raise ValueError(f"{gpu.name} model has no {bits}-bit rate (have {sorted(gpu.peak_ops)})")
     m, n, k = layer.gemm
@@ -192,8 +205,8 @@ def t4_layer_ms(layer: Layer, bits: int, batch: int = 1, gpu: GpuSpec = T4) -> f
     ops = 2 * layer.macs * batch
     compute_s = ops / (gpu.peak_ops[bits] * gpu.compute_eff * occupancy)
     # Step 2. Memory: weights once per batch, activations per sample.
-    weight_bytes = layer.params * bits / 8 + _bias_bytes(layer, bits)
-    act_bytes = batch * (layer.in_elems + layer.out_elems) * bits / 8
+    weight_bytes = layer.params * w_bits / 8 + _bias_bytes(layer, w_bits)
+    act_bytes = batch * (layer.in_elems + layer.out_elems) * a_bits / 8
     memory_s = (weight_bytes + act_bytes) / (gpu.dram_bytes_s * gpu.memory_eff)
     return (max(compute_s, memory_s) + gpu.launch_s) * 1e3
 

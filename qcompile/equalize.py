@@ -132,37 +132,88 @@ def _per_channel(w: np.ndarray, v: np.ndarray) -> np.ndarray:
     return v.reshape((-1,) + (1,) * (w.ndim - 1))
 
 
-def interval_ranges(graph: Graph) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Data-free pre-activation bounds of layers that read a tensor with finite
-    bounds (a fused clip such as ReLU6, or a standalone clip): valid for any input."""
-    by_out = {n.output: n for n in graph.nodes}
+def _mul(w: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """w * v with 0 * inf = 0 (a zero weight ignores an unbounded input)."""
+    with np.errstate(invalid="ignore"):
+        return np.where(w == 0, 0.0, w * v)
+
+
+def _layer_interval(n: Node, x: tuple[np.ndarray, np.ndarray], cin: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Bounds of each output channel of w.x + b when input channel c lies in x[c]."""
+    lo, hi = (np.broadcast_to(v, (cin,)).astype(np.float64) for v in x)
+    w = n.params["w"].astype(np.float64)
+    if n.op == "conv":
+        if any(n.attrs["pads"]):  # padded positions read zeros
+            lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+        o, ipg = w.shape[:2]
+        g = int(n.attrs["group"])
+        idx = (np.arange(o) // (o // g))[:, None] * ipg + np.arange(ipg)[None, :]  # (O, ipg)
+        lo_, hi_ = lo[idx][..., None], hi[idx][..., None]
+        w = w.reshape(o, ipg, -1)
+        axes: tuple[int, ...] = (1, 2)
+    else:
+        lo_, hi_, axes = lo[None, :], hi[None, :], (1,)
+    a, b = _mul(w, lo_), _mul(w, hi_)
+    bias = n.params["b"].astype(np.float64)
+    return bias + np.minimum(a, b).sum(axes), bias + np.maximum(a, b).sum(axes)
+
+
+def _clip(x: tuple[np.ndarray, np.ndarray] | None, act) -> tuple[np.ndarray, np.ndarray] | None:
+    if act is None:
+        return x
+    lo, hi = (-np.inf, np.inf) if x is None else x
+    return np.clip(lo, act[0], act[1]), np.clip(hi, act[0], act[1])
+
+
+def interval_ranges(graph: Graph, input_range: tuple[float, float] | None = None
+                    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Data-free per-channel bounds of every conv/dense *pre-activation*, by interval
+    arithmetic from ``input_range`` (unknown when None) through conv/dense/add/clip/
+    pools; fused activations bound their outputs whatever their inputs.  Valid for
+    every input in ``input_range``; layers whose bound is unknown are left out."""
+    box: dict[str, tuple[np.ndarray, np.ndarray] | None] = {
+        graph.input: None if input_range is None else
+        (np.array([float(input_range[0])]), np.array([float(input_range[1])]))}
     out = {}
     for n in graph.nodes:
-        if n.op not in _LAYERS:
-            continue
-        p = by_out.get(n.inputs[0])
-        if p is None:
-            continue
-        act = (p.attrs["lo"], p.attrs["hi"]) if p.op == "clip" else p.attrs.get("act")
-        if act is None or not (np.isfinite(act[0]) and np.isfinite(act[1])):
-            continue
-        a, b = min(float(act[0]), 0.0), max(float(act[1]), 0.0)  # padding feeds zeros
-        w = n.params["w"].astype(np.float64).reshape(n.params["w"].shape[0], -1)
-        bias = n.params["b"].astype(np.float64)
-        out[n.name] = (bias + np.minimum(w * a, w * b).sum(1), bias + np.maximum(w * a, w * b).sum(1))
+        ins = [box.get(t) for t in n.inputs]
+        chans = [graph.shapes[t][1] if len(graph.shapes[t]) > 1 else 1 for t in n.inputs]
+        act = n.attrs.get("act")
+        y = None
+        if n.op in _LAYERS:
+            if ins[0] is not None:
+                y = _layer_interval(n, ins[0], chans[0])
+                if np.all(np.isfinite(y[0])) and np.all(np.isfinite(y[1])):
+                    out[n.name] = y
+        elif n.op == "add" and all(v is not None for v in ins):
+            lo = hi = 0.0
+            for sg, (a, b) in zip(n.attrs.get("signs", (1,) * len(ins)), ins):
+                lo, hi = (lo + a, hi + b) if sg > 0 else (lo - b, hi - a)
+            y = (lo, hi)
+        elif n.op == "clip":
+            y = _clip(ins[0], (n.attrs["lo"], n.attrs["hi"]))
+        elif n.op in ("maxpool", "flatten", "reshape") or (n.op == "gap" and n.attrs.get("mean", True)):
+            same = graph.shapes[n.output][1] == chans[0] if len(graph.shapes[n.output]) > 1 else False
+            y = ins[0] if same or ins[0] is None or np.size(ins[0][0]) == 1 else None
+        elif n.op == "avgpool" and ins[0] is not None:
+            y = (np.minimum(ins[0][0], 0.0), np.maximum(ins[0][1], 0.0))
+        box[n.output] = _clip(y, act) if (y is not None or act is not None) else None
     return out
 
 
 # --------------------------------------------------------------------------- equalize
 
 def equalize(graph: Graph, *, iterations: int = 10, ranges: Ranges | None = None,
-             absorb: bool = True, margin: float = 0.0, tol: float = 1e-3) -> Graph:
+             absorb: bool = True, margin: float = 0.0, tol: float = 1e-3,
+             input_range: tuple[float, float] | None = None) -> Graph:
     """Cross-layer equalization (+ bias absorption); the float function is unchanged
     (exactly for ReLU/linear pairs, on the known ranges for clipped channels).
 
     ``ranges``: pre-activation (lo, hi) per channel of layers, from calibration
     (``preactivation_ranges``); layers without one use ``interval_ranges``.
     ``margin`` widens every data range by that fraction of its width on both sides.
+    ``input_range``: bounds of the graph input for the interval arithmetic.
     """
     pairs = equalization_pairs(graph)
     if not pairs:
@@ -170,7 +221,7 @@ def equalize(graph: Graph, *, iterations: int = 10, ranges: Ranges | None = None
     nodes = {n.name: n for n in graph.nodes}
     w = {k: nodes[k].params["w"].astype(np.float64) for p in pairs for k in p}
     b = {k: nodes[k].params["b"].astype(np.float64) for p in pairs for k in p}
-    known: dict[str, tuple[np.ndarray, np.ndarray]] = dict(interval_ranges(graph))
+    known: dict[str, tuple[np.ndarray, np.ndarray]] = dict(interval_ranges(graph, input_range))
     for k, (lo, hi) in (ranges or {}).items():
         lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
         pad = margin * (hi - lo)

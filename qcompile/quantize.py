@@ -112,10 +112,18 @@ class _Quantizer:
     """Walks the canonical graph once, turning each node into a QNode."""
 
     def __init__(self, graph: Graph, stats: Mapping[str, Observer], spec: QuantSpec,
-                 bits: Mapping[str, int] | None) -> None:
+                 bits: Mapping[str, int] | None,
+                 rounded: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
         self.g, self.stats, self.spec = graph, stats, spec
         prec = layer_precisions(graph, spec, bits)
         self.layer_bits = {k: w for k, (w, _) in prec.items()}
+        self.rounded = dict(rounded or {})  # layer -> (q, scale), e.g. from gptq.py
+        shapes = {n.name: n.params["w"].shape for n in graph.nodes if n.op in LAYER_OPS}
+        for name, (rq, rs) in self.rounded.items():  # this layer's layout and width?
+            qmax, top = (1 << (self.layer_bits[name] - 1)) - 1, int(np.abs(rq).max(initial=0))
+            assert rq.shape == shapes[name] and rs.shape == rq.shape[:1] and (
+                qmax // 2 < top <= qmax or top == 0), \
+                f"rounded weights of {name!r} do not match its shape or {qmax.bit_length() + 1} bits"
         self.act_bits = activation_bits(graph, prec)
         self.t: dict[str, QTensor] = {}
         self.raw = raw_output_producer(graph)
@@ -143,7 +151,7 @@ class _Quantizer:
     def conv_or_dense(self, n: Node) -> QNode:
         x = self.t[n.inputs[0]]
         bits = self.node_bits(n)
-        wq, sw = quantize_weights(n.params["w"], bits)
+        wq, sw = self.rounded.get(n.name) or quantize_weights(n.params["w"], bits)
         sx = float(x.scale)
         bq = np.clip(np.round(n.params["b"] / (sw * sx)), INT32_MIN, INT32_MAX).astype(np.int32)
         wsum = np.abs(wq.reshape(wq.shape[0], -1).astype(np.int64)).sum(axis=1)
@@ -429,14 +437,18 @@ def activation_bits(graph: Graph, lprec: Mapping[str, int | str | tuple[int, int
 
 
 def quantize_graph(graph: Graph, stats: Mapping[str, Observer], spec: QuantSpec = QuantSpec(),
-                   bits: Mapping[str, int] | None = None) -> QGraph:
+                   bits: Mapping[str, int] | None = None,
+                   rounded: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> QGraph:
     """Quantize a canonical float graph (see ``graph.py``) into a ``QGraph``.
 
     ``stats`` maps each name from ``calibration_tensors`` to an observer;
     ``bits`` optionally sets the width of conv/dense layers by node name (see
     ``layer_bits``); activation widths follow from it (``activation_bits``).
+    ``rounded`` optionally gives layers' integer weights and per-output-channel scales
+    (int8 q in the weight's layout, float64 scale, at the layer's width), used instead of
+    round-to-nearest ``quantize_weights`` (``gptq.gptq_weights``).
     """
-    q = _Quantizer(graph, stats, spec, bits)
+    q = _Quantizer(graph, stats, spec, bits, rounded)
     in_qt = QType(q.out_bits(graph.input), True)
     qin = q.add_tensor(graph.input, in_qt, q.calibrated(graph.input, in_qt))
     handlers = {"conv": q.conv_or_dense, "dense": q.conv_or_dense, "add": q.add,

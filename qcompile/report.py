@@ -119,11 +119,12 @@ def render_plan(plan: dict[str, Any]) -> str:
         f"Predicted latency {plan['predicted_latency_ms']:.3f} ms, size {plan['size_mb']:.2f} MB, "
         f"{plan['bops_g']:.1f} G BOPs; objective sum Omega = {plan['objective']:.4g}.",
         "",
-        "| layer | bits | Omega | latency (ms) | share | why |",
+        "| layer | precision | Omega | latency (ms) | share | why |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for layer in plan["layers"]:
-        lines.append(f"| `{layer['name']}` | {layer['bits']} | {layer['omega']:.3g} "
+        lines.append(f"| `{layer['name']}` | {layer.get('precision', layer['bits'])} "
+                     f"| {layer['omega']:.3g} "
                      f"| {layer['latency_ms']:.4f} | {100 * layer['latency_ms'] / total_lat:.1f}% "
                      f"| {layer['reason']} |")
     lines.append("")

@@ -29,6 +29,38 @@ CPU_MODELS: tuple[CpuModel, ...] = (
     CpuModel("haswell", "", frozenset({"avx2", "fma"})),
 )
 
+@dataclass(frozen=True)
+class Precisions:
+    """Which (weight, activation) bit pairs a target runs, and which the allocator offers.
+
+    ``allocator`` maps each weight width the ILP chooses between to the pair it runs as.
+    HAWQ-V3's Omega measures the weight perturbation only, so of two pairs with the same
+    weight width the allocator offers the one the hardware makes at least as fast with the
+    wider activation: the other is dominated (same Omega, no better latency or size)."""
+
+    supported: tuple[str, ...]
+    allocator: dict[int, str]
+    why: str
+
+
+PRECISIONS: dict[str, Precisions] = {
+    "llvm": Precisions(
+        ("w8a8", "w4a8", "w4a4"), {8: "w8a8", 4: "w4a8"},
+        "VNNI vpdpbusd multiplies bytes: 4-bit weights halve the weight bytes (unpacked "
+        "in-kernel), 4-bit activations buy no speed, so W4A4 is dominated by W4A8"),
+    "cuda": Precisions(
+        ("w8a8", "w4a8", "w4a4"), {8: "w8a8", 4: "w4a4"},
+        "sm_75 IMMA 8832 runs W4A4 at twice the INT8 rate; W4A8 runs as IMMA 8816 with "
+        "4-bit weights, no faster than W8A8, so W4A4 dominates it at equal Omega"),
+}
+
+
+def precisions(target: tvm.target.Target | str) -> Precisions:
+    """The precision table of a target (or target kind name)."""
+    kind = target if isinstance(target, str) else target.kind.name
+    return PRECISIONS["cuda" if kind in CUDA_TAGS or kind == "cuda" else "llvm"]
+
+
 # `--target NAME` aliases -> TVM target dicts / tags.
 CUDA_TAGS: dict[str, str] = {"cuda": "nvidia/nvidia-t4", "t4": "nvidia/nvidia-t4"}
 

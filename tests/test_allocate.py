@@ -263,7 +263,8 @@ def test_plan_json_shape() -> None:
     assert set(data) == {"objective", "predicted_latency_ms", "size_mb", "bops_g", "budgets", "layers"}
     assert set(data["budgets"]) == {"latency_ms", "size_mb"} and data["budgets"]["size_mb"] == 100.0
     assert [la["name"] for la in data["layers"]] == ["A", "B", "D", "C", "fc"]
-    assert set(data["layers"][0]) == {"name", "bits", "reason", "omega", "latency_ms"}
+    assert set(data["layers"][0]) == {"name", "bits", "precision", "reason", "omega", "latency_ms"}
+    assert data["layers"][0]["precision"] == f"w{data['layers'][0]['bits']}a{data['layers'][0]['bits']}"
     assert data["predicted_latency_ms"] == pytest.approx(
         sum(la["latency_ms"] for la in data["layers"]) + problem.overhead_ms)
     assert plan.solver_status == "OPTIMAL" and plan.budget_texts == {"latency": "0.5", "size": "100MB"}
