@@ -242,7 +242,9 @@ def evaluate(model: str | Path, art_dir: str | Path, *, data: str | None = None,
             err[name] = err.get(name, 0.0) + float(((f - d) ** 2).sum())
         y_float = fl[qg.output.name]
         y_q = qg.output.dequantize(ref["output"])
-        agree += int((y_float.argmax(1) == y_q.argmax(1)).sum())
+        # per sample: the fraction of output positions (1 for logits) whose argmax agrees
+        same = (y_float.argmax(1) == y_q.argmax(1)).reshape(len(x), -1)
+        agree += float(same.mean(axis=1).sum())
         if labels is not None:
             lab = labels[i:i + batch_size]
             correct += int((y_q.argmax(1) == lab).sum())
