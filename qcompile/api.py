@@ -7,7 +7,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 import tvm
@@ -63,12 +63,15 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
                   quant: QuantSpec = QuantSpec(), calib: CalibSpec = CalibSpec(),
                   progress: bool = True, batch: int = 1, kernels: bool = True,
                   alloc: AllocSpec = AllocSpec(), tune: int = 0,
-                  input_shape: tuple[int, ...] | None = None) -> CompileResult:
+                  input_shape: tuple[int, ...] | None = None,
+                  plan: Mapping[str, int | str] | None = None) -> CompileResult:
     """ONNX file -> integer-only artifact directory (written atomically).
 
     With a budget in ``alloc`` each conv/dense gets 4 or 8 bits from the ILP (see
     ``bitplan``); otherwise ``quant.bits`` applies to all but the first and last layers.
     ``tune`` > 0 runs that many meta-schedule trials per unique generic PrimFunc (llvm).
+    ``plan`` fixes layers' precisions by name (8, 4, "w4a8" ...) without an allocation;
+    unnamed layers follow ``quant``.
 
     With ``kernels`` (the default) layers run on qcompile's scheduled kernels,
     which are specialized to a static ``batch``; without, TVM's generic
@@ -95,7 +98,10 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
                                    reader, stats, tgt, spec=alloc,
                                    quant=quant, batch=batch, progress=progress)
     # 4. Quantize to an integer-only graph and lower it to Relax.
-    plan = allocation.plan.precisions if allocation else None
+    if allocation is not None:
+        if plan is not None:
+            raise UsageError("give either budgets or an explicit plan, not both")
+        plan = allocation.plan.precisions
     rounded = None
     if quant.rounding == "gptq":  # Hessian-aware rounding at the widths the plan uses
         from .bitplan import gather_inputs

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import __version__
 from .artifact import check_output_dir
-from .config import (CALIBRATORS, LAYOUTS, parse_shape, SENSITIVITY_METHODS, AllocSpec, CalibSpec,
+from .config import (CALIBRATORS, LAYOUTS, ROUNDINGS, parse_shape, SENSITIVITY_METHODS, AllocSpec, CalibSpec,
                      Preprocess, QuantSpec)
 from .errors import ArtifactError, BadModelError, DataError, QCompileError, UsageError
 
@@ -365,12 +365,15 @@ def zoo_cmd(name: str | None, output: str | None, list_: bool, input_size: int |
                    "(the float function is unchanged).")
 @click.option("--bias-correction/--no-bias-correction", default=False, show_default=True,
               help="Empirical bias correction of the int32 biases on the calibration data.")
+@click.option("--rounding", type=click.Choice(ROUNDINGS), default="nearest", show_default=True,
+              help="How weights become integers: round each to nearest, or gptq "
+                   "(Hessian-aware GPTQ on the calibration data; slower to compile).")
 @_alloc_options
 @_preprocess_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
 def compile_cmd(model: str, out: str, target: str, bits: str, calib: str, calib_samples: int,
                 calibrator: str, percentile: float, batch: int, kernels: bool, tune: int,
-                equalize: bool, bias_correction: bool,
+                equalize: bool, bias_correction: bool, rounding: str,
                 size: int | None, resize: int, mean: str | None, std: str | None,
                 layout: str | None, input_shape: str | None,
                 quiet: bool, budget_latency: str | None, budget_size: str | None, budget_bops: str | None,
@@ -389,7 +392,8 @@ def compile_cmd(model: str, out: str, target: str, bits: str, calib: str, calib_
                                        parse_shape(input_shape) if input_shape else None))
         return
     check_output_dir(out_path, protect=(model_path,))
-    quant = QuantSpec(bits=bits, equalize=equalize, bias_correction=bias_correction)
+    quant = QuantSpec(bits=bits, equalize=equalize, bias_correction=bias_correction,
+                      rounding=rounding)
     calib_spec = CalibSpec(source=calib, method=calibrator, num_samples=calib_samples,
                            percentile=percentile,
                            preprocess=_preprocess(model_path, size, resize, mean, std, layout, input_shape))
