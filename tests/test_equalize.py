@@ -15,7 +15,7 @@ from qcompile import reference as oracle
 from qcompile.calibrate import collect_stats
 from qcompile.config import CalibSpec, QuantSpec
 from qcompile.equalize import (bias_correction, canonical_model, equalization_pairs, equalize,
-                               preactivation_ranges)
+                               interval_ranges, preactivation_ranges)
 from qcompile.graph import Graph
 from qcompile.onnx_import import import_onnx
 from qcompile.prepare import prepare
@@ -93,6 +93,22 @@ def test_float_output_unchanged_data_free(graph) -> None:
         not np.array_equal(a.params["w"], b.params["w"]) for a, b in zip(graph.nodes, eq.nodes)
         if a.op == "conv")
     x = _data(16, seed=2) * 3  # any input: the data-free variant is exact everywhere
+    y0, y1 = _run(graph, x), _run(eq, x)
+    np.testing.assert_allclose(y1, y0, rtol=1e-4, atol=1e-4 * np.abs(y0).max())
+
+
+def test_interval_bounds_contain_the_data(graph) -> None:
+    x = np.clip(_data(32, seed=3) * 2, -2, 2)
+    bounds, seen = interval_ranges(graph, (-2.0, 2.0)), preactivation_ranges(graph, x)
+    assert set(seen) <= set(bounds)
+    for k, (lo, hi) in seen.items():
+        assert np.all(bounds[k][0] <= lo + 1e-4) and np.all(hi <= bounds[k][1] + 1e-4), k
+    assert "stem" not in interval_ranges(graph)  # unknown input: the stem is unbounded
+
+
+def test_float_output_unchanged_data_free_with_input_range(graph) -> None:
+    eq = equalize(graph, input_range=(-2.0, 2.0))
+    x = np.clip(_data(16, seed=4) * 2, -2, 2)
     y0, y1 = _run(graph, x), _run(eq, x)
     np.testing.assert_allclose(y1, y0, rtol=1e-4, atol=1e-4 * np.abs(y0).max())
 
