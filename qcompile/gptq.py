@@ -1,0 +1,359 @@
+"""Hessian-aware weight rounding: GPTQ / OBQ (Frantar et al. 2022) for conv and dense.
+
+Round-to-nearest (``quantize.quantize_weights``) rounds every weight on its own.  GPTQ
+minimizes each layer's output error ``||W X - Q X||^2`` on calibration inputs X instead:
+it quantizes one input column at a time and spreads the rounding error over the columns
+not yet quantized, weighted by the inverse of ``H = 2 X X^T / n`` (through its Cholesky
+factor, in lazy blocks of ``BLOCK`` columns), columns in order of decreasing ``H_ii``
+("act-order", free here since the scale is per output channel).
+
+The output is the same integers-plus-scale that ``quantize_weights`` produces (int8 q in
+[-qmax, qmax], float64 per-output-channel scale), so the integer graph, the oracle and the
+artifact are unchanged; only which integers.
+
+Per layer:
+
+- X: the layer's input on the calibration samples, computed by onnxruntime on the
+  canonical graph's ONNX export (``sensitivity._onnx_node``, as ``canonical_onnx``) with
+  every earlier layer already GPTQ-quantized (sequential mode): one pass over the graph,
+  node by node in graph order, each layer quantized right before its output is computed.
+- conv: im2col with the layer's strides / pads / dilations; a grouped conv (depthwise
+  included) has one H per group, shared by that group's output channels.
+- scale: per output channel, the clipping ratio in ``CLIP_GRID`` of ``max|w|`` whose
+  round-to-nearest minimizes ``d^T H d`` (d = w - q*s), then GPTQ with that scale.
+- each output channel keeps whichever of GPTQ, nearest at the searched scale and plain
+  nearest (``quantize_weights``) has the lowest ``d^T H d``: channels are independent in
+  that error, so the result is never worse than nearest on the calibration data.
+
+NumPy float64 throughout.  A layer with more than ``MAX_COLUMNS`` inputs per group (VGG's
+25088-wide fc) is left to round-to-nearest with a warning (its H would not fit).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Mapping
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper
+from tqdm import tqdm
+
+from .graph import LAYER_OPS, Graph, Node
+from .quantize import quantize_weights
+from .sensitivity import CANONICAL_OPSET, _onnx_node
+
+CLIP_GRID = np.linspace(0.5, 1.0, 11)  # ratios of max|w| searched per output channel
+DAMP = 0.01          # H += DAMP * mean(diag H) * I, as GPTQ
+BLOCK = 128          # lazy-update block of columns
+MAX_COLUMNS = 8192   # H of K x K float64 above this is too big: nearest instead
+CHUNK_ELEMS = 1 << 23  # im2col elements per Hessian chunk (32 MB in float32)
+COLS_PER_INPUT = 64   # H from at most 64 * K columns (im2col positions x samples)
+ORT_CHUNK = 32       # samples per onnxruntime call
+
+Rounded = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+# --- the graph walk ---------------------------------------------------------------------
+def _session(graph: Graph, n: Node) -> ort.InferenceSession:
+    """One canonical node as its own onnxruntime model (weights a graph input)."""
+    inits: list = []
+    nodes = _onnx_node(graph, n, inits)
+    f32 = TensorProto.FLOAT
+    ins = [helper.make_tensor_value_info(t, f32, None) for t in dict.fromkeys(n.inputs)]
+    if n.op in LAYER_OPS:
+        ins.append(helper.make_tensor_value_info(f"{n.name}::w", f32, list(n.params["w"].shape)))
+    out = helper.make_tensor_value_info(n.output, f32, None)
+    model = helper.make_model(helper.make_graph(nodes, n.name, ins, [out], initializer=inits),
+                              opset_imports=[helper.make_opsetid("", CANONICAL_OPSET)],
+                              ir_version=10)
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+
+
+def _run(sess: ort.InferenceSession, n: Node, env: Mapping[str, np.ndarray],
+         w: np.ndarray | None) -> np.ndarray:
+    if w is None and n.op in LAYER_OPS:
+        w = n.params["w"]
+    feeds_w = {} if w is None else {f"{n.name}::w": np.asarray(w, np.float32)}
+    total = len(next(iter(env.values())))
+    parts = []
+    for s in range(0, total, ORT_CHUNK):
+        feeds = {t: env[t][s:s + ORT_CHUNK] for t in dict.fromkeys(n.inputs)}
+        parts.append(sess.run(None, {**feeds, **feeds_w})[0])
+    return np.concatenate(parts)
+
+
+def walk(graph: Graph, inputs: np.ndarray,
+         quantize_layer: Callable[[Node, np.ndarray], np.ndarray | None]) -> None:
+    """Run the canonical float graph node by node in graph order on ``inputs``.
+
+    At each conv/dense, ``quantize_layer(node, x)`` gets the layer's input x (computed
+    with the weights returned for earlier layers) and returns the float weights the
+    layer's output is then computed with (None: its own float weights).  Stops after
+    the last layer; tensors are freed after their last reader.
+    """
+    nodes = [n for n in graph.nodes if n.op != "softmax"]
+    layer_pos = [i for i, n in enumerate(nodes) if n.op in LAYER_OPS]
+    if not layer_pos:
+        return
+    nodes = nodes[:layer_pos[-1] + 1]
+    last_use: dict[str, int] = {}
+    for i, n in enumerate(nodes):
+        for t in n.inputs:
+            last_use[t] = i
+    env = {graph.input: np.ascontiguousarray(inputs, np.float32)}
+    for i, n in enumerate(nodes):
+        w = None
+        if n.op in LAYER_OPS:
+            w = quantize_layer(n, env[n.inputs[0]])
+        if i < len(nodes) - 1:
+            env[n.output] = _run(_session(graph, n), n, env, w)
+        for t in dict.fromkeys(n.inputs):
+            if last_use.get(t) == i and t != n.output:
+                env.pop(t, None)
+
+
+# --- per-layer statistics -----------------------------------------------------------------
+def _im2col(x: np.ndarray, n: Node) -> np.ndarray:
+    """(N, C, H, W) -> (C*kh*kw, N*OH*OW), rows in OIHW's (c, kh, kw) order."""
+    _, _, kh, kw = n.params["w"].shape
+    (sh, sw), (dh, dw) = n.attrs["strides"], n.attrs["dilations"]
+    pt, pl, pb, pr = n.attrs["pads"]
+    oh, ow = n_out_hw(n, x.shape)
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    N, C = xp.shape[:2]
+    cols = np.empty((C, kh, kw, N, oh, ow), x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            patch = xp[:, :, i * dh:i * dh + sh * (oh - 1) + 1:sh,
+                       j * dw:j * dw + sw * (ow - 1) + 1:sw]
+            cols[:, i, j] = patch.transpose(1, 0, 2, 3)
+    return cols.reshape(C * kh * kw, N * oh * ow)
+
+
+def layer_hessian(n: Node, x: np.ndarray) -> np.ndarray:
+    """``H = 2 X X^T / n`` per group, (G, K, K) float64, for the layer's input ``x``.
+
+    Each chunk's product runs in float32 (half the time of float64; a chunk sums at most
+    a few thousand columns) and is accumulated in float64.  At most ``COLS_PER_INPUT``
+    columns per input row are used: past that a fixed-seed random subset of positions."""
+    w = n.params["w"]
+    rng = np.random.default_rng(0)
+    if n.op == "dense":
+        x2 = np.ascontiguousarray(x.reshape(-1, w.shape[1]), np.float32)
+        return (2.0 / max(len(x2), 1)) * (x2.T @ x2).astype(np.float64)[None]
+    G = int(n.attrs["group"])
+    K = w.shape[1] * w.shape[2] * w.shape[3]
+    H = np.zeros((G, K, K), np.float64)
+    positions = math.prod(n_out_hw(n, x.shape))
+    keep = min(1.0, COLS_PER_INPUT * K / max(positions * len(x), 1))
+    step = max(1, CHUNK_ELEMS // max(1, G * K * positions))
+    count = 0
+    for s in range(0, len(x), step):
+        cols = _im2col(x[s:s + step], n)
+        if keep < 1.0:
+            cols = cols[:, rng.random(cols.shape[1]) < keep]
+        count += cols.shape[1]
+        if G == 1:
+            H[0] += cols @ cols.T  # syrk
+        else:
+            cg = cols.reshape(G, K, -1)
+            H += cg @ cg.transpose(0, 2, 1)
+    return H * (2.0 / max(count, 1))
+
+
+def n_out_hw(n: Node, shape: tuple[int, ...]) -> tuple[int, int]:
+    """Output (OH, OW) of conv ``n`` on an input of ``shape`` (N, C, H, W)."""
+    _, _, kh, kw = n.params["w"].shape
+    (sh, sw), (dh, dw) = n.attrs["strides"], n.attrs["dilations"]
+    pt, pl, pb, pr = n.attrs["pads"]
+    return ((shape[2] + pt + pb - dh * (kh - 1) - 1) // sh + 1,
+            (shape[3] + pl + pr - dw * (kw - 1) - 1) // sw + 1)
+
+
+# --- quantization -------------------------------------------------------------------------
+def _h_error(D: np.ndarray, H: np.ndarray) -> np.ndarray:
+    """Per row ``d^T H d`` for D (G, R, K), H (G, K, K) -> (G, R)."""
+    return np.einsum("grk,grk->gr", D @ H, D)
+
+
+def _rtn(W: np.ndarray, s: np.ndarray, qmax: int) -> np.ndarray:
+    return np.clip(np.round(W / s[..., None]), -qmax, qmax)
+
+
+LEAF = 128  # below this, LAPACK; above, blocks of matmuls (far faster than potrf here)
+
+
+def _cholesky_inverse_lower(H: np.ndarray) -> np.ndarray:
+    """``L^-1`` for the Cholesky factor ``H = L L^T`` (..., K, K), by 2x2 blocks:
+
+        L11 = chol(A),  L21 = B L11^-T,  L22 = chol(C - L21 L21^T),
+        L^-1 = [[L11^-1, 0], [-L22^-1 L21 L11^-1, L22^-1]]
+
+    so all but the small leaves is matrix multiplication (BLAS-3, both cores)."""
+    K = H.shape[-1]
+    if K <= LEAF:
+        return np.linalg.inv(np.linalg.cholesky(H))
+    h = K // 2
+    Ai = _cholesky_inverse_lower(H[..., :h, :h])
+    L21 = H[..., h:, :h] @ np.swapaxes(Ai, -1, -2)
+    Ci = _cholesky_inverse_lower(H[..., h:, h:] - L21 @ np.swapaxes(L21, -1, -2))
+    out = np.zeros_like(H)
+    out[..., :h, :h] = Ai
+    out[..., h:, h:] = Ci
+    out[..., h:, :h] = -(Ci @ (L21 @ Ai))
+    return out
+
+
+def _upper_inverse_cholesky(H: np.ndarray) -> np.ndarray:
+    """Upper U with ``H^-1 = U^T U`` (GPTQ's Hinv), per group, damped as GPTQ.
+
+    With J the reversal, ``J H J = L L^T`` gives ``H^-1 = (J L^-1 J)^T (J L^-1 J)`` and
+    ``J L^-1 J`` is upper triangular: one Cholesky-and-inverse pass, no explicit H^-1."""
+    K = H.shape[1]
+    idx = np.arange(K)
+    extra = np.maximum(DAMP * H[:, idx, idx].mean(axis=1), 1e-12)
+    Hf = H[:, ::-1, ::-1]
+    for _ in range(8):
+        Hd = np.array(Hf)
+        Hd[:, idx, idx] += extra[:, None]
+        try:
+            # one group: 2-D, so numpy can use syrk for the Schur complements
+            Li = _cholesky_inverse_lower(Hd[0])[None] if len(Hd) == 1 else \
+                _cholesky_inverse_lower(Hd)
+        except np.linalg.LinAlgError:
+            extra = extra * 10
+            continue
+        if np.all(np.isfinite(Li)):
+            return np.ascontiguousarray(Li[:, ::-1, ::-1])
+        extra = extra * 10
+    raise np.linalg.LinAlgError("GPTQ: H is not positive definite even with damping")
+
+
+def gptq_quantize(W: np.ndarray, H: np.ndarray, scale: np.ndarray, qmax: int,
+                  block: int = BLOCK, act_order: bool = True) -> np.ndarray:
+    """GPTQ integers for W (G, R, K) given per-group H (G, K, K) and scale (G, R)."""
+    G, R, K = W.shape
+    H = np.array(H, np.float64)
+    idx = np.arange(K)
+    dead = H[:, idx, idx] == 0
+    H[:, idx, idx] = np.where(dead, 1.0, H[:, idx, idx])  # inputs that are always 0
+    perm = (np.argsort(-H[:, idx, idx], axis=1, kind="stable") if act_order
+            else np.broadcast_to(idx, (G, K)))
+    # Columns as rows (G, K, R): every step below reads and writes contiguous rows.
+    Wt = np.ascontiguousarray(np.take_along_axis(W, perm[:, None, :], axis=2)
+                              .transpose(0, 2, 1), np.float64)
+    if G == 1:
+        H = H[:, perm[0][:, None], perm[0][None, :]]
+    else:
+        H = np.take_along_axis(np.take_along_axis(H, perm[:, :, None], axis=1),
+                               perm[:, None, :], axis=2)
+    U = _upper_inverse_cholesky(H)
+    Ut = np.ascontiguousarray(U.transpose(0, 2, 1))  # lower: Ut[:, j, i] = U[:, i, j]
+    Qt = np.empty_like(Wt)
+    for i1 in range(0, K, block):
+        i2 = min(i1 + block, K)
+        W1 = Wt[:, i1:i2]              # a view: updated in place
+        E1 = np.empty_like(W1)
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            q = np.clip(np.round(w / scale), -qmax, qmax)
+            Qt[:, i1 + i] = q
+            err = (w - q * scale) / U[:, i1 + i, i1 + i][:, None]
+            E1[:, i] = err
+            if i + 1 < i2 - i1:
+                W1[:, i + 1:] -= Ut[:, i1 + i + 1:i2, i1 + i, None] * err[:, None, :]
+        if i2 < K:
+            Wt[:, i2:] -= Ut[:, i2:, i1:i2] @ E1
+    Q = Qt.transpose(0, 2, 1)
+    out = np.empty_like(Q)
+    np.put_along_axis(out, perm[:, None, :], Q, axis=2)
+    return out
+
+
+def round_layer(w: np.ndarray, H: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ for one layer's weights (OIHW or (N, K)) with per-group H (G, K, K).
+
+    Returns (int8 q in w's layout, float64 per-output-channel scale) like
+    ``quantize_weights``.  The scale: per channel the ratio in ``CLIP_GRID`` of max|w|
+    whose nearest rounding has the lowest ``sum_k H_kk d_k^2`` (the diagonal of the
+    layer's error, cheap for the whole grid); then per channel the lower full
+    ``d^T H d`` of GPTQ at that scale and plain nearest (``quantize_weights``)."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"GPTQ rounds to 2..8 bits, got {bits}")
+    qmax = (1 << (bits - 1)) - 1
+    G, K = H.shape[0], H.shape[1]
+    O = w.shape[0]
+    W = w.reshape(G, O // G, K).astype(np.float64)
+    idx = np.arange(K)
+    hdiag = H[:, idx, idx][:, None, :]  # (G, 1, K)
+    # 1. per-channel clipping ratio under nearest rounding, diagonal-H weighted
+    amax = np.abs(W).max(axis=2)
+    live = amax > 0
+    s_best = np.where(live, amax / qmax, 1.0)
+    e_best = np.full(amax.shape, np.inf)
+    for r in CLIP_GRID:
+        s = np.where(live, r * amax / qmax, 1.0)
+        d = W - _rtn(W, s, qmax) * s[..., None]
+        e = (d * d * hdiag).sum(axis=2)
+        better = e < e_best
+        e_best, s_best = np.where(better, e, e_best), np.where(better, s, s_best)
+    # 2. GPTQ with that scale, against plain nearest under the full H
+    Qg = gptq_quantize(W, H, s_best, qmax)
+    q0, s0 = quantize_weights(w, bits)
+    Q0, s0 = q0.reshape(G, O // G, K).astype(np.float64), s0.reshape(G, O // G)
+    D = np.concatenate([W - Qg * s_best[..., None], W - Q0 * s0[..., None]], axis=1)
+    e = _h_error(D, H)
+    take = e[:, :O // G] < e[:, O // G:]
+    q = np.where(take[..., None], Qg, Q0)
+    scale = np.where(take, s_best, s0)
+    return q.reshape(w.shape).astype(np.int8), scale.reshape(O).astype(np.float64)
+
+
+def gptq_weights(graph: Graph, inputs: np.ndarray, bits: Mapping[str, int], *,
+                 progress: bool = False, sequential: bool = True,
+                 observe: Callable[[str, np.ndarray], None] | None = None) -> Rounded:
+    """GPTQ-rounded weights of every conv/dense in ``bits`` (layer name -> width).
+
+    Returns layer name -> (int8 q in the layer's weight layout, float64 per-output-channel
+    scale), what ``quantize_graph(..., rounded=...)`` takes.  Layers are quantized in graph
+    order on ``inputs`` (a float32 calibration batch); with ``sequential`` (the default)
+    a layer's input is computed with the earlier layers already quantized (q * scale),
+    otherwise with the float model.  ``observe(layer, x)`` sees each layer's input (tests).
+    """
+    out: Rounded = {}
+    layers = [n for n in graph.nodes if n.op in LAYER_OPS]
+    unknown = sorted(set(bits) - {n.name for n in layers})
+    if unknown:
+        raise ValueError(f"GPTQ: bits name unknown layers: {unknown[:5]}")
+    bar = tqdm(total=sum(n.name in bits for n in layers), desc="gptq", unit="layer",
+               disable=not progress)
+
+    def quantize_layer(n: Node, x: np.ndarray) -> np.ndarray | None:
+        if observe is not None:
+            observe(n.name, x)
+        if n.name not in bits:
+            return None
+        w = np.asarray(n.params["w"])
+        b = int(bits[n.name])
+        K = int(np.prod(w.shape[1:]))
+        if K > MAX_COLUMNS:
+            warnings.warn(f"GPTQ: layer {n.name!r} has {K} inputs per output (> {MAX_COLUMNS}); "
+                          "rounding it to nearest", stacklevel=3)
+            q, s = quantize_weights(w, b)
+        else:
+            q, s = round_layer(w, layer_hessian(n, x), b)
+        out[n.name] = (q, s)
+        bar.update(1)
+        if not sequential:
+            return None
+        return (q.astype(np.float64) * s.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.float32)
+
+    try:
+        walk(graph, inputs, quantize_layer)
+    finally:
+        bar.close()
+    return out
