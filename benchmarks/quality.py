@@ -1,0 +1,569 @@
+"""Quantization quality on real trained models (GitHub issue 10, part 5).
+
+    make bench-quality
+    python benchmarks/quality.py [--models effnet fashion] [--work DIR] [--out DIR]
+
+Two trained networks, every quantization recipe qcompile offers, and onnxruntime as
+the peer, in one run:
+
+* **EfficientNet-Lite0** with its real ImageNet weights (``models/efficientnet_lite0.onnx``,
+  ``tools/export_efficientnet.py``) on natural images from installed packages
+  (``effnet_fidelity.natural_images``: scikit-image data, Debian opencv-doc).  Images
+  alternate between a calibration pool and an evaluation pool, so no evaluated crop
+  comes from a calibration image.  Each pool gives the standard crop of each image
+  first (short side 256 bicubic, centre 224), then random crops (short side in
+  [256, 320], random 224 window, random flip) until the count is reached.  Inputs
+  are ``(RGB - 127) / 128``, NCHW.  No labels: the score is top-1 agreement with
+  the float model (onnxruntime FP32) and output SQNR.
+* **Fashion-MNIST ResNet** (``tests/data/fashion_resnet.onnx``, trained by
+  ``tools/train_fashion_mnist.py``) on all 10,000 labelled test images of Debian's
+  ``dataset-fashion-mnist``; calibration on 512 training images.  The score is
+  accuracy (and its drop from the float model).
+
+Rows: onnxruntime FP32 and onnxruntime static INT8 (``quant_pre_process`` then
+``quantize_static``, QDQ, per-channel, MinMax, the same calibration arrays); qcompile
+W8A8 with each calibrator x rounding; W4A8 (all layers but the first and last) with
+nearest, GPTQ and equalization + bias correction; W4A4 nearest and GPTQ; mixed plans at
+0.75x the INT8 weight size from the Hessian and the KL sensitivity (the ILP, on the
+llvm target 4 bits run as W4A8); a random plan of the same budget (mean of 5 seeds)
+and "keep the first k layers at 8" (k as large as the budget allows) as the controls
+that say what the sensitivity ranking is worth.
+
+Every qcompile row is compiled to an artifact (TVM, llvm) and its agreement/accuracy
+is that artifact's output on every evaluation input.  Bit-exactness (the compiled
+module equals the NumPy integer oracle) is checked by ``api.evaluate`` on the first
+``--exact-samples`` inputs (the oracle is ~1 s per EfficientNet crop).  Rows other than
+the calibrator sweep use the ``--calibrator`` (default minmax, as the onnxruntime peer).
+A feature the compiler does not have yet is shown as "n/a (feature missing)".
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_common as bc  # noqa: E402
+from effnet_fidelity import natural_images  # noqa: E402
+from peers import ort_int8, ort_runner  # noqa: E402
+
+from qcompile import api, costs  # noqa: E402
+from qcompile.config import AllocSpec, CalibSpec, Preprocess, QuantSpec, precision  # noqa: E402
+from qcompile.errors import UsageError  # noqa: E402
+from qcompile.graph import Graph  # noqa: E402
+from qcompile.onnx_import import import_onnx, load_model  # noqa: E402
+from qcompile.prepare import prepare  # noqa: E402
+from qcompile.runtime import Artifact  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+EFFNET = ROOT / "models" / "efficientnet_lite0.onnx"
+FASHION = ROOT / "tests" / "data" / "fashion_resnet.onnx"
+EFFNET_PRE = Preprocess(size=224, resize=256, mean=(0.498,) * 3, std=(0.502,) * 3)
+SIZE_FRACTION = 0.75
+MISSING = "n/a (feature missing)"
+
+
+# ----------------------------------------------------------------------------- data
+def image_crops(pool: list[np.ndarray], n: int, rng: np.random.Generator) -> np.ndarray:
+    """n crops (N, 3, 224, 224), (RGB - 127) / 128: first each image's standard crop,
+    then random-scale, random-position, random-flip 224 crops, cycling over ``pool``."""
+    out = []
+    for i in range(n):
+        img = Image.fromarray(pool[i % len(pool)])
+        std = i < len(pool)
+        short = 256 if std else int(rng.integers(256, 321))
+        w, h = img.size
+        s = short / min(w, h)
+        img = img.resize((max(short, round(w * s)), max(short, round(h * s))),
+                         Image.Resampling.BICUBIC)
+        W, H = img.size
+        x0, y0 = ((W - 224) // 2, (H - 224) // 2) if std else \
+            (int(rng.integers(0, W - 223)), int(rng.integers(0, H - 223)))
+        img = img.crop((x0, y0, x0 + 224, y0 + 224))
+        if not std and rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        out.append(((np.asarray(img, np.float32) - 127.0) / 128.0).transpose(2, 0, 1))
+    return np.ascontiguousarray(np.stack(out), dtype=np.float32)
+
+
+@dataclasses.dataclass
+class Bench:
+    key: str
+    title: str
+    model: Path
+    calib: np.ndarray
+    x: np.ndarray
+    labels: np.ndarray | None
+    preprocess: Preprocess
+    batch: int
+    data: str
+
+
+def effnet_bench(n_calib: int, n_eval: int) -> Bench:
+    if not EFFNET.exists():
+        raise SystemExit(f"{EFFNET} is missing: python tools/export_efficientnet.py -o {EFFNET}")
+    imgs = natural_images()
+    rng = np.random.default_rng(0)
+    calib = image_crops(imgs[0::2], n_calib, rng)
+    x = image_crops(imgs[1::2], n_eval, rng)
+    return Bench("effnet", "EfficientNet-Lite0 (ImageNet weights)", EFFNET, calib, x, None,
+                 EFFNET_PRE, 1,
+                 f"{len(imgs)} natural images (scikit-image data, opencv-doc): {n_calib} "
+                 f"calibration crops of {len(imgs[0::2])} images, {n_eval} evaluation crops "
+                 f"of the other {len(imgs[1::2])}")
+
+
+def fashion_bench(n_calib: int) -> Bench:
+    from qcompile.datasets import fashion_mnist_dir, load_fashion_mnist
+    if fashion_mnist_dir() is None:
+        raise SystemExit("Fashion-MNIST missing: apt-get install -y dataset-fashion-mnist")
+    xtr, _ = load_fashion_mnist("train")
+    xte, yte = load_fashion_mnist("test")
+    calib = xtr[::len(xtr) // n_calib][:n_calib]
+    return Bench("fashion", "Fashion-MNIST ResNet (trained here)", FASHION, calib, xte, yte,
+                 Preprocess(size=28, grayscale=True, mean=(0.286,), std=(0.353,)), 500,
+                 f"Fashion-MNIST (Debian dataset-fashion-mnist): {len(calib)} training images "
+                 f"for calibration, all {len(xte)} labelled test images")
+
+
+def graph_of(model: Path) -> Graph:
+    return prepare(import_onnx(load_model(model, None), batch=1, source=model.name))
+
+
+# ----------------------------------------------------------------------------- rows
+@dataclasses.dataclass
+class Row:
+    label: str
+    group: str
+    quant: dict = dataclasses.field(default_factory=dict)
+    method: str = "minmax"
+    alloc: dict | None = None
+    plan: dict | None = None
+    slug: str = ""
+
+
+def uniform_rows(method: str) -> list[Row]:
+    rows = []
+    for m in ("minmax", "percentile", "mse"):
+        for r in ("nearest", "gptq"):
+            rows.append(Row(f"W8A8 {m} {r}", "W8A8", {"bits": 8, "rounding": r}, m))
+    for r in ("nearest", "gptq"):
+        rows.append(Row(f"W4A8 {r}", "W4A8", {"bits": "w4a8", "rounding": r}, method))
+    rows.append(Row("W4A8 equalize + bias corr.", "W4A8",
+                    {"bits": "w4a8", "equalize": True, "bias_correction": True}, method))
+    for r in ("nearest", "gptq"):
+        rows.append(Row(f"W4A4 {r}", "W4A4", {"bits": 4, "rounding": r}, method))
+    for i, r in enumerate(rows):
+        r.slug = f"{i:02d}-" + r.label.replace(" ", "_").replace("+", "").replace(".", "")
+    return rows
+
+
+def _size(layers: list[costs.Layer], plan: dict) -> float:
+    return costs.size_mb(layers, plan)
+
+
+def random_plan(layers: list[costs.Layer], budget: float, seed: int) -> dict:
+    """First and last at 8; random other layers to W4A8 until the size fits."""
+    plan = {la.name: "w8a8" for la in layers}
+    middle = [la.name for la in layers[1:-1]]
+    for i in np.random.default_rng(seed).permutation(len(middle)):
+        if _size(layers, plan) <= budget:
+            break
+        plan[middle[i]] = "w4a8"
+    return plan
+
+
+def keep_first_plan(layers: list[costs.Layer], budget: float) -> tuple[dict, int]:
+    """The first k layers (the first layer included) and the last at 8, the rest W4A8;
+    the largest k whose size fits the budget."""
+    best = None
+    for k in range(1, len(layers)):
+        plan = {la.name: ("w8a8" if i < k or i == len(layers) - 1 else "w4a8")
+                for i, la in enumerate(layers)}
+        if _size(layers, plan) <= budget:
+            best = (plan, k)
+    assert best is not None
+    return best
+
+
+# ----------------------------------------------------------------------------- measuring
+class Runner:
+    def __init__(self, b: Bench, work: Path, method: str, exact_n: int, log) -> None:
+        self.b, self.work, self.method, self.exact_n, self.log = b, work, method, exact_n, log
+        (work / "calib").mkdir(parents=True, exist_ok=True)
+        np.save(work / "calib" / "calib.npy", b.calib)
+        fp32 = ort_runner(b.model)
+        self.y_float = np.concatenate([fp32(b.x[i:i + 64]) for i in range(0, len(b.x), 64)])
+
+    def calib(self, method: str) -> CalibSpec:
+        return CalibSpec(source=str(self.work / "calib"), method=method,
+                         num_samples=len(self.b.calib), preprocess=self.b.preprocess)
+
+    def scores(self, y: np.ndarray) -> dict:
+        agree, sqnr = bc.agreement_sqnr(self.y_float, y)
+        out = {"top1_agreement": agree, "sqnr_db": sqnr}
+        if self.b.labels is not None:
+            out["accuracy"] = float((y.argmax(1) == self.b.labels).mean())
+        return out
+
+    def run(self, row: Row) -> dict:
+        res: dict[str, Any] = {"label": row.label, "group": row.group, "calibrator": row.method,
+                               **{k: v for k, v in row.quant.items() if k != "bits"},
+                               "bits": row.quant.get("bits", 8)}
+        try:
+            quant = QuantSpec(**row.quant)
+            alloc = AllocSpec(**row.alloc) if row.alloc else AllocSpec()
+        except (TypeError, UsageError) as e:  # an option this compiler does not have yet
+            self.log(f"  {row.label}: {MISSING}: {e}")
+            return {**res, "status": MISSING, "error": str(e)}
+        art = self.work / "art" / row.slug
+        try:
+            if not (art / "manifest.json").exists():
+                if art.exists():
+                    shutil.rmtree(art)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    api.compile_model(self.b.model, art, quant=quant, calib=self.calib(row.method),
+                                      alloc=alloc, plan=row.plan, progress=False,
+                                      batch=self.b.batch)
+            t_compile = json.loads((art / "manifest.json").read_text())["compile_seconds"]
+            cfg = json.loads((art / "qconfig.json").read_text())
+            y = Artifact.load(art).run(self.b.x)
+            n = self.exact_n or len(self.b.x)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ev = api.evaluate(self.b.model, art, inputs=self.b.x[:n], progress=False,
+                                  batch_size=self.b.batch)
+        except Exception as e:  # noqa: BLE001 - a failed row is reported, not fatal
+            self.log(f"  {row.label}: FAILED: {type(e).__name__}: {e}")
+            traceback.print_exc()
+            return {**res, "status": f"failed: {type(e).__name__}: {str(e)[:200]}"}
+        prec = cfg["costs"]["bits"]
+        counts = {p: sum(v == p for v in prec.values()) for p in sorted(set(prec.values()))}
+        # the oracle subset's agreement must be the artifact's own on the same inputs
+        sub = float((y[:n].argmax(1) == self.y_float[:n].argmax(1)).mean())
+        res.update(status="ok", size_mb=cfg["costs"]["size_mb"], bops_g=cfg["costs"]["bops_g"],
+                   layers=counts, bit_exact=bool(ev["bit_exact"]) and abs(sub - ev["top1_agreement"]) < 1e-9,
+                   integer_only=bool(ev["integer_only"]), exact_samples=n,
+                   compile_seconds=t_compile, **self.scores(y))
+        if cfg.get("plan"):
+            res["plan_budget"] = cfg["plan"].get("budgets")
+            res["sensitivity"] = cfg["plan"].get("sensitivity")
+        res["precisions"] = prec
+        self.log(f"  {row.label}: size {res['size_mb']:.3f} MB, agreement "
+                 f"{res['top1_agreement']:.4f}" + (f", accuracy {res['accuracy']:.4f}"
+                                                   if "accuracy" in res else "")
+                 + f", SQNR {res['sqnr_db']:.2f} dB, bit-exact {res['bit_exact']} "
+                 f"({t_compile:.0f} s compile)")
+        return res
+
+
+def run_bench(b: Bench, work: Path, method: str, exact_n: int, seeds: int, log) -> dict:
+    t0 = time.perf_counter()
+    log(f"== {b.title}: {b.data}")
+    r = Runner(b, work, method, exact_n, log)
+    graph = graph_of(b.model)
+    layers = costs.layers_of(graph)
+    names = [la.name for la in layers]
+    fp32_mb = costs.size_mb(layers, {n: 32 for n in names})
+    int8_model_mb = costs.size_mb(layers, {n: 8 for n in names})
+    rows: list[dict] = []
+    # peers: onnxruntime FP32 and its documented static INT8 recipe
+    f = {"label": "onnxruntime FP32", "group": "FP32", "status": "ok", "size_mb": fp32_mb,
+         **r.scores(r.y_float)}
+    p = np.exp(r.y_float - r.y_float.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    f["mean_softmax_confidence"] = float(p.max(1).mean())
+    rows.append(f)
+    try:
+        q8 = ort_runner(ort_int8(b.model, work / "ort-int8.onnx", b.calib))
+        y8 = np.concatenate([q8(b.x[i:i + 64]) for i in range(0, len(b.x), 64)])
+        rows.append({"label": "onnxruntime INT8 (QDQ, per-channel, MinMax)", "group": "peer",
+                     "status": "ok", "size_mb": int8_model_mb, **r.scores(y8)})
+    except Exception as e:  # noqa: BLE001
+        rows.append({"label": "onnxruntime INT8 (QDQ, per-channel, MinMax)", "group": "peer",
+                     "status": f"failed: {type(e).__name__}: {e}"})
+    log(f"  peers: {rows}")
+    for row in uniform_rows(method):
+        rows.append(r.run(row))
+    int8 = next(x for x in rows if x["label"] == f"W8A8 {method} nearest")
+    int8_mb = int8.get("size_mb", int8_model_mb)
+    budget = SIZE_FRACTION * int8_mb
+    log(f"  budget {SIZE_FRACTION} x {int8_mb:.4f} MB = {budget:.4f} MB")
+    for sens in ("hessian", "kl"):
+        rows.append(r.run(Row(f"mixed {sens} @{SIZE_FRACTION}x", f"mixed {sens}", {"bits": 8},
+                              method, alloc={"size": f"{budget:.6f}MB", "sensitivity": sens},
+                              slug=f"20-mixed-{sens}")))
+    rand = []
+    for s in range(seeds):
+        rand.append(r.run(Row(f"random plan seed {s}", "random", {"bits": 8}, method,
+                              plan=random_plan(layers, budget, s), slug=f"21-random-{s}")))
+    ok = [x for x in rand if x.get("status") == "ok"]
+    mean = {"label": f"random plan (mean of {len(ok)} seeds)", "group": "random",
+            "status": "ok" if ok else "failed", "seeds": rand}
+    if ok:
+        for k in ("size_mb", "top1_agreement", "sqnr_db", "accuracy", "compile_seconds"):
+            if k in ok[0]:
+                vals = [x[k] for x in ok]
+                mean[k] = float(np.mean(vals))
+                mean[k + "_min_max"] = [float(min(vals)), float(max(vals))]
+        mean["bit_exact"] = all(x["bit_exact"] for x in ok)
+        mean["integer_only"] = all(x["integer_only"] for x in ok)
+    rows.append(mean)
+    plan, k = keep_first_plan(layers, budget)
+    kf = r.run(Row(f"keep first k={k} at 8", "keep-first", {"bits": 8}, method, plan=plan,
+                   slug="22-keep-first"))
+    kf["k"] = k
+    rows.append(kf)
+    fl = rows[0]
+    for x in rows:
+        if x.get("status") == "ok":
+            x["size_vs_int8"] = x["size_mb"] / int8_mb
+            if "accuracy" in x:
+                x["accuracy_drop_pt"] = 100 * (fl["accuracy"] - x["accuracy"])
+    return {"model": b.key, "title": b.title, "onnx": str(b.model.relative_to(ROOT)),
+            "data": b.data, "calib_samples": len(b.calib), "eval_samples": len(b.x),
+            "layers": len(layers), "int8_size_mb": int8_mb, "budget_mb": budget,
+            "calibrator": method, "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+# ----------------------------------------------------------------------------- report
+def targets(res: dict) -> list[dict]:
+    out = []
+
+    def row(label: str) -> dict:
+        return next((x for x in res["rows"] if x["label"] == label), {})
+
+    def best(group: str, key: str) -> dict:
+        ok = [x for x in res["rows"] if x.get("group") == group and x.get("status") == "ok"]
+        return max(ok, key=lambda x: x[key]) if ok else {}
+
+    def add(name: str, value: float | None, goal: str, met: bool | None, detail: str) -> None:
+        out.append({"target": name, "goal": goal, "measured": value, "met": met,
+                    "detail": detail})
+
+    m = res["calibrator"]
+    if res["model"] == "effnet":
+        for grp, goal in (("W8A8", 0.92), ("W4A8", 0.80)):
+            b = best(grp, "top1_agreement")
+            v = b.get("top1_agreement")
+            add(f"{grp} agreement", v, f">= {goal:.0%}", None if v is None else v >= goal,
+                f"best {grp} row: {b.get('label')}")
+        mixed = [row(f"mixed {s} @{SIZE_FRACTION}x") for s in ("hessian", "kl")]
+        mixed = [x for x in mixed if x.get("status") == "ok"]
+        b = max(mixed, key=lambda x: x["top1_agreement"]) if mixed else {}
+        v = b.get("top1_agreement")
+        fits = b and b["size_mb"] <= res["budget_mb"] + 1e-9
+        add("mixed <= 0.75x INT8 agreement", v, ">= 85%",
+            None if v is None else bool(v >= 0.85 and fits), f"best: {b.get('label')}")
+        key, goal_txt = "top1_agreement", "agreement"
+    else:
+        for grp, lab, goal in (("W8A8", f"W8A8 {m} nearest", 0.1),
+                               ("W4A8", "W4A8 nearest", 0.3), ("W4A4", "W4A4 nearest", 1.0)):
+            b = best(grp, "accuracy")
+            v = b.get("accuracy_drop_pt")
+            add(f"{grp} accuracy drop", v, f"<= {goal} pt", None if v is None else v <= goal,
+                f"best {grp} row: {b.get('label')}; {lab}: "
+                f"{row(lab).get('accuracy_drop_pt', float('nan')):.2f} pt")
+        key, goal_txt = "accuracy", "accuracy"
+    rnd = row(next(x["label"] for x in res["rows"] if x.get("group") == "random"))
+    for s in ("hessian", "kl"):
+        x = row(f"mixed {s} @{SIZE_FRACTION}x")
+        ok = x.get("status") == "ok" and rnd.get("status") == "ok"
+        add(f"{s} plan beats random", x.get(key), f"{goal_txt} > random mean",
+            bool(x[key] > rnd[key]) if ok else None,
+            f"random mean {rnd.get(key, float('nan')):.4f} (min-max "
+            f"{rnd.get(key + '_min_max')})")
+    return out
+
+
+def _f(v: Any, fmt: str) -> str:
+    return "-" if v is None else (fmt.format(v) if isinstance(v, (int, float)) else str(v))
+
+
+def markdown(results: list[dict], meta: dict) -> str:
+    L = [f"# Quantization quality on trained models ({meta['date']})", "",
+         f"Command: `{meta['command']}`  ", f"Machine: {meta['machine_line']}  ",
+         f"Date: {meta['started']} (UTC), {meta['seconds']:.0f} s in all  ",
+         f"qcompile {meta['qcompile']}, TVM {meta['tvm']}, onnxruntime {meta['onnxruntime']}",
+         "", "Agreement = top-1 agreement with the float model (onnxruntime FP32) over all "
+         "evaluation inputs, from the compiled artifact's own output; SQNR of the output logits "
+         "against FP32.  Size = weights + int32 biases of the conv/dense layers "
+         "(`costs.size_mb`, MB = 2^20 bytes); the onnxruntime INT8 row is given the INT8 "
+         "storage size.  Bit-exact = compiled module equals the NumPy integer oracle "
+         "(`api.evaluate`) on the first N evaluation inputs.", ""]
+    for res in results:
+        fl = res["rows"][0]
+        L += [f"## {res['title']}", "", f"`{res['onnx']}`, {res['layers']} conv/dense layers. "
+              f"Data: {res['data']}.  Calibrator for all rows outside the W8A8 sweep: "
+              f"{res['calibrator']}.  Mixed-precision budget: {SIZE_FRACTION} x "
+              f"{res['int8_size_mb']:.4f} MB = {res['budget_mb']:.4f} MB.  "
+              f"{res['seconds']:.0f} s.", ""]
+        if "mean_softmax_confidence" in fl:
+            L += [f"Float model mean softmax confidence (top-1 probability) on the evaluation "
+                  f"crops: {fl['mean_softmax_confidence']:.3f}.", ""]
+        if "accuracy" in fl:
+            L += [f"Float accuracy: {100 * fl['accuracy']:.2f}%.", ""]
+        lab = res["model"] == "fashion"
+        hdr = ("| row | size MB | x INT8 | 4-bit layers | agreement | "
+               + ("accuracy | drop pt | " if lab else "") + "SQNR dB | bit-exact | compile s |")
+        L += [hdr, "|" + " --- |" * (hdr.count("|") - 1)]
+        for x in res["rows"]:
+            if x.get("status") != "ok":
+                L.append(f"| {x['label']} | {x['status']} |" + " |" * (hdr.count("|") - 3))
+                continue
+            four = sum(v for p, v in (x.get("layers") or {}).items() if p.startswith("w4"))
+            n_l = sum((x.get("layers") or {}).values())
+            if x.get("group") == "random":
+                mm = x.get("top1_agreement_min_max" if not lab else "accuracy_min_max")
+                agr = f"{100 * x['top1_agreement']:.1f}%"
+                four_s = "-"
+            else:
+                agr = f"{100 * x['top1_agreement']:.1f}%"
+                four_s = f"{four}/{n_l}" if n_l else "-"
+            cells = [x["label"], _f(x.get("size_mb"), "{:.3f}"), _f(x.get("size_vs_int8"), "{:.3f}"),
+                     four_s, agr]
+            if lab:
+                acc = f"{100 * x['accuracy']:.2f}%"
+                if x.get("group") == "random":
+                    acc += f" ({100 * mm[0]:.2f}-{100 * mm[1]:.2f})"
+                cells += [acc, _f(x.get("accuracy_drop_pt"), "{:+.2f}")]
+            elif x.get("group") == "random":
+                cells[-1] += f" ({100 * mm[0]:.1f}-{100 * mm[1]:.1f})"
+            be = x.get("bit_exact")
+            cells += [_f(x.get("sqnr_db"), "{:.2f}"),
+                      "-" if be is None else ("yes" if be else "**NO**")
+                      + (f" ({x['exact_samples']})" if "exact_samples" in x else ""),
+                      _f(x.get("compile_seconds"), "{:.0f}")]
+            L.append("| " + " | ".join(cells) + " |")
+        L += ["", "Targets:", "", "| target | goal | measured | met | note |",
+              "| --- | --- | --- | --- | --- |"]
+        for t in res["targets"]:
+            v = t["measured"]
+            vs = "-" if v is None else (f"{v:.2f} pt" if "drop" in t["target"]
+                                        else f"{100 * v:.1f}%")
+            met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
+            L.append(f"| {t['target']} | {t['goal']} | {vs} | {met} | {t['detail']} |")
+        L.append("")
+    L += [f"Plot: `{meta['png']}`.", ""]
+    return "\n".join(L)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 5), squeeze=False)
+    style = {"FP32": ("k", "*"), "peer": ("tab:gray", "X"), "W8A8": ("tab:blue", "o"),
+             "W4A8": ("tab:orange", "s"), "W4A4": ("tab:red", "v"),
+             "mixed hessian": ("tab:green", "D"), "mixed kl": ("tab:purple", "D"),
+             "random": ("tab:brown", "P"), "keep-first": ("tab:olive", "^")}
+    for ax, res in zip(axes[0], results):
+        lab = res["model"] == "fashion"
+        key = "accuracy" if lab else "top1_agreement"
+        seen = set()
+        for x in res["rows"]:
+            if x.get("status") != "ok" or x["group"] == "FP32" and not lab:
+                continue
+            c, m = style.get(x["group"], ("k", "."))
+            name = x["group"] if x["group"] not in seen else None
+            seen.add(x["group"])
+            ax.scatter(x["size_mb"], 100 * x[key], c=c, marker=m, s=50, label=name,
+                       alpha=0.85, edgecolors="none")
+            if x["group"] == "random":
+                for s in x["seeds"]:
+                    if s.get("status") == "ok":
+                        ax.scatter(s["size_mb"], 100 * s[key], c=c, marker=".", s=20, alpha=0.6)
+        ax.axvline(res["budget_mb"], ls=":", c="gray", lw=1)
+        ax.text(res["budget_mb"], ax.get_ylim()[0], f" {SIZE_FRACTION}x INT8", color="gray",
+                va="bottom", fontsize=8)
+        if lab:
+            ax.axhline(100 * res["rows"][0]["accuracy"], ls="--", c="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("weight size, MB (log)")
+        ax.set_ylabel("test accuracy, %" if lab else "top-1 agreement with FP32, %")
+        ax.set_title(res["title"], fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["effnet", "fashion"],
+                    choices=["effnet", "fashion"])
+    ap.add_argument("--calib-crops", type=int, default=100)
+    ap.add_argument("--eval-crops", type=int, default=250)
+    ap.add_argument("--fashion-calib", type=int, default=512)
+    ap.add_argument("--exact-samples", type=int, default=16,
+                    help="inputs checked bit-exact against the NumPy oracle (0: all)")
+    ap.add_argument("--fashion-exact-samples", type=int, default=500)
+    ap.add_argument("--calibrator", default="minmax")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--work", type=Path, default=None,
+                    help="keep artifacts here (and reuse them on a rerun); default: a temp dir")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--stem", default=f"quality-{dt.date.today().isoformat()}")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
+
+    tmp = None
+    if args.work is None:
+        tmp = tempfile.TemporaryDirectory(prefix="qcompile-quality-")
+        args.work = Path(tmp.name)
+    results = []
+    try:
+        for m in args.models:
+            b = (effnet_bench(args.calib_crops, args.eval_crops) if m == "effnet"
+                 else fashion_bench(args.fashion_calib))
+            exact = args.exact_samples if m == "effnet" else args.fashion_exact_samples
+            res = run_bench(b, args.work / m, args.calibrator, exact, args.seeds, log)
+            res["targets"] = targets(res)
+            results.append(res)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    import onnxruntime
+    import tvm
+    from qcompile import __version__
+    mi = bc.machine_info()
+    meta = {"date": dt.date.today().isoformat(), "started": started,
+            "command": "make bench-quality" if len(sys.argv) == 1
+            else "python " + " ".join(sys.argv),
+            "machine": mi, "machine_line": f"{mi['label']} (shared with other jobs), host {mi['node']}",
+            "qcompile": __version__, "tvm": tvm.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "seconds": time.perf_counter() - t0, "png": f"{args.stem}.png"}
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(results, args.out / f"{args.stem}.png")
+    md = markdown(results, meta)
+    bc.write_results(args.out, args.stem, {**meta, "results": results}, md)
+    print(md)
+    bad = [f"{res['model']}: {x['label']}" for res in results for x in res["rows"]
+           if x.get("bit_exact") is False]
+    if bad:
+        print("NOT bit-exact:", bad, file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
