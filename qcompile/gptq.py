@@ -184,35 +184,53 @@ def _rtn(W: np.ndarray, s: np.ndarray, qmax: int) -> np.ndarray:
     return np.clip(np.round(W / s[..., None]), -qmax, qmax)
 
 
-LEAF = 128  # below this, LAPACK; above, blocks of matmuls (far faster than potrf here)
+LEAF = 128  # below this, LAPACK; above, blocks of matmuls (numpy's potrf ran 10x slower
+#             than a matmul per flop here)
 
 
-def _cholesky_inverse_lower(H: np.ndarray) -> np.ndarray:
-    """``L^-1`` for the Cholesky factor ``H = L L^T`` (..., K, K), by 2x2 blocks:
+def _cholesky_and_inverse(H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(L, L^-1) for ``H = L L^T`` (..., K, K), by 2x2 blocks (4/3 K^3 flops, matmuls):
 
         L11 = chol(A),  L21 = B L11^-T,  L22 = chol(C - L21 L21^T),
-        L^-1 = [[L11^-1, 0], [-L22^-1 L21 L11^-1, L22^-1]]
-
-    so all but the small leaves is matrix multiplication (BLAS-3, both cores)."""
+        L^-1 = [[L11^-1, 0], [-L22^-1 L21 L11^-1, L22^-1]]"""
     K = H.shape[-1]
     if K <= LEAF:
-        return np.linalg.inv(np.linalg.cholesky(H))
+        L = np.linalg.cholesky(H)
+        return L, np.linalg.inv(L)
     h = K // 2
-    Ai = _cholesky_inverse_lower(H[..., :h, :h])
-    L21 = H[..., h:, :h] @ np.swapaxes(Ai, -1, -2)
-    Ci = _cholesky_inverse_lower(H[..., h:, h:] - L21 @ np.swapaxes(L21, -1, -2))
-    out = np.zeros_like(H)
-    out[..., :h, :h] = Ai
-    out[..., h:, h:] = Ci
-    out[..., h:, :h] = -(Ci @ (L21 @ Ai))
-    return out
+    L11, A = _cholesky_and_inverse(H[..., :h, :h])
+    L21 = H[..., h:, :h] @ np.swapaxes(A, -1, -2)
+    L22, C = _cholesky_and_inverse(H[..., h:, h:] - L21 @ np.swapaxes(L21, -1, -2))
+    L, Li = np.zeros_like(H), np.zeros_like(H)
+    L[..., :h, :h], L[..., h:, :h], L[..., h:, h:] = L11, L21, L22
+    Li[..., :h, :h], Li[..., h:, h:] = A, C
+    Li[..., h:, :h] = -(C @ (L21 @ A))
+    return L, Li
 
 
-def _upper_inverse_cholesky(H: np.ndarray) -> np.ndarray:
-    """Upper U with ``H^-1 = U^T U`` (GPTQ's Hinv), per group, damped as GPTQ.
+def _cholesky(H: np.ndarray) -> np.ndarray:
+    """Lower L with ``H = L L^T`` (..., K, K): as above but without the inverse of the
+    trailing block (about 0.6 K^3 flops, nearly all in matmuls)."""
+    K = H.shape[-1]
+    if K <= LEAF:
+        return np.linalg.cholesky(H)
+    h = K // 2
+    L11, A = _cholesky_and_inverse(H[..., :h, :h])
+    L21 = H[..., h:, :h] @ np.swapaxes(A, -1, -2)
+    L = np.zeros_like(H)
+    L[..., :h, :h], L[..., h:, :h] = L11, L21
+    L[..., h:, h:] = _cholesky(H[..., h:, h:] - L21 @ np.swapaxes(L21, -1, -2))
+    return L
 
-    With J the reversal, ``J H J = L L^T`` gives ``H^-1 = (J L^-1 J)^T (J L^-1 J)`` and
-    ``J L^-1 J`` is upper triangular: one Cholesky-and-inverse pass, no explicit H^-1."""
+
+def _damped_factor(H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Upper V with ``H + lambda I = V V^T`` (J L J for ``J H J = L L^T``, J the reversal),
+    lambda = ``DAMP`` * mean(diag H) as GPTQ, raised tenfold until H is positive definite.
+
+    GPTQ's factor is U = upper Cholesky of (H + lambda I)^-1, and U = V^-1: its updates
+    ``w_j -= err_i U_ij`` with ``err_i = d_i / U_ii`` add up to ``w_j += sum_{i<j} d_i
+    V_ij / V_jj`` (d = w - s q with the original w), so no inverse is ever formed.
+    Returns (V, lambda per group)."""
     K = H.shape[1]
     idx = np.arange(K)
     extra = np.maximum(DAMP * H[:, idx, idx].mean(axis=1), 1e-12)
@@ -221,21 +239,26 @@ def _upper_inverse_cholesky(H: np.ndarray) -> np.ndarray:
         Hd = np.array(Hf)
         Hd[:, idx, idx] += extra[:, None]
         try:
-            # one group: 2-D, so numpy can use syrk for the Schur complements
-            Li = _cholesky_inverse_lower(Hd[0])[None] if len(Hd) == 1 else \
-                _cholesky_inverse_lower(Hd)
+            L = _cholesky(Hd[0])[None] if len(Hd) == 1 else _cholesky(Hd)  # 2-D: syrk
         except np.linalg.LinAlgError:
-            extra = extra * 10
-            continue
-        if np.all(np.isfinite(Li)):
-            return np.ascontiguousarray(Li[:, ::-1, ::-1])
+            L = None
+        if L is not None and np.all(np.isfinite(L)) and np.all(L[:, idx, idx] > 0):
+            return np.ascontiguousarray(L[:, ::-1, ::-1]), extra
         extra = extra * 10
     raise np.linalg.LinAlgError("GPTQ: H is not positive definite even with damping")
 
 
 def gptq_quantize(W: np.ndarray, H: np.ndarray, scale: np.ndarray, qmax: int,
-                  block: int = BLOCK, act_order: bool = True) -> np.ndarray:
-    """GPTQ integers for W (G, R, K) given per-group H (G, K, K) and scale (G, R)."""
+                  block: int = BLOCK, act_order: bool = True
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ integers for W (G, R, K) given per-group H (G, K, K) and scale (G, R), and
+    each row's error ``d^T H d`` (d = w - s q), which comes for free: with
+    ``H + lambda I = V V^T``, ``d^T (H + lambda I) d = |d V|^2`` and ``(d V)_j`` is the
+    (updated w_j - s q_j) * V_jj that the loop has at hand.
+
+    Columns in order of decreasing H_ii (``act_order``), ``block`` columns at a time:
+    within a block each quantized column's error goes to the rest of the block at once,
+    to the columns after it in one matrix product per block (GPTQ's lazy batch update)."""
     G, R, K = W.shape
     H = np.array(H, np.float64)
     idx = np.arange(K)
@@ -244,34 +267,42 @@ def gptq_quantize(W: np.ndarray, H: np.ndarray, scale: np.ndarray, qmax: int,
     perm = (np.argsort(-H[:, idx, idx], axis=1, kind="stable") if act_order
             else np.broadcast_to(idx, (G, K)))
     # Columns as rows (G, K, R): every step below reads and writes contiguous rows.
-    Wt = np.ascontiguousarray(np.take_along_axis(W, perm[:, None, :], axis=2)
+    dead_p = np.take_along_axis(dead, perm, axis=1)
+    W0 = np.ascontiguousarray(np.take_along_axis(W, perm[:, None, :], axis=2)
                               .transpose(0, 2, 1), np.float64)
     if G == 1:
         H = H[:, perm[0][:, None], perm[0][None, :]]
     else:
         H = np.take_along_axis(np.take_along_axis(H, perm[:, :, None], axis=1),
                                perm[:, None, :], axis=2)
-    U = _upper_inverse_cholesky(H)
-    Ut = np.ascontiguousarray(U.transpose(0, 2, 1))  # lower: Ut[:, j, i] = U[:, i, j]
+    V, lam = _damped_factor(H)
+    vdiag = V[:, idx, idx]
+    # F[:, j, i] = V_ij / V_jj for i < j: how much of column i's error column j takes
+    F = np.ascontiguousarray(V.transpose(0, 2, 1) / V[:, idx, idx][:, :, None])
+    Wt = W0.copy()
     Qt = np.empty_like(Wt)
+    E2 = np.zeros((G, R))  # |d V|^2 so far
     for i1 in range(0, K, block):
         i2 = min(i1 + block, K)
         W1 = Wt[:, i1:i2]              # a view: updated in place
-        E1 = np.empty_like(W1)
+        D1 = np.empty_like(W1)
         for i in range(i2 - i1):
-            w = W1[:, i]
-            q = np.clip(np.round(w / scale), -qmax, qmax)
+            q = np.clip(np.round(W1[:, i] / scale), -qmax, qmax)
             Qt[:, i1 + i] = q
-            err = (w - q * scale) / U[:, i1 + i, i1 + i][:, None]
-            E1[:, i] = err
+            E2 += ((W1[:, i] - q * scale) * vdiag[:, i1 + i, None]) ** 2
+            d = W0[:, i1 + i] - q * scale
+            D1[:, i] = d
             if i + 1 < i2 - i1:
-                W1[:, i + 1:] -= Ut[:, i1 + i + 1:i2, i1 + i, None] * err[:, None, :]
+                W1[:, i + 1:] += F[:, i1 + i + 1:i2, i1 + i, None] * d[:, None, :]
         if i2 < K:
-            Wt[:, i2:] -= Ut[:, i2:, i1:i2] @ E1
+            Wt[:, i2:] += F[:, i2:, i1:i2] @ D1
+    # d^T H d = |d V|^2 - lambda |d|^2 - (the 1 put on the diagonal of dead inputs) d^2
+    D = W0 - Qt * scale[:, None, :]
+    err = E2 - lam[:, None] * (D ** 2).sum(axis=1) - ((D ** 2) * dead_p[:, :, None]).sum(axis=1)
     Q = Qt.transpose(0, 2, 1)
     out = np.empty_like(Q)
     np.put_along_axis(out, perm[:, None, :], Q, axis=2)
-    return out
+    return out, err
 
 
 def round_layer(w: np.ndarray, H: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -302,12 +333,10 @@ def round_layer(w: np.ndarray, H: np.ndarray, bits: int) -> tuple[np.ndarray, np
         better = e < e_best
         e_best, s_best = np.where(better, e, e_best), np.where(better, s, s_best)
     # 2. GPTQ with that scale, against plain nearest under the full H
-    Qg = gptq_quantize(W, H, s_best, qmax)
+    Qg, e_gptq = gptq_quantize(W, H, s_best, qmax)
     q0, s0 = quantize_weights(w, bits)
     Q0, s0 = q0.reshape(G, O // G, K).astype(np.float64), s0.reshape(G, O // G)
-    D = np.concatenate([W - Qg * s_best[..., None], W - Q0 * s0[..., None]], axis=1)
-    e = _h_error(D, H)
-    take = e[:, :O // G] < e[:, O // G:]
+    take = e_gptq < _h_error(W - Q0 * s0[..., None], H)
     q = np.where(take[..., None], Qg, Q0)
     scale = np.where(take, s_best, s0)
     return q.reshape(w.shape).astype(np.int8), scale.reshape(O).astype(np.float64)
