@@ -65,8 +65,10 @@ def t4_plan(files: sp.ModelFiles, a: argparse.Namespace) -> dict[str, Any]:
                                   calib=CalibSpec(num_samples=a.calib_samples),
                                   alloc=AllocSpec(latency=f"{ALPHA:g}", sensitivity=a.sensitivity,
                                                   sensitivity_samples=a.sensitivity_samples))
-    bits = {la["name"]: int(la["bits"]) for la in plan["layers"]}
-    return {"bits": bits, "n4": sum(b == 4 for b in bits.values()), "n_layers": len(bits),
+    from qcompile.config import precision
+    bits = {la["name"]: la["precision"] for la in plan["layers"]}  # "w4a4" on the T4
+    return {"bits": bits, "n4": sum(precision(b)[0] == 4 for b in bits.values()),
+            "n_layers": len(bits),
             "budget_ms": plan["budgets"].get("latency_ms"), **sp.plan_costs(files, bits, T4_BATCH)}
 
 
