@@ -190,17 +190,30 @@ def _fmt(v: Any, digits: int = 1) -> str:
     return str(v)
 
 
+def _revisions(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[tuple[str, int]]:
+    """Which compiler revision measured how many rows (``--update`` mixes runs)."""
+    import collections
+    return collections.Counter(r.get("compiler", meta["compiler"]) for r in rows).most_common()
+
+
 def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
     out = [f"# Real-world ONNX corpus ({meta['date']})", "",
            f"{len(rows)} models from `{meta['corpus']}`: INT8, llvm, synthetic calibration "
            f"({meta['samples']} samples), evaluation on {meta['samples']} synthetic inputs, "
            f"latency median of {meta['repeat']} on {meta['machine']['label']}; "
-           f"per-model timeout {meta['timeout_s']:.0f} s; compiler at `{meta['compiler']}`. "
+           f"per-model timeout {meta['timeout_s']:.0f} s; compiler at "
+           + ", ".join(f"`{c}` ({n} models)" for c, n in _revisions(rows, meta)) + ". "
            "Random (seeded) weights except "
            "`efficientnet_lite0_real`: agreement and SQNR measure quantization noise, "
            "not accuracy.", "",
-           "Status: " + ", ".join(f"{s} {n}" for s, n in counts.items() if n), "",
+           "Status: " + ", ".join(f"{s} {n}" for s, n in counts.items() if n), ""]
+    loads = [v for r in rows for v in r.get("load1", [])]
+    if loads:
+        out += [f"Load average (1 min) around the models: {min(loads):.1f}–{max(loads):.1f} "
+                f"on {meta['machine']['threads']} threads; above that, latencies are "
+                "indicative only (`load1` per row in the JSON).", ""]
+    out += [
            "| model | status | compile s | bit-exact | int-only | top-1 agr. | SQNR dB "
            "| qcompile ms | ORT FP32 ms | speedup | error |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -246,6 +259,9 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per model")
     ap.add_argument("--samples", type=int, default=8, help="calibration and evaluation samples")
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--update", action="store_true",
+                    help="merge these models' rows into today's full results file "
+                         "(rerun failures or new models without redoing the rest)")
     ap.add_argument("--keep", type=Path, help="keep the artifacts under this folder")
     ap.add_argument("--out", type=Path, default=RESULTS)
     # internal: one model in this process
@@ -276,13 +292,18 @@ def main() -> int:
         names = args.models
     watch = Stopwatch()
     date = dt.date.today().isoformat()
-    # A subset never overwrites the full run's file.
-    stem = f"corpus-{date}" + ("-quick" if args.quick else "-subset" if args.models else "")
+    # A subset never overwrites the full run's file, unless --update merges it in.
+    subset = args.models and not args.update
+    stem = f"corpus-{date}" + ("-quick" if args.quick else "-subset" if subset else "")
     meta = {"date": date, "compiler": compiler_revision(), "corpus": str(corpus),
             "samples": args.samples, "repeat": args.repeat,
             "timeout_s": args.timeout, "machine": machine_info(),
             "versions": manifest.get("versions", {}), "quick": args.quick}
     rows: list[dict[str, Any]] = []
+    if args.update and (args.out / f"{stem}.json").exists():
+        # Keep the other models' rows (each says which compiler revision it measured).
+        old = json.loads((args.out / f"{stem}.json").read_text())
+        rows = [r for r in old["models"] if r["name"] not in names and r["name"] in entries]
     for f in manifest.get("failed", []):  # export failures are rows too
         if f["name"] in (args.models or [f["name"]]):
             rows.append({"name": f["name"], "family": f["family"], "status": "skipped",
@@ -296,7 +317,10 @@ def main() -> int:
         rec["load1"] = [round(load, 2), round(os.getloadavg()[0], 2)]
         row = {"name": name, "family": e["family"], "file": e["file"],
                "input_shape": e["input_shape"], "opset": e["opset"], "ops": e["ops"], **rec}
+        row["compiler"] = compiler_revision()
         rows.append(row)
+        order = {n: k for k, n in enumerate(entries)}
+        rows.sort(key=lambda r: order.get(r["name"], len(order)))
         print(f"    {row['status']} ({row['seconds']} s) {row.get('line') or ''}", flush=True)
         meta["seconds"] = watch.seconds
         write_results(args.out, stem, {**meta, "models": rows}, render(rows, meta))
