@@ -200,3 +200,29 @@ def test_rounding_is_validated() -> None:
     with pytest.raises(UsageError, match="bias-correction"):
         QuantSpec(rounding="gptq", bias_correction=True)
     assert QuantSpec(rounding="gptq", bits=4).rounding == "gptq"
+
+
+def test_cli_rounding_reaches_the_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    from qcompile import cli
+
+    calls: list[dict] = []
+
+    def compile_model(*args, **kw):
+        calls.append(kw)
+        return SimpleNamespace(out_dir=Path(args[1]), compile_seconds=0.1, integer_only=True,
+                               num_layers=5)
+
+    monkeypatch.setattr(cli, "_api", lambda: SimpleNamespace(compile_model=compile_model))
+    model = save(_tiny_model(), tmp_path)
+    base = ["compile", str(model), "-o", str(tmp_path / "art"), "--bits", "4"]
+    r = CliRunner().invoke(cli.main, base + ["--rounding", "gptq"])
+    assert r.exit_code == 0, r.output
+    assert calls[-1]["quant"].rounding == "gptq"
+    r = CliRunner().invoke(cli.main, base)
+    assert r.exit_code == 0 and calls[-1]["quant"].rounding == "nearest"
+    r = CliRunner().invoke(cli.main, base + ["--rounding", "floor"])
+    assert r.exit_code != 0 and "--rounding" in r.output
