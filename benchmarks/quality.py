@@ -199,13 +199,23 @@ def keep_first_plan(layers: list[costs.Layer], budget: float) -> tuple[dict, int
 
 
 # ----------------------------------------------------------------------------- measuring
+def ort_outputs(model: Path, x: np.ndarray, cache: Path) -> np.ndarray:
+    """onnxruntime's outputs on x (kept in ``cache`` for a rerun with the same --work)."""
+    if cache.exists():
+        return np.load(cache)
+    run = ort_runner(model)
+    y = np.concatenate([run(x[i:i + 64]) for i in range(0, len(x), 64)])
+    np.save(cache, y)
+    return y
+
+
+
 class Runner:
     def __init__(self, b: Bench, work: Path, method: str, exact_n: int, log) -> None:
         self.b, self.work, self.method, self.exact_n, self.log = b, work, method, exact_n, log
         (work / "calib").mkdir(parents=True, exist_ok=True)
         np.save(work / "calib" / "calib.npy", b.calib)
-        fp32 = ort_runner(b.model)
-        self.y_float = np.concatenate([fp32(b.x[i:i + 64]) for i in range(0, len(b.x), 64)])
+        self.y_float = ort_outputs(b.model, b.x, work / f"fp32-{len(b.x)}.npy")
 
     def calib(self, method: str) -> CalibSpec:
         return CalibSpec(source=str(self.work / "calib"), method=method,
@@ -222,6 +232,7 @@ class Runner:
         res: dict[str, Any] = {"label": row.label, "group": row.group, "calibrator": row.method,
                                **{k: v for k, v in row.quant.items() if k != "bits"},
                                "bits": row.quant.get("bits", 8)}
+        t_row = time.perf_counter()
         try:
             quant = QuantSpec(**row.quant)
             alloc = AllocSpec(**row.alloc) if row.alloc else AllocSpec()
@@ -229,6 +240,12 @@ class Runner:
             self.log(f"  {row.label}: {MISSING}: {e}")
             return {**res, "status": MISSING, "error": str(e)}
         art = self.work / "art" / row.slug
+        n = self.exact_n or len(self.b.x)
+        # a rerun with the same --work dir reuses the row (same evaluation set and oracle subset)
+        cached = art / f"result-{len(self.b.x)}-{n}.json"
+        if cached.exists():
+            self.log(f"  {row.label}: reused from {cached}")
+            return {**json.loads(cached.read_text()), "reused": True}
         try:
             if not (art / "manifest.json").exists():
                 if art.exists():
@@ -241,7 +258,6 @@ class Runner:
             t_compile = json.loads((art / "manifest.json").read_text())["compile_seconds"]
             cfg = json.loads((art / "qconfig.json").read_text())
             y = Artifact.load(art).run(self.b.x)
-            n = self.exact_n or len(self.b.x)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ev = api.evaluate(self.b.model, art, inputs=self.b.x[:n], progress=False,
@@ -257,7 +273,8 @@ class Runner:
         res.update(status="ok", size_mb=cfg["costs"]["size_mb"], bops_g=cfg["costs"]["bops_g"],
                    layers=counts, bit_exact=bool(ev["bit_exact"]) and abs(sub - ev["top1_agreement"]) < 1e-9,
                    integer_only=bool(ev["integer_only"]), exact_samples=n,
-                   compile_seconds=t_compile, **self.scores(y))
+                   compile_seconds=t_compile, row_seconds=time.perf_counter() - t_row,
+                   **self.scores(y))
         if cfg.get("plan"):
             res["plan_budget"] = cfg["plan"].get("budgets")
             res["sensitivity"] = cfg["plan"].get("sensitivity")
@@ -267,6 +284,7 @@ class Runner:
                                                    if "accuracy" in res else "")
                  + f", SQNR {res['sqnr_db']:.2f} dB, bit-exact {res['bit_exact']} "
                  f"({t_compile:.0f} s compile)")
+        cached.write_text(json.dumps(res))
         return res
 
 
@@ -288,8 +306,10 @@ def run_bench(b: Bench, work: Path, method: str, exact_n: int, seeds: int, log) 
     f["mean_softmax_confidence"] = float(p.max(1).mean())
     rows.append(f)
     try:
-        q8 = ort_runner(ort_int8(b.model, work / "ort-int8.onnx", b.calib))
-        y8 = np.concatenate([q8(b.x[i:i + 64]) for i in range(0, len(b.x), 64)])
+        q8 = work / "ort-int8.onnx"
+        if not q8.exists():
+            ort_int8(b.model, q8, b.calib)
+        y8 = ort_outputs(q8, b.x, work / f"ort-int8-{len(b.x)}.npy")
         rows.append({"label": "onnxruntime INT8 (QDQ, per-channel, MinMax)", "group": "peer",
                      "status": "ok", "size_mb": int8_model_mb, **r.scores(y8)})
     except Exception as e:  # noqa: BLE001
@@ -413,7 +433,7 @@ def markdown(results: list[dict], meta: dict) -> str:
               f"{res['seconds']:.0f} s.", ""]
         if "mean_softmax_confidence" in fl:
             L += [f"Float model mean softmax confidence (top-1 probability) on the evaluation "
-                  f"crops: {fl['mean_softmax_confidence']:.3f}.", ""]
+                  f"inputs: {fl['mean_softmax_confidence']:.3f}.", ""]
         if "accuracy" in fl:
             L += [f"Float accuracy: {100 * fl['accuracy']:.2f}%.", ""]
         lab = res["model"] == "fashion"
@@ -457,6 +477,15 @@ def markdown(results: list[dict], meta: dict) -> str:
             met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
             L.append(f"| {t['target']} | {t['goal']} | {vs} | {met} | {t['detail']} |")
         L.append("")
+    reused = [x for res in results for x in res["rows"] + [s for r in res["rows"]
+                                                            for s in r.get("seeds", [])]
+              if x.get("reused")]
+    if reused:
+        total = sum(x.get("row_seconds", 0.0) for res in results for x in res["rows"]
+                    + [s for r in res["rows"] for s in r.get("seeds", [])])
+        L += [f"This invocation reused {len(reused)} rows (artifacts and scores) from earlier "
+              f"invocations of the same command with the same `--work` directory; the rows took "
+              f"{total / 60:.0f} min of compile + evaluation in all.", ""]
     L += [f"Plot: `{meta['png']}`.", ""]
     return "\n".join(L)
 
@@ -465,6 +494,7 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 5), squeeze=False)
     style = {"FP32": ("k", "*"), "peer": ("tab:gray", "X"), "W8A8": ("tab:blue", "o"),
              "W4A8": ("tab:orange", "s"), "W4A4": ("tab:red", "v"),
@@ -492,6 +522,9 @@ def plot(results: list[dict], path: Path) -> None:
         if lab:
             ax.axhline(100 * res["rows"][0]["accuracy"], ls="--", c="k", lw=0.8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+        ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_xlabel("weight size, MB (log)")
         ax.set_ylabel("test accuracy, %" if lab else "top-1 agreement with FP32, %")
         ax.set_title(res["title"], fontsize=10)
