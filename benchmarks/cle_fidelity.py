@@ -78,13 +78,23 @@ def measure(model: Path, crops: Path, bits: int, equalize: bool, correct: bool,
     if quant.bias_correction:
         qg = bias_correction(graph, qg, gather_inputs(reader, calib.num_samples))
     t1 = time.perf_counter()
+    extra = {}
+    if quant.equalize:  # how far the equalized *float* graph is from the model
+        import onnxruntime as ort
+        from qcompile.equalize import canonical_model
+        sess = ort.InferenceSession(canonical_model(graph).SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+        yf = np.concatenate([sess.run(None, {graph.input: x_eval[i:i + 16]})[0]
+                             for i in range(0, len(x_eval), 16)])
+        extra = {"float_eq_top1_agreement": float((yf.argmax(1) == y_float.argmax(1)).mean()),
+                 "float_eq_max_abs_diff": float(np.abs(yf - y_float).max())}
     y = np.concatenate([oracle.run(qg, x_eval[i:i + 8]) for i in range(0, len(x_eval), 8)])
     noise = float(((y_float - y) ** 2).sum())
-    return {"bits": bits, "equalize": equalize, "bias_correction": correct,
+    return {"bits": bits, "equalize": equalize, "bias_correction": correct, **EQ_KW,
             "calibrator": method,
             "top1_agreement": float((y.argmax(1) == y_float.argmax(1)).mean()),
             "sqnr_db": float(10 * np.log10((y_float ** 2).sum() / noise)),
-            "quantize_seconds": round(t1 - t0, 1)}
+            "quantize_seconds": round(t1 - t0, 1), **extra}
 
 
 def main() -> None:

@@ -30,7 +30,8 @@ Correction", for depthwise-separable nets (MobileNetV2, EfficientNet-Lite).
 
     Bias absorption (the paper's section 4.2) then moves ``c_i`` of conv1's bias
     into conv2's bias through W2: ``c_i = max(0, lo_i)`` after ReLU (and after a clip
-    when the channel never reaches it), the range midpoint with no activation.  With
+    when the channel never reaches it), the midpoint of a calibrated range with no
+    activation.  With
     a data range that is exact for inputs in the range (an input below lo_i would
     see max(z, c_i) instead of max(z, 0)); it is skipped when conv2 pads (the padded
     zeros would not carry c) and when no range is known.
@@ -206,7 +207,8 @@ def interval_ranges(graph: Graph, input_range: tuple[float, float] | None = None
 
 def equalize(graph: Graph, *, iterations: int = 10, ranges: Ranges | None = None,
              absorb: bool = True, margin: float = 0.0, tol: float = 1e-3,
-             input_range: tuple[float, float] | None = None) -> Graph:
+             input_range: tuple[float, float] | None = None, linear: bool = True,
+             clipped: bool = True) -> Graph:
     """Cross-layer equalization (+ bias absorption); the float function is unchanged
     (exactly for ReLU/linear pairs, on the known ranges for clipped channels).
 
@@ -214,8 +216,13 @@ def equalize(graph: Graph, *, iterations: int = 10, ranges: Ranges | None = None
     (``preactivation_ranges``); layers without one use ``interval_ranges``.
     ``margin`` widens every data range by that fraction of its width on both sides.
     ``input_range``: bounds of the graph input for the interval arithmetic.
+    ``linear`` / ``clipped``: also equalize pairs with no activation / a ReLU6-like clip.
     """
     pairs = equalization_pairs(graph)
+    acts = {n.name: n.attrs.get("act") for n in graph.nodes}
+    pairs = [(a, b) for a, b in pairs
+             if (linear or acts[a] is not None)
+             and (clipped or acts[a] is None or not np.isfinite(acts[a][1]))]
     if not pairs:
         return graph
     nodes = {n.name: n for n in graph.nodes}
@@ -254,10 +261,11 @@ def equalize(graph: Graph, *, iterations: int = 10, ranges: Ranges | None = None
     if absorb:
         for k1, k2 in pairs:
             n1, n2 = nodes[k1], nodes[k2]
-            if k1 not in rng or (n2.op == "conv" and any(n2.attrs["pads"])):
-                continue
-            lo, hi = rng[k1]
             act = n1.attrs["act"]
+            if k1 not in rng or (n2.op == "conv" and any(n2.attrs["pads"])) or (
+                    act is None and k1 not in (ranges or {})):
+                continue  # (a loose interval's midpoint is no centre of the data)
+            lo, hi = rng[k1]
             if act is None:
                 c = (lo + hi) / 2
             else:
