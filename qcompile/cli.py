@@ -392,7 +392,7 @@ def compile_cmd(model: str, out: str, target: str, bits: str, calib: str, calib_
                                        parse_shape(input_shape) if input_shape else None))
         return
     check_output_dir(out_path, protect=(model_path,))
-    quant = QuantSpec(bits=bits, equalize=equalize, bias_correction=bias_correction,
+    quant = QuantSpec(bits=int(bits) if bits.isdigit() else bits, equalize=equalize, bias_correction=bias_correction,
                       rounding=rounding)
     calib_spec = CalibSpec(source=calib, method=calibrator, num_samples=calib_samples,
                            percentile=percentile,

@@ -390,7 +390,10 @@ def test_select_kernel_rules() -> None:
     assert Rl.select_kernel(conv).weight_layout == "vnni16x4"
     dw = Rl.LayerDesc("conv2d", (1, 8, 8, 16), channels=16, kernel=(3, 3), group=16)
     assert Rl.select_kernel(dw).name == "depthwise_conv2d_nhwc"
-    assert Rl.select_kernel(Rl.LayerDesc("conv2d", (1, 8, 8, 16), channels=16, group=4)) is None
+    grouped = Rl.select_kernel(Rl.LayerDesc("conv2d", (1, 8, 8, 16), channels=16, group=4))
+    assert grouped.name == "conv2d_nhwc_vnni_grouped"  # 4 channels per group: one quad
+    # 2 channels per group cannot fill a vpdpbusd quad: TVM's generic lowering takes it
+    assert Rl.select_kernel(Rl.LayerDesc("conv2d", (1, 8, 8, 16), channels=16, group=8)) is None
     assert Rl.select_kernel(conv, cpu_flags=frozenset({"avx2"})) is None
     dense = Rl.LayerDesc("dense", (1, 64), in_dtype="int8", channels=10, raw=True, out_dtype="int32")
     spec = Rl.select_kernel(dense)
