@@ -10,7 +10,8 @@ The models come from the Debian package ``libonnx-testdata``
 ``qcompile compile model.onnx -o OUT --target llvm --bits 8 --calib synthetic
 --calib-samples 2 -q`` would run it, and classified:
 
-* ``compiled``  exit 0;
+* ``compiled``  exit 0; then checked: bit-exact against the NumPy oracle (``api.evaluate``)
+  and the output on the test's ``input_0`` against its ``output_0`` (shape, SQNR);
 * ``refused``   a ``QCompileError``: its exit code and the one-line ``error: ...``;
 * ``traceback`` anything else (exit 70, "internal error"): a bug.  The model is run a
   second time with ``QCOMPILE_DEBUG=1`` to capture the traceback;
@@ -25,7 +26,7 @@ which exercises the op itself.
 
 A pool of ``--workers`` worker processes each handle many models (TVM is imported once
 per worker).  Results go to ``benchmarks/results/onnx-backend-sweep-<date>.{json,md}``.
-Exits 1 when there is any traceback, hang or crash.
+Exits 1 when there is any traceback, hang or crash, or a compiled model fails its check.
 """
 from __future__ import annotations
 
@@ -117,10 +118,45 @@ def freeze_extra_inputs(model: Path, dst: Path) -> bool:
     return True
 
 
+def check_compiled(model: Path, art: Path, test_dir: Path) -> dict[str, Any]:
+    """A compiled model, checked: bit-exact against the NumPy oracle (``api.evaluate``,
+    2 synthetic samples) and SQNR of its output on the test's own ``input_0`` against the
+    test's expected ``output_0`` (calibration was synthetic, so a low SQNR may be range
+    clipping rather than a wrong lowering; a shape mismatch is always a bug)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    from qcompile import api
+
+    out: dict[str, Any] = {}
+    try:
+        ev = api.evaluate(model, art, num_samples=2, progress=False)
+        out["bit_exact"] = bool(ev["bit_exact"])
+    except Exception as e:  # noqa: BLE001
+        out["check_error"] = f"evaluate: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+    data = test_dir / "test_data_set_0"
+    try:
+        if (data / "input_0.pb").exists() and (data / "output_0.pb").exists():
+            x, ref = (numpy_helper.to_array(onnx.load_tensor(str(data / f))).astype(np.float32)
+                      for f in ("input_0.pb", "output_0.pb"))
+            y = api.run_artifact(art, x)
+            if y.shape != ref.shape:
+                out["output_mismatch"] = f"output shape {y.shape}, expected {ref.shape}"
+            else:
+                noise = float(((y.astype(np.float64) - ref) ** 2).sum())
+                signal = float((ref.astype(np.float64) ** 2).sum())
+                out["sqnr_db"] = (float("inf") if noise == 0
+                                  else round(10 * np.log10(max(signal, 1e-30) / noise), 1))
+    except Exception as e:  # noqa: BLE001
+        out.setdefault("check_error", f"run: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
+    return out
+
+
 def compile_one(main: Any, model: Path, samples: int, freeze: bool = False) -> dict[str, Any]:
     """Compile one model through the CLI; the classified outcome."""
     work = Path(tempfile.mkdtemp(prefix="qc-sweep-"))
     t = time.perf_counter()
+    test_dir = model.parent
     try:
         if freeze:
             frozen = work / "model.onnx"
@@ -131,6 +167,7 @@ def compile_one(main: Any, model: Path, samples: int, freeze: bool = False) -> d
         rec: dict[str, Any] = {"exit_code": code, "line": _error_line(stderr) if code else ""}
         if code == 0:
             rec["class"] = "compiled"
+            rec.update(check_compiled(model, work / "out", test_dir))
         elif code in (2, 3, 4, 5, 6, 7, 8, 9):
             rec["class"] = "refused"
         else:
@@ -310,6 +347,15 @@ def _shape_of(msg: str) -> str:
     return msg[:200]
 
 
+def _check_problem(rec: dict[str, Any]) -> str:
+    """Why a compiled model failed its check ("" when it passed or did not compile)."""
+    if rec["class"] != "compiled":
+        return ""
+    if rec.get("bit_exact") is False:
+        return "NOT bit-exact against the oracle"
+    return rec.get("output_mismatch") or rec.get("check_error") or ""
+
+
 def render(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
     counts = {m: collections.Counter(r["class"] for k, r in results.items() if mode_of(k) == m)
               for m in MODES}
@@ -345,6 +391,22 @@ def render(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
             where = _tb_where(r.get("traceback", "")) if cls == "traceback" else ""
             out.append(f"| {k} | `{first_line(r).replace('|', '/')[:240]}` | "
                        f"{where.replace('|', '/')} |")
+    flawed = sorted((k, r) for k, r in results.items() if _check_problem(r))
+    if flawed:
+        out += ["", f"## compiled, but the check failed ({len(flawed)})", "",
+                "Not bit-exact against the oracle, wrong output shape, or `api.evaluate` / "
+                "`api.run_artifact` raised on the compiled artifact.", "",
+                "| model | problem |", "| --- | --- |"]
+        for k, r in flawed:
+            out.append(f"| {k} | `{_check_problem(r).replace('|', '/')[:240]}` |")
+    sq = sorted((r["sqnr_db"], k) for k, r in results.items()
+                if isinstance(r.get("sqnr_db"), float) and r["sqnr_db"] < 20)
+    if sq:
+        out += ["", f"Compiled models whose output on the test's `input_0` is below 20 dB SQNR "
+                f"against its `output_0` ({len(sq)}; calibration was synthetic N(0,1), so "
+                "this is mostly range clipping, e.g. Relu clips at the calibrated max; "
+                "worth a look, not proof of a bug): "
+                + ", ".join(f"{k} ({v:.1f})" for v, k in sq)]
     for m in MODES:
         ok = sorted(k for k, r in results.items() if r["class"] == "compiled" and mode_of(k) == m)
         if ok:
@@ -406,6 +468,8 @@ def main() -> int:
     stem = f"onnx-backend-sweep-{date}" + ("-quick" if args.quick else "")
     problems = [f"{k}: {r['class']}: {first_line(r)}" for k, r in sorted(results.items())
                 if r["class"] in BUGS]
+    problems += [f"{k}: compiled, check failed: {_check_problem(r)}"
+                 for k, r in sorted(results.items()) if _check_problem(r)]
     return finish(args.out, stem, data, render(results, meta), problems, watch.seconds)
 
 
