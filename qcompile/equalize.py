@@ -45,7 +45,9 @@ Correction", for depthwise-separable nets (MobileNetV2, EfficientNet-Lite).
     the NumPy oracle's own ops, so every layer is corrected against inputs that
     already went through the corrected layers before it.  The raw last layer (int32
     logits) is corrected the same way; a channel whose corrected bias would leave
-    int32 or push the accumulator bound past int32 keeps its old bias.
+    int32 or push the accumulator bound past int32 keeps its old bias.  ``s_w * s_x``
+    is read off the QGraph (the raw output scale, or the requant multiplier times the
+    output scale), so it holds whatever rounding (nearest, GPTQ) chose the weights.
 """
 from __future__ import annotations
 
@@ -360,9 +362,7 @@ def bias_correction(graph: Graph, qg: QGraph, x: np.ndarray, *, batch_size: int 
     """Empirical bias correction of every qconv/qdense of ``qg`` (quantized from the
     float ``graph``) on calibration inputs ``x``; see the module docstring."""
     from . import reference as oracle
-    from .quantize import quantize_weights
 
-    fnodes = {n.name: n for n in graph.nodes}
     layers = [n.name for n in qg.nodes if n.op in ("qconv", "qdense")]
     fmean = _float_means(graph, x, layers, batch_size)
     chunks = [slice(i, i + batch_size) for i in range(0, len(x), batch_size)]
@@ -372,8 +372,7 @@ def bias_correction(graph: Graph, qg: QGraph, x: np.ndarray, *, batch_size: int 
     nodes: list[QNode] = []
     for n in qg.nodes:
         if n.op in ("qconv", "qdense"):
-            n = _correct(n, fnodes[n.name], qg, env[n.inputs[0]], fmean[n.name], chunks,
-                         oracle.OPS[n.op], quantize_weights)
+            n = _correct(n, qg, env[n.inputs[0]], fmean[n.name], chunks, oracle.OPS[n.op])
         nodes.append(n)
         dtype = qg.tensors[n.output].qtype.dtype
         env[n.output] = np.concatenate(
@@ -401,8 +400,19 @@ def _float_means(graph: Graph, x: np.ndarray, layers: list[str], batch_size: int
     return {k: sums[k] / count[k] for k in layers}
 
 
-def _correct(n: QNode, fnode: Node, qg: QGraph, xq: np.ndarray, fmean: np.ndarray,
-             chunks: list[slice], op, quantize_weights) -> QNode:
+def _unit(n: QNode, qg: QGraph) -> np.ndarray:
+    """s_w * s_x per output channel, read off the QGraph itself (whatever rounding made
+    the weights): the raw layer's output scale, else m * 2^-s * s_y (to 2^-30)."""
+    if n.attrs["raw"]:
+        return np.broadcast_to(qg.tensors[n.output].scale, n.params["bias"].size).astype(np.float64)
+    p = n.params
+    m, s = p["m"].reshape(-1).astype(np.float64), p["s"].reshape(-1)
+    unit = np.ldexp(m, -s.astype(np.int64)) * float(qg.tensors[n.output].scale)
+    return np.broadcast_to(unit, n.params["bias"].size)
+
+
+def _correct(n: QNode, qg: QGraph, xq: np.ndarray, fmean: np.ndarray,
+             chunks: list[slice], op) -> QNode:
     """``n`` with its bias shifted by the mean float-minus-quantized pre-activation."""
     raw = QNode(n.op, n.name, n.inputs, n.output, {**n.attrs, "raw": True}, n.params)
     total, count = 0.0, 0
@@ -410,10 +420,10 @@ def _correct(n: QNode, fnode: Node, qg: QGraph, xq: np.ndarray, fmean: np.ndarra
         acc = op(raw, xq[c]).astype(np.float64)
         total = total + acc.sum(axis=_channel_axes(acc.ndim))
         count += acc.size // acc.shape[1]
-    _, sw = quantize_weights(fnode.params["w"], int(n.attrs["bits"]))
     xt = qg.tensors[n.inputs[0]]
-    unit = sw * float(xt.scale)  # the accumulator's real value per integer step
-    delta = np.round((fmean - total / count * unit) / unit)
+    unit = _unit(n, qg)  # the accumulator's real value per integer step
+    with np.errstate(divide="ignore", invalid="ignore"):
+        delta = np.where(unit > 0, np.round((fmean - total / count * unit) / unit), 0.0)
     bias = n.params["bias"].reshape(-1).astype(np.int64)
     new = bias + delta.astype(np.int64)
     w = n.params["w"]

@@ -236,3 +236,17 @@ def test_compile_with_equalize_and_bias_correction_is_bit_exact(tmp_path: Path) 
         warnings.simplefilter("ignore")
         ev = api.evaluate(model, tmp_path / "art", inputs=_data(16, seed=5), progress=False)
     assert ev["bit_exact"] and ev["integer_only"]
+
+
+def test_accumulator_unit_is_read_off_the_qgraph(graph) -> None:
+    from qcompile.equalize import _unit
+    from qcompile.quantize import quantize_weights
+
+    x = _data(16)
+    qg = _quantize(graph, x, 8)
+    fl = {n.name: n for n in graph.nodes}
+    for n in qg.nodes:
+        if n.op in ("qconv", "qdense"):
+            _, sw = quantize_weights(fl[n.name].params["w"], int(n.attrs["bits"]))
+            want = sw * float(qg.tensors[n.inputs[0]].scale)
+            np.testing.assert_allclose(_unit(n, qg), want, rtol=2e-9)
