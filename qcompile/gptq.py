@@ -3,9 +3,11 @@
 Round-to-nearest (``quantize.quantize_weights``) rounds every weight on its own.  GPTQ
 minimizes each layer's output error ``||W X - Q X||^2`` on calibration inputs X instead:
 it quantizes one input column at a time and spreads the rounding error over the columns
-not yet quantized, weighted by the inverse of ``H = 2 X X^T / n`` (through its Cholesky
-factor, in lazy blocks of ``BLOCK`` columns), columns in order of decreasing ``H_ii``
-("act-order", free here since the scale is per output channel).
+not yet quantized, weighted by ``H = 2 X X^T / n`` (damped by 1% of its mean diagonal),
+in lazy blocks of ``BLOCK`` columns, columns in order of decreasing ``H_ii``
+("act-order", free here since the scale is per output channel).  The updates go through
+the Cholesky factor of (the reversed) H itself, not of H^-1 (see ``_damped_factor``):
+the same integers as GPTQ's formulation, with no inverse formed.
 
 The output is the same integers-plus-scale that ``quantize_weights`` produces (int8 q in
 [-qmax, qmax], float64 per-output-channel scale), so the integer graph, the oracle and the
@@ -20,13 +22,14 @@ Per layer:
 - conv: im2col with the layer's strides / pads / dilations; a grouped conv (depthwise
   included) has one H per group, shared by that group's output channels.
 - scale: per output channel, the clipping ratio in ``CLIP_GRID`` of ``max|w|`` whose
-  round-to-nearest minimizes ``d^T H d`` (d = w - q*s), then GPTQ with that scale.
-- each output channel keeps whichever of GPTQ, nearest at the searched scale and plain
-  nearest (``quantize_weights``) has the lowest ``d^T H d``: channels are independent in
-  that error, so the result is never worse than nearest on the calibration data.
+  round-to-nearest minimizes ``sum_k H_kk d_k^2`` (d = w - q*s), then GPTQ with it.
+- each output channel keeps whichever of GPTQ and plain nearest (``quantize_weights``)
+  has the lower ``d^T H d``: channels are independent in that error, so the result is
+  never worse than nearest on the calibration data (GPTQ's own error comes for free).
 
-NumPy float64 throughout.  A layer with more than ``MAX_COLUMNS`` inputs per group (VGG's
-25088-wide fc) is left to round-to-nearest with a warning (its H would not fit).
+NumPy float64 (only H's per-chunk products run in float32; they are summed in float64).
+A layer with more than ``MAX_COLUMNS`` inputs per group (VGG's 25088-wide fc) is left to
+round-to-nearest with a warning (its H would not fit).
 """
 from __future__ import annotations
 
