@@ -341,6 +341,13 @@ def _check_io(model: onnx.ModelProto, source: str) -> None:
         raise UnsupportedOpError(
             f"{source}: input {inputs[0].name!r} is {onnx.TensorProto.DataType.Name(elem)}; "
             "qcompile needs a float32 input (move casts/preprocessing out of the model)")
+    # Axis 0 is the batch everywhere downstream: a 1-D tensor would be nothing but batch.
+    for v, what in ((inputs[0], "input"), (outputs[0], "output")):
+        t = v.type.tensor_type
+        if t.HasField("shape") and len(t.shape.dim) < 2:
+            raise UnsupportedOpError(
+                f"{source}: {what} {v.name!r} has rank {len(t.shape.dim)}; qcompile needs a "
+                "batch axis and at least one more, e.g. (N, C, H, W) or (N, classes)")
 
 
 # --------------------------------------------------------------------------- importing
