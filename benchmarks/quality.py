@@ -42,6 +42,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -246,6 +247,13 @@ class Runner:
         if cached.exists():
             self.log(f"  {row.label}: reused from {cached}")
             return {**json.loads(cached.read_text()), "reused": True}
+        lock = art.parent / f"{row.slug}.lock"
+        art.parent.mkdir(parents=True, exist_ok=True)
+        try:  # another process (--rows) working on this row: leave it to that one
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            self.log(f"  {row.label}: another process has it ({lock})")
+            return {**res, "status": "failed: computed by another process"}
         try:
             if not (art / "manifest.json").exists():
                 if art.exists():
@@ -266,6 +274,8 @@ class Runner:
             self.log(f"  {row.label}: FAILED: {type(e).__name__}: {e}")
             traceback.print_exc()
             return {**res, "status": f"failed: {type(e).__name__}: {str(e)[:200]}"}
+        finally:
+            lock.unlink(missing_ok=True)
         prec = cfg["costs"]["bits"]
         counts = {p: sum(v == p for v in prec.values()) for p in sorted(set(prec.values()))}
         # the oracle subset's agreement must be the artifact's own on the same inputs
@@ -288,7 +298,8 @@ class Runner:
         return res
 
 
-def run_bench(b: Bench, work: Path, method: str, exact_n: int, seeds: int, log) -> dict:
+def run_bench(b: Bench, work: Path, method: str, exact_n: int, seeds: int, log,
+              rows_kind: str = "all", reverse: bool = False) -> dict:
     t0 = time.perf_counter()
     log(f"== {b.title}: {b.data}")
     r = Runner(b, work, method, exact_n, log)
@@ -317,34 +328,38 @@ def run_bench(b: Bench, work: Path, method: str, exact_n: int, seeds: int, log) 
                      "status": f"failed: {type(e).__name__}: {e}"})
     log(f"  peers: {rows}")
     for row in uniform_rows(method):
-        rows.append(r.run(row))
+        if rows_kind != "plans" or row.label == f"W8A8 {method} nearest":
+            rows.append(r.run(row))
     int8 = next(x for x in rows if x["label"] == f"W8A8 {method} nearest")
     int8_mb = int8.get("size_mb", int8_model_mb)
     budget = SIZE_FRACTION * int8_mb
     log(f"  budget {SIZE_FRACTION} x {int8_mb:.4f} MB = {budget:.4f} MB")
-    for sens in ("hessian", "kl"):
-        rows.append(r.run(Row(f"mixed {sens} @{SIZE_FRACTION}x", f"mixed {sens}", {"bits": 8},
-                              method, alloc={"size": f"{budget:.6f}MB", "sensitivity": sens},
-                              slug=f"20-mixed-{sens}")))
-    rand = []
-    for s in range(seeds):
-        rand.append(r.run(Row(f"random plan seed {s}", "random", {"bits": 8}, method,
-                              plan=random_plan(layers, budget, s), slug=f"21-random-{s}")))
+    if rows_kind == "uniform":
+        return {"rows": rows}
+    plan, k = keep_first_plan(layers, budget)
+    todo = [Row(f"mixed {sens} @{SIZE_FRACTION}x", f"mixed {sens}", {"bits": 8}, method,
+                alloc={"size": f"{budget:.6f}MB", "sensitivity": sens}, slug=f"20-mixed-{sens}")
+            for sens in ("hessian", "kl")]
+    todo += [Row(f"random plan seed {s}", "random", {"bits": 8}, method,
+                 plan=random_plan(layers, budget, s), slug=f"21-random-{s}") for s in range(seeds)]
+    todo.append(Row(f"keep first k={k} at 8", "keep-first", {"bits": 8}, method, plan=plan,
+                    slug="22-keep-first"))
+    done = {row.slug: r.run(row) for row in (todo[::-1] if reverse else todo)}
+    rows += [done[row.slug] for row in todo[:2]]
+    rand = [done[row.slug] for row in todo[2:-1]]
     ok = [x for x in rand if x.get("status") == "ok"]
     mean = {"label": f"random plan (mean of {len(ok)} seeds)", "group": "random",
             "status": "ok" if ok else "failed", "seeds": rand}
     if ok:
-        for k in ("size_mb", "top1_agreement", "sqnr_db", "accuracy", "compile_seconds"):
-            if k in ok[0]:
-                vals = [x[k] for x in ok]
-                mean[k] = float(np.mean(vals))
-                mean[k + "_min_max"] = [float(min(vals)), float(max(vals))]
+        for key in ("size_mb", "top1_agreement", "sqnr_db", "accuracy", "compile_seconds"):
+            if key in ok[0]:
+                vals = [x[key] for x in ok]
+                mean[key] = float(np.mean(vals))
+                mean[key + "_min_max"] = [float(min(vals)), float(max(vals))]
         mean["bit_exact"] = all(x["bit_exact"] for x in ok)
         mean["integer_only"] = all(x["integer_only"] for x in ok)
     rows.append(mean)
-    plan, k = keep_first_plan(layers, budget)
-    kf = r.run(Row(f"keep first k={k} at 8", "keep-first", {"bits": 8}, method, plan=plan,
-                   slug="22-keep-first"))
+    kf = done["22-keep-first"]
     kf["k"] = k
     rows.append(kf)
     fl = rows[0]
@@ -550,6 +565,11 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--work", type=Path, default=None,
                     help="keep artifacts here (and reuse them on a rerun); default: a temp dir")
+    ap.add_argument("--rows", choices=["all", "uniform", "plans"], default="all",
+                    help="uniform/plans: compute only those rows into --work (to split the "
+                         "work over processes), write no results; a later run reuses them")
+    ap.add_argument("--reverse", action="store_true",
+                    help="plan rows in reverse order (a second --rows plans process)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--stem", default=f"quality-{dt.date.today().isoformat()}")
     args = ap.parse_args()
@@ -569,12 +589,17 @@ def main() -> int:
             b = (effnet_bench(args.calib_crops, args.eval_crops) if m == "effnet"
                  else fashion_bench(args.fashion_calib))
             exact = args.exact_samples if m == "effnet" else args.fashion_exact_samples
-            res = run_bench(b, args.work / m, args.calibrator, exact, args.seeds, log)
+            res = run_bench(b, args.work / m, args.calibrator, exact, args.seeds, log, args.rows,
+                            args.reverse)
+            if args.rows != "all":  # a partial run only fills the --work dir
+                continue
             res["targets"] = targets(res)
             results.append(res)
     finally:
         if tmp is not None:
             tmp.cleanup()
+    if args.rows != "all":
+        return 0
     import onnxruntime
     import tvm
     from qcompile import __version__
