@@ -74,6 +74,8 @@ FASHION = ROOT / "tests" / "data" / "fashion_resnet.onnx"
 EFFNET_PRE = Preprocess(size=224, resize=256, mean=(0.498,) * 3, std=(0.502,) * 3)
 SIZE_FRACTION = 0.75
 MISSING = "n/a (feature missing)"
+ASSEMBLE_ONLY = False  # --assemble-only
+ONLY: list[str] = []  # --only
 
 
 # ----------------------------------------------------------------------------- data
@@ -214,6 +216,8 @@ def ort_outputs(model: Path, x: np.ndarray, cache: Path) -> np.ndarray:
 class Runner:
     def __init__(self, b: Bench, work: Path, method: str, exact_n: int, log) -> None:
         self.b, self.work, self.method, self.exact_n, self.log = b, work, method, exact_n, log
+        self.assemble_only = False  # only rows already in --work
+        self.only: list[str] = []  # only rows whose slug contains one of these
         (work / "calib").mkdir(parents=True, exist_ok=True)
         np.save(work / "calib" / "calib.npy", b.calib)
         self.y_float = ort_outputs(b.model, b.x, work / f"fp32-{len(b.x)}.npy")
@@ -247,6 +251,8 @@ class Runner:
         if cached.exists():
             self.log(f"  {row.label}: reused from {cached}")
             return {**json.loads(cached.read_text()), "reused": True}
+        if self.assemble_only or (self.only and not any(o in row.slug for o in self.only)):
+            return {**res, "status": "not run"}
         lock = art.parent / f"{row.slug}.lock"
         art.parent.mkdir(parents=True, exist_ok=True)
         try:  # another process (--rows) working on this row: leave it to that one
@@ -303,6 +309,7 @@ def run_bench(b: Bench, work: Path, method: str, exact_n: int, seeds: int, log,
     t0 = time.perf_counter()
     log(f"== {b.title}: {b.data}")
     r = Runner(b, work, method, exact_n, log)
+    r.assemble_only, r.only = ASSEMBLE_ONLY, ONLY
     graph = graph_of(b.model)
     layers = costs.layers_of(graph)
     names = [la.name for la in layers]
@@ -438,7 +445,18 @@ def markdown(results: list[dict], meta: dict) -> str:
          "against FP32.  Size = weights + int32 biases of the conv/dense layers "
          "(`costs.size_mb`, MB = 2^20 bytes); the onnxruntime INT8 row is given the INT8 "
          "storage size.  Bit-exact = compiled module equals the NumPy integer oracle "
-         "(`api.evaluate`) on the first N evaluation inputs.", ""]
+         "(`api.evaluate`) on the first N evaluation inputs.", "",
+         "Rows: W8A8 = every conv/dense at 8 bits; W4A8 / W4A4 = all but the first conv and the "
+         "last dense (kept at W8A8) at that precision (`--bits w4a8` / `--bits 4`); "
+         "equalize + bias corr. = `--equalize --bias-correction` (round-to-nearest).  Mixed = "
+         "`--budget-size <0.75 x the W8A8 row's size>MB --sensitivity hessian|kl` (ILP over "
+         "4/8-bit weights; llvm runs a 4-bit layer as W4A8; first and last pinned at 8).  "
+         "Random plan = first and last at 8, then randomly drawn layers set to W4A8 until the "
+         "size is within the budget (mean of the seeds, min-max in brackets).  Keep first k = "
+         "the first k layers (in graph order, the first conv included) and the last dense at "
+         "W8A8, the rest W4A8, with the largest k that fits the budget.  These two controls "
+         "say what the sensitivity ranking is worth.  Rows outside the calibrator sweep round "
+         "to nearest unless they say gptq.", ""]
     for res in results:
         fl = res["rows"][0]
         L += [f"## {res['title']}", "", f"`{res['onnx']}`, {res['layers']} conv/dense layers. "
@@ -472,10 +490,10 @@ def markdown(results: list[dict], meta: dict) -> str:
                      four_s, agr]
             if lab:
                 acc = f"{100 * x['accuracy']:.2f}%"
-                if x.get("group") == "random":
+                if x.get("group") == "random" and mm:
                     acc += f" ({100 * mm[0]:.2f}-{100 * mm[1]:.2f})"
                 cells += [acc, _f(x.get("accuracy_drop_pt"), "{:+.2f}")]
-            elif x.get("group") == "random":
+            elif x.get("group") == "random" and mm:
                 cells[-1] += f" ({100 * mm[0]:.1f}-{100 * mm[1]:.1f})"
             be = x.get("bit_exact")
             cells += [_f(x.get("sqnr_db"), "{:.2f}"),
@@ -572,7 +590,14 @@ def main() -> int:
                     help="plan rows in reverse order (a second --rows plans process)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--stem", default=f"quality-{dt.date.today().isoformat()}")
+    ap.add_argument("--only", nargs="+", default=[],
+                    help="compute only rows whose artifact name contains one of these")
+    ap.add_argument("--assemble-only", action="store_true",
+                    help="compute nothing: report the rows already in --work")
     args = ap.parse_args()
+    global ASSEMBLE_ONLY
+    ASSEMBLE_ONLY = args.assemble_only
+    ONLY[:] = args.only
     t0 = time.perf_counter()
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
 
