@@ -250,7 +250,9 @@ class Runner:
         cached = art / f"result-{len(self.b.x)}-{n}.json"
         if cached.exists():
             self.log(f"  {row.label}: reused from {cached}")
-            return {**json.loads(cached.read_text()), "reused": True}
+            done_at = dt.datetime.fromtimestamp(cached.stat().st_mtime, dt.timezone.utc)
+            return {**json.loads(cached.read_text()), "reused": True,
+                    "computed_at": done_at.strftime("%Y-%m-%d %H:%M")}
         if self.assemble_only or (self.only and not any(o in row.slug for o in self.only)):
             return {**res, "status": "not run"}
         lock = art.parent / f"{row.slug}.lock"
@@ -514,11 +516,11 @@ def markdown(results: list[dict], meta: dict) -> str:
                                                             for s in r.get("seeds", [])]
               if x.get("reused")]
     if reused:
-        total = sum(x.get("row_seconds", 0.0) for res in results for x in res["rows"]
-                    + [s for r in res["rows"] for s in r.get("seeds", [])])
-        L += [f"This invocation reused {len(reused)} rows (artifacts and scores) from earlier "
-              f"invocations of the same command with the same `--work` directory; the rows took "
-              f"{total / 60:.0f} min of compile + evaluation in all.", ""]
+        when = sorted(x["computed_at"] for x in reused)
+        L += [f"This invocation reused {len(reused)} rows (artifacts and scores) that earlier "
+              f"invocations of this script with the same `--work` directory (split with `--rows`"
+              f" / `--only` over concurrent processes) finished between {when[0]} and "
+              f"{when[-1]} UTC.", ""]
     L += [f"Plot: `{meta['png']}`.", ""]
     return "\n".join(L)
 
