@@ -525,6 +525,11 @@ def markdown(results: list[dict], meta: dict) -> str:
     return "\n".join(L)
 
 
+HOLLOW = ("peer", "keep-first")
+LEGEND = {"peer": "onnxruntime INT8", "FP32": "FP32", "random": "random plan (seeds: dots)",
+          "keep-first": "keep first k at 8"}
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -545,8 +550,11 @@ def plot(results: list[dict], path: Path) -> None:
             c, m = style.get(x["group"], ("k", "."))
             name = x["group"] if x["group"] not in seen else None
             seen.add(x["group"])
-            ax.scatter(x["size_mb"], 100 * x[key], c=c, marker=m, s=50, label=name,
-                       alpha=0.85, edgecolors="none")
+            hollow = x["group"] in HOLLOW
+            ax.scatter(x["size_mb"], 100 * x[key], marker=m, s=90 if hollow else 50,
+                       label=LEGEND.get(name, name), alpha=0.9, zorder=3 if hollow else 2,
+                       facecolors="none" if hollow else c, edgecolors=c,
+                       linewidths=1.6 if hollow else 0)
             if x["group"] == "random":
                 for s in x["seeds"]:
                     if s.get("status") == "ok":
@@ -557,9 +565,9 @@ def plot(results: list[dict], path: Path) -> None:
         if lab:
             ax.axhline(100 * res["rows"][0]["accuracy"], ls="--", c="k", lw=0.8)
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
-        ax.tick_params(axis="x", which="minor", labelsize=7)
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 3, 5)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("weight size, MB (log)")
         ax.set_ylabel("test accuracy, %" if lab else "top-1 agreement with FP32, %")
         ax.set_title(res["title"], fontsize=10)
