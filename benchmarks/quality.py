@@ -355,6 +355,10 @@ def run_bench(b: Bench, work: Path, method: str, exact_n: int, seeds: int, log,
                     slug="22-keep-first"))
     done = {row.slug: r.run(row) for row in (todo[::-1] if reverse else todo)}
     rows += [done[row.slug] for row in todo[:2]]
+    for x, sens in zip(rows[-2:], ("hessian", "kl")):  # hessian falls back to kl if refused
+        used = (x.get("sensitivity") or {}).get("method")
+        if used and used != sens:
+            x["label"] += f" (sensitivity fell back to {used})"
     rand = [done[row.slug] for row in todo[2:-1]]
     ok = [x for x in rand if x.get("status") == "ok"]
     mean = {"label": f"random plan (mean of {len(ok)} seeds)", "group": "random",
