@@ -180,12 +180,19 @@ class _Quantizer:
         op = "qconv" if n.op == "conv" else "qdense"
         return QNode(op, n.name, n.inputs, n.output, attrs, params)
 
+    def requantized_output(self, n: Node, signed: bool = True) -> tuple[float, int, int]:
+        """Type, scale and clip bounds of a requantizing op's output (registered): signed
+        unless ``signed`` is False or a fused ReLU-like act keeps it >= 0."""
+        act = n.attrs.get("act")
+        qt = QType(self.out_bits(n.output), signed and (act is None or act[0] < 0))
+        sy = self.calibrated(n.output, qt, act[1] if act else math.inf)
+        self.add_tensor(n.output, qt, sy)
+        return (sy, *_act_bounds(act, qt, sy))
+
     def add(self, n: Node) -> QNode:
         """y = sum_i sign_i * x_i (broadcasting): one shared-shift dyadic sum."""
         xs = [self.t[i] for i in n.inputs]
-        act = n.attrs.get("act")
-        qt = QType(self.out_bits(n.output), act is None or act[0] < 0)
-        sy = self.calibrated(n.output, qt, act[1] if act else math.inf)
+        sy, lo, hi = self.requantized_output(n)
         signs = tuple(n.attrs.get("signs", (1,) * len(xs)))
         # 22-bit multipliers keep sum(x_i*m_i) + r inside int32 for 8-bit inputs, so the
         # add can run in 32-bit lanes (2x the width of int64, and no vpmullq); the
@@ -193,8 +200,6 @@ class _Quantizer:
         ms, r, s = shared_shift([float(x.scale) / sy for x in xs], m_bits=22)
         ms = [np.int64(sg) * np.int64(m) for sg, m in zip(signs, ms)]
         bound = sum(max(-x.qtype.qmin, x.qtype.qmax) * abs(int(m)) for x, m in zip(xs, ms)) + int(r)
-        lo, hi = _act_bounds(act, qt, sy)
-        self.add_tensor(n.output, qt, sy)
         return QNode("qadd", n.name, n.inputs, n.output,
                      {"lo": lo, "hi": hi, "acc_dtype": "int32" if bound < (1 << 31) else "int64"},
                      {**{f"m{i}": m for i, m in enumerate(ms)}, "r": r, "s": s})
@@ -202,30 +207,21 @@ class _Quantizer:
     def mul(self, n: Node) -> QNode:
         """y = a * b (broadcasting): the int16 product times one dyadic factor."""
         a, b = (self.t[i] for i in n.inputs)
-        act = n.attrs.get("act")
-        signed = (a.qtype.signed or b.qtype.signed) and (act is None or act[0] < 0)
-        qt = QType(self.out_bits(n.output), signed)
-        sy = self.calibrated(n.output, qt, act[1] if act else math.inf)
+        sy, lo, hi = self.requantized_output(n, a.qtype.signed or b.qtype.signed)
         m, r, s = dyadic(float(a.scale) * float(b.scale) / sy)
-        lo, hi = _act_bounds(act, qt, sy)
-        self.add_tensor(n.output, qt, sy)
         return QNode("qmul", n.name, n.inputs, n.output, {"lo": lo, "hi": hi},
                      {"m": m, "r": r, "s": s})
 
     def affine(self, n: Node) -> QNode:
         """y = x * scale + shift with array constants: (x*m + c) >> s, m signed."""
         x = self.t[n.inputs[0]]
-        act = n.attrs.get("act")
-        qt = QType(self.out_bits(n.output), act is None or act[0] < 0)
-        sy = self.calibrated(n.output, qt, act[1] if act else math.inf)
+        sy, lo, hi = self.requantized_output(n)
         M = float(x.scale) * n.params["scale"].astype(np.float64) / sy
         m, s = signed_dyadic(M, max_shift=AFFINE_MAX_SHIFT)
         # c carries the shift and the rounding term; past +-2^47 the result saturates
         # either way (|x*m| < 2^39), so clamping keeps int64 safe and changes nothing.
         c = np.round(np.ldexp(n.params["shift"].astype(np.float64) / sy, int(s)))
         c = np.clip(c, -(1 << 47), 1 << 47).astype(np.int64) + rounding_term(s)
-        lo, hi = _act_bounds(act, qt, sy)
-        self.add_tensor(n.output, qt, sy)
         return QNode("qaffine", n.name, n.inputs, n.output, {"lo": lo, "hi": hi},
                      {"m": m, "c": c, "s": s})
 
