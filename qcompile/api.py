@@ -142,6 +142,8 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
         np.savez_compressed(tmp / "qgraph.npz", **dict(qg.param_items()))
         write_json(tmp / "qconfig.json", {
             "bits": quant.bits, "first_last_bits": quant.first_last_bits,
+            "rounding": quant.rounding, "equalize": quant.equalize,
+            "bias_correction": quant.bias_correction,
             "preprocess": dataclasses.asdict(calib.preprocess),
             "calibration": meta["calibration"], "costs": cost_summary(graph, qg),
             "plan": allocation.to_json() if allocation else None, "layers": layer_table(qg),

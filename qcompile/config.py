@@ -124,9 +124,6 @@ class QuantSpec:
             precision(b, "--bits")  # validates
         if self.rounding not in ROUNDINGS:
             raise UsageError(f"--rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
-        if self.rounding == "gptq" and self.bias_correction:
-            # bias_correction recomputes each layer's scale by round-to-nearest
-            raise UsageError("--rounding gptq does not combine with --bias-correction yet")
 
     @property
     def pair(self) -> tuple[int, int]:
