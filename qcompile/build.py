@@ -12,7 +12,7 @@ import tvm_ffi
 from tvm import relax
 
 from .errors import BuildError
-from .intcheck import IntCheckReport, check_integer_only
+from .intcheck import IntCheckReport, full_check, record_asm
 from .schedule_generic import ScheduleReport, apply_default_schedules, strip_schedules
 
 # Set to 1 to compile the generic PrimFuncs as TVM legalizes them (no default schedule).
@@ -100,7 +100,7 @@ def build(mod: tvm.IRModule, target: tvm.target.Target, *, tune: int = 0,
     _debug_dump("legalized", lowered)
     # On the scheduled functions: inlining moves every operation into the surviving
     # blocks, so the checker still sees all of the arithmetic that is compiled.
-    rep = check_integer_only(lowered, "core")
+    rep = full_check(lowered, target, "core")
     rest = tvm.transform.Sequential(_stage(target, "dataflow_lower") + _stage(target, "finalize"))
     try:
         ex = tvm.compile(lowered, target, relax_pipeline=rest)
@@ -112,9 +112,10 @@ def build(mod: tvm.IRModule, target: tvm.target.Target, *, tune: int = 0,
         lowered = strip_schedules(lowered, unscheduled, sched)
         sched = ScheduleReport(skipped={**sched.skipped, **dict.fromkeys(sched.scheduled,
                                                                          "compile failed")})
-        rep = check_integer_only(lowered, "core")
+        rep = full_check(lowered, target, "core")
         try:
             ex = tvm.compile(lowered, target, relax_pipeline=rest)
         except Exception as e2:
             raise BuildError(f"TVM compilation failed: {str(e2).splitlines()[0]}") from e2
+    record_asm(rep, ex, target)
     return Built(ex, lowered, rep, target, report, sched)

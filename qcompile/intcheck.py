@@ -1,10 +1,30 @@
 """Proof obligation: the integer core contains no float arithmetic and no division.
 
-Walks the ``core`` Relax function after legalization and fusion (the IR that is
-handed to code generation) and every TIR PrimFunc it calls.  In TIR only the
-*data* computation is inspected (values written by BufferStore): index
-arithmetic such as ``floordiv(i, 7)`` in a reshape addresses memory and never
-touches tensor values, so it is allowed.
+Two walks, both by *allow-list* (anything not listed fails, naming the PrimFunc
+and the node):
+
+* **Relax** (``check_integer_only``): every call in the Relax function ``core``
+  must be a ``relax.call_tir`` to a PrimFunc, a call of another Relax function
+  (checked the same way), or an op / ``ExternFunc`` listed in
+  :data:`ALLOWED_RELAX_OPS` / :data:`ALLOWED_EXTERN_FUNCS`.  ``call_dps_packed``,
+  unknown ops and unknown extern functions fail.  Every tensor value must have an
+  integer dtype.
+* **TIR** (:class:`_TirWalker`): every statement and expression node of every
+  PrimFunc reachable from ``core`` is visited.  Each node kind is allowed
+  explicitly (:data:`ALLOWED_STMTS`, :data:`ALLOWED_EXPRS`); every value must be
+  integer/bool-typed (``handle`` only for buffer pointers and the addressing
+  builtins, ``void`` only for an ``Evaluate``'d call); calls are allowed by name
+  (:data:`ALLOWED_CALLS`); ``reinterpret`` only between integer types.  Division
+  and modulo are allowed in addresses and conditions but not on stored data.
+
+The TIR walk runs twice: on the scheduled TIR (``core`` stage, where data and
+index arithmetic are cleanly separated) and, through :func:`lower_to_codegen`, on
+the TIR that codegen receives after TVM's full TIR pipeline and host/device
+finalization (``codegen`` stage).  ``quantize``/``dequantize`` are excluded only
+because they are not reachable from ``core``.
+
+A second, independent line of evidence, the scan of the generated assembly, is in
+:mod:`qcompile.asmcheck`.
 """
 from __future__ import annotations
 
@@ -13,12 +33,121 @@ from dataclasses import dataclass, field
 import tvm
 from tvm import relax, tirx
 
-FORBIDDEN_RELAX_OPS: frozenset[str] = frozenset(
-    {"relax.divide", "relax.floor_divide", "relax.floor_mod", "relax.mod", "relax.trunc_divide",
-     "relax.trunc_mod", "relax.sqrt", "relax.rsqrt", "relax.exp", "relax.log", "relax.power",
-     "relax.round", "relax.floor", "relax.ceil", "relax.nn.softmax", "relax.mean",
-     "relax.nn.avg_pool2d", "relax.nn.adaptive_avg_pool2d"})
-DIV_NODES = (tirx.Div, tirx.FloorDiv, tirx.Mod, tirx.FloorMod)
+# ----------------------------------------------------------------------------
+# Allow-lists
+# ----------------------------------------------------------------------------
+
+#: TIR builtins / intrinsics a core kernel may call, with the reason.  Matched on
+#: the op name (``tirx.X``) or, for ``call_llvm_(pure_)intrin``/``call_extern``
+#: /``call_pure_extern``, on the callee name in the first argument.
+ALLOWED_CALLS: dict[str, str] = {
+    # addressing and pointers
+    "tirx.tvm_access_ptr": "pointer into a buffer (addressing)",
+    "tirx.address_of": "address of a buffer element (addressing)",
+    "tirx.reinterpret": "bit-cast; only between integer types (checked)",
+    "tirx.type_annotation": "dtype marker argument of tvm_access_ptr",
+    "tirx.isnullptr": "null check of an argument pointer",
+    "tirx.handle_add_byte_offset": "pointer arithmetic",
+    "tirx.ret": "packed-API return code",
+    "tirx.buffer_data": "data pointer of a buffer",
+    "tirx.TVMBackendAllocWorkspace": "scratch allocation", "TVMBackendAllocWorkspace": "scratch",
+    "tirx.TVMBackendFreeWorkspace": "scratch free", "TVMBackendFreeWorkspace": "scratch free",
+    # integer arithmetic spelled as calls
+    "tirx.shift_left": "integer shift", "tirx.shift_right": "integer shift",
+    "tirx.bitwise_and": "integer bit op", "tirx.bitwise_or": "integer bit op",
+    "tirx.bitwise_xor": "integer bit op", "tirx.bitwise_not": "integer bit op",
+    "tirx.if_then_else": "integer select (condition checked)",
+    "tirx.likely": "branch hint",
+    "tirx.q_multiply_shift": "integer fixed-point multiply",
+    "tirx.vectorlow": "half of an integer vector", "tirx.vectorhigh": "half of an integer vector",
+    "tirx.vectorcombine": "concatenate integer vectors",
+    "tirx.popcount": "integer popcount",
+    "tirx.assume": "analysis hint",
+    # packed-API / runtime plumbing added by MakePackedAPI and LowerTVMBuiltin
+    "tirx.tvm_struct_get": "read packed-API argument fields",
+    "tirx.tvm_struct_set": "write packed-API argument fields",
+    "tirx.tvm_stack_alloca": "argument stack",
+    "tirx.tvm_stack_make_shape": "argument stack", "tirx.tvm_stack_make_array": "argument stack",
+    "tirx.tvm_call_packed_lowered": "runtime call (device launch)",
+    "tirx.tvm_call_cpacked_lowered": "runtime call",
+    "tirx.tvm_throw_last_error": "error path", "tirx.tvm_check_return": "error path",
+    "tirx.lookup_param": "constant parameter",
+    "tirx.tvm_thread_allreduce": "integer cross-thread reduction",
+    # threading / synchronisation
+    "tirx.tvm_storage_sync": "barrier", "tirx.tvm_warp_shuffle": "integer warp shuffle",
+    "tirx.tvm_warp_activemask": "warp mask", "tirx.tvm_thread_invariant": "hint",
+    "tirx.tvm_global_barrier_kinit": "barrier", "tirx.tvm_thread_context": "threading",
+    # x86 integer intrinsics (kernels/x86_vnni.py, kernels/x86_int4.py)
+    "llvm.x86.avx512.vpdpbusd.512": "VNNI u8 x s8 -> s32 dot product (x86_vnni)",
+    "llvm.x86.avx512.vpdpbusds.512": "VNNI saturating dot product",
+    "llvm.x86.vgf2p8affineqb.512": "GFNI affine byte transform: int4 unpack (x86_int4)",
+    "llvm.x86.avx512.pmaddubs.w.512": "u8 x s8 -> s16 multiply-add",
+    "llvm.x86.avx512.pmaddw.d.512": "s16 x s16 -> s32 multiply-add",
+    # CUDA integer tensor cores (kernels/cuda_tc.py)
+    "tirx.ptx_mma": "mma.sync; operand dtypes checked integer",
+    "tirx.ptx_mma_sp": "sparse mma.sync; operand dtypes checked integer",
+    "tirx.ptx_ldmatrix": "shared -> register fragment load",
+    "tirx.ptx_cp_async": "async copy", "tirx.ptx_commit_group": "async copy",
+    "tirx.ptx_wait_group": "async copy",
+    "tirx.mma_store": "fragment store", "tirx.mma_fill": "fragment fill (integer zero)",
+    "tirx.tvm_load_matrix_sync": "WMMA fragment load", "tirx.tvm_store_matrix_sync": "WMMA store",
+    "tirx.tvm_mma_sync": "WMMA multiply; operand dtypes checked integer",
+    "tirx.tvm_bmma_sync": "binary WMMA", "tirx.tvm_fill_fragment": "WMMA fill (value checked)",
+}
+
+#: ``call_llvm_intrin``/``call_llvm_pure_intrin``/``call_extern`` wrappers: the
+#: callee named in the first argument must itself be in :data:`ALLOWED_CALLS`.
+NAMED_CALL_WRAPPERS = frozenset({"tirx.call_llvm_intrin", "tirx.call_llvm_pure_intrin",
+                                 "tirx.call_extern", "tirx.call_pure_extern"})
+
+#: mma/wmma operand dtype strings (``"int8"``, ``"s4"`` ...): must be integer.
+_MMA_OPS = frozenset({"tirx.ptx_mma", "tirx.ptx_mma_sp"})
+
+#: Relax ops allowed in ``core`` besides ``relax.call_tir`` (views and memory
+#: management only, no arithmetic).
+ALLOWED_RELAX_OPS: dict[str, str] = {
+    "relax.call_tir": "callee must be a PrimFunc; it is walked",
+    "relax.reshape": "view", "relax.memory.view": "view",
+    "relax.builtin.alloc_tensor": "allocation", "relax.builtin.stop_lift_params": "marker",
+    "relax.memory.alloc_storage": "allocation", "relax.memory.alloc_tensor": "allocation",
+    "relax.memory.kill_storage": "free", "relax.memory.kill_tensor": "free",
+    "relax.vm.alloc_storage": "allocation", "relax.vm.alloc_tensor": "allocation",
+    "relax.vm.kill_object": "free", "relax.null_value": "placeholder",
+    "relax.call_pure_packed": "callee must be an allowed ExternFunc",
+    "relax.call_packed": "callee must be an allowed ExternFunc",
+}
+
+#: ``ExternFunc`` callees allowed in ``core`` (Relax VM builtins that move or
+#: allocate memory; none computes on tensor values).
+ALLOWED_EXTERN_FUNCS: dict[str, str] = {
+    "vm.builtin.alloc_storage": "allocation", "vm.builtin.alloc_tensor": "allocation",
+    "vm.builtin.reshape": "view", "vm.builtin.null_value": "placeholder",
+    "vm.builtin.match_shape": "shape check", "vm.builtin.make_shape": "shape",
+    "vm.builtin.check_tensor_info": "type check", "vm.builtin.check_shape_info": "type check",
+    "vm.builtin.check_tuple_info": "type check", "vm.builtin.tuple_getitem": "tuple access",
+    "vm.builtin.copy": "copy", "vm.builtin.to_device": "copy",
+}
+
+#: TIR statement kinds (class names) and the fields walked.
+ALLOWED_STMTS: dict[str, str] = {
+    "SeqStmt": "sequence", "For": "loop (min/extent/step must be integer)",
+    "While": "loop (integer/bool condition)", "IfThenElse": "branch (integer/bool condition)",
+    "BufferStore": "store into an integer buffer", "Evaluate": "evaluate an allowed call",
+    "Bind": "let binding of an integer/handle value", "LetStmt": "let binding",
+    "AttrStmt": "annotation (value must be integer/handle/string)",
+    "AssertStmt": "packed-API argument check (integer/bool condition)",
+    "AllocBuffer": "allocation of an integer buffer", "DeclBuffer": "integer buffer declaration",
+    "SBlock": "schedulable block", "SBlockRealize": "block instance (integer predicate)",
+    "Return": "packed-API return (integer code)", "Break": "loop exit", "Continue": "loop continue", "ScopeIdDefStmt": "thread scope ids",
+}
+
+#: TIR expression kinds: class names.
+_BINARY = ("Add", "Sub", "Mul", "Min", "Max", "EQ", "NE", "LT", "LE", "GT", "GE", "And", "Or",
+           "BitwiseAnd", "BitwiseOr", "BitwiseXor", "LShift", "RShift")
+_DIVISION = ("Div", "FloorDiv", "Mod", "FloorMod")
+ALLOWED_EXPRS = frozenset(_BINARY + _DIVISION + (
+    "IntImm", "Var", "SizeVar", "TensorLoad", "Cast", "Ramp", "Broadcast", "Shuffle", "Select",
+    "Let", "Not", "BitwiseNot", "Call", "StringImm"))
 
 
 @dataclass
@@ -27,10 +156,20 @@ class IntCheckReport:
     prim_funcs: list[str] = field(default_factory=list)
     stores: int = 0
     violations: list[str] = field(default_factory=list)
+    nodes: int = 0                      # TIR nodes visited by the allow-list walk
+    stages: list[str] = field(default_factory=list)   # "core", "codegen", "asm"
+    codegen_funcs: list[str] = field(default_factory=list)  # PrimFuncs after the TIR pipeline
+    asm: dict | None = None             # asmcheck.AsmReport.as_dict() when scanned
+    codegen_error: str = ""             # non-llvm target whose TIR pipeline replay failed
 
     @property
     def ok(self) -> bool:
         return not self.violations and self.stores > 0 and bool(self.prim_funcs)
+
+    def merge(self, other: "IntCheckReport", stage: str) -> None:
+        self.violations += [f"[{stage}] {v}" for v in other.violations]
+        self.nodes += other.nodes
+        self.stages.append(stage)
 
 
 def _is_int(dtype: str) -> bool:
@@ -43,105 +182,422 @@ def _dtype(e: object) -> str:
     return str(ty if ty is not None else getattr(e, "dtype", ""))
 
 
-def _check_value(expr: tvm.ir.Expr, where: str, rep: IntCheckReport, control: bool = False) -> None:
-    """Recursively inspect a stored value, not descending into load indices.
-
-    Conditions (of Select and if_then_else) are checked in ``control`` mode: they
-    may do index arithmetic such as an im2col bounds test, so division is allowed
-    there, but float is not.
-    """
-    if isinstance(expr, tvm.ir.TensorLoad):
-        if not _is_int(_dtype(expr)):
-            src = getattr(expr.source, "name", expr.source)
-            rep.violations.append(f"{where}: loads {_dtype(expr)} from {src}")
-        return
-    if not _is_int(_dtype(expr)):
-        rep.violations.append(f"{where}: {type(expr).__name__} of dtype {_dtype(expr)}")
-        return
-    if isinstance(expr, DIV_NODES) and not control:
-        rep.violations.append(f"{where}: {type(expr).__name__} on data")
-    conds: list = []
-    children: list = []
-    if isinstance(expr, tvm.ir.Call):
-        op = getattr(getattr(expr, "op", None), "name", "")
-        args = list(expr.args)
-        conds, children = (args[:1], args[1:]) if op.endswith("if_then_else") else ([], args)
-    elif isinstance(expr, tirx.Cast):
-        children = [expr.value]
-    elif isinstance(expr, tirx.Select):
-        conds, children = [expr.condition], [expr.true_value, expr.false_value]
-    elif isinstance(expr, tirx.Let):
-        children = [expr.value, expr.body]
-    elif hasattr(expr, "a") and hasattr(expr, "b"):
-        children = [expr.a, expr.b]
-    elif isinstance(expr, tirx.Broadcast):
-        children = [expr.value]
-    for c in conds:
-        if isinstance(c, tvm.ir.Expr):
-            _check_value(c, where, rep, control=True)
-    for c in children:
-        if isinstance(c, tvm.ir.Expr):
-            _check_value(c, where, rep, control)
+def _is_handle(dtype: str) -> bool:
+    return dtype == "handle" or dtype.startswith(("handle", "T.handle")) or "*" in dtype
 
 
-def _check_prim_func(name: str, func: tirx.PrimFunc, rep: IntCheckReport) -> None:
+def _op_name(call: tvm.ir.Call) -> str:
+    """``tirx.X`` for TIR builtins (some are registered as ``prim.X``/``tir.X``)."""
+    op = getattr(call, "op", None)
+    name = str(getattr(op, "name", getattr(op, "name_hint", op)))
+    for prefix in ("prim.", "tir."):
+        if name.startswith(prefix):
+            return "tirx." + name[len(prefix):]
+    return name
+
+
+def _callee_name(arg: object) -> str:
+    """Name in the first argument of call_llvm_intrin (an intrinsic id) / call_extern."""
+    if type(arg).__name__ == "IntImm":
+        try:
+            from tvm.target.codegen import llvm_get_intrinsic_name  # noqa: PLC0415
+            return str(llvm_get_intrinsic_name(int(arg.value)))
+        except Exception:  # noqa: BLE001
+            return f"llvm intrinsic #{arg.value}"
+    return str(getattr(arg, "value", arg))
+
+
+def _short(node: object, n: int = 120) -> str:
+    s = " ".join(str(node).split())
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+class _TirWalker:
+    """Allow-list walk of one PrimFunc.  ``mode`` of an expression: ``data`` (a stored
+    value: no division), ``index`` (address or loop bound) or ``cond`` (a condition)."""
+
+    def __init__(self, name: str, rep: IntCheckReport):
+        self.name, self.rep = name, rep
+
+    def bad(self, what: str, node: object) -> None:
+        self.rep.violations.append(f"{self.name}: {what}: {_short(node)}")
+
+    # ---------------- statements ----------------
+    def stmt(self, s: object) -> None:
+        if s is None:
+            return
+        self.rep.nodes += 1
+        kind = type(s).__name__
+        if kind not in ALLOWED_STMTS:
+            self.bad(f"statement kind {kind} not allowed", s)
+            return
+        if kind == "SeqStmt":
+            for c in s.seq:
+                self.stmt(c)
+        elif kind == "For":
+            for e in (s.min, s.extent, getattr(s, "step", None)):
+                if e is not None:
+                    self.expr(e, "index")
+            self.stmt(s.body)
+        elif kind == "While":
+            self.cond(s.condition)
+            self.stmt(s.body)
+        elif kind == "IfThenElse":
+            self.cond(s.condition)
+            self.stmt(s.then_case)
+            self.stmt(s.else_case)
+        elif kind == "BufferStore":
+            self.rep.stores += 1
+            self.buffer(s.buffer, s)
+            for i in s.indices:
+                self.expr(i, "index")
+            pred = getattr(s, "predicate", None)
+            if pred is not None:
+                self.cond(pred)
+            self.expr(s.value, "data")
+        elif kind == "Evaluate":
+            v = s.value
+            if isinstance(v, tvm.ir.Call):
+                self.call(v, "data", evaluated=True)
+            elif type(v).__name__ == "IntImm":
+                pass
+            else:
+                self.bad("Evaluate of a non-call", s)
+        elif kind in ("Bind", "LetStmt"):
+            dt = _dtype(s.var)
+            if _is_handle(dt):
+                self.expr(s.value, "index", handle_ok=True)
+            else:
+                self.expr(s.value, "index")
+            if hasattr(s, "body"):
+                self.stmt(s.body)
+        elif kind == "AttrStmt":
+            v = s.value
+            if isinstance(v, tvm.ir.Expr) and type(v).__name__ != "StringImm":
+                self.expr(v, "index", handle_ok=True)
+            self.stmt(s.body)
+        elif kind == "AssertStmt":
+            self.cond(s.condition)
+        elif kind in ("AllocBuffer", "DeclBuffer"):
+            self.buffer(s.buffer, s)
+            self.stmt(getattr(s, "body", None))
+        elif kind == "SBlock":
+            for b in s.alloc_buffers:
+                self.buffer(b, s)
+            for iv in s.iter_vars:
+                self.expr(iv.dom.min, "index")
+                self.expr(iv.dom.extent, "index")
+            for mb in s.match_buffers:
+                self.buffer(mb.buffer, s)
+            self.stmt(s.init)
+            self.stmt(s.body)
+        elif kind == "SBlockRealize":
+            for v in s.iter_values:
+                self.expr(v, "index")
+            self.cond(s.predicate)
+            self.stmt(s.block)
+        elif kind == "Return":
+            self.expr(getattr(s, "value", None), "index")
+        # Break / Continue / ScopeIdDefStmt: nothing to check
+
+    def buffer(self, buf: object, where: object) -> None:
+        dt = str(buf.dtype)
+        if not _is_int(dt):
+            self.rep.violations.append(f"{self.name}: buffer {buf.name} of dtype {dt} "
+                                       f"in {type(where).__name__}")
+
+    def cond(self, e: object) -> None:
+        self.expr(e, "cond")
+
+    # ---------------- expressions ----------------
+    def expr(self, e: object, mode: str, handle_ok: bool = False) -> None:
+        if e is None:
+            return
+        self.rep.nodes += 1
+        kind = type(e).__name__
+        if kind not in ALLOWED_EXPRS:
+            self.bad(f"expression kind {kind} not allowed", e)
+            return
+        if kind == "Var" and type(getattr(e, "ty", None)).__name__ == "BufferType":
+            if not _is_int(str(e.ty.dtype)):  # a buffer passed by reference (buffer_data)
+                self.bad(f"buffer {e} of dtype {e.ty.dtype}", e)
+            return
+        dt = _dtype(e)
+        if kind == "StringImm":
+            if mode != "string":
+                self.bad("string value outside a call argument", e)
+            return
+        if kind == "Call":
+            self.call(e, mode, handle_ok=handle_ok)
+            return
+        if not _is_int(dt):
+            if not (handle_ok and _is_handle(dt) and kind == "Var"):
+                self.bad(f"{kind} of dtype {dt}", e)
+                return
+        if kind in _DIVISION and mode == "data":
+            self.bad(f"{kind} on data", e)
+        if kind == "TensorLoad":
+            self.buffer(e.source, e)
+            for i in e.indices:
+                self.expr(i, "index")
+            pred = getattr(e, "predicate", None)
+            if pred is not None:
+                self.cond(pred)
+        elif kind in _BINARY or kind in _DIVISION:
+            self.expr(e.a, mode)
+            self.expr(e.b, mode)
+        elif kind in ("Not", "BitwiseNot"):
+            self.expr(e.a, mode)
+        elif kind == "Cast":
+            self.expr(e.value, mode)
+        elif kind == "Ramp":
+            self.expr(e.base, mode)
+            self.expr(e.stride, mode)
+        elif kind == "Broadcast":
+            self.expr(e.value, mode)
+        elif kind == "Shuffle":
+            for v in e.vectors:
+                self.expr(v, mode)
+            for i in e.indices:
+                self.expr(i, "index")
+        elif kind == "Select":
+            self.cond(e.condition)
+            self.expr(e.true_value, mode)
+            self.expr(e.false_value, mode)
+        elif kind == "Let":
+            self.expr(e.value, "index", handle_ok=_is_handle(_dtype(e.var)))
+            self.expr(e.body, mode)
+
+    def call(self, e: tvm.ir.Call, mode: str, evaluated: bool = False,
+             handle_ok: bool = False) -> None:
+        op = _op_name(e)
+        args = list(e.args)
+        name = op
+        if op in NAMED_CALL_WRAPPERS:
+            name = _callee_name(args[0]) if args else "?"
+            if op.startswith("tirx.call_llvm"):
+                # call_llvm_(pure_)intrin(id_or_name, num_signature_args, args...)
+                args = args[2:] if len(args) >= 2 and type(args[1]).__name__ == "IntImm" \
+                    else args[1:]
+            else:
+                args = args[1:]
+        if name not in ALLOWED_CALLS:
+            self.bad(f"call of {name} not in the allow-list", e)
+            return
+        dt = _dtype(e)
+        if not _is_int(dt):
+            void_ok = evaluated and dt in ("void", "")
+            ptr_ok = _is_handle(dt) and (handle_ok or evaluated or name in _POINTER_CALLS)
+            if not (void_ok or ptr_ok):
+                self.bad(f"call of {name} returning {dt}", e)
+                return
+        if name == "tirx.reinterpret":
+            src = [_dtype(a) for a in args]
+            if not ((_is_int(dt) and all(map(_is_int, src)))
+                    or (_is_handle(dt) and all(map(_is_handle, src)))):
+                self.bad("reinterpret other than integer<->integer or pointer<->pointer", e)
+                return
+        if name == "tirx.if_then_else":
+            self.cond(args[0])
+            for a in args[1:]:
+                self.expr(a, mode)
+            return
+        if name in _MMA_OPS:
+            for a in args:
+                if type(a).__name__ == "StringImm" and a.value in _FLOAT_MMA_DTYPES:
+                    self.bad(f"{name} with {a.value} operands", e)
+        if name == "tirx.type_annotation":
+            if not (_is_int(dt) or _is_handle(dt)):
+                self.bad(f"type_annotation of {dt}", e)
+            return
+        sub = "index" if name in _POINTER_CALLS or name in _PLUMBING else mode
+        for a in args:
+            if type(a).__name__ == "StringImm":
+                self.rep.nodes += 1
+                continue
+            self.expr(a, sub, handle_ok=True)
+
+
+_POINTER_CALLS = frozenset({"tirx.buffer_data", "tirx.TVMBackendAllocWorkspace",
+                            "TVMBackendAllocWorkspace", "tirx.tvm_access_ptr", "tirx.address_of", "tirx.isnullptr",
+                            "tirx.handle_add_byte_offset", "tirx.tvm_struct_get",
+                            "tirx.tvm_stack_alloca", "tirx.tvm_stack_make_shape",
+                            "tirx.tvm_stack_make_array", "tirx.lookup_param"})
+_PLUMBING = frozenset({"tirx.tvm_struct_set", "tirx.tvm_call_packed_lowered",
+                       "tirx.tvm_call_cpacked_lowered", "tirx.ptx_ldmatrix", "tirx.ptx_mma",
+                       "tirx.ptx_mma_sp", "tirx.mma_store", "tirx.mma_fill",
+                       "tirx.tvm_load_matrix_sync", "tirx.tvm_store_matrix_sync",
+                       "tirx.tvm_mma_sync", "tirx.tvm_bmma_sync", "tirx.tvm_fill_fragment",
+                       "tirx.ptx_cp_async", "tirx.likely", "tirx.assume", "tirx.ret",
+                       "tirx.TVMBackendFreeWorkspace", "TVMBackendFreeWorkspace"})
+_FLOAT_MMA_DTYPES = frozenset({"fp16", "bf16", "tf32", "fp32", "fp64", "float16", "bfloat16",
+                               "float32", "float64", "e4m3", "e5m2", "fp8"})
+
+
+def check_prim_func(name: str, func: tirx.PrimFunc, rep: IntCheckReport | None = None
+                    ) -> IntCheckReport:
+    """Allow-list walk of one PrimFunc (its parameters, buffers and body)."""
+    rep = rep if rep is not None else IntCheckReport()
     rep.prim_funcs.append(name)
+    w = _TirWalker(name, rep)
+    for p in func.params:
+        dt = _dtype(p)
+        if type(p.ty).__name__ == "BufferType":
+            dt = str(p.ty.dtype)
+        if not (_is_int(dt) or _is_handle(dt)):
+            w.bad(f"parameter {p} of dtype {dt}", p)
+    for buf in getattr(func, "buffer_map", {}).values():
+        w.buffer(buf, func)
+    w.stmt(func.body)
+    return rep
 
-    for store in _stores(func.body):
-        rep.stores += 1
-        if not _is_int(str(store.buffer.dtype)):
-            rep.violations.append(f"{name}: stores into {store.buffer.dtype} {store.buffer.name}")
-        _check_value(store.value, name, rep)
 
+# ----------------------------------------------------------------------------
+# Relax
+# ----------------------------------------------------------------------------
 
-_STMT_CHILDREN = ("body", "then_case", "else_case", "block", "init")
+def _relax_callees(mod: tvm.IRModule, func: str, rep: IntCheckReport) -> list[str]:
+    """Allow-list walk of Relax function ``func`` (and Relax functions it calls);
+    returns the PrimFuncs it reaches, in order."""
+    prims: list[str] = []
+    seen: set[str] = set()
+    todo = [func]
+    while todo:
+        fname = todo.pop()
+        if fname in seen:
+            continue
+        seen.add(fname)
 
+        def visit(e: relax.Expr, fname: str = fname) -> None:
+            if isinstance(e, (relax.Var, relax.Call)):
+                sinfo = e.ty
+                if isinstance(sinfo, relax.TensorType) and sinfo.dtype:
+                    if not _is_int(str(sinfo.dtype)):
+                        rep.violations.append(f"relax {fname}: value of dtype {sinfo.dtype}")
+            if isinstance(e, relax.ExternFunc) and e.global_symbol not in ALLOWED_EXTERN_FUNCS:
+                rep.violations.append(f"relax {fname}: ExternFunc {e.global_symbol} "
+                                      "not in the allow-list")
+            if not isinstance(e, relax.Call):
+                return
+            rep.relax_bindings += 1
+            op = e.op
+            if isinstance(op, tvm.ir.Op):
+                if op.name not in ALLOWED_RELAX_OPS:
+                    rep.violations.append(f"relax {fname}: op {op.name} not in the allow-list")
+                elif op.name == "relax.call_tir":
+                    gv = e.args[0]
+                    if not isinstance(gv, tvm.ir.GlobalVar) or gv.name_hint not in mod \
+                            or not isinstance(mod[gv.name_hint], tirx.PrimFunc):
+                        rep.violations.append(f"relax {fname}: call_tir of non-PrimFunc {gv}")
+                    elif gv.name_hint not in prims:
+                        prims.append(gv.name_hint)
+                elif op.name in ("relax.call_pure_packed", "relax.call_packed"):
+                    if not isinstance(e.args[0], relax.ExternFunc):
+                        rep.violations.append(f"relax {fname}: {op.name} of {e.args[0]}")
+            elif isinstance(op, tvm.ir.GlobalVar):
+                callee = mod[op.name_hint] if op.name_hint in mod else None
+                if isinstance(callee, relax.Function):
+                    todo.append(op.name_hint)
+                elif isinstance(callee, tirx.PrimFunc):
+                    if op.name_hint not in prims:
+                        prims.append(op.name_hint)
+                else:
+                    rep.violations.append(f"relax {fname}: calls unknown {op.name_hint}")
+            elif isinstance(op, relax.ExternFunc):
+                pass  # reported above when not allowed
+            else:
+                rep.violations.append(f"relax {fname}: call of {type(op).__name__} {op}")
 
-def _stores(stmt: object) -> list[tirx.BufferStore]:
-    """Every BufferStore under ``stmt`` (TVM 0.27 has no Python TIR visitor)."""
-    if stmt is None:
-        return []
-    if isinstance(stmt, tirx.BufferStore):
-        return [stmt]
-    out: list[tirx.BufferStore] = []
-    if isinstance(stmt, tirx.SeqStmt):
-        for s in stmt.seq:
-            out += _stores(s)
-        return out
-    for attr in _STMT_CHILDREN:
-        child = getattr(stmt, attr, None)
-        if isinstance(child, tirx.Stmt):
-            out += _stores(child)
-    return out
+        relax.analysis.post_order_visit(mod[fname], visit)
+    return prims
 
 
 def check_integer_only(mod: tvm.IRModule, func: str = "core") -> IntCheckReport:
-    """Check the Relax function ``func`` of a legalized module and its PrimFuncs."""
+    """Check the Relax function ``func`` of a legalized (scheduled) module and the
+    PrimFuncs reachable from it (``core`` stage)."""
     rep = IntCheckReport()
-    core = mod[func]
-    callees: set[str] = set()
-
-    def visit(e: relax.Expr) -> None:
-        if isinstance(e, relax.Var) or isinstance(e, relax.Call):
-            sinfo = e.ty
-            if isinstance(sinfo, relax.TensorType) and sinfo.dtype:
-                if not _is_int(str(sinfo.dtype)):
-                    rep.violations.append(f"relax {func}: value of dtype {sinfo.dtype}")
-        if isinstance(e, relax.Call):
-            rep.relax_bindings += 1
-            if isinstance(e.op, tvm.ir.Op):
-                if e.op.name in FORBIDDEN_RELAX_OPS:
-                    rep.violations.append(f"relax {func}: forbidden op {e.op.name}")
-                if e.op.name == "relax.call_tir":
-                    callees.add(e.args[0].name_hint)
-            elif isinstance(e.op, tvm.ir.GlobalVar):
-                callees.add(e.op.name_hint)
-
-    relax.analysis.post_order_visit(core, visit)
-    for name in sorted(callees):
-        f = mod[name]
-        if isinstance(f, tirx.PrimFunc):
-            _check_prim_func(name, f, rep)
-        else:
-            rep.violations.append(f"relax {func}: calls non-TIR function {name}")
+    for name in _relax_callees(mod, func, rep):
+        check_prim_func(name, mod[name], rep)
+    rep.stages.append("core")
     return rep
+
+
+# ----------------------------------------------------------------------------
+# The TIR that codegen receives
+# ----------------------------------------------------------------------------
+
+def lower_to_codegen(mod: tvm.IRModule, target: tvm.target.Target,
+                     names: list[str] | None = None) -> list[tvm.IRModule]:
+    """Run the PrimFuncs ``names`` of ``mod`` through what ``tvm.tirx.build`` does
+    before ``target.build.*``: BindTarget, the default TIR pipeline for the target,
+    host/device split and the host/device finalization passes.  Returns the host
+    module and the device modules."""
+    from tvm.tirx.build import split_host_device_mods  # noqa: PLC0415
+
+    names = names if names is not None else [
+        gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)]
+    # relax's AttachGlobalSymbol gives every PrimFunc its name before tirx.build
+    tir = tvm.IRModule({mod.get_global_var(n): mod[n].with_attr("global_symbol", n)
+                        for n in names})
+    host = "llvm" if target.get_target_device_type() != 1 or target.host is None else None
+    tgt = target
+    if target.host is None:
+        tgt = target.with_host(target if target.kind.name == "llvm" else tvm.target.Target(host))
+    with tgt:
+        tir = tvm.tirx.transform.BindTarget(tgt)(tir)
+        pipeline, fin_host, fin_dev = tvm.tirx.get_default_tir_pipeline(target)
+        tir = pipeline(tir)
+        host_mod, dev = split_host_device_mods(tir)
+        host_mod = fin_host()(host_mod)
+        devs = [fin_dev()(m) for m in dev.values()]
+    return [host_mod, *devs]
+
+
+def check_codegen_tir(mod: tvm.IRModule, target: tvm.target.Target,
+                      func: str = "core") -> IntCheckReport:
+    """Allow-list walk of the post-pipeline TIR of the PrimFuncs reachable from
+    ``func`` (``codegen`` stage)."""
+    rep = IntCheckReport()
+    names = _relax_callees(mod, func, IntCheckReport())
+    for m in lower_to_codegen(mod, target, names):
+        for gv, f in m.functions_items():
+            if isinstance(f, tirx.PrimFunc):
+                check_prim_func(gv.name_hint, f, rep)
+    rep.codegen_funcs = list(rep.prim_funcs)
+    rep.stages.append("codegen")
+    return rep
+
+
+def full_check(mod: tvm.IRModule, target: tvm.target.Target, func: str = "core"
+               ) -> IntCheckReport:
+    """Relax + scheduled TIR (``core``), then post-pipeline TIR (``codegen``)."""
+    rep = check_integer_only(mod, func)
+    try:
+        post = check_codegen_tir(mod, target, func)
+    except Exception as e:  # noqa: BLE001 - a pipeline failure must not pass silently
+        msg = f"TIR pipeline failed: {str(e).splitlines()[0]}"
+        if target.kind.name == "llvm":
+            rep.violations.append(f"[codegen] {msg}")
+        else:  # the replayed pipeline is only proven for llvm; do not block other targets
+            rep.codegen_error = msg
+        return rep
+    rep.merge(post, "codegen")
+    rep.codegen_funcs = post.codegen_funcs
+    return rep
+
+
+def record_asm(rep: IntCheckReport, ex: object, target: tvm.target.Target) -> None:
+    """Scan the compiled core's x86 assembly (llvm targets) into ``rep`` (``asm``
+    stage); its float instructions become violations."""
+    from .asmcheck import AsmReport, scan_executable  # noqa: PLC0415
+
+    if target.kind.name != "llvm":
+        rep.asm = AsmReport(kind="none", note=f"{target.kind.name}: device code is not "
+                            "scanned at build time (see asmcheck.scan_sass)").as_dict()
+        return
+    a = scan_executable(ex, rep.prim_funcs)
+    rep.asm = a.as_dict()
+    rep.stages.append("asm")
+    if not a.scanned:
+        rep.violations.append(f"[asm] not scanned: {a.note}")
+    rep.violations += [f"[asm] {v}" for v in a.violations]
