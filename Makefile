@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.stamp
 PYTHON3 ?= python3
 
-.PHONY: venv test test-slow test-gpu demo bench bench-effnet bench-quality clean corpus onnx-backend-sweep
+.PHONY: venv test test-slow test-gpu demo bench bench-effnet bench-quality clean corpus onnx-backend-sweep fuzz
 
 venv: $(STAMP)
 
@@ -76,6 +76,15 @@ onnx-backend-sweep: venv
 	@test -d /usr/share/libonnx-testdata/data/node || (apt-get update && apt-get install -y libonnx-testdata) \
 		|| (echo "install libonnx-testdata (apt-get install -y libonnx-testdata)" >&2; exit 1)
 	$(PY) benchmarks/onnx_backend_sweep.py $(QUICK_FLAG) $(BENCH_ARGS)
+
+# GitHub issue 11: fuzz the front end. tools/fuzz_corpus.py writes >= 200 malformed or
+# hostile ONNX files (seeded; FUZZ_SEED=N); each is compiled through the CLI with a per-file
+# timeout and checked (no traceback/exit 70/hang, input unchanged, nothing written outside
+# -o, one-line stderr). The ONNX backend node tests come from the newest
+# onnx-backend-sweep results (FUZZ_ARGS=--run-sweep sweeps them again). ~1-2 min.
+FUZZ_SEED ?= 0
+fuzz: venv
+	$(PY) benchmarks/fuzz.py --seed $(FUZZ_SEED) $(FUZZ_ARGS)
 
 clean:
 	rm -rf out build dist .pytest_cache .qcompile-cache

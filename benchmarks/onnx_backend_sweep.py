@@ -186,7 +186,9 @@ def compile_one(main: Any, model: Path, samples: int, freeze: bool = False) -> d
     return rec
 
 
-def _worker(conn: Connection, samples: int) -> None:
+def _worker(conn: Connection, samples: int, job_fn: Any = None) -> None:
+    """``job_fn(main, path, samples, freeze) -> rec`` (default ``compile_one``): other
+    harnesses (benchmarks/fuzz.py) reuse the pool with their own per-model job."""
     # TVM and LLVM print from C++ straight to fds 1/2; keep them out of the parent's output.
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
@@ -206,7 +208,7 @@ def _worker(conn: Connection, samples: int) -> None:
             return
         path, freeze = job
         try:
-            rec = compile_one(main, Path(path), samples, freeze)
+            rec = (job_fn or compile_one)(main, Path(path), samples, freeze)
         except Exception as e:  # noqa: BLE001 - the harness itself (e.g. freezing) failed
             rec = {"class": "traceback", "exit_code": None, "seconds": 0.0,
                    "line": f"harness: {type(e).__name__}: {e}",
@@ -217,9 +219,9 @@ def _worker(conn: Connection, samples: int) -> None:
 class Worker:
     """One worker process and its pipe; ``job`` is the model it is working on."""
 
-    def __init__(self, ctx: Any, samples: int) -> None:
+    def __init__(self, ctx: Any, samples: int, job_fn: Any = None) -> None:
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child, samples), daemon=True)
+        self.proc = ctx.Process(target=_worker, args=(child, samples, job_fn), daemon=True)
         self.proc.start()
         child.close()
         self.job: tuple[str, bool] | None = None
@@ -238,20 +240,24 @@ class Worker:
 
 # ----------------------------------------------------------------------------- the pool
 def sweep(models: list[Path], root: Path, workers: int, timeout: float, samples: int,
-          freeze: bool = False, startup: float = 120.0) -> dict[str, dict[str, Any]]:
+          freeze: bool = False, startup: float = 120.0, job_fn: Any = None,
+          key: Any = None) -> dict[str, dict[str, Any]]:
     """Classify every model; a hung or dead worker is replaced and the sweep goes on.
 
     With ``freeze`` each model's extra inputs become initializers first (models with
-    one input are left out: the plain sweep has them)."""
+    one input are left out: the plain sweep has them).  ``job_fn`` replaces
+    ``compile_one`` in the workers (a module-level function); ``key(path)`` names a result."""
     ctx = mp.get_context("spawn")
     queue = collections.deque((str(m), freeze) for m in models)
     results: dict[str, dict[str, Any]] = {}
-    pool = [Worker(ctx, samples) for _ in range(min(workers, len(queue)) or 1)]
+    pool = [Worker(ctx, samples, job_fn) for _ in range(min(workers, len(queue)) or 1)]
     t0 = time.monotonic()
     for w in pool:
         w.since = t0
 
     def name(job: tuple[str, bool]) -> str:
+        if key is not None:
+            return key(Path(job[0]))
         return ("frozen:" if job[1] else "") + str(Path(job[0]).parent.relative_to(root))
 
     def record(job: tuple[str, bool], rec: dict[str, Any]) -> None:
@@ -261,7 +267,7 @@ def sweep(models: list[Path], root: Path, workers: int, timeout: float, samples:
 
     def replace(w: Worker) -> None:
         w.kill()
-        pool[pool.index(w)] = nw = Worker(ctx, samples)
+        pool[pool.index(w)] = nw = Worker(ctx, samples, job_fn)
         nw.since = time.monotonic()
 
     while queue or any(w.job for w in pool):

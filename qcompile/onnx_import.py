@@ -89,6 +89,10 @@ def load_model(path: str | os.PathLike, input_shape: Sequence[int] | None = None
     _untyped_outputs_to_float(model)
     # Step 4. The structural checker.  Shapes are not checked here: exporters leave
     # outputs without shapes, and everything is re-inferred after the input is fixed.
+    domains = [o.domain or "ai.onnx" for o in model.opset_import]
+    if len(set(domains)) != len(domains):  # which version would apply is ambiguous
+        raise BadModelError(f"{path}: opset_import lists a domain twice ({', '.join(domains)}); "
+                            "re-export the model")
     version = _default_opset(model)
     if not MIN_OPSET <= version:
         raise UnsupportedOpError(f"{path}: opset {version} is older than {MIN_OPSET}; "
@@ -338,8 +342,10 @@ def _check_io(model: onnx.ModelProto, source: str) -> None:
             "image input and one output")
     elem = inputs[0].type.tensor_type.elem_type
     if elem != onnx.TensorProto.FLOAT:
+        known = elem in onnx.TensorProto.DataType.values()  # Name() raises on e.g. 99
         raise UnsupportedOpError(
-            f"{source}: input {inputs[0].name!r} is {onnx.TensorProto.DataType.Name(elem)}; "
+            f"{source}: input {inputs[0].name!r} is "
+            f"{onnx.TensorProto.DataType.Name(elem) if known else f'of unknown type {elem}'}; "
             "qcompile needs a float32 input (move casts/preprocessing out of the model)")
     # Axis 0 is the batch everywhere downstream: a 1-D tensor would be nothing but batch.
     for v, what in ((inputs[0], "input"), (outputs[0], "output")):
@@ -575,6 +581,9 @@ def _window_pads(ctx: _Ctx, kernel: tuple[int, ...], ceil: bool) -> tuple[dict[s
 def _conv(ctx: _Ctx) -> Node:
     w = ctx.const(1, "weight")
     params = {"w": w} | ({"b": ctx.const(2, "bias")} if ctx.has(2) else {})
+    if "b" in params and params["b"].shape != w.shape[:1]:  # onnxruntime does not check it
+        raise BadModelError(f"node {ctx.name!r} (op Conv): bias has shape {params['b'].shape}, "
+                            f"the weight has {w.shape[0]} output channels; the model is invalid")
     attrs, _ = _window_pads(ctx, tuple(ctx.attrs.get("kernel_shape", w.shape[2:])), ceil=False)
     return ctx.node((ctx.act(0),), attrs | {"group": int(ctx.attrs.get("group", 1))}, params)
 
