@@ -89,7 +89,10 @@ ALLOWED_CALLS: dict[str, str] = {
     "tirx.ptx_ldmatrix": "shared -> register fragment load",
     "tirx.ptx_cp_async": "async copy", "tirx.ptx_commit_group": "async copy",
     "tirx.ptx_wait_group": "async copy",
+    "tirx.ptx_legacy.mma": "mma.sync (kernels/cuda_tc.py); operand dtypes checked integer",
+    "tirx.ptx_legacy.ldmatrix": "shared -> register fragment load",
     "tirx.mma_store": "fragment store", "tirx.mma_fill": "fragment fill (integer zero)",
+    "tirx.mma_store_legacy": "fragment store", "tirx.mma_fill_legacy": "fragment fill (cuda_tc)",
     "tirx.tvm_load_matrix_sync": "WMMA fragment load", "tirx.tvm_store_matrix_sync": "WMMA store",
     "tirx.tvm_mma_sync": "WMMA multiply; operand dtypes checked integer",
     "tirx.tvm_bmma_sync": "binary WMMA", "tirx.tvm_fill_fragment": "WMMA fill (value checked)",
@@ -101,7 +104,7 @@ NAMED_CALL_WRAPPERS = frozenset({"tirx.call_llvm_intrin", "tirx.call_llvm_pure_i
                                  "tirx.call_extern", "tirx.call_pure_extern"})
 
 #: mma/wmma operand dtype strings (``"int8"``, ``"s4"`` ...): must be integer.
-_MMA_OPS = frozenset({"tirx.ptx_mma", "tirx.ptx_mma_sp"})
+_MMA_OPS = frozenset({"tirx.ptx_mma", "tirx.ptx_mma_sp", "tirx.ptx_legacy.mma"})
 
 #: Relax ops allowed in ``core`` besides ``relax.call_tir`` (views and memory
 #: management only, no arithmetic).
@@ -426,6 +429,8 @@ _POINTER_CALLS = frozenset({"tirx.buffer_data", "tirx.TVMBackendAllocWorkspace",
 _PLUMBING = frozenset({"tirx.tvm_struct_set", "tirx.tvm_call_packed_lowered",
                        "tirx.tvm_call_cpacked_lowered", "tirx.ptx_ldmatrix", "tirx.ptx_mma",
                        "tirx.ptx_mma_sp", "tirx.mma_store", "tirx.mma_fill",
+                       "tirx.ptx_legacy.mma", "tirx.ptx_legacy.ldmatrix",
+                       "tirx.mma_store_legacy", "tirx.mma_fill_legacy",
                        "tirx.tvm_load_matrix_sync", "tirx.tvm_store_matrix_sync",
                        "tirx.tvm_mma_sync", "tirx.tvm_bmma_sync", "tirx.tvm_fill_fragment",
                        "tirx.ptx_cp_async", "tirx.likely", "tirx.assume", "tirx.ret",
