@@ -19,7 +19,7 @@ The corpus comes from ``tools/fuzz_corpus.py`` (regenerated into ``--corpus`` wi
 
 The ONNX backend node tests are reported from the newest
 ``benchmarks/results/onnx-backend-sweep-*.json`` (``make onnx-backend-sweep``), or swept
-again with ``--run-sweep``.  Results: ``benchmarks/results/fuzz-<date>.{json,md}``; exits
+again with ``--run-sweep`` (~2 min; its own files go to a scratch folder).  Results: ``benchmarks/results/fuzz-<date>.{json,md}``; exits
 1 on any traceback, hang, crash, violated check, or a backend-sweep bug.
 """
 from __future__ import annotations
@@ -235,12 +235,17 @@ def main() -> int:
     cases = list(manifest)[:args.limit] if args.limit else list(manifest)
     results = run_corpus(args.corpus, cases, args.workers, args.timeout)
     bad = violations(results, manifest)
-    if args.run_sweep:
+    sweep_dir = args.out
+    if args.run_sweep:  # into a scratch folder: the sweep's own results stay as they are
+        sweep_dir = Path(tempfile.mkdtemp(prefix="qc-fuzz-sweep-"))
         rc = os.spawnv(os.P_WAIT, sys.executable,
-                       [sys.executable, str(HERE / "onnx_backend_sweep.py"), "--out", str(args.out)])
+                       [sys.executable, str(HERE / "onnx_backend_sweep.py"), "--out",
+                        str(sweep_dir)])
         if rc:
             bad.append(f"onnx_backend_sweep.py exited {rc}")
-    sweep = latest_sweep(args.out)
+    sweep = latest_sweep(sweep_dir)
+    if sweep and args.run_sweep:
+        sweep["file"] = f"swept again by --run-sweep: {sweep['file']}"
     if sweep:
         for mode, c in (sweep["counts"] or {}).items():
             bugs = sum(c.get(b, 0) for b in BUGS)

@@ -630,6 +630,9 @@ def _gemm(ctx: _Ctx) -> Node:
         ctx.unsupported("attribute transA=1", "transpose the input before Gemm")
     attrs = {"transA": 0, "transB": int(ctx.attrs.get("transB", 0)),
              "alpha": float(ctx.attrs.get("alpha", 1.0)), "beta": float(ctx.attrs.get("beta", 1.0))}
+    if not (np.isfinite(attrs["alpha"]) and np.isfinite(attrs["beta"])):
+        raise BadModelError(f"node {ctx.name!r} (op Gemm): alpha={attrs['alpha']} "
+                            f"beta={attrs['beta']} must be finite; the model is invalid")
     params = {"w": ctx.const(1, "weight")} | ({"b": ctx.const(2, "bias")} if ctx.has(2) else {})
     return ctx.node((ctx.act(0),), attrs, params)
 
