@@ -75,7 +75,9 @@ ALLOWED_CALLS: dict[str, str] = {
     "tirx.tvm_thread_allreduce": "integer cross-thread reduction",
     # threading / synchronisation
     "tirx.tvm_storage_sync": "barrier", "tirx.tvm_warp_shuffle": "integer warp shuffle",
-    "tirx.tvm_warp_activemask": "warp mask", "tirx.tvm_thread_invariant": "hint",
+    "tirx.tvm_warp_activemask": "warp mask",
+    "tirx.cuda.__shfl_sync": "warp shuffle of an integer register (LowerWarpMemory)",
+    "tirx.cuda.__activemask": "warp mask", "tirx.tvm_thread_invariant": "hint",
     "tirx.tvm_global_barrier_kinit": "barrier", "tirx.tvm_thread_context": "threading",
     # x86 integer intrinsics (kernels/x86_vnni.py, kernels/x86_int4.py)
     "llvm.x86.avx512.vpdpbusd.512": "VNNI u8 x s8 -> s32 dot product (x86_vnni)",

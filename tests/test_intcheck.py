@@ -79,3 +79,22 @@ def test_build_reports_integer_only(lowered) -> None:
     """build() runs the same check on what it hands to codegen."""
     mod = _core_with("divide")
     assert not build(mod, TARGET).intcheck.ok
+
+
+def test_core_codegen_tir_and_asm_are_integer_only(lowered) -> None:
+    """The allow-list walk of the TIR codegen receives (after TVM's TIR pipeline) and
+    the x86 assembly scan of the core's kernels: no false positive on the real kernels
+    (VNNI conv/dense, depthwise, pools, generic ops) while quantize's code is flagged."""
+    from qcompile.asmcheck import scan_executable
+    from qcompile.intcheck import check_codegen_tir
+
+    post = check_codegen_tir(lowered, TARGET, "core")
+    assert post.violations == [] and post.ok and post.nodes > 1000
+    assert not check_codegen_tir(lowered, TARGET, "quantize").ok
+    core = check_integer_only(lowered, "core")
+    built = build(lowered, TARGET)
+    assert built.intcheck.stages == ["core", "codegen", "asm"] and built.intcheck.ok
+    asm = scan_executable(built.executable, core.prim_funcs)
+    assert asm.ok and asm.violations == []
+    quant = check_integer_only(lowered, "quantize").prim_funcs
+    assert scan_executable(built.executable, quant).violations
