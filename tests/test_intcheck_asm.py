@@ -16,6 +16,7 @@ from tvm.script import tirx as T
 
 from qcompile.asmcheck import classify_x86, scan_sass, scan_x86_asm
 from qcompile.build import build, legalize
+from qcompile.config import QuantSpec
 from qcompile.intcheck import check_codegen_tir, check_integer_only, check_prim_func
 from qcompile.lower import lower
 from qcompile.quantize import quantize_graph
@@ -141,11 +142,14 @@ def test_asm_classifier() -> None:
 @pytest.fixture(scope="module")
 def r18(tmp_path_factory: pytest.TempPathFactory):
     g = zoo_graph("resnet18", tmp_path_factory.mktemp("r18"), input_size=32)
-    return quantize_graph(g, linspace_stats(g))
+    names = [n.name for n in g.nodes if n.op in ("conv", "dense")]
+    pick = {"layer1": "w4a4", "layer2": "w4a8"}  # int4 (GFNI unpack) beside int8 VNNI
+    bits = {n: next((p for k, p in pick.items() if n.startswith(k)), "w8a8") for n in names}
+    return quantize_graph(g, linspace_stats(g), QuantSpec(), bits=bits)
 
 
 def test_resnet18_passes_every_stage(r18) -> None:
-    """Whole ResNet-18 (32 px) on the x86 kernels: Relax, scheduled TIR, post-pipeline
+    """Whole ResNet-18 (32 px, W4A4/W4A8/W8A8 layers) on the x86 kernels: Relax, scheduled TIR, post-pipeline
     TIR and the assembly of every core kernel are integer-only; the boundary
     functions are not (so the scan does look)."""
     low = lower(r18, x86_rules(1), batch=1)
@@ -155,6 +159,9 @@ def test_resnet18_passes_every_stage(r18) -> None:
     assert rep.stages == ["core", "codegen", "asm"]
     assert rep.asm["ok"] and rep.asm["instructions"] > 1000
     assert len(rep.codegen_funcs) >= len(rep.prim_funcs)
+    asm = next(m for m in [built.executable.mod, *built.executable.mod.imports]
+               if m.kind == "llvm").inspect_source("asm")
+    assert "vpdpbusd" in asm and "vgf2p8affineqb" in asm  # VNNI and the GFNI int4 unpack
     for func in ("quantize", "dequantize"):
         assert not check_codegen_tir(built.lowered, TARGET, func).ok or \
             not check_integer_only(built.lowered, func).ok
