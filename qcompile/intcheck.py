@@ -188,6 +188,9 @@ def _dtype(e: object) -> str:
 
 
 def _is_handle(dtype: str) -> bool:
+    """An opaque handle or a pointer to integer data (a pointer to float is not)."""
+    if "float" in dtype or "bfloat" in dtype:
+        return False
     return dtype == "handle" or dtype.startswith(("handle", "T.handle")) or "*" in dtype
 
 
