@@ -14,7 +14,9 @@ The corpus comes from ``tools/fuzz_corpus.py`` (regenerated into ``--corpus`` wi
 * nothing written to the current directory (each compile runs in a fresh empty one) or
   to the directory ``make`` was started from;
 * a refused compile leaves no ``-o`` directory, or an empty one;
-* stderr is a single line (none at all for a quiet successful compile);
+* every stderr message is a single line: one ``error: ...`` when refused, none when
+  compiled, and nothing else but one-line ``warning: ...`` messages; nothing written to
+  file descriptor 2 by native code (onnxruntime's or TVM's own logging);
 * the controls (``expect: compile``) compile.
 
 The ONNX backend node tests are reported from the newest
@@ -47,7 +49,7 @@ RESULTS = HERE / "results"
 CLASSES = obs.CLASSES
 BUGS = obs.BUGS
 CHECKS = ("input_modified", "corpus_changed", "wrote_to_cwd", "wrote_to_launch_dir",
-          "out_left_behind", "stderr_not_one_line")
+          "out_left_behind", "stderr_not_one_line", "native_stderr")
 
 
 def cli_args(model: Path, out: Path, samples: int = 2) -> list[str]:
@@ -90,10 +92,21 @@ def fuzz_one(main: Any, model: Path, samples: int, freeze: bool = False) -> dict
     before_case, before_corpus, before_launch = tree_state(case), listing(corpus), listing(launch)
     old = os.getcwd()
     t = time.perf_counter()
+    # Native code (onnxruntime, TVM, LLVM) writes to fd 2 directly: catch that too.
+    saved_fd2, native = os.dup(2), os.open(work / "fd2.log", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         os.chdir(cwd)
-        code, stderr, tb = obs._run_cli(main, cli_args(model, out, samples))
+        sys.stderr.flush()
+        os.dup2(native, 2)
+        try:
+            code, stderr, tb = obs._run_cli(main, cli_args(model, out, samples))
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved_fd2, 2)
+            os.close(saved_fd2)
+            os.close(native)
         seconds = time.perf_counter() - t
+        native_err = (work / "fd2.log").read_text(errors="replace")
         lines = [ln for ln in stderr.splitlines() if ln.strip()]
         rec: dict[str, Any] = {"exit_code": code, "line": obs._error_line(stderr) if code else "",
                                "stderr_lines": len(lines)}
@@ -114,9 +127,18 @@ def fuzz_one(main: Any, model: Path, samples: int, freeze: bool = False) -> dict
             problems.append("wrote_to_launch_dir")
         if code != 0 and out.exists() and (not out.is_dir() or listing(out)):
             problems.append("out_left_behind")
-        if len(lines) > (0 if code == 0 else 1):
+        # Every message is one line: "error: ..." (exactly one when refused, none when
+        # compiled) and any number of one-line "warning: ..."; nothing else (tracebacks,
+        # continuation lines, C++ logs on Python's stderr).
+        errors = [ln for ln in lines if ln.startswith(("error:", "internal error:"))]
+        if (len(errors) != (0 if code == 0 else 1)
+                or any(not ln.startswith(("error:", "internal error:", "warning:"))
+                       for ln in lines)):
             problems.append("stderr_not_one_line")
             rec["stderr"] = stderr[-2000:]
+        if native_err.strip():
+            problems.append("native_stderr")
+            rec["native_stderr"] = native_err[-2000:]
         rec["problems"] = problems
         if rec["class"] == "traceback" and tb is None:  # exit 70: rerun for the traceback
             shutil.rmtree(out, ignore_errors=True)

@@ -143,7 +143,8 @@ def _model_dims(model: Path, input_shape: tuple[int, ...] | None) -> list[int]:
         import onnx  # deferred: only compile/eval with images need it
         graph = onnx.load(str(model), load_external_data=False).graph
         inits = {t.name for t in graph.initializer}
-        return [d.dim_value for d in next(i for i in graph.input if i.name not in inits)
+        # max(.., 0): a negative dim reads as symbolic here; the loader refuses it (exit 3).
+        return [max(d.dim_value, 0) for d in next(i for i in graph.input if i.name not in inits)
                 .type.tensor_type.shape.dim]
     except Exception:  # any failure: fall back to defaults, the API will say what's wrong
         return []

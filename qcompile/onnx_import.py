@@ -209,7 +209,7 @@ def _fold_constants(model: onnx.ModelProto, path: str) -> onnx.ModelProto:
     is read back from the file onnxruntime writes; the caller's model is not touched."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: its errors are raised, one line
     with tempfile.TemporaryDirectory(prefix="qcompile-fold-") as tmp:
         out = os.path.join(tmp, "folded.onnx")
         opts.optimized_model_filepath = out
@@ -404,6 +404,10 @@ def import_onnx(model: onnx.ModelProto, *, batch: int = 1, source: str = "") -> 
         if onode.output[0] not in shapes:
             raise BadModelError(f"{src}: node {name!r} output {onode.output[0]!r} has no "
                                 "static inferred shape; re-export with static shapes")
+        if math.prod(shapes[onode.output[0]]) > MAX_INPUT_ELEMENTS << 6:  # e.g. pads=2**40
+            raise BadModelError(f"{src}: node {name!r} output {onode.output[0]!r} has shape "
+                                f"{shapes[onode.output[0]]}, an implausible size; fix the "
+                                "node's attributes")
         ctx = _Ctx(name, onode, _parse_attrs(onode), consts, shapes)
         for extra in list(onode.output)[1:]:
             if extra in used and onode.op_type not in _MULTI_OUTPUT:
@@ -584,6 +588,13 @@ def _conv(ctx: _Ctx) -> Node:
     if "b" in params and params["b"].shape != w.shape[:1]:  # onnxruntime does not check it
         raise BadModelError(f"node {ctx.name!r} (op Conv): bias has shape {params['b'].shape}, "
                             f"the weight has {w.shape[0]} output channels; the model is invalid")
+    x_shape, group = ctx.shapes.get(ctx.onode.input[0], ()), int(ctx.attrs.get("group", 1))
+    if (group < 1 or w.ndim < 3 or w.shape[0] % group
+            or (len(x_shape) > 1 and w.shape[1] * group != x_shape[1])
+            or tuple(ctx.attrs.get("kernel_shape", w.shape[2:])) != w.shape[2:]):
+        raise BadModelError(f"node {ctx.name!r} (op Conv): weight {w.shape} with group={group}"
+                            f" and kernel_shape={tuple(ctx.attrs.get('kernel_shape', ()))} does "
+                            f"not fit input {x_shape}; the model is invalid")
     attrs, _ = _window_pads(ctx, tuple(ctx.attrs.get("kernel_shape", w.shape[2:])), ceil=False)
     return ctx.node((ctx.act(0),), attrs | {"group": int(ctx.attrs.get("group", 1))}, params)
 
