@@ -36,6 +36,13 @@ Correction", for depthwise-separable nets (MobileNetV2, EfficientNet-Lite).
     see max(z, c_i) instead of max(z, 0)); it is skipped when conv2 pads (the padded
     zeros would not carry c) and when no range is known.
 
+    Measured on EfficientNet-Lite0 (``benchmarks/results/cle-effnet-lite0.md``): the
+    data-free bounds let only ~7% of the channels behind a ReLU6 move, and with
+    per-output-channel weight scales (invariant to the per-channel rescaling of conv1,
+    and of a depthwise conv2) the paper's weight-range criterion buys little; the
+    calibrated-range variant changed the float top-1 on 4% of unseen crops and
+    quantized worse, so it stays opt-in (``equalize_calibrated(data_ranges=True)``).
+
 ``bias_correction`` (QGraph -> QGraph, only bias integers change)
     Empirical: for each qconv/qdense in graph order, ``E[y_float - y_quant]`` per
     output channel over calibration inputs, where y is the pre-activation (the
