@@ -20,7 +20,7 @@ from .artifact import atomic_dir, check_output_dir, write_json
 from .build import build
 from .calibrate import FloatRunner, collect_stats
 from .readers import Reader, load_inputs, make_reader
-from .config import AllocSpec, CalibSpec, Preprocess, QuantSpec, precision_name
+from .config import AllocSpec, CalibSpec, Preprocess, QuantSpec, precision_name, resolve_auto
 from .errors import BuildError, UsageError
 from .lower import lower
 from .onnx_import import import_onnx, load_model
@@ -51,6 +51,7 @@ def _front(model: Path, calib: CalibSpec, progress: bool, calibrate: bool = True
            ) -> tuple[Graph, Reader, dict]:
     """1. Import: load, check, shape-infer, canonicalize (BN folding, fusion).
     2. Calibrate activation ranges on the float model in onnxruntime (unless not asked)."""
+    calib, _ = resolve_auto(calib)
     proto = load_model(model, calib.preprocess.input_shape)
     graph = prepare(import_onnx(proto, batch=1, source=model.name))
     reader = make_reader(calib, graph.input, graph.input_shape)
@@ -78,6 +79,7 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
     (unscheduled, slow) lowering is used and any batch size works.
     """
     t0 = time.perf_counter()
+    calib, quant = resolve_auto(calib, quant)
     if input_shape is not None:  # shorthand for calib.preprocess.input_shape
         calib = dataclasses.replace(calib, preprocess=dataclasses.replace(
             calib.preprocess, input_shape=tuple(input_shape)))

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import __version__
 from .artifact import check_output_dir
-from .config import (CALIBRATORS, LAYOUTS, ROUNDINGS, parse_shape, SENSITIVITY_METHODS, AllocSpec, CalibSpec,
+from .config import (AUTO, CALIBRATORS, LAYOUTS, ROUNDINGS, parse_shape, SENSITIVITY_METHODS, AllocSpec, CalibSpec,
                      Preprocess, QuantSpec)
 from .errors import ArtifactError, BadModelError, DataError, QCompileError, UsageError
 
@@ -350,7 +350,8 @@ def zoo_cmd(name: str | None, output: str | None, list_: bool, input_size: int |
               help="Calibration data: a folder of .npy/.npz arrays or images.")
 @click.option("--calib-samples", type=int, default=CalibSpec().num_samples, show_default=True,
               metavar="N")
-@click.option("--calibrator", type=click.Choice(CALIBRATORS), default="minmax", show_default=True)
+@click.option("--calibrator", type=click.Choice(CALIBRATORS + (AUTO,)), default=AUTO,
+              show_default=True, help="auto: mse with --calib DIR, minmax on synthetic data.")
 @click.option("--percentile", type=float, default=CalibSpec().percentile, show_default=True,
               metavar="P", help="Used by --calibrator percentile.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
@@ -366,9 +367,11 @@ def zoo_cmd(name: str | None, output: str | None, list_: bool, input_size: int |
                    "(the float function is unchanged).")
 @click.option("--bias-correction/--no-bias-correction", default=False, show_default=True,
               help="Empirical bias correction of the int32 biases on the calibration data.")
-@click.option("--rounding", type=click.Choice(ROUNDINGS), default="nearest", show_default=True,
+@click.option("--rounding", type=click.Choice(ROUNDINGS + (AUTO,)), default=AUTO,
+              show_default=True,
               help="How weights become integers: round each to nearest, or gptq "
-                   "(Hessian-aware GPTQ on the calibration data; slower to compile).")
+                   "(Hessian-aware GPTQ on the calibration data; slower to compile). "
+                   "auto: gptq with --calib DIR, nearest on synthetic data.")
 @_alloc_options
 @_preprocess_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -22,6 +22,10 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 CALIBRATORS: tuple[str, ...] = ("minmax", "percentile", "mse")
 ROUNDINGS: tuple[str, ...] = ("nearest", "gptq")
+# "auto" picks what measured best (benchmarks/results/quality-*.md) for the data at hand:
+# with real calibration data mse ranges and GPTQ rounding, with synthetic data (a smoke
+# test: its ranges say nothing about real inputs) minmax and round-to-nearest.
+AUTO = "auto"
 LAYOUTS: tuple[str, ...] = ("NCHW", "NHWC")
 
 
@@ -63,7 +67,7 @@ class CalibSpec:
     """Where calibration data comes from and how ranges are measured."""
 
     source: str = "synthetic"  # a directory, or "synthetic"
-    method: str = "minmax"
+    method: str = AUTO
     num_samples: int = 32
     batch_size: int = 8
     percentile: float = 99.99
@@ -71,7 +75,7 @@ class CalibSpec:
     preprocess: Preprocess = field(default_factory=Preprocess)
 
     def __post_init__(self) -> None:
-        if self.method not in CALIBRATORS:
+        if self.method not in CALIBRATORS + (AUTO,):
             raise UsageError(f"--calibrator must be one of {CALIBRATORS}, got {self.method!r}")
         if self.num_samples <= 0 or self.batch_size <= 0:
             raise UsageError("--calib-samples and batch size must be positive")
@@ -117,12 +121,12 @@ class QuantSpec:
     bias_correction: bool = False  # empirical bias correction of the int32 biases
     # How weights become integers: "nearest" rounds each weight on its own; "gptq" is
     # Hessian-aware (GPTQ/OBQ on the calibration inputs, see gptq.py).
-    rounding: str = "nearest"
+    rounding: str = AUTO
 
     def __post_init__(self) -> None:
         for b in (self.bits, self.first_last_bits):
             precision(b, "--bits")  # validates
-        if self.rounding not in ROUNDINGS:
+        if self.rounding not in ROUNDINGS + (AUTO,):
             raise UsageError(f"--rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
 
     @property
@@ -159,3 +163,14 @@ class AllocSpec:
     @property
     def active(self) -> bool:
         return any(b is not None for b in (self.latency, self.size, self.bops))
+
+
+def resolve_auto(calib: CalibSpec, quant: QuantSpec | None = None
+                 ) -> tuple[CalibSpec, QuantSpec | None]:
+    """``auto`` calibrator and rounding made concrete (see ``AUTO``)."""
+    real = calib.source != "synthetic"
+    if calib.method == AUTO:
+        calib = replace(calib, method="mse" if real else "minmax")
+    if quant is not None and quant.rounding == AUTO:
+        quant = replace(quant, rounding="gptq" if real else "nearest")
+    return calib, quant

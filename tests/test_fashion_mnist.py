@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from qcompile import api
-from qcompile.config import CalibSpec
+from qcompile.config import CalibSpec, QuantSpec
 from qcompile.datasets import fashion_mnist_dir, load_fashion_mnist
 
 DATA = Path(__file__).parent / "data"
@@ -33,7 +33,9 @@ def test_int8_accuracy_within_half_a_point_of_float(tmp_path: Path) -> None:
     # 512 training images, spread over the set, for calibration; the test set is never seen
     np.save(calib / "train.npy", xtr[::117][:512])
     # kernels specialized to batch 500 evaluate the 10k images in 20 calls
-    api.compile_model(MODEL, tmp_path / "art", calib=CalibSpec(source=str(calib), num_samples=512),
+    # minmax + nearest: this checks INT8 fidelity, not the slower auto defaults (mse, GPTQ)
+    api.compile_model(MODEL, tmp_path / "art", quant=QuantSpec(rounding="nearest"),
+                      calib=CalibSpec(source=str(calib), num_samples=512, method="minmax"),
                       progress=False, batch=500)
     ev = api.evaluate(MODEL, tmp_path / "art", inputs=xte, labels=yte, progress=False,
                       batch_size=500)

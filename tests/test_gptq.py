@@ -194,6 +194,17 @@ def test_compile_with_gptq_is_bit_exact_and_integer_only(tmp_path: Path) -> None
     assert "grp" in changed and "pw" in changed
 
 
+def test_auto_defaults_follow_the_calibration_data() -> None:
+    from qcompile.config import resolve_auto
+    real = CalibSpec(source="some/dir")
+    c, q = resolve_auto(real, QuantSpec())
+    assert (c.method, q.rounding) == ("mse", "gptq")
+    c, q = resolve_auto(CalibSpec(), QuantSpec())
+    assert (c.method, q.rounding) == ("minmax", "nearest")
+    c, q = resolve_auto(CalibSpec(source="d", method="percentile"), QuantSpec(rounding="nearest"))
+    assert (c.method, q.rounding) == ("percentile", "nearest")  # explicit choices stay
+
+
 def test_rounding_is_validated() -> None:
     with pytest.raises(UsageError, match="--rounding"):
         QuantSpec(rounding="stochastic")
@@ -220,7 +231,7 @@ def test_cli_rounding_reaches_the_api(tmp_path: Path, monkeypatch: pytest.Monkey
     r = CliRunner().invoke(cli.main, base + ["--rounding", "gptq"])
     assert r.exit_code == 0, r.output
     assert calls[-1]["quant"].rounding == "gptq"
-    r = CliRunner().invoke(cli.main, base)
-    assert r.exit_code == 0 and calls[-1]["quant"].rounding == "nearest"
+    r = CliRunner().invoke(cli.main, base)  # auto: gptq with real data, else nearest
+    assert r.exit_code == 0 and calls[-1]["quant"].rounding == "auto"
     r = CliRunner().invoke(cli.main, base + ["--rounding", "floor"])
     assert r.exit_code != 0 and "--rounding" in r.output
