@@ -167,7 +167,9 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
             "params": [k for k, _ in lowered.params], "integer_only": built.intcheck.ok,
             "kernels": lowered.kernels, "kernel_funcs": lowered.funcs,
             "intcheck": {"prim_funcs": len(built.intcheck.prim_funcs),
-                         "stores": built.intcheck.stores},
+                         "stores": built.intcheck.stores,
+                         "stages": list(built.intcheck.stages),  # Relax+TIR, codegen, asm
+                         "asm": built.intcheck.asm},
             "tune": _tune_json(built.tune),
             "compile_seconds": round(seconds, 2)})
     n_layers = sum(n.op in ("qconv", "qdense") for n in qg.nodes)

@@ -41,7 +41,7 @@ from tvm import relax
 
 from .build import Built, _debug_dump, _stage
 from .errors import BuildError
-from .intcheck import check_integer_only
+from .intcheck import full_check
 from .kernels import cuda_tc as ct
 from .lower import LowerCtx, Rule
 
@@ -346,7 +346,7 @@ def build_cuda(mod: tvm.IRModule, target: tvm.target.Target, arch: str = ARCH) -
     except Exception as e:
         raise BuildError(f"CUDA legalization failed: {str(e).splitlines()[0]}") from e
     _debug_dump("legalized", lowered)
-    rep = check_integer_only(lowered, "core")
+    rep = full_check(lowered, target, "core")  # Relax, scheduled TIR, post-pipeline TIR
     rest = tvm.transform.Sequential(_stage(target, "dataflow_lower") + _stage(target, "finalize"))
     with nvcc_at_build_time(arch) as device:
         try:
