@@ -74,6 +74,8 @@ FASHION = ROOT / "tests" / "data" / "fashion_resnet.onnx"
 EFFNET_PRE = Preprocess(size=224, resize=256, mean=(0.498,) * 3, std=(0.502,) * 3)
 SIZE_FRACTION = 0.75
 MISSING = "n/a (feature missing)"
+# explicit: the compiler's defaults are "auto" (GPTQ and mse with real data) since 2026-11-27
+NEAREST8 = {"bits": 8, "rounding": "nearest"}
 ASSEMBLE_ONLY = False  # --assemble-only
 ONLY: list[str] = []  # --only
 
@@ -165,7 +167,8 @@ def uniform_rows(method: str) -> list[Row]:
     for r in ("nearest", "gptq"):
         rows.append(Row(f"W4A8 {r}", "W4A8", {"bits": "w4a8", "rounding": r}, method))
     rows.append(Row("W4A8 equalize + bias corr.", "W4A8",
-                    {"bits": "w4a8", "equalize": True, "bias_correction": True}, method))
+                    {"bits": "w4a8", "equalize": True, "bias_correction": True,
+                     "rounding": "nearest"}, method))
     for r in ("nearest", "gptq"):
         rows.append(Row(f"W4A4 {r}", "W4A4", {"bits": 4, "rounding": r}, method))
     for i, r in enumerate(rows):
@@ -346,12 +349,12 @@ def run_bench(b: Bench, work: Path, method: str, exact_n: int, seeds: int, log,
     if rows_kind == "uniform":
         return {"rows": rows}
     plan, k = keep_first_plan(layers, budget)
-    todo = [Row(f"mixed {sens} @{SIZE_FRACTION}x", f"mixed {sens}", {"bits": 8}, method,
+    todo = [Row(f"mixed {sens} @{SIZE_FRACTION}x", f"mixed {sens}", NEAREST8, method,
                 alloc={"size": f"{budget:.6f}MB", "sensitivity": sens}, slug=f"20-mixed-{sens}")
             for sens in ("hessian", "kl")]
-    todo += [Row(f"random plan seed {s}", "random", {"bits": 8}, method,
+    todo += [Row(f"random plan seed {s}", "random", NEAREST8, method,
                  plan=random_plan(layers, budget, s), slug=f"21-random-{s}") for s in range(seeds)]
-    todo.append(Row(f"keep first k={k} at 8", "keep-first", {"bits": 8}, method, plan=plan,
+    todo.append(Row(f"keep first k={k} at 8", "keep-first", NEAREST8, method, plan=plan,
                     slug="22-keep-first"))
     done = {row.slug: r.run(row) for row in (todo[::-1] if reverse else todo)}
     rows += [done[row.slug] for row in todo[:2]]
