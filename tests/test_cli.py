@@ -327,7 +327,8 @@ def test_eval_json(artifact: tuple[Path, Path]) -> None:
     assert {"bit_exact", "integer_only", "top1_agreement", "sqnr_db", "layers",
             "num_samples"} <= set(res)
     assert res["bit_exact"] is True and res["integer_only"] is True and res["num_samples"] == 4
-    assert 0.0 <= res["top1_agreement"] <= 1.0
+    # INT8 of this small net on its own synthetic distribution: the argmax rarely moves
+    assert res["top1_agreement"] >= 0.75 and res["sqnr_db"] > 15
     assert all({"name", "sqnr_db"} <= set(layer) for layer in res["layers"])
 
 

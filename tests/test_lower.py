@@ -7,6 +7,7 @@ outputs for equality (not closeness) on 32 random inputs.
 """
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,7 @@ def _compile_and_check(model, tmp_path: Path, n: int = 32, kernels: bool = True)
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_single_conv_bit_exact(case: str, tmp_path: Path) -> None:
-    ev = _compile_and_check(conv_bn_relu_model(seed=hash(case) % 100, **CASES[case]), tmp_path)
+    ev = _compile_and_check(conv_bn_relu_model(seed=zlib.crc32(case.encode()) % 100, **CASES[case]), tmp_path)
     assert ev["sqnr_db"] > 25  # 8-bit quantization of one layer is accurate
 
 

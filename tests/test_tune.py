@@ -6,7 +6,6 @@ everything else reuses its database or tunes nothing.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -168,9 +167,8 @@ def test_every_tuned_schedule_is_bit_exact(tuned: tuple[tvm.IRModule, tune.TuneR
 def test_second_run_reuses_database(tuned: tuple[tvm.IRModule, tune.TuneReport]) -> None:
     mod, rep = tuned
     n_records = len((rep.db_dir / "database_tuning_record.json").read_text().splitlines())
-    t0 = time.perf_counter()
+    # reuse is proven by the counts below (no new trials), not by a wall-clock limit
     again = tune.tune_module(mod, TARGET, TRIALS, rep.db_dir, progress=False)
-    assert time.perf_counter() - t0 < 5
     (task,) = again.tasks
     assert task.reused and task.trials_before >= TRIALS and task.trials_run == 0
     assert len(again.reused) == 1 and not again.new
