@@ -20,8 +20,9 @@ from .artifact import atomic_dir, check_output_dir, write_json
 from .build import build
 from .calibrate import FloatRunner, collect_stats
 from .readers import Reader, load_inputs, make_reader
-from .config import AllocSpec, CalibSpec, Preprocess, QuantSpec, precision_name, resolve_auto
-from .errors import BuildError, UsageError
+from .config import (VERIFY_INPUTS, AllocSpec, CalibSpec, Preprocess, QuantSpec,
+                     precision_name, resolve_auto)
+from .errors import BuildError, UsageError, VerificationError
 from .lower import lower
 from .onnx_import import import_onnx, load_model
 from .graph import Graph
@@ -45,6 +46,8 @@ class CompileResult:
     compile_seconds: float
     integer_only: bool
     num_layers: int
+    verified: dict | None = None  # the manifest's "verified" record (None: --no-verify)
+
 
 
 def _front(model: Path, calib: CalibSpec, progress: bool, calibrate: bool = True
@@ -65,7 +68,8 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
                   progress: bool = True, batch: int = 1, kernels: bool = True,
                   alloc: AllocSpec = AllocSpec(), tune: int = 0,
                   input_shape: tuple[int, ...] | None = None,
-                  plan: Mapping[str, int | str] | None = None) -> CompileResult:
+                  plan: Mapping[str, int | str] | None = None,
+                  verify: int = VERIFY_INPUTS) -> CompileResult:
     """ONNX file -> integer-only artifact directory (written atomically).
 
     With a budget in ``alloc`` each conv/dense gets 4 or 8 bits from the ILP (see
@@ -77,6 +81,11 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
     With ``kernels`` (the default) layers run on qcompile's scheduled kernels,
     which are specialized to a static ``batch``; without, TVM's generic
     (unscheduled, slow) lowering is used and any batch size works.
+
+    ``verify`` inputs (0: none) are run through the written artifact and the NumPy
+    oracle before the artifact is moved into place (see :func:`verify_artifact`); a
+    difference raises ``VerificationError`` and nothing is written. The manifest's
+    ``verified`` records the result, or why it was skipped.
     """
     t0 = time.perf_counter()
     calib, quant = resolve_auto(calib, quant)
@@ -155,7 +164,7 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
             card += render_plan(allocation.to_json())
         (tmp / "report.md").write_text(card)
         seconds = time.perf_counter() - t0
-        write_json(tmp / "manifest.json", {
+        manifest = {
             "format": 1, "qcompile": __version__, "tvm": tvm.__version__,
             "source": str(model.name), "target": {"kind": tgt.kind.name, "str": meta["target"]},
             "batch": batch if rules else None,
@@ -171,9 +180,85 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
                          "stages": list(built.intcheck.stages),  # Relax+TIR, codegen, asm
                          "asm": built.intcheck.asm},
             "tune": _tune_json(built.tune),
-            "compile_seconds": round(seconds, 2)})
+            "compile_seconds": round(seconds, 2),
+            "verified": None}
+        write_json(tmp / "manifest.json", manifest)
+        if verify > 0:  # 7. Run the artifact as written beside the oracle.
+            x, source = _verify_inputs(qg, reader, calib, verify)
+            manifest["verified"] = verify_artifact(tmp, qg, x, tgt, source=source)
+            write_json(tmp / "manifest.json", manifest)
     n_layers = sum(n.op in ("qconv", "qdense") for n in qg.nodes)
-    return CompileResult(out_dir, seconds, built.intcheck.ok, n_layers)
+    return CompileResult(out_dir, seconds, built.intcheck.ok, n_layers, manifest["verified"])
+
+
+def _verify_inputs(qg: QGraph, reader: Reader, calib: CalibSpec, n: int
+                   ) -> tuple[np.ndarray, str]:
+    """``n`` inputs for compile's check and where they come from: the first calibration
+    samples when real data was given, else seeded uniform values over the input's whole
+    calibrated range (``--calib synthetic``)."""
+    if calib.source != "synthetic":
+        reader.rewind()
+        parts, have = [], 0
+        while have < n and (batch := reader.get_next()) is not None:
+            parts.append(next(iter(batch.values()))[:n - have])
+            have += len(parts[-1])
+        reader.rewind()
+        if parts:
+            return np.concatenate(parts).astype(np.float32), "calibration"
+    t = qg.input.qtype
+    q = np.random.default_rng(0).uniform(t.qmin, t.qmax, size=(n, *qg.input.shape[1:]))
+    return qg.input.dequantize(q).astype(np.float32), "uniform"
+
+
+def _oracle_diff(art: Artifact, qg: QGraph, x: np.ndarray, keep: bool = False
+                 ) -> tuple[str | None, dict[str, np.ndarray]]:
+    """Run the artifact's ``quantize`` and ``core`` on ``x`` beside the NumPy oracle.
+
+    Returns (None, the oracle's tensors) when both match bit for bit, else a short
+    description of the first difference in its place."""
+    q = oracle.quantize_input(qg, x)
+    ref = oracle.run_integer(qg, q, keep=keep)
+    for step, got, want in (("quantize", lambda: art.quantize(x), q),
+                            ("core", lambda: art.run_core(q), ref["output"])):
+        y = got()
+        if y.shape != want.shape:
+            return f"{step} returned shape {list(y.shape)}, the oracle {list(want.shape)}", ref
+        if not np.array_equal(y, want):
+            diff = y.astype(np.int64) - want.astype(np.int64)
+            return (f"{step} differs in {int((diff != 0).sum())} of {diff.size} values "
+                    f"(max |diff| {int(np.abs(diff).max())})"), ref
+    return None, ref
+
+
+def verify_artifact(art_dir: str | Path, qg: QGraph, inputs: np.ndarray,
+                    target: tvm.target.Target, source: str = "arrays") -> dict:
+    """Run ``inputs`` through the artifact in ``art_dir`` and the NumPy oracle.
+
+    Returns the manifest's ``verified`` record: ``{"inputs", "bit_exact", "source",
+    "seconds"}``, with ``bit_exact`` None and a ``skipped`` reason when the artifact
+    cannot run here (``--target cuda`` without a GPU of its arch; one warning line).
+    Raises ``VerificationError`` on the first input that differs."""
+    t0 = time.perf_counter()
+    if target.kind.name == "cuda":
+        arch = str(target.attrs.get("arch", "sm_75"))
+        dev = tvm.cuda()
+        here = f"sm_{dev.compute_version.replace('.', '')}" if dev.exist else None
+        if here != arch:
+            why = (f"no CUDA GPU on this machine to run the {arch} code" if here is None else
+                   f"this GPU is {here}, the artifact holds {arch} code only")
+            warnings.warn(f"oracle check skipped: {why}; run `qcompile eval` where a "
+                          f"{arch} GPU is present", stacklevel=2)
+            return {"inputs": 0, "bit_exact": None, "source": source, "skipped": why}
+    art = Artifact.load(art_dir)
+    for i in range(len(inputs)):
+        diff, _ = _oracle_diff(art, qg, inputs[i:i + 1])
+        if diff is not None:
+            raise VerificationError(
+                f"the built artifact is not bit-exact against the NumPy oracle on "
+                f"verification input {i} ({source}): {diff}; nothing was written "
+                f"(--no-verify writes the artifact for debugging)")
+    return {"inputs": len(inputs), "bit_exact": True, "source": source,
+            "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def _tune_json(report: "TuneReport | None") -> dict | None:
@@ -240,10 +325,8 @@ def evaluate(model: str | Path, art_dir: str | Path, *, data: str | None = None,
     for i in range(0, len(inputs), batch_size):
         x = inputs[i:i + batch_size].astype(np.float32)
         bar.update(len(x))
-        q = oracle.quantize_input(qg, x)
-        ref = oracle.run_integer(qg, q, keep=True)
-        bit_exact &= bool(np.array_equal(art.quantize(x), q))
-        bit_exact &= bool(np.array_equal(art.run_core(q), ref["output"]))
+        diff, ref = _oracle_diff(art, qg, x, keep=True)
+        bit_exact &= diff is None
         fl = runner.run(x)
         for name in layer_names:
             if name not in fl:

@@ -25,7 +25,7 @@ import numpy as np
 from . import __version__
 from .artifact import check_output_dir
 from .config import (AUTO, CALIBRATORS, LAYOUTS, ROUNDINGS, parse_shape, SENSITIVITY_METHODS, AllocSpec, CalibSpec,
-                     Preprocess, QuantSpec)
+                     Preprocess, QuantSpec, VERIFY_INPUTS)
 from .errors import ArtifactError, BadModelError, DataError, QCompileError, UsageError
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE from sysexits.h
@@ -372,12 +372,17 @@ def zoo_cmd(name: str | None, output: str | None, list_: bool, input_size: int |
               help="How weights become integers: round each to nearest, or gptq "
                    "(Hessian-aware GPTQ on the calibration data; slower to compile). "
                    "auto: gptq with --calib DIR, nearest on synthetic data.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help=f"Run {VERIFY_INPUTS} inputs through the written artifact and the NumPy "
+                   "integer oracle and require them bit-exact (exit 11 otherwise); recorded in the "
+                   "manifest's `verified`. Skipped, with a note, for --target cuda without "
+                   "an sm_75 GPU.")
 @_alloc_options
 @_preprocess_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
 def compile_cmd(model: str, out: str, target: str, bits: str, calib: str, calib_samples: int,
                 calibrator: str, percentile: float, batch: int, kernels: bool, tune: int,
-                equalize: bool, bias_correction: bool, rounding: str,
+                equalize: bool, bias_correction: bool, rounding: str, verify: bool,
                 size: int | None, resize: int, mean: str | None, std: str | None,
                 layout: str | None, input_shape: str | None,
                 quiet: bool, budget_latency: str | None, budget_size: str | None, budget_bops: str | None,
@@ -404,11 +409,17 @@ def compile_cmd(model: str, out: str, target: str, bits: str, calib: str, calib_
     # Step 2. The work.
     res = _api().compile_model(model_path, out_path, target=target, quant=quant,
                                calib=calib_spec, progress=not quiet, batch=batch, kernels=kernels,
-                               alloc=alloc, tune=tune)
+                               alloc=alloc, tune=tune,
+                               verify=VERIFY_INPUTS if verify else 0)
     if not quiet:
         core = "integer-only" if res.integer_only else "NOT integer-only"
+        v = getattr(res, "verified", None)
+        checked = ("not verified" if not v else
+                   f"bit-exact vs the oracle on {v['inputs']} inputs" if v.get("bit_exact")
+                   else "oracle check skipped")
         click.echo(f"compiled {model} -> {res.out_dir} in {res.compile_seconds:.1f} s "
-                   f"({res.num_layers} layers, {core}); see {Path(res.out_dir) / 'report.md'}")
+                   f"({res.num_layers} layers, {core}, {checked}); "
+                   f"see {Path(res.out_dir) / 'report.md'}")
 
 
 @main.command("allocate")

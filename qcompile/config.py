@@ -27,6 +27,8 @@ ROUNDINGS: tuple[str, ...] = ("nearest", "gptq")
 # test: its ranges say nothing about real inputs) minmax and round-to-nearest.
 AUTO = "auto"
 LAYOUTS: tuple[str, ...] = ("NCHW", "NHWC")
+#: Inputs ``compile`` runs through the written artifact and the NumPy oracle (--no-verify: 0).
+VERIFY_INPUTS = 2
 
 
 @dataclass(frozen=True)

@@ -60,8 +60,15 @@ class DeviceError(QCompileError):
     exit_code = 9
 
 
+class VerificationError(QCompileError):
+    """The built artifact disagrees with the NumPy integer oracle (``compile``'s check)."""
+
+    exit_code = 11
+
+
 EXIT_CODES: dict[str, int] = {
     cls.__name__: cls.exit_code
     for cls in (UsageError, BadModelError, UnsupportedOpError, BuildError,
-                DataError, ArtifactError, InfeasibleBudgetError, DeviceError)
+                DataError, ArtifactError, InfeasibleBudgetError, DeviceError,
+                VerificationError)
 }
