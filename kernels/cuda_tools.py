@@ -70,8 +70,8 @@ _INSN_RE = re.compile(  # "/*0450*/  @!P0 IMMA.8816.U8.S8 R10, ..." -> IMMA.8816
     r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)")
 
 
-def sass_histogram(cubin: bytes) -> dict[str, dict[str, int]]:
-    """Per kernel name: SASS opcode (with modifiers, e.g. ``IMMA.8816.U8.S8``) -> count."""
+def sass_text(cubin: bytes) -> str:
+    """``cuobjdump -sass`` of a cubin or fatbin (per kernel: ``Function : name`` + code)."""
     tool = tool_path("cuobjdump")
     if tool is None:
         raise FileNotFoundError("cuobjdump not found (pip install nvidia-cuda-cuobjdump "
@@ -81,8 +81,13 @@ def sass_histogram(cubin: bytes) -> dict[str, dict[str, int]]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, env=env,
+        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, env=env,
                               check=True).stdout
+
+
+def sass_histogram(cubin: bytes) -> dict[str, dict[str, int]]:
+    """Per kernel name: SASS opcode (with modifiers, e.g. ``IMMA.8816.U8.S8``) -> count."""
+    text = sass_text(cubin)
     hist: dict[str, Counter[str]] = {}
     current = None
     for line in text.splitlines():

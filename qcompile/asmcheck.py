@@ -17,9 +17,33 @@ classified:
   ``vdivps``, ``vsqrtps``, ``vrcp14ps``, ``vrsqrt*``, ``vcmpps``, ``ucomiss`` ...)
   is not in the list and is rejected.
 
-CUDA: SASS from ``cuobjdump -sass`` when a cubin is available; FFMA, FMUL, FADD,
-MUFU, I2F, F2I, F2F, FSETP, FMNMX, DADD/DMUL/DFMA, HADD2/HMUL2/HFMA2 and HMMA are
-rejected.  Without a cubin the scan is skipped and says so.
+CUDA: ``build_cuda`` hands the sm_75 fatbin(s) nvcc produced to
+:func:`scan_cuda_binaries`, which disassembles them with ``cuobjdump -sass``.  The core's
+device kernels are, for each PrimFunc reachable from Relax ``core``, the kernels TVM
+split it into: ``<name>_kernel`` (and ``<name>_kernel_<i>`` / ``<name>_kernel<i>`` when
+one PrimFunc launches several).  Every instruction's opcode (the mnemonic before the
+first ``.`` modifier, after any ``@P`` predicate) is checked against
+:data:`SASS_FLOAT_OPS`, the float opcodes of sm_75 and its neighbours:
+
+* fp32 arithmetic, compares and selects: ``FFMA FMUL FADD`` (and their ``32I``
+  immediate forms), ``FMNMX FSETP FSET FCMP FSEL FCHK FRND FSWZADD``;
+* the special-function unit ``MUFU`` (rcp, rsq, ex2, lg2, sin ...);
+* conversions with a float side: ``I2F I2FP F2I F2IP F2F F2FP``;
+* fp64: ``DADD DMUL DFMA DSETP DSET DMNMX``; fp16x2: ``HADD2 HMUL2 HFMA2`` (and
+  ``_32I``), ``HSETP2 HSET2 HMNMX2``;
+* float tensor-core MMAs: ``HMMA`` (fp16/bf16/tf32), ``DMMA``.
+
+The SASS allow-list (:data:`SASS_ALLOWED`) is empty: no float opcode is accepted in a
+core kernel.  Integer work (``IMAD IADD3 LOP3 SHF SEL ISETP IMNMX PRMT I2I IMMA LDG LDS
+LDSM STG BAR ...``) never matches.  One nvcc idiom would: a 32-bit integer division by
+a *run-time* divisor is an ``I2F.U32.RP`` / ``MUFU.RCP`` / ``F2I.FTZ.U32.TRUNC``
+estimate plus an exact integer fix-up.  The core's divisors are compile-time constants
+(static shapes), so it does not occur; should it appear, the build fails and the
+sequence must be allow-listed here by name, with the reason.
+
+The scan is skipped (and says so in the manifest) when ``cuobjdump``/``nvdisasm`` are
+absent; a float opcode in a core kernel fails the build.  The boundary kernels
+(``quantize``, ``dequantize``, softmax) are float by design and are not scanned.
 """
 from __future__ import annotations
 
@@ -38,8 +62,18 @@ FP_DOMAIN_ALLOWED = re.compile(
 _FP_SUFFIX = re.compile(r"(ps|pd|ss|sd|ph|sh)$")
 _FP_LANE = re.compile(r"f(128|32x[248]|64x[24])$")
 _CONVERT = re.compile(r"^v?cvt")
-SASS_FLOAT = re.compile(r"\b(FFMA|FMUL|FADD|FMNMX|FSETP|FSET|FCHK|MUFU|I2F|F2I|F2F|FRND|"
-                        r"DADD|DMUL|DFMA|DSETP|HADD2|HMUL2|HFMA2|HMMA)\b")
+#: SASS opcodes (without modifiers) that compute on, compare or convert floats.
+SASS_FLOAT_OPS: frozenset[str] = frozenset({
+    "FFMA", "FFMA32I", "FMUL", "FMUL32I", "FADD", "FADD32I", "FMNMX", "FSETP", "FSET",
+    "FCMP", "FSEL", "FCHK", "FRND", "FSWZADD", "MUFU",
+    "I2F", "I2FP", "F2I", "F2IP", "F2F", "F2FP",
+    "DADD", "DMUL", "DFMA", "DSETP", "DSET", "DMNMX",
+    "HADD2", "HADD2_32I", "HMUL2", "HMUL2_32I", "HFMA2", "HFMA2_32I", "HSETP2", "HSET2",
+    "HMNMX2", "HMMA", "DMMA"})
+#: Float opcodes accepted in core kernels anyway (see the module docstring): none.
+SASS_ALLOWED: frozenset[str] = frozenset()
+# "/*0450*/  @!P0 FFMA.FTZ R1, ..." -> FFMA (the opcode before its modifiers)
+_SASS_INSN = re.compile(r"/\*[0-9a-fA-F]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
 
 _TYPE = re.compile(r"^\s*\.type\s+([^,\s]+),@function")
 _LAMBDA_REF = re.compile(r"(\.L__tvm_parallel_lambda[\w.]*)")
@@ -125,21 +159,61 @@ def scan_x86_asm(asm: str, prim_funcs: list[str]) -> AsmReport:
     return rep
 
 
-def scan_sass(sass: str) -> AsmReport:
-    """Scan ``cuobjdump -sass`` text for float instructions."""
+def classify_sass(opcode: str) -> str | None:
+    """Why a SASS opcode (modifiers allowed: ``FFMA.FTZ``) is float, or None."""
+    base = opcode.split(".")[0]
+    if base in SASS_FLOAT_OPS and base not in SASS_ALLOWED:
+        return "float instruction"
+    return None
+
+
+def _core_kernel(kernel: str, prim_funcs: list[str]) -> str | None:
+    """The core PrimFunc a device kernel was split from (``<pf>_kernel[_]<i>``), or None."""
+    for pf in prim_funcs:
+        if re.fullmatch(re.escape(pf) + r"_kernel(_?\d+)?", kernel):
+            return pf
+    return None
+
+
+def scan_sass(sass: str, prim_funcs: list[str] | None = None) -> AsmReport:
+    """Scan ``cuobjdump -sass`` text for float instructions: every kernel, or with
+    ``prim_funcs`` only the kernels of those (core) PrimFuncs, each of which must have
+    at least one."""
     rep = AsmReport(kind="sass", scanned=True)
-    func = "?"
+    func, scan, found = "?", prim_funcs is None, set()
     for line in sass.splitlines():
         if "Function :" in line:
             func = line.split("Function :")[1].strip()
-            rep.functions.append(func)
+            pf = _core_kernel(func, prim_funcs) if prim_funcs is not None else func
+            scan = pf is not None
+            if scan:
+                found.add(pf)
+                rep.functions.append(func)
             continue
-        if "/*" in line and ";" in line:
+        m = _SASS_INSN.search(line.split(";")[0]) if ";" in line else None
+        if scan and m:
             rep.instructions += 1
-            m = SASS_FLOAT.search(line.split(";")[0])
-            if m:
-                rep.violations.append(f"{func}: {m.group(1)}: {' '.join(line.split())}")
+            why = classify_sass(m.group(1))
+            if why:
+                rep.violations.append(f"{func}: {why}: {' '.join(line.split(';')[0].split())}")
+    missing = [pf for pf in prim_funcs or [] if pf not in found]
+    if missing:
+        rep.violations.append(f"no device kernel found for core PrimFuncs {missing[:5]}")
     return rep
+
+
+def scan_cuda_binaries(binaries: list[bytes], prim_funcs: list[str]) -> AsmReport:
+    """Disassemble the fatbins/cubins of a CUDA build and scan the core's kernels;
+    skipped (``scanned`` False, with a note) without ``cuobjdump``/``nvdisasm``."""
+    from .kernels.cuda_tools import sass_text, tool_path  # noqa: PLC0415
+
+    absent = [t for t in ("cuobjdump", "nvdisasm") if tool_path(t) is None]
+    if absent:
+        return AsmReport(kind="sass", note=f"{' and '.join(absent)} not found (pip install "
+                         "nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm): SASS not scanned")
+    if not binaries:
+        return AsmReport(kind="sass", note="the build holds no device code: SASS not scanned")
+    return scan_sass("\n".join(sass_text(b) for b in binaries), prim_funcs)
 
 
 def scan_executable(ex: object, prim_funcs: list[str]) -> AsmReport:

@@ -4,7 +4,7 @@
 ``depthwise_conv2d_nhwc``) and ``qdense`` (-> ``dense_tc``) onto the hand-scheduled kernels
 of ``qcompile.kernels.cuda_tc``; every other op keeps TVM's generic legalization.
 
-``build_cuda(mod, target)`` is ``build.build`` for CUDA, with two differences:
+``build_cuda(mod, target)`` is ``build.build`` for CUDA, with three differences:
 
 1. legalization schedules the generic PrimFuncs with dlight's GPU rules (reductions and the
    thread-binding fallback) and leaves our kernels alone (they carry ``tir.is_scheduled``);
@@ -21,6 +21,10 @@ stores the result as format "cubin" (anything not starting with '/'; the driver'
 source (format "cuda") and the *loading* host must compile it. So we register our nvcc
 callback for the duration of the build, and on a machine without a GPU driver we first load
 ``libtvm_runtime_cuda.so`` against a stub ``libcuda.so.1`` (see ``_cuda_factory``).
+
+3. the second line of evidence is the SASS of that fatbin, not x86 assembly: the core's
+   device kernels are scanned for float opcodes (``asmcheck.scan_cuda_binaries``; skipped,
+   with a note in the manifest, when cuobjdump/nvdisasm are absent).
 """
 from __future__ import annotations
 
@@ -41,7 +45,8 @@ from tvm import relax
 
 from .build import Built, _debug_dump, _stage
 from .errors import BuildError
-from .intcheck import full_check
+from .asmcheck import scan_cuda_binaries
+from .intcheck import IntCheckReport, full_check
 from .kernels import cuda_tc as ct
 from .lower import LowerCtx, Rule
 
@@ -355,7 +360,19 @@ def build_cuda(mod: tvm.IRModule, target: tvm.target.Target, arch: str = ARCH) -
             raise BuildError(f"TVM CUDA compilation failed: {str(e).splitlines()[0]}") from e
     if not device.binaries:
         raise BuildError("the CUDA build compiled no device code (was the source embedded?)")
+    record_sass(rep, device.binaries)
     return CudaBuilt(Built(ex, lowered, rep, target), device, time.perf_counter() - t0)
+
+
+def record_sass(rep: IntCheckReport, binaries: list[bytes]) -> None:
+    """Second line of evidence on CUDA: scan the SASS of the core's device kernels
+    (``asmcheck.scan_cuda_binaries``) into ``rep`` (``sass`` stage). A float opcode is a
+    violation, so the build fails; without cuobjdump the scan is skipped and says so."""
+    a = scan_cuda_binaries(binaries, rep.prim_funcs)
+    rep.asm = a.as_dict()
+    if a.scanned:
+        rep.stages.append("sass")
+        rep.violations += [f"[sass] {v}" for v in a.violations]
 
 
 # ======== 4. Reading the embedded code back (no GPU needed).

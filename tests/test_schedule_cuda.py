@@ -66,6 +66,10 @@ def test_core_stays_integer_only(resnet18) -> None:
     rep = resnet18[2].built.intcheck
     assert rep.ok, rep.violations
     assert sum(f.startswith("conv2d_nhwc_tc_") for f in rep.prim_funcs) == 20
+    # and the SASS nvcc made of every core kernel has no float opcode (asmcheck)
+    assert rep.stages == ["core", "codegen", "sass"]
+    assert rep.asm["kind"] == "sass" and rep.asm["ok"] and rep.asm["violations"] == []
+    assert rep.asm["functions"] >= len(rep.prim_funcs) and rep.asm["instructions"] > 5000
 
 
 def test_export_embeds_the_sm75_fatbin(resnet18) -> None:
