@@ -45,12 +45,43 @@ def _rand(rng: np.random.Generator, shape: tuple[int, ...], dtype: str) -> np.nd
     return rng.integers(info.min, info.max + 1, shape).astype(dtype)
 
 
-def _qparams(rng: np.random.Generator, shape: tuple[int, ...]) -> list[np.ndarray]:
-    """Dyadic m (< 2^31), r = 2^(s-1) and s as in qgraph; s = 0 included (r = 0)."""
-    s = rng.integers(0, 40, shape).astype(np.int64)
-    m = rng.integers(1, 2**31, shape).astype(np.int64)
+def _qparams(rng: np.random.Generator, acc: np.ndarray, out_dtype: str,
+             axes: tuple[int, ...] = (-1,)) -> tuple[list[np.ndarray], np.ndarray]:
+    """Requantization m, r = 2^(s-1), s (as in qgraph) per channel (``axes`` of ``acc``),
+    derived from the accumulator's actual spread, and an offset for the bias.
+
+    Random multipliers would saturate almost every output, leaving the rounding barely
+    tested. Here m / 2^s maps each channel's spread onto 60-95% of the output range and
+    the offset (added to the bias by the caller; callers without a bias skip it) centres
+    it, so most outputs land strictly inside and every rounding term matters. m has
+    8..30 significant bits (s up to 62); every 4th channel takes s = 0 (r = 0, m = 1),
+    the unrounded path, which mostly saturates."""
+    info = np.iinfo(out_dtype)
+    lo, hi = int(info.min), int(info.max)
+    axes = tuple(a % acc.ndim for a in axes)
+    red = tuple(i for i in range(acc.ndim) if i not in axes)
+    a = _wrap32(acc).astype(np.int64)
+    amin, amax = a.min(axis=red), a.max(axis=red)
+    span = np.maximum(amax - amin, 1).astype(np.float64)
+    t = rng.uniform(0.6, 0.95, span.shape) * (hi - lo) / span
+    bits = rng.integers(8, 31, span.shape)  # m in [2^(bits-1), 2^bits)
+    s = np.clip(bits - 1 - np.floor(np.log2(t)).astype(np.int64), 1, 62)
+    m = np.clip(np.round(np.ldexp(t, s)), 1, 2**31 - 1).astype(np.int64)
+    offset = np.round((lo + hi) / 2 * np.ldexp(1.0, s) / m - (amin + amax) / 2).astype(np.int64)
+    unrounded = (np.arange(span.size) % 4 == 3).reshape(span.shape)
+    s, m = np.where(unrounded, 0, s), np.where(unrounded, 1, m)
+    offset = np.where(unrounded, 0, offset)
     r = np.where(s > 0, np.left_shift(1, np.maximum(s - 1, 0)), 0).astype(np.int64)
-    return [m, r, s]
+    return [m, r, s], offset
+
+
+def _requant_setup(rng: np.random.Generator, acc: np.ndarray, bias: np.ndarray, raw: bool,
+                   out_dtype: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray] | None]:
+    """(acc, bias, q) with the bias (and so acc) shifted by ``_qparams``'s offset."""
+    if raw:
+        return acc, bias, None
+    q, off = _qparams(rng, acc, out_dtype)
+    return acc + off, (bias.astype(np.int64) + off).astype(np.int32), q
 
 
 def _requant(acc: np.ndarray, q: Sequence[np.ndarray], lo: int, hi: int, dtype: str) -> np.ndarray:
@@ -78,10 +109,14 @@ def _weights(rng: np.random.Generator, shape: tuple[int, ...], w_bits: int) -> n
 
 
 def _expected(acc: np.ndarray, q: Sequence[np.ndarray] | None, out_dtype: str) -> np.ndarray:
+    """The kernel's output in NumPy; requantized outputs must mostly be unsaturated."""
     if q is None:
         return _wrap32(acc)
     info = np.iinfo(out_dtype)
-    return _requant(_wrap32(acc), q, int(info.min), int(info.max), out_dtype)
+    out = _requant(_wrap32(acc), q, int(info.min), int(info.max), out_dtype)
+    inside = float(((out > info.min) & (out < info.max)).mean())
+    assert inside >= 0.5, f"only {inside:.0%} of the outputs are unsaturated"
+    return out
 
 
 # ----------------------------------------------------------------------------- packing
@@ -164,14 +199,14 @@ def _check_dense(M: int, N: int, K: int, in_dtype: str, out_dtype: str, raw: boo
     rng = np.random.default_rng(M + N + K)
     a, w = _rand(rng, (M, K), in_dtype), _weights(rng, (N, K), w_bits)
     bias = rng.integers(-2**20, 2**20, N).astype(np.int32)
-    q = None if raw else _qparams(rng, (N,))
+    acc, bias, q = _requant_setup(rng, a.astype(np.int64) @ w.astype(np.int64).T + bias, bias,
+                                  raw, out_dtype)
     kbias = V.signed_input_bias(w, bias) if in_dtype == "int8" else bias
     pack = V.pack_weights if w_bits == 8 else V.pack_weights_int4
     args = [a, pack(w), kbias, *(q or [])]
     f = V.dense_vnni(M, N, K, out_dtype=out_dtype, raw=raw, in_dtype=in_dtype, w_bits=w_bits,
                      int4_unpack=unpack)
     got = _run(f, args, (M, N), "int32" if raw else out_dtype)
-    acc = a.astype(np.int64) @ w.astype(np.int64).T + bias
     np.testing.assert_array_equal(got, _expected(acc, q, out_dtype))
 
 
@@ -180,7 +215,7 @@ def test_dense_custom_clip_and_int32_wrap() -> None:
     rng = np.random.default_rng(1)
     a, w = _rand(rng, (16, 64), "uint8"), _rand(rng, (32, 64), "int8")
     bias = np.full(32, 2**31 - 1, np.int32)
-    q = _qparams(rng, (32,))
+    q, _ = _qparams(rng, a.astype(np.int64) @ w.astype(np.int64).T + bias, "int8")  # bias kept
     got = _run(V.dense_vnni(16, 32, 64, out_dtype="int8", raw=False, lo=-8, hi=7),
                [a, V.pack_weights(w), bias, *q], (16, 32), "int8")
     acc = _wrap32(a.astype(np.int64) @ w.astype(np.int64).T + bias)
@@ -239,12 +274,11 @@ def _check_conv(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int, st: t
     rng = np.random.default_rng(H * C + OC)
     x, w = _rand(rng, (N, H, W, C), in_dtype), _weights(rng, (OC, C, kh, kw), w_bits)
     bias = rng.integers(-2**20, 2**20, OC).astype(np.int32)
-    q = None if raw else _qparams(rng, (OC,))
+    acc, bias, q = _requant_setup(rng, _conv_ref(x, w, st, pads, dil) + bias, bias, raw, out_dtype)
     kbias = V.signed_input_bias(w, bias) if in_dtype == "int8" else bias
     f = V.conv2d_nhwc_vnni(N, H, W, C, OC, kh, kw, st, pads, dil, out_dtype=out_dtype, raw=raw,
                            in_dtype=in_dtype, im2col=im2col, w_bits=w_bits, int4_unpack=unpack)
     pack = V.pack_conv_weights if w_bits == 8 else V.pack_conv_weights_int4
-    acc = _conv_ref(x, w, st, pads, dil) + bias
     got = _run(f, [x, pack(w), kbias, *(q or [])], acc.shape, "int32" if raw else out_dtype)
     np.testing.assert_array_equal(got, _expected(acc, q, out_dtype))
 
@@ -261,13 +295,13 @@ def test_conv2d_grouped_exact(N: int, H: int, W: int, C: int, OC: int, k: int, g
     rng = np.random.default_rng(C + OC + group)
     x, w = _rand(rng, (N, H, W, C), in_dtype), _weights(rng, (OC, C // group, k, k), 8)
     bias = rng.integers(-2**20, 2**20, OC).astype(np.int32)
-    q = None if raw else _qparams(rng, (OC,))
-    kbias = V.signed_input_bias(w, bias) if in_dtype == "int8" else bias
-    f = V.conv2d_nhwc_vnni_grouped(N, H, W, C, OC, k, k, group, st, pads, out_dtype=out_dtype,
-                                   raw=raw, in_dtype=in_dtype)
     og, ipg = OC // group, C // group
     acc = np.concatenate([_conv_ref(x[..., g * ipg:(g + 1) * ipg], w[g * og:(g + 1) * og], st,
                                     pads, (1, 1)) for g in range(group)], axis=-1) + bias
+    acc, bias, q = _requant_setup(rng, acc, bias, raw, out_dtype)
+    kbias = V.signed_input_bias(w, bias) if in_dtype == "int8" else bias
+    f = V.conv2d_nhwc_vnni_grouped(N, H, W, C, OC, k, k, group, st, pads, out_dtype=out_dtype,
+                                   raw=raw, in_dtype=in_dtype)
     got = _run(f, [x, V.pack_conv_weights_grouped(w, group), kbias, *(q or [])], acc.shape,
                "int32" if raw else out_dtype)
     np.testing.assert_array_equal(got, _expected(acc, q, out_dtype))
@@ -291,9 +325,9 @@ def test_depthwise_exact(N: int, H: int, W: int, C: int, k: int, st: tuple[int, 
     rng = np.random.default_rng(C + H)
     x, w = _rand(rng, (N, H, W, C), in_dtype), _rand(rng, (k, k, C), "int8")
     bias = rng.integers(-2**20, 2**20, C).astype(np.int32)
-    q = None if raw else _qparams(rng, (C,))
     win = _windows(x.astype(np.int64), k, k, st, pads, dil, 0)
-    acc = np.einsum("bhwcij,ijc->bhwc", win, w.astype(np.int64)) + bias
+    acc, bias, q = _requant_setup(rng, np.einsum("bhwcij,ijc->bhwc", win, w.astype(np.int64))
+                                  + bias, bias, raw, out_dtype)
     f = Wd.depthwise_conv2d_nhwc(N, H, W, C, k, k, st, pads, dil, out_dtype=out_dtype, raw=raw,
                                 in_dtype=in_dtype)
     got = _run(f, [x, w, bias, *(q or [])], acc.shape, "int32" if raw else out_dtype)
@@ -322,7 +356,8 @@ def test_sum_pool_exact(shape: tuple[int, ...], k: tuple[int, int], st: tuple[in
     rng = np.random.default_rng(4)
     x = _rand(rng, shape, in_dtype)
     acc = _windows(x.astype(np.int64), *k, st, pads, (1, 1), 0).sum(axis=(4, 5))
-    q = None if raw else _qparams(rng, acc.shape[1:3])  # per output position
+    # per output position; no bias to take the offset: int8 sums are centred already
+    q = None if raw else _qparams(rng, acc, out_dtype, axes=(1, 2))[0]
     exp = _expected(acc, None if q is None else [v[None, :, :, None] for v in q], out_dtype)
     f = Wd.sum_pool2d_nhwc(*shape, k, st, pads, in_dtype=in_dtype, out_dtype=out_dtype, raw=raw)
     np.testing.assert_array_equal(_run(f, [x, *(q or [])], acc.shape, exp.dtype.name), exp)
@@ -333,9 +368,12 @@ def test_sum_pool_exact(shape: tuple[int, ...], k: tuple[int, int], st: tuple[in
 def test_global_sum_pool_exact(shape: tuple[int, ...], in_dtype: str, out_dtype: str,
                                raw: bool) -> None:
     rng = np.random.default_rng(5)
-    x = _rand(rng, shape, in_dtype)
+    # int8 in, uint8 out, no bias to centre the sums: inputs leaning positive keep most
+    # sums inside (0, 255) (negatives still occur and clip)
+    x = (rng.integers(-64, 128, shape).astype(in_dtype) if (in_dtype, out_dtype) ==
+         ("int8", "uint8") else _rand(rng, shape, in_dtype))
     acc = x.astype(np.int64).sum(axis=(1, 2), keepdims=True)
-    q = None if raw else [np.array([[v]], np.int64) for v in (12345, 1 << 9, 10)]
+    q = None if raw else [v.reshape(1, 1) for v in _qparams(rng, acc, out_dtype, axes=())[0]]
     exp = _expected(acc, q, out_dtype)
     f = Wd.global_sum_pool_nhwc(*shape, in_dtype=in_dtype, out_dtype=out_dtype, raw=raw)
     np.testing.assert_array_equal(_run(f, [x, *(q or [])], acc.shape, exp.dtype.name), exp)
