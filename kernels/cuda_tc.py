@@ -246,7 +246,7 @@ ExprFn = Callable[..., PrimExpr]  # index expressions -> value expression
 
 @dataclass(frozen=True)
 class QuantOpts:
-    """Operand widths and the epilogue: ``clip((int64(acc + bias) * m + r) >> s, lo, hi)``."""
+    """Operand widths and the epilogue: ``clip(((int64(acc) + int64(bias)) * m + r) >> s, lo, hi)``."""
 
     bits: int = 8
     a_signed: bool = False  # activations s8/s4 (else u8/u4, e.g. after ReLU)
@@ -284,7 +284,11 @@ def _epilogue(q: QuantOpts, shape: tuple[int, ...], acc: ExprFn, chan: int, n: i
 
     def f(*i: PrimExpr) -> PrimExpr:
         c = i[chan]
-        v = ((acc(*i) + bias[c]).astype("int64") * m[c] + r[c]) >> s[c]
+        # Each operand widened before the add: int64(acc + bias) is what the simplifier
+        # may rewrite as int64(acc) + int64(bias) (it assumes no int32 overflow), so the
+        # result would depend on a rewrite. The quantizer proved |acc| and |acc + bias|
+        # fit int32 (refusing layers where they might not), so this equals the oracle.
+        v = ((acc(*i).astype("int64") + bias[c].astype("int64")) * m[c] + r[c]) >> s[c]
         return tirx.max(tirx.min(v, hi), lo).astype(q.out_dtype)
 
     return [bias, m, r, s], te.compute(shape, f, name="out")
@@ -468,7 +472,7 @@ def _out_vec(M: int, N: int, cfg: TileConfig) -> int:
 
 def dense_tc(M: int, N: int, K: int, *, bits: int = 8, out_dtype: str = "int8", raw: bool = False,
              a_signed: bool = False, lo: int | None = None, hi: int | None = None) -> tirx.PrimFunc:
-    """Tensor-core int GEMM with fused requant: ``out = clip((int64(X.W^T + b)*m + r) >> s, lo, hi)``.
+    """Tensor-core int GEMM with fused requant: ``out = clip(((int64(X.W^T) + int64(b))*m + r) >> s, lo, hi)``.
 
     Params, in order: X (M, K) u8 (s8 if ``a_signed``) [int4: (M, K/2) packed bytes, low
     nibble = even k], W (N, K) s8 [int4: (N, K/2) packed s4], bias (N,) int32, then m, r, s

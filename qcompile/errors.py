@@ -60,6 +60,13 @@ class DeviceError(QCompileError):
     exit_code = 9
 
 
+class AccumulatorOverflowError(QCompileError):
+    """A layer's integer accumulator could leave int32 (static worst case), or its
+    quantized bias does not fit int32: refused rather than wrapped or clipped."""
+
+    exit_code = 10
+
+
 class VerificationError(QCompileError):
     """The built artifact disagrees with the NumPy integer oracle (``compile``'s check)."""
 
@@ -70,5 +77,5 @@ EXIT_CODES: dict[str, int] = {
     cls.__name__: cls.exit_code
     for cls in (UsageError, BadModelError, UnsupportedOpError, BuildError,
                 DataError, ArtifactError, InfeasibleBudgetError, DeviceError,
-                VerificationError)
+                AccumulatorOverflowError, VerificationError)
 }

@@ -98,7 +98,7 @@ def tensor_dtypes(graph: Graph, stats: Mapping[str, Observer] | None = None
     unit = _UnitRange()
     st = {t: (stats.get(t, unit) if stats is not None else unit)
           for t in calibration_tensors(graph)}
-    qg = quantize_graph(graph, st, QuantSpec())
+    qg = quantize_graph(graph, st, QuantSpec(), refuse_overflow=False)  # dtypes only
     return {name: t.qtype.dtype for name, t in qg.tensors.items()}
 
 

@@ -3,7 +3,9 @@
 Scheme (HAWQ-V3 style, zero points always 0):
 - weights per-output-channel symmetric, ``q = clip(round(w / s_w), -qmax, qmax)``;
 - activations per-tensor, unsigned after a fused ReLU/ReLU6, signed otherwise;
-- bias int32 with scale ``s_w * s_x``;
+- bias int32 with scale ``s_w * s_x``; one that does not fit int32 is refused, not clipped;
+- every conv/dense's static worst case |acc| must fit int32, else the layer is refused
+  (``AccumulatorOverflowError``, exit 10), so no accumulator can wrap on any input;
 - every rescale is dyadic ``m / 2^s`` with ``m < 2^31``, so ``int32 * m`` fits int64.
 """
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Mapping, Protocol
 import numpy as np
 
 from .config import QuantSpec, precision
-from .errors import UnsupportedOpError
+from .errors import AccumulatorOverflowError, UnsupportedOpError
 from .activations import TIMES_X, evaluate
 from .graph import LAYER_OPS, Graph, Node
 from .qgraph import INT32, QGraph, QNode, QTensor, QType
@@ -93,6 +95,75 @@ def quantize_weights(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     return q.astype(np.int8), scale
 
 
+def int32_bias(n: Node, sw: np.ndarray, sx: float, refuse: bool = True) -> np.ndarray:
+    """The layer's bias as int32 integers at scale ``s_w * s_x``.
+
+    A bias that does not fit int32 is refused (``AccumulatorOverflowError``), never
+    clipped: clipping would silently change the layer's function. ``refuse=False``
+    clips instead, for throw-away graphs that only answer dtype or timing questions."""
+    b = np.asarray(n.params["b"], np.float64).reshape(-1)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        bf = np.round(b / (np.asarray(sw, np.float64) * sx))
+    bad = ~(np.abs(bf) <= INT32_MAX)  # NaN and inf are bad too
+    if not refuse:
+        return np.clip(np.nan_to_num(bf), INT32_MIN, INT32_MAX).astype(np.int32)
+    if np.any(bad):
+        c = int(np.argmax(np.where(bad, np.nan_to_num(np.abs(bf), nan=np.inf), -1.0)))
+        raise AccumulatorOverflowError(
+            f"layer {n.name!r} ({n.op}): its bias does not fit int32 after quantization "
+            f"(channel {c}: bias {b[c]:.3g} / (weight scale {float(sw[c]):.3g} * input scale "
+            f"{sx:.3g}) = {float(bf[c]):.3g} > 2^31-1); that channel's weights are near zero "
+            "next to its bias, or the input range is degenerate: fix the channel's weights "
+            "or bias in the model, or calibrate a wider input range (--calib DIR with real "
+            "data, --calibrator minmax)")
+    return bf.astype(np.int32)
+
+
+def accumulator_bound(n: Node, wq: np.ndarray, bq: np.ndarray, w_bits: int, a_bits: int,
+                      a_signed: bool, first_or_last: bool = False, refuse: bool = True) -> int:
+    """Static worst case |acc| of a conv/dense: max over output channels of
+    sum_k |w_q| * max|x_q| + |bias_q|. It also bounds every partial sum, so when it fits
+    int32 no accumulator (with or without the bias) can overflow on any input.
+
+    A bound past 2^31 - 1 is refused (``AccumulatorOverflowError``), naming the layer,
+    unless ``refuse`` is False (throw-away graphs, see ``quantize_graph``)."""
+    x = QType(a_bits, a_signed)
+    xmax = max(-x.qmin, x.qmax)
+    wsum = np.abs(wq.reshape(wq.shape[0], -1).astype(np.int64)).sum(axis=1)
+    babs = np.abs(np.asarray(bq, np.int64).reshape(-1))
+    per = wsum * xmax + babs
+    bound = int(per.max(initial=0))
+    if bound > INT32_MAX and refuse:
+        c, k = int(per.argmax()), int(wq[0].size)
+        # A first or last layer stays at first_last_bits unless pinned (pins need a budget).
+        def pin(p: str) -> str:
+            return f"--pin '{n.name}={p}' --budget-size 1"
+        if w_bits > 4:
+            fewer = ("give it 4-bit weights (" + (pin("w4a8") if first_or_last
+                                                  else "--bits w4a8 or --bits 4") + "), or ")
+        elif a_bits > 4:
+            fewer = ("give it 4-bit activations ("
+                     + (pin("4") if first_or_last else "--bits 4") + "), or ")
+        else:
+            fewer = ""
+        raise AccumulatorOverflowError(
+            f"layer {n.name!r} ({n.op}): its int32 accumulator can overflow (worst case "
+            f"|acc| {bound:.3g} > 2^31-1: channel {c} sums K={k} products, sum|w_q| "
+            f"{int(wsum[c])} * max|x_q| {xmax} + |bias_q| {int(babs[c])}); "
+            + fewer + "split its K inputs over several layers in the model")
+    return bound
+
+
+def _window_sum_check(n: Node, count: int, qt: QType, what: str) -> None:
+    """Pool window sums run in int32: refuse a window whose worst case does not fit."""
+    xmax = max(-qt.qmin, qt.qmax)
+    if count * xmax > INT32_MAX:
+        raise AccumulatorOverflowError(
+            f"node {n.name!r} ({n.op}): its int32 {what} can overflow ({count} values * "
+            f"max|x_q| {xmax} = {count * xmax:.3g} > 2^31-1); use a smaller input "
+            "(--input-shape, --size)")
+
+
 def _act_bounds(act: tuple[float, float] | None, qt: QType, scale: float) -> tuple[int, int]:
     lo, hi = qt.qmin, qt.qmax
     if act is not None:
@@ -113,8 +184,10 @@ class _Quantizer:
 
     def __init__(self, graph: Graph, stats: Mapping[str, Observer], spec: QuantSpec,
                  bits: Mapping[str, int] | None,
-                 rounded: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+                 rounded: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                 refuse_overflow: bool = True) -> None:
         self.g, self.stats, self.spec = graph, stats, spec
+        self.refuse_overflow = refuse_overflow
         prec = layer_precisions(graph, spec, bits)
         self.layer_bits = {k: w for k, (w, _) in prec.items()}
         self.rounded = dict(rounded or {})  # layer -> (q, scale), e.g. from gptq.py
@@ -125,6 +198,7 @@ class _Quantizer:
                 qmax // 2 < top <= qmax or top == 0), \
                 f"rounded weights of {name!r} do not match its shape or {qmax.bit_length() + 1} bits"
         self.act_bits = activation_bits(graph, prec)
+        self.edge_layers = set(list(prec)[:1] + list(prec)[-1:])  # kept at first_last_bits
         self.t: dict[str, QTensor] = {}
         self.raw = raw_output_producer(graph)
 
@@ -153,9 +227,10 @@ class _Quantizer:
         bits = self.node_bits(n)
         wq, sw = self.rounded.get(n.name) or quantize_weights(n.params["w"], bits)
         sx = float(x.scale)
-        bq = np.clip(np.round(n.params["b"] / (sw * sx)), INT32_MIN, INT32_MAX).astype(np.int32)
-        wsum = np.abs(wq.reshape(wq.shape[0], -1).astype(np.int64)).sum(axis=1)
-        acc_bound = int((wsum * max(-x.qtype.qmin, x.qtype.qmax) + np.abs(bq.astype(np.int64))).max())
+        bq = int32_bias(n, sw, sx, self.refuse_overflow)
+        acc_bound = accumulator_bound(n, wq, bq, bits, x.qtype.bits, x.qtype.signed,
+                                      first_or_last=n.name in self.edge_layers,
+                                      refuse=self.refuse_overflow)
         ndim = 4 if n.op == "conv" else 2
         attrs: dict = {"acc_bound": acc_bound, "bits": bits, "a_bits": x.qtype.bits}
         if n.op == "conv":
@@ -304,11 +379,16 @@ class _Quantizer:
         sy = self.calibrated(n.output, qt)
         if n.op == "gap":
             h, w = self.g.shapes[n.inputs[0]][2:]
+            if self.refuse_overflow:
+                _window_sum_check(n, int(h) * int(w), x.qtype, "global sum")
             count = h * w if n.attrs.get("mean", True) else 1
             m, r, s = dyadic(float(x.scale) / (sy * count))
             attrs: dict = {"keepdims": bool(n.attrs.get("keepdims", True))}
         else:
             oh, ow = self.g.shapes[n.output][2:]
+            kh, kw = n.attrs["kernel"]
+            if self.refuse_overflow:
+                _window_sum_check(n, int(kh) * int(kw), x.qtype, "window sum")
             cnt = _window_counts(self.g.shapes[n.inputs[0]][2:], (oh, ow), n.attrs)
             (m,), r, s = shared_shift([float(x.scale) / (sy * cnt)])
             m = m.reshape(1, 1, oh, ow)
@@ -434,7 +514,8 @@ def activation_bits(graph: Graph, lprec: Mapping[str, int | str | tuple[int, int
 
 def quantize_graph(graph: Graph, stats: Mapping[str, Observer], spec: QuantSpec = QuantSpec(),
                    bits: Mapping[str, int] | None = None,
-                   rounded: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> QGraph:
+                   rounded: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                   refuse_overflow: bool = True) -> QGraph:
     """Quantize a canonical float graph (see ``graph.py``) into a ``QGraph``.
 
     ``stats`` maps each name from ``calibration_tensors`` to an observer;
@@ -443,8 +524,13 @@ def quantize_graph(graph: Graph, stats: Mapping[str, Observer], spec: QuantSpec 
     ``rounded`` optionally gives layers' integer weights and per-output-channel scales
     (int8 q in the weight's layout, float64 scale, at the layer's width), used instead of
     round-to-nearest ``quantize_weights`` (``gptq.gptq_weights``).
+
+    A layer whose int32 accumulator could overflow, or whose bias does not fit int32,
+    raises ``AccumulatorOverflowError``. ``refuse_overflow=False`` clips such a bias and
+    lets the bound pass instead: only for graphs that answer a dtype or timing question
+    and are never run for their values (``latency.tensor_dtypes``, ``bitplan._time_core``).
     """
-    q = _Quantizer(graph, stats, spec, bits, rounded)
+    q = _Quantizer(graph, stats, spec, bits, rounded, refuse_overflow)
     in_qt = QType(q.out_bits(graph.input), True)
     qin = q.add_tensor(graph.input, in_qt, q.calibrated(graph.input, in_qt))
     handlers = {"conv": q.conv_or_dense, "dense": q.conv_or_dense, "add": q.add,

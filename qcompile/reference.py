@@ -7,8 +7,12 @@ Convolutions and matmuls run through float64 BLAS for speed.  That is still exac
 integer arithmetic: every operand is an integer of at most 8 bits and
 ``check_exact`` asserts that each layer's worst-case |accumulator| is below 2^53,
 where every partial sum is representable in a double and no rounding can occur.
-The int32 accumulator is then wrapped modulo 2^32, exactly as the compiled code's
-int32 arithmetic would wrap.
+
+Every value the compiled code keeps in int32 lanes (conv/dense accumulators with and
+without the bias, int32 residual adds, pool window sums, LRN sums of squares) is
+computed here in int64 and checked: one outside int32 raises ``Int32OverflowError``
+instead of wrapping, since the quantizer proved that cannot happen and an artifact
+that wrapped would be wrong, not bit-exact.
 """
 from __future__ import annotations
 
@@ -20,10 +24,24 @@ from numpy.lib.stride_tricks import sliding_window_view
 from .qgraph import QGraph, QNode
 
 EXACT_F64 = 1 << 53
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 
 
-def _wrap_int32(v: np.ndarray) -> np.ndarray:
-    return ((v.astype(np.int64) + (1 << 31)) % (1 << 32) - (1 << 31)).astype(np.int64)
+class Int32OverflowError(OverflowError):
+    """A value the compiled code holds in int32 left the int32 range."""
+
+
+def _int32(v: np.ndarray, n: QNode, what: str) -> np.ndarray:
+    """``v`` (int64) unchanged if every element fits int32, else ``Int32OverflowError``."""
+    v = np.asarray(v, np.int64)
+    if v.size:
+        lo, hi = int(v.min()), int(v.max())
+        if lo < INT32_MIN or hi > INT32_MAX:
+            bad = hi if hi > INT32_MAX else lo
+            raise Int32OverflowError(
+                f"{n.op} {n.name!r}: int32 {what} overflows ({bad} is outside "
+                f"[-2^31, 2^31-1]); the compiled code would wrap")
+    return v
 
 
 def _exact_int(v: np.ndarray) -> np.ndarray:
@@ -68,7 +86,13 @@ def _conv(n: QNode, x: np.ndarray) -> np.ndarray:
         for gi in range(g):
             acc[:, gi * og:(gi + 1) * og] = cols[gi] @ wm[gi].T
         acc = acc.reshape(nb, oh, ow, o).transpose(0, 3, 1, 2)
-    return _wrap_int32(_exact_int(acc) + n.params["bias"].astype(np.int64))
+    return _with_bias(n, _exact_int(acc))
+
+
+def _with_bias(n: QNode, acc: np.ndarray) -> np.ndarray:
+    """acc + bias, both checked to fit int32 (the kernels add the bias to an int32 acc)."""
+    acc = _int32(acc, n, "accumulator")
+    return _int32(acc + n.params["bias"].astype(np.int64), n, "accumulator + bias")
 
 
 def qconv(n: QNode, x: np.ndarray) -> np.ndarray:
@@ -78,14 +102,16 @@ def qconv(n: QNode, x: np.ndarray) -> np.ndarray:
 
 def qdense(n: QNode, x: np.ndarray) -> np.ndarray:
     acc = _exact_int(x.astype(np.float64) @ n.params["w"].astype(np.float64))
-    acc = _wrap_int32(acc + n.params["bias"].astype(np.int64))
+    acc = _with_bias(n, acc)
     return acc if n.attrs["raw"] else _requant(acc, n)
 
 
 def qadd(n: QNode, *xs: np.ndarray) -> np.ndarray:
     p = n.params
-    v = sum(x.astype(np.int64) * p[f"m{i}"] for i, x in enumerate(xs))
-    return np.clip((v + p["r"]) >> p["s"], n.attrs["lo"], n.attrs["hi"])
+    v = sum(x.astype(np.int64) * p[f"m{i}"] for i, x in enumerate(xs)) + p["r"]
+    if n.attrs.get("acc_dtype") == "int32":  # summed in int32 lanes
+        v = _int32(v, n, "sum")
+    return np.clip(v >> p["s"], n.attrs["lo"], n.attrs["hi"])
 
 
 def qmul(n: QNode, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -111,7 +137,7 @@ def lut(n: QNode, x: np.ndarray) -> np.ndarray:
 def lrn(n: QNode, x: np.ndarray) -> np.ndarray:
     size, c = n.attrs["size"], x.shape[1]
     sq = np.pad(x.astype(np.int64) ** 2, ((0, 0), ((size - 1) // 2, size // 2), (0, 0), (0, 0)))
-    total = sum(sq[:, i:i + c] for i in range(size))
+    total = _int32(sum(sq[:, i:i + c] for i in range(size)), n, "sum of squares")
     p = n.params
     v = (x.astype(np.int64) * p["table"][total >> n.attrs["k"]] + p["r"]) >> p["s"]
     return np.clip(v, n.attrs["lo"], n.attrs["hi"])
@@ -152,12 +178,12 @@ def maxpool(n: QNode, x: np.ndarray) -> np.ndarray:
 def avgpool(n: QNode, x: np.ndarray) -> np.ndarray:
     a = n.attrs
     acc = _windows(x.astype(np.int64), a["kernel"], a["strides"], a["pads"], (1, 1), 0).sum(axis=(4, 5))
-    return _requant(acc, n)
+    return _requant(_int32(acc, n, "window sum"), n)
 
 
 def gap(n: QNode, x: np.ndarray) -> np.ndarray:
     keep = n.attrs.get("keepdims", True)
-    return _requant(x.astype(np.int64).sum(axis=(2, 3), keepdims=keep), n)
+    return _requant(_int32(x.astype(np.int64).sum(axis=(2, 3), keepdims=keep), n, "sum"), n)
 
 
 def reshape(n: QNode, x: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 
 from .qgraph import QGraph
 
-ACC_LIMIT = 1 << 31
+ACC_LIMIT = (1 << 31) - 1  # the quantizer refuses a layer whose bound exceeds this
 
 
 def layer_table(qg: QGraph) -> list[dict[str, Any]]:
@@ -85,18 +85,22 @@ def render_card(qg: QGraph, meta: dict[str, Any]) -> str:
         "",
         "## Accumulator bounds",
         "",
-        "Static worst case |acc| = max over output channels of sum|w_q| * max|x_q| + |bias_q|, "
-        "against the int32 limit 2^31.",
+        "Static worst case |acc| = max over output channels of sum|w_q| * max|x_q| + |bias_q|. "
+        "It bounds every partial sum too; a layer whose bound exceeds the int32 limit "
+        "2^31 - 1 is refused at compile time (exit 10), so no accumulator here can overflow. "
+        "Headroom is how many more bits the bound could grow before reaching 2^31.",
         "",
-        "| layer | op | w bits | in | out | worst-case abs(acc) | log2 | headroom |",
+        "| layer | op | w bits | in | out | worst-case abs(acc) | log2 | headroom (bits) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for n in convs:
         b = n.attrs["acc_bound"]
+        if b > ACC_LIMIT:  # quantize.py refuses these; a card must never show one
+            raise ValueError(f"{n.name}: accumulator bound {b} exceeds int32")
         x, y = qg.tensors[n.inputs[0]].qtype, qg.tensors[n.output].qtype
-        ok = "ok" if b < ACC_LIMIT else "**OVERFLOW POSSIBLE**"
+        log2 = math.log2(max(b, 1))
         lines.append(f"| `{n.name}` | {n.op} | {n.attrs['bits']} | {x.dtype} | {y.dtype} | {b} "
-                     f"| {math.log2(max(b, 1)):.1f} | {ok} |")
+                     f"| {log2:.1f} | {31 - log2:.1f} |")
     lines.append("")
     return "\n".join(lines)
 

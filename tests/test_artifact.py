@@ -34,8 +34,9 @@ def test_layout_and_card(built) -> None:
                                               "qconfig.json", "report.md", "manifest.json"}
     card = (out / "report.md").read_text()
     for needle in ("calibration", "per-output-channel symmetric", "BatchNorm", "first layer",
-                   "last layer", "integer-only", "2^31", "int32"):
+                   "last layer", "integer-only", "2^31", "int32", "headroom (bits)"):
         assert needle in card
+    assert "OVERFLOW" not in card  # a layer that could overflow is refused, never compiled
     q = json.loads((out / "qconfig.json").read_text())
     conv = next(l for l in q["layers"] if l["op"] == "qconv")
     assert {"w_bits", "m", "s", "out_scale", "acc_bound"} <= set(conv)

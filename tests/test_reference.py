@@ -5,6 +5,7 @@ import ast
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import qcompile.qgraph
 import qcompile.reference as ref
@@ -63,9 +64,63 @@ def test_round_half_up_for_negatives() -> None:
     np.testing.assert_array_equal(ref.run_integer(qg, q)["output"].reshape(-1), [-1, -1, 0, 1, 2])
 
 
-def test_int32_accumulator_wraps_like_hardware() -> None:
-    assert ref._wrap_int32(np.array([2**31, -(2**31) - 1, 5]))[0] == -(2**31)
-    assert ref._wrap_int32(np.array([-(2**31) - 1]))[0] == 2**31 - 1
+def _dense_graph(k: int, bias: int) -> QGraph:
+    """x (1, k) int8 -> qdense with all weights 127 and one bias -> raw int32 output."""
+    x = QTensor("x", QType(8, True), (1, k), np.float64(0.1))
+    y = QTensor("y", INT32, (1, 1), np.float64(0.01))
+    node = QNode("qdense", "fc", ("x",), "y",
+                 {"raw": True, "lo": -(2**31), "hi": 2**31 - 1, "acc_bound": 1000, "bits": 8},
+                 {"w": np.full((k, 1), 127, np.int8), "bias": np.array([[bias]], np.int32)})
+    return QGraph(x, (node,), y, {"x": x, "y": y})
+
+
+def test_int32_accumulator_overflow_raises_instead_of_wrapping() -> None:
+    # (The acc_bound attribute lies on purpose: the oracle checks the values it computes.)
+    k = 133_200  # 127 * 127 * k = 2.148e9 > 2^31 - 1
+    with pytest.raises(ref.Int32OverflowError, match=r"qdense 'fc': int32 accumulator overflows"):
+        ref.run_integer(_dense_graph(k, 0), np.full((1, k), 127, np.int8))
+    # acc + bias back in range does not excuse the accumulator itself overflowing
+    with pytest.raises(ref.Int32OverflowError, match="accumulator overflows"):
+        ref.run_integer(_dense_graph(k, -(2**30)), np.full((1, k), 127, np.int8))
+    # the accumulator fits, acc + bias does not
+    with pytest.raises(ref.Int32OverflowError, match=r"accumulator \+ bias overflows"):
+        ref.run_integer(_dense_graph(2, 2**31 - 1), np.full((1, 2), 1, np.int8))
+    with pytest.raises(ref.Int32OverflowError):
+        ref.run_integer(_dense_graph(2, -(2**31)), np.full((1, 2), -1, np.int8))
+    # right at the limits it is exact
+    out = ref.run_integer(_dense_graph(2, 2**31 - 1 - 2 * 127), np.full((1, 2), 1, np.int8))
+    assert out["output"].item() == 2**31 - 1
+    out = ref.run_integer(_dense_graph(2, -(2**31) + 2 * 127), np.full((1, 2), -1, np.int8))
+    assert out["output"].item() == -(2**31)
+
+
+def test_int32_conv_accumulator_overflow_raises() -> None:
+    qg = _tiny_graph(m=3, s=2)
+    node = qg.nodes[0]
+    bias = np.array([0, 1, 2**31 - 1], np.int32).reshape(1, 3, 1, 1)
+    qg = QGraph(qg.input, (QNode(node.op, node.name, node.inputs, node.output, node.attrs,
+                                 {**node.params, "bias": bias}),), qg.output, qg.tensors)
+    q = np.array([5, -2], np.int8).reshape(1, 2, 1, 1)  # channel 2: acc 381 + bias
+    with pytest.raises(ref.Int32OverflowError, match=r"qconv 'c'.*\+ bias"):
+        ref.run_integer(qg, q)
+    ref.run_integer(qg, np.array([-5, 2], np.int8).reshape(1, 2, 1, 1))  # 2^31-1 - 381 fits
+
+
+def test_int32_residual_add_overflow_raises_only_in_int32_lanes() -> None:
+    x = QTensor("x", QType(8, True), (1, 1, 1, 1), np.float64(1))
+    y = QTensor("y", QType(8, True), (1, 1, 1, 1), np.float64(1))
+    params = {"m0": np.int64(1 << 24), "m1": np.int64(1 << 24), "r": np.int64(0),
+              "s": np.int64(24)}
+    q = np.array([127], np.int8).reshape(1, 1, 1, 1)  # 2 * 127 * 2^24 = 4.26e9
+    for dtype in ("int32", "int64"):
+        node = QNode("qadd", "a", ("x", "x"), "y", {"lo": -128, "hi": 127, "acc_dtype": dtype},
+                     params)
+        qg = QGraph(x, (node,), y, {"x": x, "y": y})
+        if dtype == "int32":
+            with pytest.raises(ref.Int32OverflowError, match="qadd 'a': int32 sum"):
+                ref.run_integer(qg, q)
+        else:
+            assert ref.run_integer(qg, q)["output"].item() == 127
 
 
 def test_quantize_input_is_floor_half_up_and_saturates() -> None:
