@@ -381,7 +381,8 @@ def test_eval_json(artifact: tuple[Path, Path]) -> None:
             "num_samples"} <= set(res)
     assert res["bit_exact"] is True and res["num_samples"] == 4
     # INT8 of this small net on its own synthetic distribution: the argmax rarely moves
-    assert res["top1_agreement"] >= 0.75 and res["sqnr_db"] > 15
+    # (measured: 4/4 agree, 43 dB; at most one of the 4 may flip, and 13 dB of margin)
+    assert res["top1_agreement"] >= 0.75 and res["sqnr_db"] > 30
     assert all({"name", "sqnr_db"} <= set(layer) for layer in res["layers"])
 
 
