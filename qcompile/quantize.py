@@ -95,6 +95,34 @@ def quantize_weights(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     return q.astype(np.int8), scale
 
 
+BIAS_HEADROOM = 1 << 30  # a bias may use half the int32 range; the rest is the products'
+
+
+def fit_bias(w: np.ndarray, q: np.ndarray, sw: np.ndarray, b: np.ndarray, sx: float,
+             bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Widen the weight scale of channels whose bias would not fit int32 at ``s_w * s_x``.
+
+    Real models have them: a BN-folded channel whose weights are ~0 (EfficientNet-Lite0's
+    stem has one at 2e-11 * 127) beside a bias of ~1 gives a bias of ~1e13 units.  Such a
+    channel gets the smallest scale at which its bias takes at most ``BIAS_HEADROOM``
+    units and its weights are re-rounded at it: at most one bit of that channel's weight
+    resolution goes (the weights are at most qmax/2 there), nothing is clipped, and the
+    integers stay the oracle's.  A bias that still does not fit (zero or non-finite
+    input scale) is left to ``int32_bias``, which refuses it."""
+    qmax = (1 << (bits - 1)) - 1
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        need = np.abs(np.asarray(b, np.float64).reshape(-1)) / (sx * BIAS_HEADROOM)
+    grow = np.isfinite(need) & (need > sw)
+    if not grow.any():
+        return q, sw
+    sw = np.where(grow, need, sw)
+    rows = np.flatnonzero(grow)
+    q = np.array(q)
+    wr = np.asarray(w, np.float64)[rows]
+    q[rows] = np.clip(np.round(wr / sw[rows].reshape((-1,) + (1,) * (wr.ndim - 1))), -qmax, qmax)
+    return q, sw
+
+
 def int32_bias(n: Node, sw: np.ndarray, sx: float, refuse: bool = True) -> np.ndarray:
     """The layer's bias as int32 integers at scale ``s_w * s_x``.
 
@@ -227,6 +255,7 @@ class _Quantizer:
         bits = self.node_bits(n)
         wq, sw = self.rounded.get(n.name) or quantize_weights(n.params["w"], bits)
         sx = float(x.scale)
+        wq, sw = fit_bias(n.params["w"], wq, sw, n.params["b"], sx, bits)
         bq = int32_bias(n, sw, sx, self.refuse_overflow)
         acc_bound = accumulator_bound(n, wq, bq, bits, x.qtype.bits, x.qtype.signed,
                                       first_or_last=n.name in self.edge_layers,
