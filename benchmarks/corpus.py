@@ -71,10 +71,8 @@ def _ort_bench(model: Path, shape: list[int], repeat: int) -> dict[str, Any]:
     import onnxruntime as ort
     from qcompile.runtime import summarize_ms
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = os.cpu_count() or 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(model), api.ort_session_options(),  # ORT's defaults
+                                providers=["CPUExecutionProvider"])
     feed = {sess.get_inputs()[0].name: np.random.default_rng(0).normal(size=shape).astype(np.float32)}
     for _ in range(5):
         sess.run(None, feed)

@@ -2,12 +2,22 @@
 
     python benchmarks/speedup.py                       # zoo ResNet-18/50, Inception-v3 (+ EfficientNet-Lite0)
     python benchmarks/speedup.py --models resnet50 --batch 1 8 --repeat 30
-    python benchmarks/speedup.py --quick               # ResNet-18 at 64 px, batch 1, 5 rounds
+    python benchmarks/speedup.py --quick               # ResNet-18 at 64 px, batch 1, 5 runs
 
-Per model and batch, in one process, timed round-robin after warm-up: ORT FP32, ORT
-INT8 (static QDQ, per-channel), TVM FP32 through qcompile's own float Relax builder
-(untuned: fewer repetitions, batch 1 by default), and qcompile INT8, INT4 and mixed
-precision at relative latency budgets.  Fidelity (top-1 agreement, SQNR) is measured
+Configurations per model and batch: ORT FP32, ORT INT8 (quant_pre_process, then static
+QDQ, per-channel), TVM FP32 through qcompile's own float Relax builder (untuned: fewer
+runs, batch 1 by default), and qcompile INT8, INT4 and mixed precision at relative
+latency budgets.  Each is timed two ways, in one process:
+
+* alone (the headline): one configuration at a time, in its own block (warm-up, then
+  the median of --alone-runs runs: 30 at batch 1, 10 above); onnxruntime with its
+  default SessionOptions (spin-waiting on, its own thread count), each session created
+  just before its block and released after it, so no two sessions ever spin at once;
+* interleaved (second column set; --no-interleaved skips it): --repeat round-robin
+  rounds, order rotated per round, onnxruntime with spin-waiting off (not its default:
+  spinning workers would steal the cores from the next configuration in the round).
+
+Fidelity (top-1 agreement, SQNR) is measured
 against ORT FP32 on the same synthetic inputs; ours are also checked bit-exact against
 the NumPy oracle.  Without a GPU a "T4 predicted" column comes from qcompile.costs.
 
@@ -17,6 +27,7 @@ Exits 1 when a configuration failed or one of our modules is not bit-exact/integ
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -31,7 +42,7 @@ import numpy as np
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_common as bc  # noqa: E402
-from peers import ort_int8, ort_runner  # noqa: E402
+from peers import block_times, ort_int8, ort_runner, time_ort_alone  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EFFNET = "efficientnet_lite0"
@@ -226,6 +237,81 @@ def time_batch(files: ModelFiles, batch: int, arts: dict[str, dict], fvm: Any | 
     return {k: bc.summarize(v) for k, v in times.items()}
 
 
+def alone_runs(batch: int, quick: bool = False) -> int:
+    """Default timed runs per block at ``batch``: 30 at batch 1, 10 above (quick: 5/3)."""
+    return (5 if batch == 1 else 3) if quick else (30 if batch == 1 else 10)
+
+
+def _time_artifact_alone(path: str, x: np.ndarray, runs: int, warmup: int) -> list[float]:
+    """One of our modules, loaded for its block only (released before returning)."""
+    def timed() -> list[float]:
+        import tvm
+        from qcompile.runtime import Artifact
+        art = Artifact.load(path)
+        xt = tvm.runtime.tensor(x, art.device)
+
+        def run() -> None:
+            art.vm["main"](xt, *art.params)
+            art.device.sync()  # a no-op on the CPU; GPU calls are asynchronous
+        return block_times(run, runs, warmup)
+    out = timed()
+    gc.collect()
+    return out
+
+
+def alone_blocks(files: ModelFiles, batch: int, arts: dict[str, dict], fvm: Any | None
+                 ) -> list[tuple[str, Callable[[np.ndarray, int, int], list[float]]]]:
+    """(key, time(x, runs, warmup) -> seconds) per configuration, in block order.
+
+    Each callable creates what it times, times it, and releases it before returning."""
+    blocks: list[tuple[str, Callable[[np.ndarray, int, int], list[float]]]] = [
+        (ORT_FP32, lambda x, n, w: time_ort_alone(files.dynamic, x, n, w))]
+    if files.ort_int8 is not None:
+        blocks.append((ORT_INT8, lambda x, n, w, m=files.ort_int8: time_ort_alone(m, x, n, w)))
+    if fvm is not None:
+        def tvm_fp32(x: np.ndarray, n: int, w: int) -> list[float]:
+            fargs = fvm._tensors([x, *fvm.fm.weights])
+            return block_times(lambda: fvm.vm["forward"](*fargs), n, w)
+        blocks.append((TVM_FP32, tvm_fp32))
+    for key, c in arts.items():
+        if "error" not in c:
+            blocks.append((key, lambda x, n, w, p=c["art"]: _time_artifact_alone(p, x, n, w)))
+    return blocks
+
+
+def time_alone(files: ModelFiles, batch: int, arts: dict[str, dict], fvm: Any | None,
+               runs: int, warmup: int, fp32_every: int = 1, passes: int = 1,
+               progress: Callable[[int], None] | None = None) -> dict[str, dict]:
+    """Every configuration at ``batch`` timed alone, one block after another.
+
+    A block: ``warmup`` untimed runs, then ``runs`` timed back-to-back runs (untuned TVM
+    FP32: ``runs // fp32_every``, at least 1, and one warm-up).  Nothing else runs
+    meanwhile: onnxruntime sessions (default SessionOptions, spin-waiting on) and our
+    artifacts are created at the start of their block and released at its end.  With
+    ``passes`` > 1 the whole sequence repeats and the samples are pooled; each pass's
+    median is kept as ``pass_medians_ms``."""
+    x = np.random.default_rng(0).normal(size=(batch, *files.input_shape[1:])).astype(np.float32)
+    blocks = alone_blocks(files, batch, arts, fvm)
+    samples: dict[str, list[float]] = {k: [] for k, _ in blocks}
+    pass_medians: dict[str, list[float]] = {k: [] for k, _ in blocks}
+    step = 0
+    for _ in range(max(1, passes)):
+        for key, timer in blocks:
+            gc.collect()
+            slow = key == TVM_FP32 and fp32_every > 1
+            t = timer(x, max(1, runs // fp32_every) if slow else runs, min(warmup, 1) if slow else warmup)
+            samples[key] += t
+            pass_medians[key].append(round(float(np.median(t)) * 1e3, 4))
+            if progress:
+                progress(step)
+            step += 1
+    out = {}
+    for k, v in samples.items():
+        out[k] = {**bc.summarize(v), "warmup": min(warmup, 1) if k == TVM_FP32 and fp32_every > 1
+                  else warmup, "passes": max(1, passes), "pass_medians_ms": pass_medians[k]}
+    return out
+
+
 # --- one model ------------------------------------------------------------------------
 @dataclass
 class Settings:
@@ -241,10 +327,21 @@ class Settings:
     sens_samples: int
     input_size: int | None
     cfgs: list[QConfig] = field(default_factory=list)
+    alone_runs: dict[int, int] = field(default_factory=dict)  # batch -> timed runs per block
+    alone_warmup: int = 5
+    alone_passes: int = 1
+    interleaved: bool = True
+    quick: bool = False
+
+    def runs_alone(self, batch: int) -> int:
+        return self.alone_runs.get(batch) or alone_runs(batch, self.quick)
 
     def steps(self) -> int:
-        per_batch = 2 * len(self.cfgs) + self.repeat  # compile + evaluate + timing rounds
-        return 2 + len(self.fp32_batches) + len(self.batches) * per_batch
+        n = 2 + len(self.fp32_batches)
+        for b in self.batches:  # compile + evaluate, blocks (ORT FP32/INT8, TVM FP32, ours), rounds
+            blocks = (2 + (b in self.fp32_batches) + len(self.cfgs)) * self.alone_passes
+            n += 2 * len(self.cfgs) + blocks + (self.repeat if self.interleaved else 0)
+        return n
 
 
 def bench_model(name: str, st: Settings, work: Path, bar: Any) -> dict[str, Any]:
@@ -276,12 +373,19 @@ def bench_model(name: str, st: Settings, work: Path, bar: Any) -> dict[str, Any]
         fvm = fvms.get(b)
         fid = fidelity(files, x_eval, arts, fvm or next(iter(fvms.values()), None),
                        step, lambda: bar.update(1))
-        step(f"timing batch {b}")
-        timing = time_batch(files, b, arts, fvm, st.repeat, st.fp32_every, lambda i: bar.update(1))
+        gc.collect()  # the fidelity sessions are gone before anything is timed
+        step(f"timing batch {b}, each configuration alone")
+        timing = time_alone(files, b, arts, fvm, st.runs_alone(b), st.alone_warmup, st.fp32_every,
+                            st.alone_passes, lambda i: bar.update(1))
+        inter = {}
+        if st.interleaved:
+            step(f"timing batch {b}, interleaved")
+            inter = time_batch(files, b, arts, fvm, st.repeat, st.fp32_every,
+                               lambda i: bar.update(1))
         costs = {ORT_FP32: plan_costs(files, 32, b), ORT_INT8: plan_costs(files, 8, b),
                  TVM_FP32: plan_costs(files, 32, b)}
         out["batches"][str(b)] = {
-            "timing": timing, "fidelity": fid, "costs": costs,
+            "timing": timing, "timing_interleaved": inter, "fidelity": fid, "costs": costs,
             "configs": {k: {kk: vv for kk, vv in c.items() if kk != "costs"} for k, c in arts.items()}}
     out["eval_samples"] = st.eval_n
     return out
@@ -289,15 +393,20 @@ def bench_model(name: str, st: Settings, work: Path, bar: Any) -> dict[str, Any]
 
 # --- tables -------------------------------------------------------------------------------
 MAIN_COLUMNS = (("model", "model"), ("batch", "batch"), ("config", "configuration"),
-                ("latency", "latency ms, median (min–max), measured here"),
-                ("vs_int8", "speedup vs qcompile INT8"), ("vs_fp32", "speedup vs ORT FP32"),
+                ("latency", "alone: latency ms, median (min–max)"),
+                ("vs_ort8", "alone: latency / ORT INT8 (< 1: faster)"),
+                ("vs_int8", "alone: speedup vs qcompile INT8"),
+                ("vs_fp32", "alone: speedup vs ORT FP32"),
+                ("ilatency", "interleaved, ORT spinning off: latency ms, median (min–max)"),
+                ("ivs_ort8", "interleaved: latency / ORT INT8"),
                 ("size", "size MB"), ("bops", "BOPs G"), ("agree", "top-1 agreement vs FP32"),
                 ("sqnr", "SQNR dB vs FP32"), ("exact", "bit-exact + integer-only"),
                 ("t4", "T4 predicted ms (roofline)"))
 MIXED_COLUMNS = (("model", "model"), ("batch", "batch"), ("alpha", "latency budget α"),
                  ("n4", "4-bit layers"), ("budget", "budget ms"), ("predicted", "plan predicted ms"),
-                 ("measured", "measured ms (median)"), ("ratio", "measured / budget"),
-                 ("ok", "measured ≤ budget + 5%"))
+                 ("measured", "measured ms (median, alone)"), ("ratio", "measured / budget"),
+                 ("ok", "measured ≤ budget + 5%"),
+                 ("imeasured", "measured ms (median, interleaved)"))
 
 
 def _x(v: float | None) -> str | None:
@@ -314,7 +423,9 @@ def model_rows(r: dict[str, Any], st: Settings) -> tuple[list[dict], list[dict]]
     rows, mixed = [], []
     for b, d in r["batches"].items():
         tim, fid, confs = d["timing"], d["fidelity"], d["configs"]
+        itim = d.get("timing_interleaved") or {}
         med = {k: t["median_ms"] for k, t in tim.items()}
+        imed = {k: t["median_ms"] for k, t in itim.items()}
         keys = [ORT_FP32, ORT_INT8] + ([TVM_FP32] if TVM_FP32 in tim else []) + [c.key for c in st.cfgs]
         for k in keys:
             c = confs.get(k, {})
@@ -326,11 +437,20 @@ def model_rows(r: dict[str, Any], st: Settings) -> tuple[list[dict], list[dict]]
                 label = f"{k} (untuned, {n} rep{'s' if n != 1 else ''})"
             elif "n4" in c and k != Q_INT8:
                 label = f"{k} ({c['n4']}/{c['n_layers']} layers 4-bit)"
+            failed = "error" in c
+            ratio8 = bc.speedup(med.get(k), med.get(ORT_INT8))  # ms / ORT INT8 ms
+            iratio8 = bc.speedup(imed.get(k), imed.get(ORT_INT8))
             rows.append({
                 "model": r["model"], "batch": b, "config": label,
-                "latency": bc.fmt_ms(tim.get(k)) if "error" not in c else None,
+                "latency": bc.fmt_ms(tim.get(k)) if not failed else None,
+                "vs_ort8": bc.fmt_num(ratio8, 3),
                 "vs_int8": _x(bc.speedup(med.get(Q_INT8), med.get(k))),
                 "vs_fp32": _x(bc.speedup(med.get(ORT_FP32), med.get(k))),
+                "ilatency": (bc.fmt_ms(itim.get(k)) if itim else bc.NA) if not failed else None,
+                "ivs_ort8": bc.fmt_num(iratio8, 3) if itim else bc.NA,
+                # numbers for the JSON (not columns): the headline and the second set
+                "alone_median_ms": med.get(k), "ratio_vs_ort_int8": ratio8,
+                "interleaved_median_ms": imed.get(k), "ratio_vs_ort_int8_interleaved": iratio8,
                 "size": bc.fmt_num(cost.get("size_mb"), 1), "bops": bc.fmt_num(cost.get("bops_g"), 1),
                 "agree": bc.REFERENCE if k == ORT_FP32 else bc.fmt_num(f.get("top1_agreement"), 2),
                 "sqnr": bc.REFERENCE if k == ORT_FP32 else bc.fmt_num(f.get("sqnr_db"), 1),
@@ -348,6 +468,7 @@ def model_rows(r: dict[str, Any], st: Settings) -> tuple[list[dict], list[dict]]
                     "predicted": bc.fmt_num((plan or {}).get("predicted_latency_ms"), 2),
                     "measured": bc.fmt_num(med.get(k), 2), "ratio": bc.fmt_num(ratio, 3),
                     "ok": None if ratio is None else ("yes" if ratio <= 1.05 else "no"),
+                    "imeasured": bc.fmt_num(imed.get(k), 2) if itim else bc.NA,
                     "source": (plan or {}).get("latency_source")})
     return rows, mixed
 
@@ -387,7 +508,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--models", nargs="+", default=None,
                     help=f"zoo names and/or {EFFNET} (default: {' '.join(ZOO_MODELS)} [+ {EFFNET}])")
     ap.add_argument("--batch", nargs="+", type=int, default=None, help="default: 1 8")
-    ap.add_argument("--repeat", type=int, default=None, help="timing rounds (default 20)")
+    ap.add_argument("--alone-runs", type=int, default=None,
+                    help="timed runs per configuration in its own block, the headline figures "
+                         "(default: 30 at batch 1, 10 at larger batches; --quick: 5 / 3)")
+    ap.add_argument("--alone-warmup", type=int, default=None,
+                    help="untimed runs before each block (default 5; --quick: 2)")
+    ap.add_argument("--alone-passes", type=int, default=1,
+                    help="repeat the whole sequence of blocks N times, samples pooled (default 1)")
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="interleaved timing rounds (default 20; --quick: 5)")
+    ap.add_argument("--no-interleaved", action="store_true",
+                    help="skip the interleaved (ORT spinning off) second column set")
     ap.add_argument("--calib-samples", type=int, default=None, help="default 16")
     ap.add_argument("--eval-samples", type=int, default=None, help="default 8")
     ap.add_argument("--alphas", nargs="+", type=float, default=None, help="default 0.25 0.5 0.75")
@@ -402,7 +533,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--input-size", type=int, default=None, help="zoo models' input size")
     ap.add_argument("--target", choices=("llvm", "cuda"), default="llvm")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: resnet18 at 64 px, batch 1, 5 rounds, α=0.5, 4 calibration samples")
+                    help="smoke run: resnet18 at 64 px, batch 1, 5 runs alone + 5 interleaved rounds, "
+                         "α=0.5, 4 calibration samples")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     a = ap.parse_args(argv)
     q = a.quick
@@ -410,6 +542,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.models = a.models or (["resnet18"] if q else default_models)
     a.batch = a.batch or ([1] if q else [1, 8])
     a.repeat = a.repeat or (5 if q else 20)
+    a.alone_warmup = a.alone_warmup if a.alone_warmup is not None else (2 if q else 5)
     a.calib_samples = a.calib_samples or (4 if q else 16)
     a.eval_samples = a.eval_samples or (2 if q else 8)
     a.alphas = a.alphas or ([0.5] if q else [0.25, 0.5, 0.75])
@@ -437,7 +570,10 @@ def main(argv: list[str] | None = None) -> int:
     st = Settings(args.batch, [b for b in args.tvm_fp32_batch if b in args.batch],
                   args.repeat, max(1, args.tvm_fp32_every), args.calib_samples, args.eval_samples,
                   args.alphas, args.target, args.sensitivity, args.sensitivity_samples,
-                  args.input_size, cfgs)
+                  args.input_size, cfgs,
+                  alone_runs={b: args.alone_runs for b in args.batch} if args.alone_runs else {},
+                  alone_warmup=max(0, args.alone_warmup), alone_passes=max(1, args.alone_passes),
+                  interleaved=not args.no_interleaved, quick=args.quick)
     machine = bc.machine_info()
     results = []
     with tempfile.TemporaryDirectory() as d, \
@@ -451,14 +587,35 @@ def main(argv: list[str] | None = None) -> int:
         mixed += b
     where = ("" if args.target == "llvm" else
              f" (qcompile modules on {tvm.cuda().device_name}; ORT and TVM FP32 on the CPU)")
+    runs = ", ".join(f"batch {b}: {st.runs_alone(b)}" for b in st.batches)
+    passes = f", the whole sequence run {st.alone_passes} times and pooled" if st.alone_passes > 1 else ""
+    slow = (f"; untuned TVM FP32: {max(1, st.runs_alone(st.batches[0]) // st.fp32_every)} "
+            f"run(s) per {st.fp32_every}" if st.fp32_every > 1 and st.fp32_batches else "")
+    inter = (f"Interleaved (second column set): {st.repeat} round-robin rounds after 3 warm-up "
+             f"runs each, order rotated per round, TVM FP32 in every {st.fp32_every}th round; "
+             f"onnxruntime with spin-waiting OFF (session.intra_op.allow_spinning=0, "
+             f"intra_op_num_threads={os.cpu_count()}), which is not its default, so that idle "
+             f"workers do not steal the cores from the next configuration in the round."
+             if st.interleaved else "Interleaved timing skipped (--no-interleaved): n/a.")
     notes = (
-        f"Measured on {machine['label']}{where}; batch latency, median (min–max) of "
-        f"{st.repeat} interleaved rounds after warm-up; TVM FP32 joins every {st.fp32_every}th round.",
+        f"Measured on {machine['label']}{where}; batch latency in ms, median (min–max).",
+        f"Alone (the headline): each configuration timed by itself, in its own block, one "
+        f"block after another (ORT FP32, ORT INT8, TVM FP32, then ours): {st.alone_warmup} "
+        f"warm-up runs, then the median of back-to-back timed runs ({runs}{slow}){passes}. "
+        f"onnxruntime runs with its default SessionOptions (spin-waiting on, "
+        f"intra_op_num_threads=0: its own thread count), each session created just before "
+        f"its block and released after it, so no two sessions spin at once; qcompile "
+        f"modules are loaded for their block only (TVM_NUM_THREADS="
+        f"{os.environ.get('TVM_NUM_THREADS')}).",
+        "latency / ORT INT8: this configuration's median over ORT INT8's median, same timing mode.",
+        inter,
         "T4 predicted: qcompile.costs roofline model of an NVIDIA T4 (not measured).",
         f"Fidelity vs ORT FP32 on {st.eval_n} synthetic N(0,1) inputs; calibration: "
         f"{st.calib_n} synthetic samples for qcompile and ORT INT8 alike.",
         f"Mixed: relative latency budget α between all-INT4 and all-INT8 plans, sensitivity "
-        f"{st.sensitivity}; ORT INT8 is static QDQ per-channel (peers.ort_int8).",
+        f"{st.sensitivity}; ORT INT8 (peers.ort_int8): onnxruntime.quantization."
+        f"shape_inference.quant_pre_process, then quantize_static (QDQ, per-channel "
+        f"QInt8 weights, QUInt8 activations, MinMax).",
         "Size/BOPs: conv/dense weights + int32 bias (FP32 rows: 32-bit), MB = 2^20 bytes.")
     main_t = bc.Table(MAIN_COLUMNS, rows, "Speedup", notes)
     mixed_t = bc.Table(MIXED_COLUMNS, mixed, "Mixed precision: latency budget vs measured",
@@ -475,7 +632,10 @@ def main(argv: list[str] | None = None) -> int:
     wall = clock.seconds
     data = {"command": " ".join(sys.argv), "machine": machine, "quick": args.quick,
             "settings": {k: v for k, v in vars(args).items() if k != "out"},
-            "wall_seconds": wall, "results": results, "tables": {
+            "wall_seconds": wall,
+            "timing_method": {"headline": "alone", "alone": notes[1],
+                              "interleaved": notes[3] if st.interleaved else None},
+            "results": results, "tables": {
                 "main": bc.table_json(main_t), "mixed": bc.table_json(mixed_t)},
             "plot": None if skipped else str(png), "plot_skipped": skipped, "problems": bad}
     return bc.finish(args.out, stem, data, markdown, bad, wall)

@@ -366,14 +366,29 @@ def bench_artifact(art_dir: str | Path, *, batch: int | None = None, repeat: int
     return art.bench(batch or art.batch or 1, repeat, warmup)
 
 
-def ort_bench(model: str | Path, *, batch: int = 1, repeat: int = 50, warmup: int = 5,
-              threads: int | None = None) -> dict:
-    """Same measurement for the float model in onnxruntime (the usual peer)."""
+def ort_session_options(threads: int | None = None, *, spinning: bool = True):
+    """onnxruntime SessionOptions as its users get them: the defaults (spin-waiting on,
+    intra_op_num_threads 0 = onnxruntime's own choice) unless ``threads`` is given or
+    ``spinning=False`` (no busy-wait; then all cores unless ``threads``): not ORT's
+    default, only for timing several runtimes side by side."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or os.cpu_count() or 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no busy-wait
+    if threads or not spinning:
+        so.intra_op_num_threads = threads or os.cpu_count() or 1
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
+def ort_bench(model: str | Path, *, batch: int = 1, repeat: int = 50, warmup: int = 5,
+              threads: int | None = None, spinning: bool = True) -> dict:
+    """Same measurement for the float model in onnxruntime (the usual peer), with
+    onnxruntime's default SessionOptions (spin-waiting on); ``spinning=False`` turns the
+    busy-wait off, ``threads`` sets intra_op_num_threads."""
+    import onnxruntime as ort
+
+    so = ort_session_options(threads, spinning=spinning)
     sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
     shape = [batch] + [d if isinstance(d, int) else 1 for d in inp.shape[1:]]

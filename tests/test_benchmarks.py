@@ -151,8 +151,10 @@ def _fake_result(sp: object, exact: bool = True) -> dict:
     fid[sp.ORT_INT8] = {"top1_agreement": 1.0, "sqnr_db": 33.0}
     timing = {sp.ORT_FP32: t(8.0), sp.ORT_INT8: t(2.0), sp.Q_INT8: t(2.0),
               "qcompile mixed α=0.5": t(2.1)}
+    inter = {sp.ORT_FP32: t(9.0), sp.ORT_INT8: t(2.5), sp.Q_INT8: t(2.0),
+             "qcompile mixed α=0.5": t(2.2)}
     return {"model": "resnet18", "batches": {"1": {
-        "timing": timing, "fidelity": fid, "configs": configs,
+        "timing": timing, "timing_interleaved": inter, "fidelity": fid, "configs": configs,
         "costs": {k: cost for k in (sp.ORT_FP32, sp.ORT_INT8, sp.TVM_FP32)}}}}
 
 
@@ -167,10 +169,74 @@ def test_speedup_rows_and_problems() -> None:
     assert by["qcompile mixed α=0.5 (3/21 layers 4-bit)"]["vs_int8"] == "0.95x"
     assert mixed == [{"model": "resnet18", "batch": "1", "alpha": "0.5", "n4": "3/21",
                       "budget": "2.00", "predicted": "1.90", "measured": "2.10", "ratio": "1.050",
-                      "ok": "yes", "source": "measured on llvm"}]
+                      "ok": "yes", "imeasured": "2.20", "source": "measured on llvm"}]
+    # the headline (alone) and the interleaved set, each against ORT INT8 of its own mode
+    assert by[sp.Q_INT8]["vs_ort8"] == "1.000" and by[sp.Q_INT8]["ivs_ort8"] == "0.800"
+    assert by[sp.ORT_FP32]["vs_ort8"] == "4.000" and by[sp.ORT_INT8]["vs_ort8"] == "1.000"
+    assert by[sp.Q_INT8]["alone_median_ms"] == 2.0 and by[sp.Q_INT8]["ratio_vs_ort_int8"] == 1.0
+    assert by[sp.Q_INT8]["interleaved_median_ms"] == 2.0
+    assert by[sp.Q_INT8]["ratio_vs_ort_int8_interleaved"] == pytest.approx(0.8)
+    assert by[sp.Q_INT4]["ilatency"] is None  # failed: missing in both sets
+    no_inter = _fake_result(sp)
+    no_inter["batches"]["1"]["timing_interleaved"] = {}  # --no-interleaved: n/a, not missing
+    by2 = {r["config"]: r for r in sp.model_rows(no_inter, st)[0]}
+    assert by2[sp.Q_INT8]["ilatency"] == bc.NA and by2[sp.Q_INT8]["ivs_ort8"] == bc.NA
     table = bc.Table(sp.MAIN_COLUMNS, rows)
     assert {k for _, k in bc.missing_cells(table)} >= {"latency", "size"}  # the failed INT4 row
     assert sp.problems([_fake_result(sp)]) == ["resnet18 batch 1 qcompile INT4: BuildError: boom"]
     assert len(sp.problems([_fake_result(sp, exact=False)])) == 3
     pts = sp.plot_series([_fake_result(sp)])["resnet18 batch 1"]
     assert ("INT8", 11.2, 2.0) in pts and len(pts) == 4
+
+
+def test_ort_timing_uses_onnxruntime_defaults() -> None:
+    """The headline ORT timing must not turn spin-waiting off (issue 11): default options."""
+    peers = pytest.importorskip("peers")
+    from qcompile import api
+    for make in (peers.ort_options, api.ort_session_options):
+        so = make()
+        with pytest.raises(RuntimeError):  # no allow_spinning entry at all: ORT's default (on)
+            so.get_session_config_entry("session.intra_op.allow_spinning")
+        assert so.intra_op_num_threads == 0  # onnxruntime picks its own thread count
+        off = make(spinning=False)
+        assert off.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert off.intra_op_num_threads >= 1
+    import inspect
+    assert inspect.signature(api.ort_bench).parameters["spinning"].default is True
+    assert inspect.signature(peers.ort_session).parameters["spinning"].default is False
+
+
+def test_time_ort_alone_on_a_tiny_model(tmp_path: Path) -> None:
+    peers = pytest.importorskip("peers")
+    import onnx
+    from onnx import TensorProto, helper
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.save(m, str(tmp_path / "relu.onnx"))
+    t = peers.time_ort_alone(tmp_path / "relu.onnx", np.zeros((2, 4), np.float32), 4, 1)
+    assert len(t) == 4 and all(v > 0 for v in t)
+
+
+def test_time_alone_runs_blocks_one_after_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    sp = pytest.importorskip("speedup")
+    calls: list[tuple[str, int, int]] = []
+
+    def timer(key: str):
+        def f(x: np.ndarray, n: int, w: int) -> list[float]:
+            calls.append((key, n, w))
+            return [0.001 * (len(calls))] * n
+        return f
+
+    keys = [sp.ORT_FP32, sp.ORT_INT8, sp.TVM_FP32, sp.Q_INT8]
+    monkeypatch.setattr(sp, "alone_blocks", lambda *a: [(k, timer(k)) for k in keys])
+    files = sp.ModelFiles("m", Path("a"), Path("b"), None, [], (1, 3, 8, 8), "test")
+    out = sp.time_alone(files, 1, {}, None, runs=6, warmup=3, fp32_every=4, passes=2)
+    # one block per configuration, in order, the sequence repeated per pass
+    assert [c[0] for c in calls] == keys * 2
+    assert calls[0] == (sp.ORT_FP32, 6, 3) and calls[2] == (sp.TVM_FP32, 1, 1)
+    assert out[sp.ORT_FP32]["repeat"] == 12 and out[sp.TVM_FP32]["repeat"] == 2
+    assert out[sp.Q_INT8]["pass_medians_ms"] == [4.0, 8.0] and out[sp.Q_INT8]["passes"] == 2
+    assert sp.alone_runs(1) == 30 and sp.alone_runs(8) == 10 and sp.alone_runs(1, quick=True) == 5
