@@ -113,13 +113,13 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
         if plan is not None:
             raise UsageError("give either budgets or an explicit plan, not both")
         plan = allocation.plan.precisions
-    rounded = None
-    if quant.rounding == "gptq":  # Hessian-aware rounding at the widths the plan uses
-        from .bitplan import gather_inputs
-        from .gptq import gptq_weights
-        rounded = gptq_weights(graph, gather_inputs(reader, calib.num_samples),
-                               layer_bits(graph, quant, plan), progress=progress)
-    qg = quantize_graph(graph, stats, quant, bits=plan, rounded=rounded)
+    rounded, qgraph_src = None, graph
+    if quant.rounding == "gptq":  # Hessian-aware rounding at the widths the plan uses;
+        from .bitplan import gather_inputs  # its biases absorb the rounding's mean error
+        from .gptq import gptq_graph
+        qgraph_src, rounded = gptq_graph(graph, gather_inputs(reader, calib.num_samples),
+                                         layer_bits(graph, quant, plan), progress=progress)
+    qg = quantize_graph(qgraph_src, stats, quant, bits=plan, rounded=rounded)
     if quant.bias_correction:
         from .bitplan import gather_inputs
         from .equalize import bias_correction
