@@ -3,7 +3,7 @@
 Round-to-nearest (``quantize.quantize_weights``) rounds every weight on its own.  GPTQ
 minimizes each layer's output error ``||W X - Q X||^2`` on calibration inputs X instead:
 it quantizes one input column at a time and spreads the rounding error over the columns
-not yet quantized, weighted by ``H = 2 X X^T / n`` (damped by 1% of its mean diagonal),
+not yet quantized, weighted by ``H = 2 X X^T / n`` (damped by 5% of its mean diagonal),
 in lazy blocks of ``BLOCK`` columns, columns in order of decreasing ``H_ii``
 ("act-order", free here since the scale is per output channel).  The updates go through
 the Cholesky factor of (the reversed) H itself, not of H^-1 (see ``_damped_factor``):
@@ -48,7 +48,7 @@ from .quantize import quantize_weights
 from .sensitivity import CANONICAL_OPSET, _onnx_node
 
 CLIP_GRID = np.linspace(0.5, 1.0, 11)  # ratios of max|w| searched per output channel
-DAMP = 0.01          # H += DAMP * mean(diag H) * I, as GPTQ
+DAMP = 0.05          # H += DAMP * mean(diag H) * I (GPTQ: 0.01; see round_corrected)
 BLOCK = 128          # lazy-update block of columns
 MAX_COLUMNS = 8192   # H of K x K float64 above this is too big: nearest instead
 CHUNK_ELEMS = 1 << 23  # im2col elements per Hessian chunk (32 MB in float32)
@@ -413,6 +413,10 @@ def round_corrected(w: np.ndarray, b: np.ndarray, m: Moments, bits: int
       gives on x_f: ``argmin |W X_f - W' X|^2 + lam |W' - W|^2``, i.e.
       ``W' = (W Cov(x_f, x) + lam W)(Cov(x) + lam I)^-1`` with ``lam = COMPENSATE_DAMP *
       mean diag Cov(x)``: the regularizer keeps W where the calibration data says nothing.
+
+    Measured on EfficientNet-Lite0 W4 (weights only, 250 natural-image crops; these also
+    chose ``DAMP`` and ``COMPENSATE_DAMP``): top-1 agreement 40% for plain GPTQ, 62-64%
+    with the bias correction, 77-80% with the compensation as well (SQNR 3.3 -> 10.2 dB).
     """
     G, K = m.mean.shape
     O = w.shape[0]
