@@ -26,6 +26,11 @@ Per layer:
 - each output channel keeps whichever of GPTQ and plain nearest (``quantize_weights``)
   has the lower ``d^T H d``: channels are independent in that error, so the result is
   never worse than nearest on the calibration data (GPTQ's own error comes for free).
+- ``gptq_graph`` (what ``--rounding gptq`` runs) adds two corrections
+  (``round_corrected``): the bias absorbs the error's mean, so H is the centred
+  ``2 Cov(x)``; and each layer rounds the weights that best map the quantized stream's
+  input to the float model's output, so later layers undo earlier layers' error.  It
+  walks two streams, float and quantized, through the graph.
 
 NumPy float64 (only H's per-chunk products run in float32; they are summed in float64).
 A layer with more than ``MAX_COLUMNS`` inputs per group (VGG's 25088-wide fc) is left to
