@@ -13,8 +13,8 @@ import numpy as np
 from tvm import te, tirx
 from tvm.s_tir import Schedule
 
-from .x86_vnni import (ACC_SCOPE, MAX_STACK_BYTES, _epilogue, _pad_nhwc, _pair, _schedule_stage,
-                       conv_out_hw)
+from .x86_vnni import (ACC_SCOPE, MAX_STACK_BYTES, _epilogue, _epilogue_loops, _pad_nhwc, _pair,
+                       _schedule_stage, conv_out_hw)
 
 
 def _channel_tile(c: int) -> int:
@@ -56,7 +56,11 @@ def _schedule_window(sch: Schedule, ct: int, owt: int, pad_stages: Sequence[str]
     sch.vectorize(ci)  # before decompose: vectorize needs the block still a full reduction
     sch.unroll(owi)
     sch.decompose_reduction(acc, win[0])
-    sch.vectorize(sch.get_loops(sch.get_sblock("out"))[-1])
+    # The epilogue's channel loop, or with one channel a tile (C = 1: contiguous)
+    # its width loop; a 1 x 1 tile has neither and stays scalar.
+    width, chans = _epilogue_loops(sch, sch.get_sblock("out"), co)
+    if chans is not None or width is not None:
+        sch.vectorize(chans if chans is not None else width)
 
 
 def _window(x: te.Tensor, kh: int, kw: int, strides: Sequence[int], pads: Sequence[int],

@@ -19,7 +19,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import helper
+from numpy.lib.stride_tricks import sliding_window_view
+from onnx import helper, numpy_helper
 
 from onnx_builders import conv_node, init, make_model, rng, run_ort, save
 from qcompile import api
@@ -172,24 +173,85 @@ def test_gradient_matches_finite_differences(case: str) -> None:
             assert grads[li].flat[i] == pytest.approx(fd, rel=1e-4, abs=1e-8), (case, li, i)
 
 
+# x -> conv c -> SiLU (lut, times_x) -> conv d -> PRelu (lut) -> gap -> Gemm head, mean
+# softmax cross-entropy, written again below in float64 NumPy from the ONNX initializers.
+# Its Hessian trace per layer is sum_i d2L/dw_i2 by second central differences of that
+# loss itself: no Relax, no gradient, nothing the estimator computes.
+
+def _conv_np(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """NCHW 3x3 conv, stride 1, pads 1 (test_ops' ``_conv``)."""
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    win = sliding_window_view(xp, w.shape[2:], axis=(2, 3))  # (n, c, h, w, 3, 3)
+    return np.einsum("nchwij,ocij->nohw", win, w) + b.reshape(1, -1, 1, 1)
+
+
+def _silu_prelu_head_np(p: dict[str, np.ndarray], x: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, the PRelu's input) of ``_head(silu_prelu)``."""
+    c = _conv_np(x, p["c_w"], p["c_b"])
+    d = _conv_np(c / (1 + np.exp(-c)), p["d_w"], p["d_b"])
+    f = np.where(d > 0, d, p["slope"][None] * d).mean(axis=(2, 3))
+    return f @ p["head_w"].T + p["head_b"], d
+
+
+def _mean_ce_np(z: np.ndarray, labels: np.ndarray) -> float:
+    m = z.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(z - m).sum(axis=1)) + m[:, 0]
+    return float(np.mean(lse - z[np.arange(len(z)), labels]))
+
+
+def _second_difference_traces(p: dict[str, np.ndarray], x: np.ndarray, labels: np.ndarray,
+                              names: tuple[str, ...], h: float) -> np.ndarray:
+    """Tr(H_ll) = sum_i (L(w + h e_i) - 2 L(w) + L(w - h e_i)) / h^2 per weight ``names``,
+    on the PRelu's linear piece: every step is checked to leave each PRelu input's sign."""
+    def loss(q: dict[str, np.ndarray]) -> float:
+        z, d = _silu_prelu_head_np(q, x)
+        assert np.array_equal(d > 0, side), "a finite-difference step crossed the PRelu kink"
+        return _mean_ce_np(z, labels)
+
+    side = _silu_prelu_head_np(p, x)[1] > 0
+    l0, out = loss(p), []
+    for name in names:
+        total = 0.0
+        for i in range(p[name].size):
+            plus, minus = dict(p), dict(p)
+            plus[name], minus[name] = p[name].copy(), p[name].copy()
+            plus[name].flat[i] += h
+            minus[name].flat[i] -= h
+            total += (loss(plus) - 2 * l0 + loss(minus)) / h ** 2
+        out.append(total)
+    return np.array(out)
+
+
 def test_hessian_trace_with_a_lut_matches_exact() -> None:
-    """Hutchinson on conv -> SiLU -> gap -> fc agrees with the exact trace sum_i e_i.H e_i."""
+    """Hutchinson on conv -> SiLU -> conv -> PRelu -> gap -> fc, and the finite-difference
+    HVP it samples, agree with the trace of an independent float64 NumPy loss."""
     model = _head(_case("silu_prelu")[0], classes=3)
     g = _canonical(model)
     x = np.random.default_rng(7).normal(size=(4, *g.input_shape[1:])).astype(np.float32)
     assert any(n.op == "lut" and n.attrs["times_x"] for n in g.nodes)
     o = S.GradOracle(g, x, None, batch_size=4)
-    exact = []
+    p = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    names = ("c_w", "d_w", "head_w")
+    # the NumPy model is the compiled one: same weights, same logits ...
+    for w, name in zip(o.weights, names):
+        np.testing.assert_array_equal(w, p[name])
+    xd = x.astype(np.float64)
+    logits = _silu_prelu_head_np(p, xd)[0]
+    np.testing.assert_allclose(o.logits(), logits, rtol=1e-9, atol=1e-9)
+    exact = _second_difference_traces(p, xd, logits.argmax(axis=1), names, h=1e-4)
+    assert np.all(np.abs(exact) > 1e-3), exact
+    # the estimator's own HVP summed over the basis (catches a wrong step, scale, sign)
+    hvp = []
     for li, w in enumerate(o.weights):
         total = 0.0
         for i in range(w.size):
             v = [np.zeros(a.shape) for a in o.weights]
             v[li].flat[i] = 1.0
             total += o.hvp_blocks(v, central=True)[li].flat[i]
-        exact.append(total)
-    exact = np.array(exact)
+        hvp.append(total)
+    np.testing.assert_allclose(hvp, exact, rtol=1e-4)
     tr, se, k = S.hutchinson(o, max_probes=2048, tol=0.02, seed=0, progress=False)
-    assert np.all(np.abs(exact) > 0)
     rel = np.abs(tr - exact) / np.abs(exact)
     assert np.all(rel < 0.2), (tr, exact, se, k)
     assert np.all(np.abs(tr - exact) < 4 * se * np.abs(tr) + 1e-12), (tr, exact, se)

@@ -183,12 +183,14 @@ def test_op_bit_exact_integer_only_and_faithful(case: str, tmp_path: Path) -> No
     nodes, inits, in_shape, opset = build()
     path = save(make_model(nodes, inits, in_shape, opset=opset), tmp_path)
     art = tmp_path / "art"
-    assert api.compile_model(path, art, progress=False).integer_only
+    res = api.compile_model(path, art, progress=False)
+    # compile's own oracle check ran, and every integer-only stage found code to check
+    assert res.verified["inputs"] == 2 and res.verified["bit_exact"] is True
+    check = json.loads((art / "manifest.json").read_text())["intcheck"]
+    assert check["stages"] == ["core", "codegen", "asm"] and check["asm"]["instructions"] > 0
     graph = json.loads((art / "qconfig.json").read_text())["graph"]
     ops = {n["op"] for n in graph["nodes"]}
     assert want_ops <= ops, f"expected {want_ops} among the quantized ops {ops}"
-    manifest = json.loads((art / "manifest.json").read_text())
-    assert manifest["integer_only"]
     with pytest.warns(UserWarning, match="synthetic"):
         ev = api.evaluate(path, art, num_samples=8, progress=False)
     assert ev["bit_exact"] and ev["num_samples"] == 8
