@@ -441,6 +441,7 @@ def allocate_model(model: str | Path, *, target: str = "llvm", alloc: AllocSpec 
 
     model = Path(model)
     tgt = make_target(target)
+    _, quant = resolve_auto(calib, quant)  # the rounding compile would use ranks the layers
     graph, reader, stats = _front(model, calib, progress)
     a = allocate_bits(graph, model.read_bytes(), reader, stats, tgt, spec=alloc, quant=quant,
                       batch=batch, progress=progress)

@@ -134,7 +134,7 @@ def allocate_bits(graph: Graph, model_bytes: bytes, reader: Reader,
     # to kl (with a warning) where the graph has no Relax gradient.
     x = gather_inputs(reader, spec.sensitivity_samples)
     sens = compute_sensitivity(graph, model_bytes, x, method=spec.sensitivity, bits=(4, 8),
-                               progress=progress, fallback=True)
+                               progress=progress, fallback=True, rounding=quant.rounding)
     # Step 2. Latency per layer and width: measured kernels on the CPU, T4 model for cuda.
     if target.kind.name == "llvm":
         cost = measured_cost_model(graph, model_bytes, stats, quant, target, batch, progress)

@@ -375,13 +375,47 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
-def kl_omega(graph: Graph, inputs: np.ndarray, bits: Sequence[int], progress: bool
-             ) -> dict[str, dict[int, float]]:
-    """Mean KL(float || only-layer-l-quantized) per layer and bit width."""
-    sess = ort.InferenceSession(canonical_onnx(graph).SerializeToString(),
+def _gptq_layers(graph: Graph, inputs: np.ndarray, bits: Sequence[int]
+                 ) -> dict[int, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Per width, every layer's GPTQ weights and corrected bias, each rounded on the float
+    model's input (one layer quantized at a time, as KL measures it)."""
+    from .gptq import gptq_graph  # gptq imports this module
+    names = [n.name for n in layer_nodes(graph)]
+    out: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for b in bits:
+        g, rounded = gptq_graph(graph, inputs, {n: b for n in names}, sequential=False)
+        bias = {n.name: n.params["b"] for n in g.nodes if n.name in rounded}
+        out[b] = {k: ((q * s.reshape((-1,) + (1,) * (q.ndim - 1))).astype(np.float32),
+                      np.asarray(bias[k], np.float32)) for k, (q, s) in rounded.items()}
+    return out
+
+
+def _biases_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The canonical export with every layer bias (``<layer>::b``) a graph input."""
+    biases = [t for t in model.graph.initializer if t.name.endswith("::b")]
+    for t in biases:
+        model.graph.input.append(helper.make_tensor_value_info(t.name, TensorProto.FLOAT,
+                                                               list(t.dims)))
+    keep = [t for t in model.graph.initializer if not t.name.endswith("::b")]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return model
+
+
+def kl_omega(graph: Graph, inputs: np.ndarray, bits: Sequence[int], progress: bool,
+             rounding: str = "nearest") -> dict[str, dict[int, float]]:
+    """Mean KL(float || only-layer-l-quantized) per layer and bit width.
+
+    ``rounding="gptq"`` quantizes the layer as ``--rounding gptq`` will (GPTQ with its
+    bias correction, on the float input): GPTQ changes which layers 4 bits hurt (a
+    depthwise layer's error is mostly a mean shift that its bias absorbs), so a plan
+    for GPTQ-rounded weights should be ranked by GPTQ-rounded sensitivities."""
+    sess = ort.InferenceSession(_biases_as_inputs(canonical_onnx(graph)).SerializeToString(),
                                 providers=["CPUExecutionProvider"])
     layers = layer_nodes(graph)
     feeds = {f"{n.name}::w": np.asarray(n.params["w"], np.float32) for n in layers}
+    feeds |= {f"{n.name}::b": np.asarray(n.params["b"], np.float32) for n in layers}
+    gq = _gptq_layers(graph, inputs.astype(np.float32), bits) if rounding == "gptq" else None
     x = inputs.astype(np.float32)
 
     def logp(f: dict[str, np.ndarray]) -> np.ndarray:
@@ -397,7 +431,12 @@ def kl_omega(graph: Graph, inputs: np.ndarray, bits: Sequence[int], progress: bo
         for n in layers:
             out[n.name] = {}
             for b in bits:
-                q = logp(feeds | {f"{n.name}::w": fake_quant(feeds[f"{n.name}::w"], b)})
+                if gq is None:
+                    f = {f"{n.name}::w": fake_quant(feeds[f"{n.name}::w"], b)}
+                else:
+                    w, bias = gq[b][n.name]
+                    f = {f"{n.name}::w": w, f"{n.name}::b": bias}
+                q = logp(feeds | f)
                 kl = (p * (ref - q)).sum(axis=1).mean()  # sum over classes, mean over rest
                 out[n.name][b] = max(float(kl), 0.0)  # rounding can dip a hair below 0
                 bar.update(1)
@@ -458,7 +497,7 @@ def compute_sensitivity(graph: Graph, model_bytes: bytes, inputs: np.ndarray,
                         bits: tuple[int, ...] = (4, 8), max_probes: int = 64, tol: float = 0.05,
                         seed: int = 0, batch_size: int = 8, central: bool = False,
                         cache_dir: Path | None = None, progress: bool = True,
-                        fallback: bool = True) -> Sensitivity:
+                        fallback: bool = True, rounding: str = "nearest") -> Sensitivity:
     """Omega_l(b) for every conv/dense layer of ``graph`` and every width in ``bits``.
 
     ``graph`` is the prepared (canonical) graph of ``model_bytes``; ``inputs`` is
@@ -471,6 +510,9 @@ def compute_sensitivity(graph: Graph, model_bytes: bytes, inputs: np.ndarray,
     A graph the Hessian cannot be taken of (an op without a Relax gradient, outputs
     that are not 2-D logits) falls back to ``kl`` with a one-line warning when
     ``fallback``; without it the ``UnsupportedOpError`` propagates.
+
+    ``rounding="gptq"`` makes ``kl`` quantize each layer with GPTQ (``kl_omega``); the
+    Hessian's Omega stays HAWQ-V3's (trace times the nearest-rounding error).
     """
     if method not in METHODS:
         raise UsageError(f"--sensitivity must be one of {METHODS}, got {method!r}")
@@ -484,6 +526,8 @@ def compute_sensitivity(graph: Graph, model_bytes: bytes, inputs: np.ndarray,
     _check_data(graph, inputs, labels)
     if method == "kl":  # labels play no part in KL
         settings: dict[str, object] = {"method": "kl", "bits": list(bits)}
+        if rounding == "gptq":  # (absent for nearest: older cache entries stay valid)
+            settings["rounding"] = "gptq"
         labels = None
     else:  # bits are not in the key: Omega is recomputed from the cached trace
         settings = {"method": "hessian", "max_probes": max_probes, "tol": tol, "seed": seed,
@@ -498,8 +542,8 @@ def compute_sensitivity(graph: Graph, model_bytes: bytes, inputs: np.ndarray,
         return Sensitivity(s.method, hessian_omega(graph, s.trace, bits), s.trace, s.stderr,
                            s.probes, s.num_samples, True, s.settings)
     if method == "kl":
-        res = Sensitivity("kl", kl_omega(graph, inputs, bits, progress), {}, {}, 0, len(inputs),
-                          False, settings)
+        res = Sensitivity("kl", kl_omega(graph, inputs, bits, progress, rounding), {}, {}, 0,
+                          len(inputs), False, settings)
     else:
         try:
             oracle = GradOracle(graph, inputs, labels, batch_size)
@@ -510,7 +554,7 @@ def compute_sensitivity(graph: Graph, model_bytes: bytes, inputs: np.ndarray,
             warnings.warn(f"hessian sensitivity refused ({why}); using kl (forward-only) instead",
                           stacklevel=2)
             return compute_sensitivity(graph, model_bytes, inputs, None, method="kl", bits=bits,
-                                       cache_dir=cache_dir, progress=progress)
+                                       cache_dir=cache_dir, progress=progress, rounding=rounding)
         tr, se, k = hutchinson(oracle, max_probes=max_probes, tol=tol, seed=seed,
                                progress=progress, central=central)
         names = oracle.vm.fm.layers

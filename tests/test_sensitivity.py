@@ -252,3 +252,21 @@ def test_cache_dir_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     monkeypatch.setenv("QCOMPILE_CACHE_DIR", str(tmp_path))
     assert S.cache_root() == tmp_path / "sensitivity"
     assert S.cache_root(tmp_path / "x") == tmp_path / "x"
+
+
+def test_kl_under_gptq_ranks_the_rounding_that_will_be_used(tmp_path: Path) -> None:
+    """``rounding="gptq"`` measures each layer's KL with its GPTQ weights and corrected
+    bias: no larger than nearest's at 4 bits on the layers GPTQ improves, cached apart."""
+    from qcompile.sensitivity import compute_sensitivity
+    from test_gptq import _images, _tiny_model
+    from qcompile.onnx_import import import_onnx
+    from qcompile.prepare import prepare
+    graph = prepare(import_onnx(_tiny_model(), batch=1))
+    x = _images(24, 0)
+    kw = dict(method="kl", bits=(4, 8), cache_dir=tmp_path, progress=False)
+    near = compute_sensitivity(graph, b"m", x, **kw)
+    gq = compute_sensitivity(graph, b"m", x, rounding="gptq", **kw)
+    assert not gq.cached and set(gq.omega) == set(near.omega)
+    assert sum(o[4] for o in gq.omega.values()) < sum(o[4] for o in near.omega.values())
+    assert compute_sensitivity(graph, b"m", x, rounding="gptq", **kw).cached
+    assert len(list(tmp_path.glob("*.json"))) == 2
