@@ -346,13 +346,36 @@ def _schedule_gemm(sch: Schedule, tile: GemmTile, n_red: int, intrin: str = INTR
     # (no memset + store/reload of the accumulators around a predicated epilogue).
     if cols is not None:
         oc, ov = sch.split(cols, [None, LANES])
-        sch.vectorize(ov)
+        if _predicated(sch, out):
+            # N not a multiple of 16: the block keeps `where col < N`. Vectorized, TVM
+            # scalarizes it and LLVM 22 re-vectorizes it with masked stores, and its
+            # single-lane masked truncating store of the last column (mask <1,0,0,0> on
+            # v4i64 -> v4i8) is emitted as a full 8-byte `vmovq`: 7 bytes of sign fill
+            # past the row, into the next row's first channels (past the buffer on the
+            # last row). Inside a tile the next row overwrites them later; across
+            # parallel tiles that is a race (wrong first channels of a tile's first
+            # row whenever its thread stored it before the previous tile's last row).
+            # Unrolled, each column is a plain guarded scalar store (constant guards
+            # fold when the output has one N tile; LLVM's SLP may still vectorize
+            # them, without masks). Faster too (1 thread, 1x1 conv 28x28x24 -> 40:
+            # 11.3 -> 8.1 us; 56x56x16 -> 24: 25.5 -> 16.2 us).
+            sch.unroll(ov)
+        else:
+            sch.vectorize(ov)
         sch.unroll(oc)
     # A one-row tile (batch-1 dense, a 1x1 map) has no row loop; the tile loop itself is
     # unrolled then, one thread for all N tiles (as before): a parallel loop measured up
     # to 300x slower there (dense 1x1000x512 int4: 4.7 us serial, 1.4 ms parallel on a
     # busy 2-vCPU VM: waking a thread costs more than the whole microsecond kernel).
     sch.unroll(rows if rows is not None else tile_loop)
+
+
+def _predicated(sch: Schedule, block: SBlockRV) -> bool:
+    """Whether ``block`` runs under a ``where`` (padded columns it must not write)."""
+    realize = sch.get(sch.get_loops(block)[-1]).body
+    assert isinstance(realize, SBlockRealize), type(realize)
+    pred = realize.predicate
+    return not (isinstance(pred, tirx.IntImm) and int(pred) == 1)
 
 
 def _epilogue_loops(sch: Schedule, out: SBlockRV, tile_loop: LoopRV

@@ -461,3 +461,74 @@ def test_kernel_runs_inside_relax_via_call_tir() -> None:
     bias = np.zeros(32, np.int32)
     got = vm["main"](*[tvm.runtime.tensor(a) for a in (xs, V.pack_conv_weights(ws), bias)])
     np.testing.assert_array_equal(got.numpy(), _conv_ref(xs, ws, (1, 1), (1, 1, 1, 1), (1, 1)))
+
+
+# ----------------------------------------------------------------------------- output bounds
+GUARD = 64  # poisoned bytes either side of the output
+
+
+def _run_guarded(f: tvm.tirx.PrimFunc, args: Sequence[np.ndarray], out_shape: tuple[int, ...],
+                 out_dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run ``f`` with its output a 64-byte-aligned view inside a bigger 0x5A-filled buffer
+    (zero-copy, via DLPack): (output, the guard bytes before it, the guard bytes after it)."""
+    nbytes = int(np.prod(out_shape)) * np.dtype(out_dtype).itemsize
+    raw = np.full(nbytes + 3 * GUARD, 0x5A, np.uint8)
+    start = (-raw.ctypes.data) % 64 + GUARD
+    view = raw[start:start + nbytes].view(out_dtype).reshape(out_shape)
+    ts = [tvm.runtime.tensor(a) for a in args] + [tvm.runtime.from_dlpack(view)]
+    _compile(f)(*ts)
+    return view.copy(), raw[start - GUARD:start], raw[start + nbytes:start + nbytes + GUARD]
+
+
+@pytest.mark.parametrize("case", [
+    # (M, N, K, in, out, raw, w_bits, unpack): N % 16 != 0, so the epilogue's last
+    # 16-column block is predicated; several M tiles, so each row has a next row.
+    (50, 13, 20, "uint8", "int8", False, 8, None),
+    (50, 13, 20, "uint8", "int8", False, 4, "prologue"),
+    (50, 13, 20, "uint8", "int8", False, 4, "tile"),
+    (64, 20, 36, "int8", "uint8", False, 8, None),
+    (64, 20, 36, "int8", "uint8", False, 4, "prologue"),
+    (30, 5, 24, "uint8", "int32", True, 8, None),
+])
+def test_ragged_n_epilogue_writes_only_its_output(case: tuple) -> None:
+    """The epilogue stores nothing outside its output: with N not a multiple of 16 LLVM 22
+    emitted the last column's masked int8 store as an 8-byte ``vmovq``, 7 bytes of sign
+    fill into the next row's first channels. Inside a tile the next row fixed them up; the
+    first row of the next tile, on another thread, kept them when stored first
+    (test_schedule's core failed intermittently under 2 threads), and the last row wrote
+    past the buffer. The bytes past the buffer show it deterministically."""
+    M, N, K, in_dtype, out_dtype, raw, w_bits, unpack = case
+    if w_bits == 4 and I4.GFNI.cpu_flag not in cpu_flags():
+        pytest.skip("the int4 unpack needs GFNI")
+    rng = np.random.default_rng(M * N + K)
+    a, w = _rand(rng, (M, K), in_dtype), _weights(rng, (N, K), w_bits)
+    bias = rng.integers(-2**20, 2**20, N).astype(np.int32)
+    acc, bias, q = _requant_setup(rng, a.astype(np.int64) @ w.astype(np.int64).T + bias, bias,
+                                  raw, out_dtype)
+    kbias = V.signed_input_bias(w, bias) if in_dtype == "int8" else bias
+    pack = V.pack_weights if w_bits == 8 else V.pack_weights_int4
+    f = V.dense_vnni(M, N, K, out_dtype=out_dtype, raw=raw, in_dtype=in_dtype, w_bits=w_bits,
+                     int4_unpack=unpack)
+    got, before, after = _run_guarded(f, [a, pack(w), kbias, *(q or [])], (M, N),
+                                      "int32" if raw else out_dtype)
+    assert (before == 0x5A).all() and (after == 0x5A).all(), (
+        f"stores outside the output: after it {np.flatnonzero(after != 0x5A).tolist()}")
+    np.testing.assert_array_equal(got, _expected(acc, q, out_dtype))
+
+
+@needs_gfni
+def test_int4_1x1_conv_ragged_oc_writes_only_its_output() -> None:
+    """test_schedule's failing layer itself: 2x9x9x20 -> 1x1 stride 2 -> 13 int4 channels."""
+    rng = np.random.default_rng(13)
+    x, w = _rand(rng, (2, 9, 9, 20), "uint8"), _weights(rng, (13, 20, 1, 1), 4)
+    bias = rng.integers(-2**10, 2**10, 13).astype(np.int32)
+    acc, bias, q = _requant_setup(rng, _conv_ref(x, w, (2, 2), (0, 0, 0, 0), (1, 1)) + bias,
+                                  bias, False, "int8")
+    f = V.conv2d_nhwc_vnni(2, 9, 9, 20, 13, 1, 1, (2, 2), (0, 0, 0, 0), (1, 1),
+                           out_dtype="int8", raw=False, in_dtype="uint8", w_bits=4,
+                           int4_unpack="prologue")
+    got, before, after = _run_guarded(f, [x, V.pack_conv_weights_int4(w), bias, *q],
+                                      acc.shape, "int8")
+    assert (before == 0x5A).all() and (after == 0x5A).all(), (
+        f"stores outside the output: after it {np.flatnonzero(after != 0x5A).tolist()}")
+    np.testing.assert_array_equal(got, _expected(acc, q, "int8"))
