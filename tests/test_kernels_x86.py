@@ -194,20 +194,26 @@ def test_dense_vnni_int4_exact(M: int, N: int, K: int, in_dtype: str, out_dtype:
     _check_dense(M, N, K, in_dtype, out_dtype, raw, w_bits=4, unpack=unpack)
 
 
-def _check_dense(M: int, N: int, K: int, in_dtype: str, out_dtype: str, raw: bool,
-                 w_bits: int, unpack: str | None = None) -> None:
-    rng = np.random.default_rng(M + N + K)
+def _dense_case(M: int, N: int, K: int, in_dtype: str, out_dtype: str, raw: bool,
+                w_bits: int, unpack: str | None, seed: int):
+    """(kernel, its arguments, the expected output) for a random dense problem."""
+    rng = np.random.default_rng(seed)
     a, w = _rand(rng, (M, K), in_dtype), _weights(rng, (N, K), w_bits)
     bias = rng.integers(-2**20, 2**20, N).astype(np.int32)
     acc, bias, q = _requant_setup(rng, a.astype(np.int64) @ w.astype(np.int64).T + bias, bias,
                                   raw, out_dtype)
     kbias = V.signed_input_bias(w, bias) if in_dtype == "int8" else bias
     pack = V.pack_weights if w_bits == 8 else V.pack_weights_int4
-    args = [a, pack(w), kbias, *(q or [])]
     f = V.dense_vnni(M, N, K, out_dtype=out_dtype, raw=raw, in_dtype=in_dtype, w_bits=w_bits,
                      int4_unpack=unpack)
+    return f, [a, pack(w), kbias, *(q or [])], _expected(acc, q, out_dtype)
+
+
+def _check_dense(M: int, N: int, K: int, in_dtype: str, out_dtype: str, raw: bool,
+                 w_bits: int, unpack: str | None = None) -> None:
+    f, args, want = _dense_case(M, N, K, in_dtype, out_dtype, raw, w_bits, unpack, M + N + K)
     got = _run(f, args, (M, N), "int32" if raw else out_dtype)
-    np.testing.assert_array_equal(got, _expected(acc, q, out_dtype))
+    np.testing.assert_array_equal(got, want)
 
 
 def test_dense_custom_clip_and_int32_wrap() -> None:
@@ -500,20 +506,11 @@ def test_ragged_n_epilogue_writes_only_its_output(case: tuple) -> None:
     M, N, K, in_dtype, out_dtype, raw, w_bits, unpack = case
     if w_bits == 4 and I4.GFNI.cpu_flag not in cpu_flags():
         pytest.skip("the int4 unpack needs GFNI")
-    rng = np.random.default_rng(M * N + K)
-    a, w = _rand(rng, (M, K), in_dtype), _weights(rng, (N, K), w_bits)
-    bias = rng.integers(-2**20, 2**20, N).astype(np.int32)
-    acc, bias, q = _requant_setup(rng, a.astype(np.int64) @ w.astype(np.int64).T + bias, bias,
-                                  raw, out_dtype)
-    kbias = V.signed_input_bias(w, bias) if in_dtype == "int8" else bias
-    pack = V.pack_weights if w_bits == 8 else V.pack_weights_int4
-    f = V.dense_vnni(M, N, K, out_dtype=out_dtype, raw=raw, in_dtype=in_dtype, w_bits=w_bits,
-                     int4_unpack=unpack)
-    got, before, after = _run_guarded(f, [a, pack(w), kbias, *(q or [])], (M, N),
-                                      "int32" if raw else out_dtype)
+    f, args, want = _dense_case(M, N, K, in_dtype, out_dtype, raw, w_bits, unpack, M * N + K)
+    got, before, after = _run_guarded(f, args, (M, N), "int32" if raw else out_dtype)
     assert (before == 0x5A).all() and (after == 0x5A).all(), (
         f"stores outside the output: after it {np.flatnonzero(after != 0x5A).tolist()}")
-    np.testing.assert_array_equal(got, _expected(acc, q, out_dtype))
+    np.testing.assert_array_equal(got, want)
 
 
 @needs_gfni
