@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     clock = bc.Stopwatch()
     from tqdm import tqdm
     machine = bc.machine_info()
-    steps = 1 + len(CFGS) + 1 + len(CFGS) + a.repeat
+    steps = 1 + len(CFGS) + 1 + len(CFGS) + 1 + len(CFGS)  # timing: ORT FP32 + ours, one block each
     with tempfile.TemporaryDirectory() as d, tqdm(total=steps, desc="resnet50", unit="step") as bar:
         work = Path(d)
 
@@ -172,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         x = np.random.default_rng(1).normal(size=(a.eval_samples, *files.input_shape[1:])).astype(np.float32)
         fid = sp.fidelity(files, x, by_key, None, step, lambda: bar.update(1), peers=False)
         step(f"timing batch {a.batch}")
-        timing = sp.time_batch(files, a.batch, by_key, None, a.repeat, 1, lambda i: bar.update(1))
+        # each configuration alone in its own block; onnxruntime with its defaults
+        timing = sp.time_alone(files, a.batch, by_key, None, runs=a.repeat, warmup=3,
+                               progress=lambda i: bar.update(1))
     rows = build_rows(files, arts, fid, timing, t4)
     mixed = arts["mixed"]
     plan = mixed.get("plan") or {}
@@ -188,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         f"qcompile allocates for the T4 (α={ALPHA:g} under the T4 model, batch {T4_BATCH}): "
         f"{t4['n4']}/{t4['n_layers']} layers at 4 bits, {t4['size_mb']:.1f} MB, {t4['bops_g']:.0f} G BOPs.",
         f"measured, {machine['label']}: batch {a.batch} latency, median (min–max) of {a.repeat} "
-        "interleaved rounds after warm-up; FP32 = onnxruntime FP32 (spin-wait off), "
+        "runs, each configuration timed alone in its own block after 3 warm-up runs; FP32 = "
+        "onnxruntime FP32 with its default SessionOptions (spin-waiting on), "
         "W8A8/mixed/W4A4 = qcompile's compiled integer-only modules (llvm).",
         f"Mixed (measured row): allocated for this CPU from its measured per-layer latencies "
         f"({plan.get('latency_source', '?')}), {mixed.get('n4', '?')}/{mixed.get('n_layers', '?')} "
