@@ -50,10 +50,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-#: FP-domain x86 instructions allowed on integer data: pure moves, shuffles,
+#: FP-domain x86 instructions allowed on integer data: pure moves (vmovsh included: LLVM
+#: moves int16 scalars with AVX512-FP16's 16-bit move on Sapphire Rapids), shuffles,
 #: broadcasts, blends and bitwise ops (no rounding, no arithmetic).
 FP_DOMAIN_ALLOWED = re.compile(
-    r"^v?(mov(a|u|h|l|nt)?p[sd]|movs[sd]|movhlps|movlhps|movshdup|movsldup|movddup"
+    r"^v?(mov(a|u|h|l|nt)?p[sd]|movs[sdh]|movhlps|movlhps|movshdup|movsldup|movddup"
     r"|andn?p[sd]|orp[sd]|xorp[sd]|blendv?p[sd]|blendmp[sd]|shufp[sd]|unpck[hl]p[sd]"
     r"|permilp[sd]|perm[it]2p[sd]|permp[sd]|broadcasts[sd]|insertps|extractps"
     r"|insertf(128|32x4|64x2|32x8|64x4)|extractf(128|32x4|64x2|32x8|64x4)"

@@ -122,11 +122,13 @@ def test_relax_opaque_calls_rejected(extra: str) -> None:
 def test_asm_classifier() -> None:
     for bad in ("vfmadd231ps", "vmulps", "vaddpd", "vsubss", "vcvtdq2ps", "vcvttps2dq",
                 "cvtsi2ss", "vdivps", "vsqrtss", "vrcp14ps", "vrsqrt14ps", "fld", "fstp",
-                "mulsd", "vminps", "vcmpltps", "vucomiss", "vroundps"):
+                "mulsd", "vminps", "vcmpltps", "vucomiss", "vroundps", "vaddsh", "vmulph",
+                "vfmadd231sh", "vcvtsh2ss"):
         assert classify_x86(bad), bad
     for ok in ("vpdpbusd", "vpdpwssd", "vpmaddubsw", "vmovups", "vmovdqu8", "vxorps",
                "vbroadcastss", "vpermps", "vinserti128", "vextractf128", "vgf2p8affineqb",
-               "imull", "movss", "kmovw", "cmpl", "shrxl", "vpsrad"):
+               "imull", "movss", "kmovw", "cmpl", "shrxl", "vpsrad",
+               "vmovsh"):  # AVX512-FP16's 16-bit scalar move: LLVM loads int16 with it
         assert classify_x86(ok) is None, ok
     asm = ("\t.type\t__tvm_ffi_k,@function\n__tvm_ffi_k:\n\tvpdpbusd\t%zmm1, %zmm2, %zmm3\n"
            "\t.type\tk_compute_,@function\nk_compute_:\n\tleaq\t.L__tvm_parallel_lambda(%rip), %rdi\n"
