@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.stamp
 PYTHON3 ?= python3
 
-.PHONY: venv test test-slow test-gpu demo bench bench-effnet bench-quality bench-gptq clean corpus onnx-backend-sweep fuzz
+.PHONY: venv test test-slow test-gpu gpu-check demo bench bench-effnet bench-quality bench-gptq clean corpus onnx-backend-sweep fuzz
 
 venv: $(STAMP)
 
@@ -22,6 +22,13 @@ test-slow: venv
 
 test-gpu: venv
 	$(PY) -m pytest -q -m gpu -rs
+
+# GitHub issue 12: build sm_90 (ARCH=sm_75 for a T4) ResNet-18/50 artifacts, the oracle's
+# answers and a runtime-only bundle under out/gpu-check/bundle, then print the one command
+# that checks and times them on the GPU host (where gpu-<device>-<date>.{json,md} is written).
+ARCH ?= sm_90
+gpu-check: venv
+	$(PY) benchmarks/gpu_check.py --arch $(ARCH) $(BENCH_ARGS)
 
 demo: venv
 	$(PY) tools/demo.py --out out/demo

@@ -14,8 +14,10 @@ from .errors import UsageError
 MANIFEST = "manifest.json"
 
 
-def check_output_dir(out: Path, protect: tuple[Path, ...] = ()) -> None:
-    """Refuse outputs that would destroy something that is not a qcompile artifact."""
+def check_output_dir(out: Path, protect: tuple[Path, ...] = (), marker: str = MANIFEST,
+                     what: str = "artifact") -> None:
+    """Refuse outputs that would destroy something that is not a qcompile ``what``
+    (a directory holding ``marker``)."""
     out = Path(out)
     for p in protect:
         if p.exists() and out.resolve() == Path(p).resolve():
@@ -25,9 +27,9 @@ def check_output_dir(out: Path, protect: tuple[Path, ...] = ()) -> None:
     if out.exists():
         if not out.is_dir():
             raise UsageError(f"-o {out} exists and is not a directory; choose another path")
-        if any(out.iterdir()) and not (out / MANIFEST).is_file():
+        if any(out.iterdir()) and not (out / marker).is_file():
             raise UsageError(f"-o {out} is a non-empty directory that is not a qcompile "
-                             "artifact; refusing to overwrite it")
+                             f"{what}; refusing to overwrite it")
 
 
 @contextlib.contextmanager

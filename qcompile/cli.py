@@ -606,6 +606,32 @@ def inspect_cmd(art: str, sass: bool, as_json: bool) -> None:
 
 
 
+@main.command("bundle")
+@click.argument("arts", nargs=-1, required=True, metavar="ART...")
+@click.option("-o", "--output", "out", required=True, metavar="DIR",
+              help="Bundle folder (new, empty, or an earlier bundle).")
+@click.option("--python", "pythons", multiple=True, metavar="X.Y",
+              help="Also run under this CPython version (repeatable; the builder's own is "
+                   "always included).")
+@click.option("--ffi-wheel", "wheels", multiple=True, metavar="WHL",
+              type=click.Path(exists=True, dir_okay=False),
+              help="apache-tvm-ffi wheel to take a --python core from (else pip downloads it).")
+def bundle_cmd(arts: tuple[str, ...], out: str, pythons: tuple[str, ...],
+               wheels: tuple[str, ...]) -> None:
+    """Pack artifacts with TVM's runtime alone: a folder that runs them where only Python and
+    numpy are installed (`python DIR/run.py --input x.npy --output y.npy`)."""
+    from .bundle import make_bundle
+
+    r = make_bundle([_check_artifact(a) for a in arts], Path(out), pythons=pythons,
+                    wheels=[Path(w) for w in wheels])
+    mib = 2 ** 20
+    click.echo(f"wrote {r.out}: {len(r.models)} model(s), {r.total_bytes / mib:.1f} MiB "
+               f"(runtime {r.runtime_bytes / mib:.1f}, weights {r.weights_bytes / mib:.1f}); "
+               f"Python {', '.join(r.pythons)}")
+    which = " --model NAME" if len(r.models) > 1 else ""
+    click.echo(f"run it: python {r.out}/run.py{which} --input x.npy --output y.npy")
+
+
 @main.command("ops")
 def ops_cmd() -> None:
     """Print the supported ONNX ops and what each becomes inside the integer core."""
