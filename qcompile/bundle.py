@@ -219,11 +219,23 @@ def _add_model(art: Path, tmp: Path, name: str, stored: set[str]) -> dict:
         stored.add(key)
     (tmp / "models" / name).mkdir(parents=True)
     shutil.copy2(art / "manifest.json", tmp / "models" / name / "manifest.json")
-    shutil.copy2(art / "module.so", tmp / "models" / name / "module.so")
-    return {"dir": f"models/{name}", "weights": f"weights/{key}.npz",
+    stripped = _copy_stripped(art / "module.so", tmp / "models" / name / "module.so")
+    return {"stripped": stripped, "dir": f"models/{name}", "weights": f"weights/{key}.npz",
             "target": manifest["target"], "batch": manifest.get("batch"),
             "input": manifest["input"], "output": manifest["output"],
             "source": manifest.get("source")}
+
+
+def _copy_stripped(src: Path, dst: Path) -> bool:
+    """Copy a module without its static symbol table (about half of it). TVM finds its
+    functions and device binaries through the dynamic symbols, which strip keeps; without
+    binutils' strip the copy is simply whole."""
+    strip = shutil.which("strip")
+    if strip and subprocess.run([strip, "--strip-unneeded", "-o", str(dst), str(src)],
+                                capture_output=True).returncode == 0:
+        return True
+    shutil.copy2(src, dst)
+    return False
 
 
 def _du(p: Path) -> int:
