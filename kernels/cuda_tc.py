@@ -1,4 +1,4 @@
-"""Integer tensor-core kernels for the NVIDIA T4 (sm_75): int8 and packed int4 GEMM / conv.
+"""Integer tensor-core kernels for NVIDIA sm_75+ (T4 to H100): int8 and packed int4 GEMM / conv.
 
 Pipeline, top to bottom: a ``te`` compute (GEMM in *bytes* of K, im2col and padding as
 inlinable producers, requant epilogue) -> ``tvm.s_tir.Schedule`` (block/warp tiling, shared
@@ -86,6 +86,15 @@ def mma_shapes(sm: int, bits: int, native_only: bool = True) -> tuple[MmaShape, 
     """The table rows usable on ``sm_<sm>`` for ``bits``-wide operands."""
     return tuple(s for s in TENSOR_CORES if s.bits == bits and sm >= s.min_sm
                  and (s.native_on(sm) or not native_only))
+
+
+def kernel_mma(bits: int, sm: int) -> MmaShape | None:
+    """The row our GEMM kernels issue for ``bits`` on ``sm_<sm>``, native preferred, else
+    emulated (int4 on sm_90: correct, no faster than int8); None where the arch has neither.
+    Only rows one of our intrinsics issues count (m16n8k32/k64 have none of ours yet)."""
+    ours = [s for s in mma_shapes(sm, bits, native_only=False)
+            if any(i.startswith(INTRIN_PREFIX) for i in s.tvm_intrins)]
+    return next((s for s in ours if s.native_on(sm)), ours[0] if ours else None)
 
 
 Idx = int | PrimExpr

@@ -1,4 +1,4 @@
-"""Building CUDA kernels for sm_75 without a GPU, and reading their SASS back.
+"""Building CUDA kernels for any sm_XX without a GPU, and reading their SASS back.
 
 nvcc (CUDA toolkit on PATH) compiles TVM's generated CUDA source to a cubin;
 ``cuobjdump -sass`` (``pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm``)
@@ -14,6 +14,7 @@ import subprocess
 import sysconfig
 import tempfile
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import tvm
@@ -70,8 +71,9 @@ _INSN_RE = re.compile(  # "/*0450*/  @!P0 IMMA.8816.U8.S8 R10, ..." -> IMMA.8816
     r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)")
 
 
-def sass_text(cubin: bytes) -> str:
-    """``cuobjdump -sass`` of a cubin or fatbin (per kernel: ``Function : name`` + code)."""
+def sass_text(cubin: bytes, what: str = "-sass") -> str:
+    """``cuobjdump -sass`` (or ``what``, e.g. ``-elf``) of a cubin or fatbin (per kernel:
+    ``Function : name`` + code)."""
     tool = tool_path("cuobjdump")
     if tool is None:
         raise FileNotFoundError("cuobjdump not found (pip install nvidia-cuda-cuobjdump "
@@ -81,7 +83,7 @@ def sass_text(cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, env=env,
+        return subprocess.run([tool, what, f.name], capture_output=True, text=True, env=env,
                               check=True).stdout
 
 
@@ -96,3 +98,40 @@ def sass_histogram(cubin: bytes) -> dict[str, dict[str, int]]:
         elif current is not None and (im := _INSN_RE.search(line)):
             current[im.group(1)] += 1
     return {k: dict(v) for k, v in hist.items()}
+
+
+_ELF_HEAD = re.compile(r"^\d+-bit ELF: .*\bsm=(\d+)")
+
+
+@dataclass(frozen=True)
+class ElfInfo:
+    """What ``cuobjdump -elf`` says of a cubin/fatbin beyond the SASS: the archs of its
+    ELF images, and per kernel the device subroutines placed in its code section (e.g.
+    ptxas' ``__cuda_sm_9x_mma_sub_byte_internal_*`` int4 emulation on sm_90), which
+    ``cuobjdump -sass`` shows only as ``CALL`` to an address."""
+
+    archs: frozenset[str]
+    subroutines: dict[str, tuple[str, ...]]
+
+
+def elf_info(binary: bytes) -> ElfInfo:
+    archs: set[str] = set()
+    subs: dict[str, set[str]] = {}
+    sections: dict[int, str] = {}
+    table = ""
+    for line in sass_text(binary, "-elf").splitlines():
+        if m := _ELF_HEAD.match(line):  # a new ELF image: section indices restart
+            archs.add(f"sm_{m.group(1)}")
+            sections, table = {}, ""
+        elif line.startswith("Sections:") or line.startswith(".section .symtab"):
+            table = line.split()[0]
+        elif not line.strip() or line.startswith("."):
+            table = "" if line.startswith(".") else table
+        elif table == "Sections:" and (t := line.split())[0] != "Index":
+            sections[int(t[0], 16)] = t[-1]
+        elif table == ".section" and len(t := line.split()) > 4 and t[3] == "FUNC" \
+                and "ENTRY" not in t:
+            code = sections.get(int(t[-2], 16), "")
+            if code.startswith(".text."):
+                subs.setdefault(code[len(".text."):], set()).add(t[-1])
+    return ElfInfo(frozenset(archs), {k: tuple(sorted(v)) for k, v in subs.items()})

@@ -478,11 +478,13 @@ def _markdown(points: Sequence[Plan]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
-def write_pareto(points: Sequence[Plan], out_dir: str | Path) -> ParetoFiles:
-    """Write ``pareto.json`` and ``pareto.md``, and PNG plots when matplotlib imports."""
+def write_pareto(points: Sequence[Plan], out_dir: str | Path,
+                 label: str = costs.PREDICTED) -> ParetoFiles:
+    """Write ``pareto.json`` and ``pareto.md``, and PNG plots when matplotlib imports;
+    ``label`` says where the latencies come from (the cost model's source)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = {"latency_label": costs.PREDICTED,
+    data = {"latency_label": label,
             "points": [{"budget_texts": dict(p.budget_texts), **p.to_json()} for p in points]}
     json_path, md_path = out / "pareto.json", out / "pareto.md"
     json_path.write_text(json.dumps(data, indent=2) + "\n")

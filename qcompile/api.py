@@ -32,9 +32,9 @@ from .quantize import calibration_tensors, layer_bits, quantize_graph
 from .report import layer_table, render_card, render_plan
 from .runtime import Artifact, summarize_ms
 from .schedule import x86_rules
-from .schedule_cuda import build_cuda, cuda_rules
+from .schedule_cuda import build_cuda, cuda_rules, tensor_core_kernels
 from .serialize import qgraph_to_json
-from .targets import make_target, precisions
+from .targets import make_target, precisions, target_arch
 
 if TYPE_CHECKING:  # meta-schedule is imported only when --tune asks for it
     from .tune import TuneReport
@@ -64,14 +64,17 @@ def _front(model: Path, calib: CalibSpec, progress: bool, calibrate: bool = True
 
 
 def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm",
-                  quant: QuantSpec = QuantSpec(), calib: CalibSpec = CalibSpec(),
-                  progress: bool = True, batch: int = 1, kernels: bool = True,
+                  arch: str | None = None, quant: QuantSpec = QuantSpec(),
+                  calib: CalibSpec = CalibSpec(), progress: bool = True, batch: int = 1,
+                  kernels: bool = True,
                   alloc: AllocSpec = AllocSpec(), tune: int = 0,
                   input_shape: tuple[int, ...] | None = None,
                   plan: Mapping[str, int | str] | None = None,
                   verify: int = VERIFY_INPUTS) -> CompileResult:
     """ONNX file -> integer-only artifact directory (written atomically).
 
+    ``arch`` picks the CUDA architecture for ``target="cuda"`` (``targets.CUDA_ARCHS``,
+    default sm_75); with ``target="llvm"`` it must be None (UsageError).
     With a budget in ``alloc`` each conv/dense gets 4 or 8 bits from the ILP (see
     ``bitplan``); otherwise ``quant.bits`` applies to all but the first and last layers.
     ``tune`` > 0 runs that many meta-schedule trials per unique generic PrimFunc (llvm).
@@ -93,8 +96,8 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
         calib = dataclasses.replace(calib, preprocess=dataclasses.replace(
             calib.preprocess, input_shape=tuple(input_shape)))
     model, out_dir = Path(model), Path(out_dir)
+    tgt = make_target(target, arch=arch)  # first: a bad --arch costs nothing
     check_output_dir(out_dir, protect=(model,))
-    tgt = make_target(target)
     # 1-2. Import (load, check, shape-infer, canonicalize), calibrate in onnxruntime.
     graph, reader, stats = _front(model, calib, progress, calibrate=not quant.equalize)
     if quant.equalize:  # re-calibrate: equalization rescales activation channels
@@ -125,12 +128,14 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
         from .equalize import bias_correction
         qg = bias_correction(graph, qg, gather_inputs(reader, calib.num_samples))
     cuda = tgt.kind.name == "cuda"
-    rules = (cuda_rules(batch) if cuda else x86_rules(batch)) if kernels else []
+    arch_row = target_arch(tgt) if cuda else None
+    rules = ((cuda_rules(batch, arch=arch_row.arch) if cuda else x86_rules(batch))
+             if kernels else [])
     lowered = lower(qg, rules, batch=batch if rules else None)
-    # 5. Legalize, prove integer-only, compile (CUDA: sm_75 fatbin embedded at build time).
+    # 5. Legalize, prove integer-only, compile (CUDA: the arch's fatbin embedded at build time).
     if tune and cuda:
         raise UsageError("--tune needs --target llvm: meta-schedule measures candidates on "
-                         "the device, and the T4 is not here")
+                         f"the device, and no {arch_row.gpu} is here")
     built = (build_cuda(lowered.mod, tgt).built if cuda
              else build(lowered.mod, tgt, tune=tune, progress=progress))
     if not built.intcheck.ok:
@@ -156,7 +161,8 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
             "rounding": quant.rounding, "equalize": quant.equalize,
             "bias_correction": quant.bias_correction,
             "preprocess": dataclasses.asdict(calib.preprocess),
-            "calibration": meta["calibration"], "costs": cost_summary(graph, qg),
+            "calibration": meta["calibration"],
+            "costs": cost_summary(graph, qg, costs.gpu_spec(arch_row) if cuda else costs.T4),
             "plan": allocation.to_json() if allocation else None, "layers": layer_table(qg),
             "graph": qgraph_to_json(qg)})
         card = render_card(qg, meta)
@@ -166,7 +172,7 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
         seconds = time.perf_counter() - t0
         manifest = {
             "format": 1, "qcompile": __version__, "tvm": tvm.__version__,
-            "source": str(model.name), "target": {"kind": tgt.kind.name, "str": meta["target"]},
+            "source": str(model.name), "target": _target_json(tgt, meta["target"]),
             "batch": batch if rules else None,
             "input": {"name": qg.input.name, "shape": ["N", *qg.input.shape[1:]],
                       "dtype": "float32"},
@@ -175,6 +181,8 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
             "functions": ["main", "quantize", "core", "dequantize"],
             "params": [k for k, _ in lowered.params], "integer_only": built.intcheck.ok,
             "kernels": lowered.kernels, "kernel_funcs": lowered.funcs,
+            **({"tensor_cores": tensor_core_kernels(lowered.mod, lowered.funcs, arch_row.arch)}
+               if cuda else {}),
             "intcheck": {"prim_funcs": len(built.intcheck.prim_funcs),
                          "stores": built.intcheck.stores,
                          "stages": list(built.intcheck.stages),  # Relax+TIR, codegen, asm
@@ -269,19 +277,33 @@ def _tune_json(report: "TuneReport | None") -> dict | None:
             "tasks": [dataclasses.asdict(t) for t in report.tasks]}
 
 
-def cost_summary(graph: Graph, qg: QGraph) -> dict:
-    """Size and BOPs of the compiled plan, plus the T4 model's latency (labelled)."""
+def cost_summary(graph: Graph, qg: QGraph, gpu: costs.GpuSpec = costs.T4) -> dict:
+    """Size and BOPs of the compiled plan, plus ``gpu``'s model latency (labelled; the
+    artifact's arch for CUDA, the T4 as a reference otherwise). The ``t4_*`` keys stay for
+    readers of older artifacts."""
     plan = {n.name: precision_name((int(n.attrs["bits"]), int(n.attrs["a_bits"])))
             for n in qg.nodes if n.op in ("qconv", "qdense")}
-    c = costs.summarize(graph, plan, batch=1)
-    return {"bits": plan, "size_mb": c.size_mb, "bops_g": c.bops_g,
-            "t4_latency_ms_batch1": c.latency_ms, "t4_label": c.label}
+    c = costs.summarize(graph, plan, batch=1, gpu=gpu)
+    t4 = c if gpu is costs.T4 else costs.summarize(graph, plan, batch=1)
+    return {"bits": plan, "size_mb": c.size_mb, "bops_g": c.bops_g, "gpu": gpu.name,
+            "latency_ms_batch1": c.latency_ms, "latency_label": c.label,
+            "t4_latency_ms_batch1": t4.latency_ms, "t4_label": t4.label}
 
 
 def _target_str(tgt: tvm.target.Target) -> str:
     if tgt.kind.name == "cuda":
-        return f"cuda -arch={tgt.attrs.get('arch', '?')} (T4 tag; sm_75 fatbin embedded)"
+        row = target_arch(tgt)
+        return f"cuda -arch={row.arch} ({row.gpu}; {row.arch} fatbin embedded)"
     return "llvm" + (f" -mcpu={tgt.attrs['mcpu']}" if "mcpu" in tgt.attrs else "")
+
+
+def _target_json(tgt: tvm.target.Target, text: str) -> dict:
+    """The manifest's ``target``: kind and text, plus arch and GPU for CUDA."""
+    out = {"kind": tgt.kind.name, "str": text}
+    if tgt.kind.name == "cuda":
+        row = target_arch(tgt)
+        out.update(arch=row.arch, gpu=row.gpu, int4_tensor_cores=row.int4_native)
+    return out
 
 
 def run_artifact(art_dir: str | Path, x: np.ndarray) -> np.ndarray:
@@ -427,20 +449,22 @@ def sensitivity_model(model: str | Path, *, method: str = "hessian", calib: Cali
                                progress=progress).to_json()
 
 
-def allocate_model(model: str | Path, *, target: str = "llvm", alloc: AllocSpec = AllocSpec(),
+def allocate_model(model: str | Path, *, target: str = "llvm", arch: str | None = None,
+                   alloc: AllocSpec = AllocSpec(),
                    calib: CalibSpec = CalibSpec(), quant: QuantSpec = QuantSpec(), batch: int = 1,
                    progress: bool = True, pareto_dir: str | Path | None = None,
                    pareto_alphas: tuple[float, ...] = tuple(i / 10 for i in range(11))) -> dict:
     """The plan ``compile`` would use, without compiling it (``qcompile allocate``).
 
     ``pareto_dir``: also sweep the budget (the latency budget unless only size or BOPs is
-    given) from all-INT4 to all-INT8 and write the frontier there.
+    given) from all-INT4 to all-INT8 and write the frontier there. ``arch``: as in
+    :func:`compile_model` (on CUDA the latency model is that arch's GPU).
     """
     from .allocate import parse_budgets, pareto, write_pareto
     from .bitplan import allocate_bits, problem_for
 
     model = Path(model)
-    tgt = make_target(target)
+    tgt = make_target(target, arch=arch)
     _, quant = resolve_auto(calib, quant)  # the rounding compile would use ranks the layers
     graph, reader, stats = _front(model, calib, progress)
     a = allocate_bits(graph, model.read_bytes(), reader, stats, tgt, spec=alloc, quant=quant,
@@ -454,7 +478,7 @@ def allocate_model(model: str | Path, *, target: str = "llvm", alloc: AllocSpec 
         problem = problem_for(graph, a.sensitivity, a.cost, alloc, batch,
                               precisions(tgt).allocator)
         points = pareto(problem, kind, pareto_alphas, others)
-        files = write_pareto(points, pareto_dir)
+        files = write_pareto(points, pareto_dir, a.cost.source)
         out["pareto"] = {"kind": kind, "points": len(points), "json": str(files.json),
                          "markdown": str(files.markdown),
                          "plots": [str(p) for p in files.plots],

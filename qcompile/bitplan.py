@@ -4,7 +4,8 @@
                  the Hessian is refused for (an op without a Relax gradient, no 2-D
                  logits) falls back to kl with a one-line warning)
     latency      ms per layer and width on the target (latency.py: measured kernels on llvm;
-                 costs.py: the T4 roofline model for cuda, labelled *predicted*)
+                 costs.py: the --arch GPU's roofline model for cuda, labelled *predicted*;
+                 where int4 is emulated (sm_90) it gives 4 bits the 8-bit time)
     overhead     the non-layer rest of the model (adds, pools, layout, runtime): on llvm the
                  measured all-INT8 module minus its per-layer sum, cached per model and target
     allocate     OR-Tools ILP under the budgets, ties and pins (allocate.py)
@@ -36,7 +37,7 @@ from .lower import lower
 from .quantize import Observer, quantize_graph
 from .readers import Reader
 from .schedule import x86_rules
-from .targets import precisions
+from .targets import precisions, target_arch
 from .sensitivity import Sensitivity, compute_sensitivity
 
 
@@ -125,6 +126,14 @@ def measured_cost_model(graph: Graph, model_bytes: bytes, stats: Mapping[str, Ob
                       "overhead_ms": overhead})
 
 
+def predicted_cost_model(graph: Graph, gpu: costs.GpuSpec, batch: int) -> CostModel:
+    """The roofline table of ``gpu`` (4 and 8 bits as the CUDA pairs W4A4 / W8A8) plus its
+    non-layer ops: what a cuda allocation budgets against."""
+    layers = costs.layers_of(graph)
+    return CostModel(costs.t4_latency_table(layers, batch, (4, 8), gpu),
+                     costs.t4_other_ms(graph, batch, gpu=gpu), costs.predicted_label(gpu), {})
+
+
 def allocate_bits(graph: Graph, model_bytes: bytes, reader: Reader,
                   stats: Mapping[str, Observer], target: tvm.target.Target, *, spec: AllocSpec,
                   quant: QuantSpec = QuantSpec(), batch: int = 1,
@@ -135,11 +144,12 @@ def allocate_bits(graph: Graph, model_bytes: bytes, reader: Reader,
     x = gather_inputs(reader, spec.sensitivity_samples)
     sens = compute_sensitivity(graph, model_bytes, x, method=spec.sensitivity, bits=(4, 8),
                                progress=progress, fallback=True, rounding=quant.rounding)
-    # Step 2. Latency per layer and width: measured kernels on the CPU, T4 model for cuda.
+    # Step 2. Latency per layer and width: measured kernels on the CPU, the arch's GPU
+    # model for cuda.
     if target.kind.name == "llvm":
         cost = measured_cost_model(graph, model_bytes, stats, quant, target, batch, progress)
     else:
-        cost = CostModel(None, None, costs.PREDICTED, {})
+        cost = predicted_cost_model(graph, costs.gpu_spec(target_arch(target)), batch)
     # Step 3. The ILP.
     problem = problem_for(graph, sens, cost, spec, batch, precisions(target).allocator)
     return Allocation(solve(problem, parse_budgets(spec.latency, spec.size, spec.bops)), sens,

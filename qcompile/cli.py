@@ -27,6 +27,7 @@ from .artifact import check_output_dir
 from .config import (AUTO, CALIBRATORS, LAYOUTS, ROUNDINGS, parse_shape, SENSITIVITY_METHODS, AllocSpec, CalibSpec,
                      Preprocess, QuantSpec, VERIFY_INPUTS)
 from .errors import ArtifactError, BadModelError, DataError, QCompileError, UsageError
+from .targets import CUDA_ARCHS, DEFAULT_ARCH, check_arch
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE from sysexits.h
 DEFAULT_COMMAND = "compile"
@@ -307,6 +308,15 @@ def _print_pins(matches: dict[str, list[str]]) -> None:
         click.echo(f"{pin}: {len(names)} layer(s)" + (": " + ", ".join(names) if names else ""))
 
 
+def _arch_option(f: F) -> F:
+    """``--arch`` beside ``--target`` (checked by ``targets.check_arch``, not click, so an
+    unknown one is the usual one-line usage error listing the valid ones)."""
+    archs = ", ".join(f"{a} ({r.gpu.removeprefix('NVIDIA ')})" for a, r in CUDA_ARCHS.items())
+    return click.option("--arch", default=None, metavar="SM",
+                        help=f"CUDA architecture for --target cuda: {archs}; default "
+                             f"{DEFAULT_ARCH}.")(f)
+
+
 # ----------------------------------------------------------------------------- commands
 
 @main.command("zoo")
@@ -342,6 +352,7 @@ def zoo_cmd(name: str | None, output: str | None, list_: bool, input_size: int |
 @click.option("-o", "--output", "out", required=True, metavar="OUT",
               help="Artifact directory (new, empty, or a previous artifact).")
 @click.option("--target", type=click.Choice(("llvm", "cuda")), default="llvm", show_default=True)
+@_arch_option
 @click.option("--bits", default="8", show_default=True, metavar="8|4|w8a8|w4a8|w4a4",
               help="Precision of the layers between the first and the last: 8 (W8A8), "
                    "4 (W4A4, weights and input activations), or a weight/activation pair "
@@ -376,12 +387,13 @@ def zoo_cmd(name: str | None, output: str | None, list_: bool, input_size: int |
               help=f"Run {VERIFY_INPUTS} inputs through the written artifact and the NumPy "
                    "integer oracle and require them bit-exact (exit 11 otherwise); recorded in the "
                    "manifest's `verified`. Skipped, with a note, for --target cuda without "
-                   "an sm_75 GPU.")
+                   "a GPU of the --arch.")
 @_alloc_options
 @_preprocess_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
-def compile_cmd(model: str, out: str, target: str, bits: str, calib: str, calib_samples: int,
-                calibrator: str, percentile: float, batch: int, kernels: bool, tune: int,
+def compile_cmd(model: str, out: str, target: str, arch: str | None, bits: str, calib: str,
+                calib_samples: int, calibrator: str, percentile: float, batch: int,
+                kernels: bool, tune: int,
                 equalize: bool, bias_correction: bool, rounding: str, verify: bool,
                 size: int | None, resize: int, mean: str | None, std: str | None,
                 layout: str | None, input_shape: str | None,
@@ -393,6 +405,7 @@ def compile_cmd(model: str, out: str, target: str, bits: str, calib: str, calib_
     With a --budget-* option each conv/dense gets 4 or 8 bits from an ILP over the
     layers' sensitivity and their latency measured on the target."""
     # Step 1. Everything cheap first: no TVM import or calibration before this passes.
+    check_arch(target, arch)
     model_path, out_path = _check_model(model), Path(out)
     alloc = _alloc_spec(budget_latency, budget_size, budget_bops, pins, sens_method,
                         sensitivity_samples)
@@ -407,7 +420,7 @@ def compile_cmd(model: str, out: str, target: str, bits: str, calib: str, calib_
                            percentile=percentile,
                            preprocess=_preprocess(model_path, size, resize, mean, std, layout, input_shape))
     # Step 2. The work.
-    res = _api().compile_model(model_path, out_path, target=target, quant=quant,
+    res = _api().compile_model(model_path, out_path, target=target, arch=arch, quant=quant,
                                calib=calib_spec, progress=not quiet, batch=batch, kernels=kernels,
                                alloc=alloc, tune=tune,
                                verify=VERIFY_INPUTS if verify else 0)
@@ -425,8 +438,9 @@ def compile_cmd(model: str, out: str, target: str, bits: str, calib: str, calib_
 @main.command("allocate")
 @click.argument("model", metavar="MODEL")
 @click.option("--target", type=click.Choice(("llvm", "cuda")), default="llvm", show_default=True,
-              help="llvm: latencies measured on this CPU's kernels; cuda: the T4 model "
-                   "(predicted).")
+              help="llvm: latencies measured on this CPU's kernels; cuda: the roofline "
+                   "model of the --arch GPU (predicted).")
+@_arch_option
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, metavar="N")
 @click.option("--calib", default="synthetic", show_default=True, metavar="DIR|synthetic")
 @click.option("--calib-samples", type=int, default=CalibSpec().num_samples, show_default=True,
@@ -437,13 +451,15 @@ def compile_cmd(model: str, out: str, target: str, bits: str, calib: str, calib_
 @click.option("--pareto-dir", default="pareto", show_default=True, metavar="DIR")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @_preprocess_options
-def allocate_cmd(model: str, target: str, batch: int, calib: str, calib_samples: int,
-                 budget_latency: str | None, budget_size: str | None, budget_bops: str | None,
+def allocate_cmd(model: str, target: str, arch: str | None, batch: int, calib: str,
+                 calib_samples: int, budget_latency: str | None, budget_size: str | None,
+                 budget_bops: str | None,
                  pins: tuple[str, ...], pin_dry_run: bool, sens_method: str,
                  sensitivity_samples: int, pareto: bool, pareto_dir: str, as_json: bool,
                  size: int | None, resize: int, mean: str | None, std: str | None,
                  layout: str | None, input_shape: str | None) -> None:
     """Choose 4 or 8 bits per layer of MODEL under the budgets, without compiling."""
+    check_arch(target, arch)
     model_path = _check_model(model)
     alloc = _alloc_spec(budget_latency, budget_size, budget_bops, pins, sens_method,
                         sensitivity_samples)
@@ -453,8 +469,8 @@ def allocate_cmd(model: str, target: str, batch: int, calib: str, calib_samples:
         return
     calib_spec = CalibSpec(source=calib, num_samples=calib_samples,
                            preprocess=_preprocess(model_path, size, resize, mean, std, layout, input_shape))
-    res = _api().allocate_model(model_path, target=target, alloc=alloc, calib=calib_spec,
-                                batch=batch, progress=not as_json,
+    res = _api().allocate_model(model_path, target=target, arch=arch, alloc=alloc,
+                                calib=calib_spec, batch=batch, progress=not as_json,
                                 pareto_dir=pareto_dir if pareto else None)
     if as_json:
         _print_json(res)
@@ -600,7 +616,10 @@ def inspect_cmd(art: str, sass: bool, as_json: bool) -> None:
     click.echo(f"{res['artifact']} ({res['target']}): {len(res['kernels'])} kernels")
     for k in res["kernels"]:
         hot = ", ".join(f"{n} {c}" for n, c in k["hot"].items()) or "-"
-        click.echo(f"  {k['kernel']:<48} {k['layer']:<28} {k['instructions']:>6} instr  {hot}")
+        # CUDA: native / emulated tensor-core math on the artifact's arch
+        tc = f"{k['tensor_cores']:<9}" if "tensor_cores" in k else ""
+        click.echo(f"  {k['kernel']:<48} {k['layer']:<28} {k['instructions']:>6} instr  "
+                   f"{tc}{hot}")
     click.echo(f"  other code: {res['other_code']['instructions']} instr; totals: "
                + ", ".join(f"{n} {c}" for n, c in res["totals"].items() if c))
 

@@ -1,4 +1,5 @@
-"""Per-layer costs for bit allocation: size, BOPs, tie groups and a T4 roofline model.
+"""Per-layer costs for bit allocation: size, BOPs, tie groups and a GPU roofline model
+(one ``GpuSpec`` per CUDA arch, from ``targets.CUDA_ARCHS``; the T4 by default).
 
 HAWQ-V3 semantics: a layer (conv or dense) at ``b`` bits has ``b``-bit weights *and*
 reads its input activation at ``b`` bits.  Every layer that reads the same quantized
@@ -19,8 +20,8 @@ import numpy as np
 
 from .config import precision
 from .graph import LAYER_OPS, Graph
+from .targets import CudaArch, cuda_arch
 
-PREDICTED = "predicted (T4 roofline model)"
 # Non-layer ops that cost nothing at run time: views, or fused into the producer.
 FREE_OPS: frozenset[str] = frozenset({"flatten", "reshape", "clip"})
 BIAS_BITS = 32  # int32 bias, one per output channel
@@ -145,13 +146,15 @@ def uniform(layers: Sequence[Layer], bits: int) -> dict[str, int]:
     return {la.name: bits for la in layers}
 
 
-# --- T4 roofline model --------------------------------------------------------------
+# --- GPU roofline model -------------------------------------------------------------
 @dataclass(frozen=True)
 class GpuSpec:
     """Peak rates of one GPU, plus the assumptions that turn peaks into a time.
 
     ``peak_ops`` maps bits to dense tensor-core ops/s (2 ops per MAC); 16 and 32 mean
-    FP16 and FP32 (float formats: there is no INT16 row).  The assumptions are ours,
+    FP16 and FP32 (float formats: there is no INT16 row).  ``emulated`` maps a width the
+    GPU has no tensor cores for to the width it runs on (sm_90: 4 -> 8).  The assumptions
+    are ours,
     not NVIDIA's: a kernel reaches ``compute_eff`` of peak and ``memory_eff`` of DRAM
     bandwidth, output tiles of ``tile`` are spread over ``sms`` SMs in waves (so a
     small GEMM leaves SMs idle), and every kernel pays ``launch_s``.
@@ -165,20 +168,36 @@ class GpuSpec:
     memory_eff: float
     launch_s: float
     tile: tuple[int, int] = (64, 64)
+    emulated: Mapping[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "peak_ops", MappingProxyType(dict(self.peak_ops)))
+        object.__setattr__(self, "emulated", MappingProxyType(dict(self.emulated)))
+        if any(to not in self.peak_ops for to in self.emulated.values()):
+            raise ValueError(f"{self.name}: an emulated width must run on a width with a rate")
         if not (0 < self.compute_eff <= 1 and 0 < self.memory_eff <= 1):
             raise ValueError("efficiencies must lie in (0, 1]")
         if self.sms <= 0 or self.dram_bytes_s <= 0 or min(self.peak_ops.values()) <= 0:
             raise ValueError("peak rates and SM count must be positive")
 
 
-# NVIDIA T4 datasheet: 130 INT8 TOPS, 260 INT4 TOPS, 65 FP16 TFLOPS (tensor cores),
-# 8.1 FP32 TFLOPS, 320 GB/s GDDR6, 40 SMs.  Efficiencies and the 5 us launch cost are
-# assumptions (typical of tuned TVM/cuDNN kernels), not measured here.
-T4 = GpuSpec(name="NVIDIA T4", peak_ops={4: 260e12, 8: 130e12, 16: 65e12, 32: 8.1e12},
-             dram_bytes_s=320e9, sms=40, compute_eff=0.6, memory_eff=0.8, launch_s=5e-6)
+def gpu_spec(arch: str | CudaArch | None = None) -> GpuSpec:
+    """The roofline of a CUDA arch (default the T4's sm_75): its datasheet peaks from
+    ``targets.CUDA_ARCHS``. Efficiencies and the 5 us launch cost are assumptions (typical
+    of tuned TVM/cuDNN kernels), the same for every arch, not measured here."""
+    row = arch if isinstance(arch, CudaArch) else cuda_arch(arch)
+    return GpuSpec(name=row.gpu, peak_ops=row.peak_ops, dram_bytes_s=row.dram_gb_s * 1e9,
+                   sms=row.sms, compute_eff=0.6, memory_eff=0.8, launch_s=5e-6,
+                   emulated={} if row.int4_native else {4: 8})
+
+
+def predicted_label(gpu: GpuSpec) -> str:
+    """How a latency from ``gpu``'s model is labelled wherever it is shown."""
+    return f"predicted ({gpu.name.removeprefix('NVIDIA ')} roofline model)"
+
+
+T4 = gpu_spec("sm_75")
+PREDICTED = predicted_label(T4)  # "predicted (T4 roofline model)"
 FLOAT_BITS: frozenset[int] = frozenset({16, 32})
 
 
@@ -191,10 +210,16 @@ def t4_layer_ms(layer: Layer, bits: int, batch: int = 1, gpu: GpuSpec = T4) -> f
     """Predicted time of one layer: max(compute, memory) + launch, in ms.
 
     Bytes moved = weights + bias + input and output activations, all at ``bits``.
+    A width the GPU only emulates (int4 on sm_90) costs the time of the width it runs on:
+    the emulation unpacks to int8 IMMA behind a CALL per mma, so we credit no gain, not
+    even the halved bytes of a memory-bound layer (the unpack work is not modelled).
     """
     w_bits, a_bits = _pair(bits)
     # The tensor-core rate is the wider operand's: W4A8 runs on the INT8 MMA.
     bits = max(w_bits, a_bits)
+    if bits in gpu.emulated:
+        to = gpu.emulated[bits]
+        return t4_layer_ms(layer, (max(w_bits, to), max(a_bits, to)), batch, gpu)
     if bits not in gpu.peak_ops:
         raise ValueError(f"{gpu.name} model has no {bits}-bit rate (have {sorted(gpu.peak_ops)})")
     m, n, k = layer.gemm
@@ -258,9 +283,11 @@ class CostSummary:
     label: str = field(default=PREDICTED)
 
 
-def summarize(graph: Graph, plan: Mapping[str, int], batch: int = 1) -> CostSummary:
-    """Size, BOPs and T4-predicted latency (layers + other ops at 8 bits) of ``plan``."""
+def summarize(graph: Graph, plan: Mapping[str, int], batch: int = 1,
+              gpu: GpuSpec = T4) -> CostSummary:
+    """Size, BOPs and ``gpu``-predicted latency (layers + other ops at 8 bits) of ``plan``."""
     layers = layers_of(graph)
     other_bits = 8 if all(plan[la.name] not in FLOAT_BITS for la in layers) else max(plan.values())
     return CostSummary(size_mb(layers, plan), bops_g(layers, plan),
-                       t4_model_ms(layers, plan, batch, t4_other_ms(graph, batch, other_bits)))
+                       t4_model_ms(layers, plan, batch, t4_other_ms(graph, batch, other_bits, gpu),
+                                   gpu), predicted_label(gpu))

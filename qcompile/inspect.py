@@ -76,25 +76,54 @@ def inspect_artifact(art_dir: str | Path) -> dict:
 
 
 def _inspect_cuda(art: Path, manifest: dict, funcs: dict[str, str]) -> dict:
-    """SASS of the sm_75 fatbin embedded in module.so, per kernel (cuobjdump)."""
+    """SASS of the fatbin embedded in module.so, per kernel (cuobjdump), with each kernel's
+    tensor-core math for the artifact's arch: ``native``, ``emulated`` or ``-`` (none)."""
+    from .kernels.cuda_tools import elf_info
     from .schedule_cuda import embedded_fatbins, sass_histogram
 
     fatbins = embedded_fatbins((art / "module.so").read_bytes())
     if not fatbins:
         raise ArtifactError(f"{art}/module.so embeds no fatbin; rebuild with `--target cuda`")
     sass: dict[str, dict[str, int]] = {}
+    archs: set[str] = set()
+    subs: dict[str, tuple[str, ...]] = {}
     for fb in fatbins:
         sass.update(sass_histogram(fb))
+        info = elf_info(fb)
+        archs |= info.archs
+        subs.update(info.subroutines)
+    planned: dict[str, dict] = manifest.get("tensor_cores", {})
     kernels = []
     for kname, hist in sorted(sass.items()):
         # device kernels are named <func>_kernel (TVM's split of a PrimFunc into launches)
-        layer = next((funcs[f] for f in sorted(funcs, key=len, reverse=True)
-                      if kname.startswith(f)), "")
+        func = next((f for f in sorted(funcs, key=len, reverse=True) if kname.startswith(f)), "")
         hot = {h: sum(c for op, c in hist.items() if op.split(".")[0] == h) for h in HOT["cuda"]}
         imma = {op: c for op, c in hist.items() if op.startswith("IMMA")}
-        kernels.append({"kernel": kname, "layer": layer, "instructions": sum(hist.values()),
+        kernels.append({"kernel": kname, "layer": funcs.get(func, ""),
+                        "instructions": sum(hist.values()),
+                        "tensor_cores": tensor_core_math(hist, subs.get(kname, ()),
+                                                         planned.get(func, {}).get("bits")),
                         "hot": {**{k: v for k, v in hot.items() if v}, **imma},
                         "histogram": dict(sorted(hist.items(), key=lambda kv: -kv[1]))})
-    return {"artifact": str(art), "target": manifest["target"]["str"], "kernels": kernels,
-            "other_code": {"instructions": 0, "hot": {}},
+    return {"artifact": str(art), "target": manifest["target"]["str"],
+            "arch": manifest["target"].get("arch", "sm_75"), "sass_archs": sorted(archs),
+            "kernels": kernels, "other_code": {"instructions": 0, "hot": {}},
             "totals": {h: sum(k["hot"].get(h, 0) for k in kernels) for h in HOT["cuda"]}}
+
+
+# Integer MMA opcodes that take 4-bit operands natively (sm_75 8832, sm_80+ 16864).
+INT4_IMMA = ("IMMA.8832", "IMMA.16864")
+EMULATION = "mma_sub_byte_internal"  # ptxas' sm_90 int4 mma helper: __cuda_sm_9x_mma_sub_byte_*
+
+
+def tensor_core_math(hist: dict[str, int], subroutines: tuple[str, ...],
+                     bits: int | None) -> str:
+    """``emulated`` when the kernel calls ptxas' sub-byte mma helper, or is a 4-bit layer
+    (``bits``, from the manifest) without a 4-bit IMMA; ``native`` when it issues IMMA or
+    HMMA itself; ``-`` when it has no tensor-core math (depthwise, elementwise)."""
+    calls = any(op.startswith("CALL") for op in hist)
+    if calls and any(EMULATION in s for s in subroutines):
+        return "emulated"
+    if bits == 4 and not any(op.startswith(INT4_IMMA) for op in hist):
+        return "emulated"
+    return "native" if any(op.startswith(("IMMA", "HMMA")) for op in hist) else "-"

@@ -439,7 +439,7 @@ def measure_layers(graph: Graph, target: tvm.target.Target | str = "llvm", *,
     tgt = make_target(target) if isinstance(target, str) else target
     if tgt.kind.name != "llvm":
         raise UsageError(f"measured latency tables need a CPU target on this machine, "
-                         f"got {tgt.kind.name}; use the predicted T4 model for CUDA")
+                         f"got {tgt.kind.name}; use the predicted GPU roofline model for CUDA")
     path = default_cache_path() if cache is True else (Path(cache) if cache else None)
     tkey, fp = target_key(tgt), fingerprint()
     descs = layer_descs(graph, batch, stats)

@@ -1,8 +1,11 @@
-"""CUDA (T4, sm_75) lowering rules and build: tensor-core kernels plus dlight for the rest.
+"""CUDA lowering rules and build, per ``--arch`` (targets.CUDA_ARCHS; default the T4's
+sm_75): tensor-core kernels plus dlight for the rest.
 
 ``cuda_rules(batch)`` maps ``qconv`` (group 1 -> ``conv2d_nhwc_tc``, depthwise ->
 ``depthwise_conv2d_nhwc``) and ``qdense`` (-> ``dense_tc``) onto the hand-scheduled kernels
-of ``qcompile.kernels.cuda_tc``; every other op keeps TVM's generic legalization.
+of ``qcompile.kernels.cuda_tc``; every other op keeps TVM's generic legalization. The rule
+takes the mma shape for the layer's width from the kernels' table (``cuda_tc.kernel_mma``)
+and keeps the generic lowering where the arch has none; int4 on sm_90 compiles, emulated.
 
 ``build_cuda(mod, target)`` is ``build.build`` for CUDA, with three differences:
 
@@ -10,8 +13,8 @@ of ``qcompile.kernels.cuda_tc``; every other op keeps TVM's generic legalization
    thread-binding fallback) and leaves our kernels alone (they carry ``tir.is_scheduled``);
    dlight's ``gpu.Matmul`` is left out: on int8 it picks WMMA and dies in
    ``InjectSoftwarePipeline`` (TVM_NOTES), and no GEMM reaches it here anyway;
-2. the device code is compiled *at build time* with nvcc to an sm_75 fatbin, so the exported
-   library loads on a T4 host with no nvcc/NVRTC.
+2. the device code is compiled *at build time* with nvcc to a fatbin for the target's arch,
+   so the exported library loads on a GPU of that arch with no nvcc/NVRTC.
 
 How (2) works in TVM 0.27: ``target.build.cuda`` emits CUDA source and hands it to
 ``ffi.Module.create.cuda``. When the CUDA runtime library (``libtvm_runtime_cuda.so``) is
@@ -36,7 +39,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import tvm
@@ -49,11 +52,11 @@ from .asmcheck import scan_cuda_binaries
 from .intcheck import IntCheckReport, full_check
 from .kernels import cuda_tc as ct
 from .lower import LowerCtx, Rule
+from .targets import DEFAULT_ARCH, cuda_arch
 
 R = relax.op
 from .qgraph import QNode
 
-ARCH = "sm_75"  # the T4; the only arch this module emits code for
 KERNEL_DTYPES = ("uint8", "int8")  # activation dtypes the tensor-core kernels take
 
 
@@ -163,12 +166,14 @@ def _dense(n: QNode, ctx: LowerCtx, batch: int, schedule: bool = True
     return func, [ctx.param(f"{n.name}.w_nk", wk)] + _epilogue_params(n, ctx)
 
 
-def cuda_rules(batch: int, schedule: bool = True) -> list[tuple[str, Rule]]:
-    """Tensor-core conv/dense and the CUDA-core depthwise kernel for the T4 (static batch).
+def cuda_rules(batch: int, schedule: bool = True, arch: str = DEFAULT_ARCH
+               ) -> list[tuple[str, Rule]]:
+    """Tensor-core conv/dense and the CUDA-core depthwise kernel for ``arch`` (static batch).
 
     ``schedule=False`` lowers to the same kernels' unscheduled computes (same parameters,
     packing and layouts), which build for ``llvm``: how the CUDA lowering is checked
     bit-exact on a machine without a GPU."""
+    sm = cuda_arch(arch).sm
 
     def rule(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var | None:
         # Step 1. Only 8-bit storage in and a kernel that fits the node; else generic.
@@ -179,6 +184,10 @@ def cuda_rules(batch: int, schedule: bool = True) -> list[tuple[str, Rule]]:
         if built is None:
             return None
         func, params = built
+        # The mma shape of the kernel's width must exist on this arch (native or emulated).
+        tc = func.attrs.get("qcompile.int4", None)
+        if tc is not None and ct.kernel_mma(4 if tc else 8, sm) is None:
+            return None
         x = xs[0]
         if func.attrs.get("qcompile.int4", False):  # the int4 MMA reads packed activations
             x = pack_nibbles(ctx, x, int(x.ty.shape[-1]))
@@ -200,7 +209,24 @@ def cuda_rules(batch: int, schedule: bool = True) -> list[tuple[str, Rule]]:
     return [("cuda_tc", rule)]
 
 
-# ======== 2. Build-time nvcc: embed an sm_75 fatbin instead of CUDA source.
+def tensor_core_kernels(mod: tvm.IRModule, funcs: Mapping[str, str], arch: str
+                        ) -> dict[str, dict]:
+    """Per tensor-core kernel of a lowered module: its width, the mma shape it issues on
+    ``arch`` and whether the arch runs that natively (the manifest's ``tensor_cores``;
+    ``inspect --sass`` checks it against the SASS)."""
+    sm, out = cuda_arch(arch).sm, {}
+    for fname in funcs:
+        int4 = mod[fname].attrs.get("qcompile.int4", None) if fname in mod else None
+        if int4 is None:
+            continue  # depthwise: CUDA cores, no tensor-core math
+        bits = 4 if int4 else 8
+        row = ct.kernel_mma(bits, sm)
+        out[fname] = {"bits": bits, "mma": f"m{row.m}n{row.n}k{row.k}",
+                      "native": row.native_on(sm)}
+    return out
+
+
+# ======== 2. Build-time nvcc: embed a fatbin for the target's arch instead of CUDA source.
 
 # Just enough of the driver API for libtvm_runtime_cuda.so to load; each call fails with
 # CUDA_ERROR_NO_DEVICE. Used only where no real libcuda.so.1 can be loaded (no GPU driver).
@@ -273,7 +299,7 @@ class DeviceCode:
     seconds: float = 0.0
 
 
-def nvcc_fatbin(source: str, arch: str = ARCH) -> bytes:
+def nvcc_fatbin(source: str, arch: str) -> bytes:
     """CUDA source -> fatbin for ``arch`` (SASS only, no PTX: nothing to JIT on the host)."""
     from tvm.support import nvcc
 
@@ -283,11 +309,11 @@ def nvcc_fatbin(source: str, arch: str = ARCH) -> bytes:
 
 
 @contextlib.contextmanager
-def nvcc_at_build_time(arch: str = ARCH) -> Iterator[DeviceCode]:
+def nvcc_at_build_time(arch: str) -> Iterator[DeviceCode]:
     """Within the block, CUDA codegen embeds nvcc-compiled ``arch`` binaries; the global
     registry (factory and compile callback) is put back as it was afterwards."""
     if shutil.which("nvcc") is None:
-        raise BuildError("nvcc not found on PATH: cannot compile sm_75 code at build time")
+        raise BuildError(f"nvcc not found on PATH: cannot compile {arch} code at build time")
     factory, was_registered = _cuda_factory()
     out = DeviceCode([])
     prev = tvm.get_global_func(_COMPILE_CB, allow_missing=True)
@@ -339,11 +365,13 @@ class CudaBuilt:
     seconds: float  # whole build
 
 
-def build_cuda(mod: tvm.IRModule, target: tvm.target.Target, arch: str = ARCH) -> CudaBuilt:
+def build_cuda(mod: tvm.IRModule, target: tvm.target.Target, arch: str | None = None
+               ) -> CudaBuilt:
     """Legalize for CUDA, prove the core integer-only, compile with ``arch`` code embedded.
 
-    ``arch`` is the T4's sm_75 for artifacts; GPU tests on other GPUs pass their own (an sm_75
-    binary does not load on sm_90)."""
+    ``arch`` defaults to the target's own (``make_target("cuda", arch=...)``); GPU tests pass
+    the device's (an sm_75 binary does not load on sm_90)."""
+    arch = arch or str(target.attrs.get("arch", DEFAULT_ARCH))
     t0 = time.perf_counter()
     _debug_dump("relax", mod)
     try:
