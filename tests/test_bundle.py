@@ -203,3 +203,21 @@ def test_onnx_torch_peer_matches_onnxruntime() -> None:
         with torch.inference_mode():
             got = OnnxModule(m).eval()(torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_cuda_bundle_without_a_gpu_says_so(numpy_only_python, tmp_path) -> None:
+    """A CUDA bundle carries the CUDA runtime pieces; with no GPU here, run.py exits 9 in
+    one line (the GPU check itself runs it where there is one)."""
+    model = zoo.save(zoo.build("resnet18", input_size=SIZE, num_classes=10), tmp_path / "r.onnx")
+    api.compile_model(model, tmp_path / "cuda-int8", target="cuda", arch="sm_90",
+                      progress=False, verify=0)
+    make_bundle([tmp_path / "cuda-int8"], tmp_path / "b")
+    assert (tmp_path / "b/runtime/tvm/lib/libtvm_runtime_cuda.so").is_file()
+    info = json.loads((tmp_path / "b/bundle.json").read_text())
+    assert info["models"]["cuda-int8"]["target"]["kind"] == "cuda"
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, SIZE, SIZE), np.float32))
+    r = _run(numpy_only_python, str(tmp_path / "b/run.py"), "--input", str(tmp_path / "x.npy"),
+             "--output", str(tmp_path / "y.npy"))
+    assert r.returncode == 9, r.stderr
+    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert "GPU" in r.stderr or "CUDA" in r.stderr
