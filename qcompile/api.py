@@ -16,13 +16,14 @@ from tqdm import tqdm
 from . import __version__
 from . import costs
 from . import reference as oracle
-from .artifact import atomic_dir, check_output_dir, write_json
+from .artifact import atomic_dir, check_output_dir
 from .build import build
 from .calibrate import FloatRunner, collect_stats
 from .readers import Reader, load_inputs, make_reader
 from .config import (VERIFY_INPUTS, AllocSpec, CalibSpec, Preprocess, QuantSpec,
                      precision_name, resolve_auto)
 from .errors import BuildError, UsageError, VerificationError
+from .flags import error_line, write_json
 from .lower import lower
 from .onnx_import import import_onnx, load_model
 from .graph import Graph
@@ -151,7 +152,7 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
         try:
             built.executable.export_library(str(tmp / "module.so"))
         except Exception as e:
-            raise BuildError(f"export_library failed: {str(e).splitlines()[0]}") from e
+            raise BuildError(f"export_library failed: {error_line(e)}") from e
         # weights.npz: the module's inputs (possibly packed for a kernel);
         # qgraph.npz: the quantized graph's own integers, the oracle's truth.
         np.savez(tmp / "weights.npz", **dict(lowered.params))

@@ -1,13 +1,13 @@
-"""Atomic output: build a directory next to the target, then rename it into place."""
+"""Atomic output: build a directory next to the target, then rename it into place.
+(Single files: ``flags.atomic_open``.)"""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from .errors import UsageError
 
@@ -54,22 +54,4 @@ def atomic_dir(out: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a single file atomically (temp file in the same dir, then replace)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise

@@ -50,6 +50,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .flags import error_line
+
 #: FP-domain x86 instructions allowed on integer data: pure moves (vmovsh included: LLVM
 #: moves int16 scalars with AVX512-FP16's 16-bit move on Sapphire Rapids), shuffles,
 #: broadcasts, blends and bitwise ops (no rounding, no arithmetic).
@@ -225,7 +227,7 @@ def scan_executable(ex: object, prim_funcs: list[str]) -> AsmReport:
             try:
                 asm = m.inspect_source("asm")
             except Exception as e:  # noqa: BLE001
-                return AsmReport(note=f"no assembly: {str(e).splitlines()[0]}")
+                return AsmReport(note=f"no assembly: {error_line(e)}")
             return scan_x86_asm(asm, prim_funcs)
     kinds = [getattr(m, "kind", "?") for m in mods]
     return AsmReport(kind="none", note=f"no llvm module (modules: {kinds}); "

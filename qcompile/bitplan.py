@@ -16,11 +16,9 @@ activation) pair from the target's precision table (``targets.PRECISIONS``).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -29,9 +27,9 @@ from tvm import relax
 
 from . import costs, latency
 from .allocate import Plan, Problem, parse_budgets, solve
-from .artifact import write_json
 from .build import build
 from .config import AllocSpec, QuantSpec
+from .flags import JsonCache, cache_dir
 from .graph import Graph
 from .lower import lower
 from .quantize import Observer, quantize_graph
@@ -64,11 +62,6 @@ class Allocation:
                        "method": self.sensitivity.method, "probes": self.sensitivity.probes,
                        "num_samples": self.sensitivity.num_samples})
         return out
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("QCOMPILE_CACHE_DIR")
-    return Path(root) if root else Path.home() / ".cache" / "qcompile"
 
 
 def gather_inputs(reader: Reader, limit: int) -> np.ndarray:
@@ -107,18 +100,16 @@ def measured_cost_model(graph: Graph, model_bytes: bytes, stats: Mapping[str, Ob
     # re-measured, and an overhead fitted against the old table would be wrong.
     key = (f"{hashlib.sha256(model_bytes).hexdigest()[:20]}|{latency.target_key(target)}|"
            f"b{batch}|{latency.fingerprint()}")
-    path = cache_dir() / "overhead.json"
-    cached = json.loads(path.read_text()) if path.is_file() else {}
+    cache = JsonCache(cache_dir("overhead.json"))  # a corrupt file reads as empty
+    cached = cache.load()
     if key not in cached:
         load = os.getloadavg()[0]
         if load > (os.cpu_count() or 1):  # the fit is cached: a busy machine skews it for good
             warnings.warn(f"load average {load:.1f} on {os.cpu_count()} cores while timing the "
                           "model: latency predictions will be off; rerun on a quiet machine "
-                          f"after deleting {path}", stacklevel=2)
+                          f"after deleting {cache.path}", stacklevel=2)
         whole = _time_core(graph, stats, quant, target, batch, int8)
-        cached[key] = {"whole_ms": whole, "layers_ms": table.total(int8)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, cached)
+        cached = cache.update({key: {"whole_ms": whole, "layers_ms": table.total(int8)}})
     whole, layers_ms = cached[key]["whole_ms"], cached[key]["layers_ms"]
     overhead = max(whole - layers_ms, 0.0)
     return CostModel(table.ms, overhead, f"measured on {latency.target_key(target)}",

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +11,7 @@ import tvm_ffi
 from tvm import relax
 
 from .errors import BuildError
+from .flags import debug, env_flag, error_line
 from .intcheck import IntCheckReport, full_check, record_asm
 from .schedule_generic import ScheduleReport, apply_default_schedules, strip_schedules
 
@@ -30,7 +30,7 @@ class Built:
 
 
 def _debug_dump(stage: str, mod: tvm.IRModule) -> None:
-    if os.environ.get("QCOMPILE_DEBUG"):
+    if debug():
         print(f"=== {stage} ===\n{mod.script()}")
 
 
@@ -85,7 +85,7 @@ def build(mod: tvm.IRModule, target: tvm.target.Target, *, tune: int = 0,
     try:
         lowered = legalize(mod, target)
     except Exception as e:  # TVM raises its own error types; keep the first line
-        raise BuildError(f"legalization failed: {str(e).splitlines()[0]}") from e
+        raise BuildError(f"legalization failed: {error_line(e)}") from e
     report = None
     if tune:
         from .tune import tune_and_apply  # meta-schedule: imported only when asked for
@@ -93,7 +93,7 @@ def build(mod: tvm.IRModule, target: tvm.target.Target, *, tune: int = 0,
         lowered, report = tune_and_apply(lowered, target, tune, progress=progress)
         lowered = _untuned_back(lowered, legalized)
     if default_schedules is None:
-        default_schedules = os.environ.get(NO_DEFAULT_SCHEDULE_ENV, "") in ("", "0")
+        default_schedules = not env_flag(NO_DEFAULT_SCHEDULE_ENV)
     unscheduled, sched = lowered, None
     if default_schedules:
         lowered, sched = apply_default_schedules(lowered, target)
@@ -106,8 +106,8 @@ def build(mod: tvm.IRModule, target: tvm.target.Target, *, tune: int = 0,
         ex = tvm.compile(lowered, target, relax_pipeline=rest)
     except Exception as e:
         if not (sched and sched.scheduled):
-            raise BuildError(f"TVM compilation failed: {str(e).splitlines()[0]}") from e
-        warnings.warn(f"compiling with default schedules failed ({str(e).splitlines()[0]}); "
+            raise BuildError(f"TVM compilation failed: {error_line(e)}") from e
+        warnings.warn(f"compiling with default schedules failed ({error_line(e)}); "
                       "compiling the generic functions unscheduled", stacklevel=2)
         lowered = strip_schedules(lowered, unscheduled, sched)
         sched = ScheduleReport(skipped={**sched.skipped, **dict.fromkeys(sched.scheduled,
@@ -116,6 +116,6 @@ def build(mod: tvm.IRModule, target: tvm.target.Target, *, tune: int = 0,
         try:
             ex = tvm.compile(lowered, target, relax_pipeline=rest)
         except Exception as e2:
-            raise BuildError(f"TVM compilation failed: {str(e2).splitlines()[0]}") from e2
+            raise BuildError(f"TVM compilation failed: {error_line(e2)}") from e2
     record_asm(rep, ex, target)
     return Built(ex, lowered, rep, target, report, sched)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import tempfile
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -26,6 +25,7 @@ from . import __version__
 from .artifact import check_output_dir
 from .config import (AUTO, CALIBRATORS, LAYOUTS, ROUNDINGS, parse_shape, SENSITIVITY_METHODS, AllocSpec, CalibSpec,
                      Preprocess, QuantSpec, VERIFY_INPUTS)
+from .flags import atomic_open, debug, one_line
 from .errors import ArtifactError, BadModelError, DataError, QCompileError, UsageError
 from .targets import CUDA_ARCHS, DEFAULT_ARCH, check_arch
 
@@ -49,14 +49,10 @@ def _version() -> str:
     return f"{__version__} (apache-tvm {v('apache-tvm')}, onnx {v('onnx')})"
 
 
-def _one_line(text: str) -> str:
-    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
-
-
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   file: Any = None, line: str | None = None) -> None:
     # Library warnings (e.g. synthetic calibration) as one line, not file:line + source.
-    click.echo(f"warning: {_one_line(str(message))}", err=True)
+    click.echo(f"warning: {one_line(str(message))}", err=True)
 
 
 # ----------------------------------------------------------------------------- the group
@@ -78,12 +74,12 @@ class QCompileGroup(click.Group):
                     click.exceptions.Abort):
                 raise
             except QCompileError as e:
-                click.echo(f"error: {_one_line(str(e))}", err=True)
+                click.echo(f"error: {one_line(str(e))}", err=True)
                 ctx.exit(e.exit_code)
             except Exception as e:
-                if os.environ.get("QCOMPILE_DEBUG", "") not in ("", "0"):
+                if debug():
                     raise
-                click.echo(f"internal error: {type(e).__name__}: {_one_line(str(e))}; "
+                click.echo(f"internal error: {type(e).__name__}: {one_line(str(e))}; "
                            "rerun with QCOMPILE_DEBUG=1 for the traceback", err=True)
                 ctx.exit(EXIT_INTERNAL)
 
@@ -215,24 +211,15 @@ def _load_npy(path: str) -> np.ndarray:
     try:
         x = np.load(path, allow_pickle=False)  # never unpickle user files
     except Exception as e:
-        raise DataError(f"{path}: not a readable .npy array ({_one_line(str(e))})") from None
+        raise DataError(f"{path}: not a readable .npy array ({one_line(str(e))})") from None
     if not isinstance(x, np.ndarray) or x.dtype.kind not in "fiub":
         raise DataError(f"{path}: expected a numeric array, got {getattr(x, 'dtype', type(x))}")
     return x.astype(np.float32, copy=False)
 
 
 def _save_npy(path: str, y: np.ndarray) -> None:
-    # Temp file in the same directory + os.replace: readers never see half an array.
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, y, allow_pickle=False)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(Path(path)) as f:  # readers never see half an array
+        np.save(f, y, allow_pickle=False)
 
 
 def _jsonable(o: Any) -> Any:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import tvm
 from tvm import relax, tirx
 
+from .flags import error_line
 from .intcheck_allow import (ALLOWED_CALLS, ALLOWED_EXPRS, ALLOWED_EXTERN_FUNCS,
                               ALLOWED_RELAX_OPS, ALLOWED_STMTS, NAMED_CALL_WRAPPERS,
                               _BINARY, _DIVISION, _FLOAT_MMA_DTYPES, _MMA_OPS, _PLUMBING,
@@ -451,7 +452,7 @@ def full_check(mod: tvm.IRModule, target: tvm.target.Target, func: str = "core"
     try:
         post = check_codegen_tir(mod, target, func)
     except Exception as e:  # noqa: BLE001 - a pipeline failure must not pass silently
-        msg = f"TIR pipeline failed: {str(e).splitlines()[0]}"
+        msg = f"TIR pipeline failed: {error_line(e)}"
         if target.kind.name == "llvm":
             rep.violations.append(f"[codegen] {msg}")
         else:  # the replayed pipeline is only proven for llvm; do not block other targets

@@ -40,31 +40,24 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import tvm
+from tqdm import tqdm
+from tvm import relax
 
-# TVM's pool reads this once, at its first parallel call (see runtime.py): set it before
-# any kernel runs, or every timing here is single-threaded on a 2-vCPU machine.
-os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
-
-import tvm  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-from tvm import relax  # noqa: E402
-
-from .artifact import atomic_write_bytes  # noqa: E402
-from .build import legalize  # noqa: E402
-from .errors import UsageError  # noqa: E402
-from .graph import LAYER_OPS, Graph, Node  # noqa: E402
-from .kernels import x86_rules as krules  # noqa: E402
-from .config import QuantSpec  # noqa: E402
-from .quantize import (Observer, calibration_tensors, quantize_graph,  # noqa: E402
+from .build import legalize
+from .errors import UsageError
+from .flags import JsonCache, cache_dir
+from .graph import LAYER_OPS, Graph, Node
+from .kernels import x86_rules as krules
+from .config import QuantSpec
+from .quantize import (Observer, calibration_tensors, quantize_graph,
                        raw_output_producer)  # the quantizer's own rules
-from .targets import cpu_flags, make_target  # noqa: E402
+from .targets import cpu_flags, make_target
 
 LayerDesc = krules.LayerDesc
 CACHE_FORMAT = 1
@@ -187,8 +180,7 @@ def cache_key(target: str, d: LayerDesc, bits: int, batch: int) -> str:
 
 
 def default_cache_path() -> Path:
-    root = os.environ.get("QCOMPILE_CACHE_DIR")
-    return (Path(root) if root else Path.home() / ".cache" / "qcompile") / "latency.json"
+    return cache_dir("latency.json")
 
 
 def fingerprint() -> str:
@@ -197,23 +189,6 @@ def fingerprint() -> str:
     for p in sorted(Path(krules.__file__).parent.glob("x86_*.py")):
         h.update(p.name.encode() + p.read_bytes())
     return h.hexdigest()[:16]
-
-
-def _read_cache(path: Path) -> dict[str, dict]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}  # missing or corrupt: start over (it is only a cache)
-    return data.get("entries", {}) if data.get("format") == CACHE_FORMAT else {}
-
-
-def _write_entries(path: Path, new: Mapping[str, dict]) -> None:
-    # Re-read right before writing so entries another process added meanwhile survive.
-    entries = _read_cache(path)
-    entries.update(new)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps({"format": CACHE_FORMAT, "entries": entries}, indent=1, sort_keys=True)
-    atomic_write_bytes(path, (text + "\n").encode())
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -445,7 +420,7 @@ def measure_layers(graph: Graph, target: tvm.target.Target | str = "llvm", *,
     descs = layer_descs(graph, batch, stats)
     keys = {(name, b): cache_key(tkey, d, b, batch) for name, d in descs.items() for b in bits}
     unique = {k: (descs[name], b) for (name, b), k in keys.items()}
-    cached = _read_cache(path) if path is not None and not force else {}
+    cached = JsonCache(path, CACHE_FORMAT).load() if path is not None and not force else {}
     results: dict[str, dict] = {k: cached[k] for k in unique
                                 if cached.get(k, {}).get("fingerprint") == fp}
     todo = [k for k in unique if k not in results]
@@ -467,7 +442,7 @@ def measure_layers(graph: Graph, target: tvm.target.Target | str = "llvm", *,
            for k, r in runs.items()}
     results.update(new)
     if path is not None and new:
-        _write_entries(path, new)
+        JsonCache(path, CACHE_FORMAT).update(new)
     ms: dict[str, dict[int, float]] = {name: {} for name in descs}
     kernels: dict[str, dict[int, str]] = {name: {} for name in descs}
     for (name, b), key in keys.items():

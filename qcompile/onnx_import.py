@@ -22,6 +22,7 @@ import onnxruntime as ort
 from onnx import external_data_helper, helper, numpy_helper, shape_inference, version_converter
 
 from .errors import BadModelError, UnsupportedOpError, UsageError
+from .flags import error_line
 from .graph import Graph, Node
 from .onnx_ops import _HANDLERS, _MULTI_OUTPUT, LOWERED_AS, SUPPORTED_OPS, _Ctx, ops_table
 
@@ -34,11 +35,6 @@ _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPro
                 onnx.TensorProto.BFLOAT16)
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _CONTROL_FLOW = ("If", "Loop", "Scan")
-
-
-def _one_line(err: BaseException | str) -> str:
-    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
-    return lines[0] if lines else type(err).__name__
 
 
 # --------------------------------------------------------------------------- loading
@@ -72,7 +68,7 @@ def load_model(path: str | os.PathLike, input_shape: Sequence[int] | None = None
         raise BadModelError(f"{path}: cannot read the file ({err.strerror or err}); "
                             "check its permissions") from None
     except Exception as err:  # DecodeError and friends all mean "not ONNX"
-        raise BadModelError(f"{path}: not a readable ONNX model ({_one_line(err)}); "
+        raise BadModelError(f"{path}: not a readable ONNX model ({error_line(err)}); "
                             "the file may be truncated or another format") from None
     if model.ir_version <= 0 or not model.HasField("graph") or not model.graph.node:
         raise BadModelError(f"{path}: not an ONNX model (no IR version or empty graph); "
@@ -83,7 +79,7 @@ def load_model(path: str | os.PathLike, input_shape: Sequence[int] | None = None
     try:
         external_data_helper.load_external_data_for_model(model, base_dir)
     except Exception as err:
-        raise BadModelError(f"{path}: cannot read external data ({_one_line(err)}); "
+        raise BadModelError(f"{path}: cannot read external data ({error_line(err)}); "
                             "keep the .onnx file next to its data files") from None
     # Step 3. Refuse what no later step can lower, before the checker's cryptic view of it.
     _check_scope(model)
@@ -101,7 +97,7 @@ def load_model(path: str | os.PathLike, input_shape: Sequence[int] | None = None
     try:
         onnx.checker.check_model(_for_checker(model))
     except Exception as err:
-        raise BadModelError(f"{path}: fails the ONNX checker: {_one_line(err)}") from None
+        raise BadModelError(f"{path}: fails the ONNX checker: {error_line(err)}") from None
     _check_io(model, path)
     _check_weights(model, path)
     # Step 5. A static input, then constant folding, opset 17 and strict inference.
@@ -147,7 +143,7 @@ def _check_weights(model: onnx.ModelProto, path: str) -> None:
             a = numpy_helper.to_array(t)
         except Exception as err:
             raise BadModelError(f"{path}: tensor {t.name!r} cannot be read "
-                                f"({_one_line(err)}); re-export the model") from None
+                                f"({error_line(err)}); re-export the model") from None
         if a.size and not np.all(np.isfinite(a)):
             raise BadModelError(f"{path}: weight {t.name!r} contains NaN or Inf; fix the "
                                 "trained weights before compiling")
@@ -220,7 +216,7 @@ def _fold_constants(model: onnx.ModelProto, path: str) -> onnx.ModelProto:
             folded = onnx.load(out)
         except Exception as err:
             raise BadModelError(f"{path}: onnxruntime cannot load the model "
-                                f"({_one_line(err)}); check it with onnx.checker and "
+                                f"({error_line(err)}); check it with onnx.checker and "
                                 "onnxruntime first") from None
     # onnxruntime may leave initializers listed as inputs; keep the single real input.
     inits = {t.name for t in folded.graph.initializer}
@@ -285,7 +281,7 @@ def _to_target_opset(model: onnx.ModelProto, path: str) -> onnx.ModelProto:
         return version_converter.convert_version(model, TARGET_OPSET)
     except Exception as err:
         raise UnsupportedOpError(
-            f"{path}: cannot convert opset {version} to {TARGET_OPSET} ({_one_line(err)}); "
+            f"{path}: cannot convert opset {version} to {TARGET_OPSET} ({error_line(err)}); "
             f"re-export the model with opset {TARGET_OPSET}") from None
 
 
@@ -318,7 +314,7 @@ def _infer(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
     try:
         inferred = shape_inference.infer_shapes(skeleton, check_type=True, strict_mode=True)
     except Exception as err:
-        raise BadModelError(f"{source}: shape inference failed: {_one_line(err)}") from None
+        raise BadModelError(f"{source}: shape inference failed: {error_line(err)}") from None
     out = onnx.ModelProto()
     out.CopyFrom(model)
     del out.graph.value_info[:]

@@ -14,7 +14,6 @@ Canonical attribute conventions (see ``graph.py``):
 """
 from __future__ import annotations
 
-import os
 import sys
 from collections import Counter
 from dataclasses import replace
@@ -24,6 +23,7 @@ import numpy as np
 
 from .activations import UNARY_FUNCTIONS
 from .errors import UnsupportedOpError
+from .flags import debug
 from .graph import CANONICAL_OPS, Graph, Node
 
 Rewrite = Callable[[Graph], Graph]
@@ -529,10 +529,10 @@ def prepare(graph: Graph) -> Graph:
 
     Raises ``UnsupportedOpError`` naming the node when something cannot be expressed.
     """
-    debug = os.environ.get("QCOMPILE_DEBUG", "") not in ("", "0")
+    dump = debug()
     for rewrite in REWRITES:
         graph = rewrite(graph)
-        if debug:
+        if dump:
             _debug_dump(graph, rewrite.__name__)
     for n in graph.nodes:
         if n.op not in CANONICAL_OPS:  # an imported op no rewrite claimed: a bug, say so

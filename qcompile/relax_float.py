@@ -34,6 +34,7 @@ from tvm.s_tir import dlight
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
 from .errors import UnsupportedOpError
+from .flags import error_line
 from .graph import LAYER_OPS, Graph, Node
 from .targets import make_target
 
@@ -448,7 +449,7 @@ def build_float_module(graph: Graph, batch: int, *, grad: bool = True,
             mod = relax.transform.Gradient("loss", require_grads=ws)(mod)
         except Exception as e:  # TVM's own error types; keep the first line
             raise UnsupportedOpError(
-                f"relax.transform.Gradient failed: {str(e).splitlines()[0]}; "
+                f"relax.transform.Gradient failed: {error_line(e)}; "
                 "use --sensitivity kl (forward-only) instead") from e
     logits_shape = graph.shapes[_body(graph)[1]]
     return FloatModule(mod, tuple(n.name for n in layers),

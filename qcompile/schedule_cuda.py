@@ -48,6 +48,7 @@ from tvm import relax
 
 from .build import Built, _debug_dump, _stage
 from .errors import BuildError
+from .flags import error_line
 from .asmcheck import scan_cuda_binaries
 from .intcheck import IntCheckReport, full_check
 from .kernels import cuda_tc as ct
@@ -377,7 +378,7 @@ def build_cuda(mod: tvm.IRModule, target: tvm.target.Target, arch: str | None = 
     try:
         lowered = legalize_cuda(mod, target)
     except Exception as e:
-        raise BuildError(f"CUDA legalization failed: {str(e).splitlines()[0]}") from e
+        raise BuildError(f"CUDA legalization failed: {error_line(e)}") from e
     _debug_dump("legalized", lowered)
     rep = full_check(lowered, target, "core")  # Relax, scheduled TIR, post-pipeline TIR
     rest = tvm.transform.Sequential(_stage(target, "dataflow_lower") + _stage(target, "finalize"))
@@ -385,7 +386,7 @@ def build_cuda(mod: tvm.IRModule, target: tvm.target.Target, arch: str | None = 
         try:
             ex = tvm.compile(lowered, target, relax_pipeline=rest)
         except Exception as e:
-            raise BuildError(f"TVM CUDA compilation failed: {str(e).splitlines()[0]}") from e
+            raise BuildError(f"TVM CUDA compilation failed: {error_line(e)}") from e
     if not device.binaries:
         raise BuildError("the CUDA build compiled no device code (was the source embedded?)")
     record_sass(rep, device.binaries)

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +40,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from tqdm import tqdm
 
+from . import flags
 from .errors import DataError, UnsupportedOpError, UsageError
 from .graph import Graph, Node
 from .quantize import quantize_weights
@@ -446,10 +445,7 @@ def kl_omega(graph: Graph, inputs: np.ndarray, bits: Sequence[int], progress: bo
 # --- cache ---------------------------------------------------------------------------
 def cache_root(cache_dir: Path | None = None) -> Path:
     """``cache_dir``, else ``$QCOMPILE_CACHE_DIR/sensitivity``, else ``~/.cache/qcompile/...``."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    base = os.environ.get("QCOMPILE_CACHE_DIR")
-    return (Path(base) if base else Path.home() / ".cache" / "qcompile") / "sensitivity"
+    return Path(cache_dir) if cache_dir is not None else flags.cache_dir("sensitivity")
 
 
 def data_hash(inputs: np.ndarray, labels: np.ndarray | None) -> str:
@@ -469,26 +465,6 @@ def _cache_key(model_bytes: bytes, inputs: np.ndarray, labels: np.ndarray | None
     blob = json.dumps({"format": CACHE_FORMAT, "model": hashlib.sha256(model_bytes).hexdigest(),
                        "data": data_hash(inputs, labels), **settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    """Atomic (a concurrent reader never sees half a file); a cache that cannot be
-    written only costs a recomputation next time, so it warns instead of failing."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except OSError as e:
-        warnings.warn(f"sensitivity cache not written ({path.parent}): {e}", stacklevel=3)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # missing or corrupt: recompute
 
 
 # --- public API ----------------------------------------------------------------------
@@ -534,8 +510,8 @@ def compute_sensitivity(graph: Graph, model_bytes: bytes, inputs: np.ndarray,
                     "min_probes": MIN_PROBES, "batch_size": batch_size, "rel_eps": REL_EPS,
                     "central": central}
     path = cache_root(cache_dir) / f"{_cache_key(model_bytes, inputs, labels, settings)}.json"
-    hit = _read_json(path)
-    if hit is not None:
+    hit = flags.read_json(path)  # missing or corrupt: recompute (and rewrite it)
+    if isinstance(hit, dict) and "omega" in hit:
         s = Sensitivity.from_json(hit, cached=True)
         if method == "kl":
             return s
@@ -566,5 +542,5 @@ def compute_sensitivity(graph: Graph, model_bytes: bytes, inputs: np.ndarray,
     if bad:  # e.g. a Log/Sqrt/Reciprocal table function of a value <= 0 in the float model
         raise DataError(f"{res.method} sensitivity is not finite for layer(s) {bad[:3]}: the "
                         "float model produces NaN/Inf on the sensitivity data")
-    _write_json(path, res.to_json())
+    flags.save_cache(path, res.to_json())
     return res

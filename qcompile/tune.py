@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import math
 import os
 import sys
@@ -42,6 +41,7 @@ from tvm.s_tir import Schedule
 from tvm.s_tir import meta_schedule as ms
 
 from .errors import UsageError
+from .flags import JsonCache, cache_dir, error_line
 
 LEDGER = "qcompile_tasks.json"
 # Below this many tensor elements a function runs in about a microsecond untuned, while
@@ -115,10 +115,8 @@ def default_db_dir(target: tvm.target.Target) -> Path:
     ``key`` hashes the target (kind, mcpu, cores...) and the TVM version: records are
     timings on one machine and traces replayed by one TVM, valid for nothing else.
     """
-    root = os.environ.get("QCOMPILE_CACHE_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "qcompile"
     key = hashlib.sha256(f"{tvm.__version__}|{target}".encode()).hexdigest()[:16]
-    return base / "tune" / key
+    return cache_dir("tune", key)
 
 
 def _skip_reason(func: tirx.PrimFunc, min_elements: int) -> str | None:
@@ -329,8 +327,8 @@ def tune_module(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
     db_dir = Path(db_dir) if db_dir is not None else default_db_dir(target)
     tasks, skipped = extract_tasks(mod, min_elements)
     db = _database(db_dir)
-    ledger_path = db_dir / LEDGER
-    ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {}
+    ledger_file = JsonCache(db_dir / LEDGER)  # a corrupt ledger reads as empty
+    ledger = ledger_file.load()
     before = {t.shash: ledger[t.shash]["trials"] if t.shash in ledger else _valid_records(db, t)
               for t in tasks}
     todo = [t for t in tasks if before[t.shash] < trials]
@@ -353,14 +351,14 @@ def tune_module(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
                                   task_scheduler="round-robin")
                     entry.pop("error", None)
                 except Exception as e:  # tuning is an optimization: never fail the compile
-                    entry["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1]}"
+                    entry["error"] = f"{type(e).__name__}: {error_line(e, last=True)}"
                     warnings.warn(f"tuning {task.name} failed, left untuned: {entry['error']}",
                                   stacklevel=2)
                 run[task.shash] = need
                 # The budget counts as spent even on failure: a rerun would fail again.
                 entry.update(name=task.name, signature=task.signature, trials=trials)
                 # Written after each task: an interrupted run keeps what it paid for.
-                ledger_path.write_text(json.dumps(ledger, indent=1, sort_keys=True))
+                ledger_file.update({task.shash: entry})
             bar.close()
             runner.pool.shutdown()  # its measuring worker process; GC would be later
     reports = tuple(

@@ -150,6 +150,14 @@ def test_default_cache_and_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert len(calls) == 2  # no cache: measured again
 
 
+def test_corrupt_cache_is_ignored_and_rewritten(tmp_path: Path) -> None:
+    cache = tmp_path / "lat.json"
+    cache.write_text('{"format": 1, "entries": {')
+    g = _graph(_dup_model(), tmp_path)
+    table = L.measure_layers(g, bits=(8,), cache=cache, repeat=REPEAT, progress=False)
+    assert len(json.loads(cache.read_text())["entries"]) == 2 and table.ms
+
+
 def test_generic_fallback_for_grouped_conv(tmp_path: Path) -> None:
     # group=4 with 4 or 8 input channels: 1 or 2 per group, too few for the grouped VNNI
     # kernel (a multiple of 4 per group), and not depthwise: no kernel applies.

@@ -6,6 +6,7 @@ everything else reuses its database or tunes nothing.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +177,20 @@ def test_second_run_reuses_database(tuned: tuple[tvm.IRModule, tune.TuneReport])
     # A smaller budget is covered too; nothing new was measured.
     assert tune.tune_module(mod, TARGET, 1, rep.db_dir, progress=False).tasks[0].reused
     assert len((rep.db_dir / "database_tuning_record.json").read_text().splitlines()) == n_records
+
+
+def test_corrupt_ledger_is_ignored(tuned: tuple[tvm.IRModule, tune.TuneReport],
+                                   tmp_path: Path) -> None:
+    """A torn ledger reads as empty: the database's own valid records count instead (at
+    most a top-up), and the ledger is rewritten whole."""
+    mod, rep = tuned
+    db = tmp_path / "db"
+    shutil.copytree(rep.db_dir, db)
+    (db / tune.LEDGER).write_text("{torn")
+    (task,) = tune.tune_module(mod, TARGET, TRIALS, db, progress=False).tasks
+    assert task.trials_before + task.trials_run >= TRIALS and task.error is None
+    if task.trials_run:
+        assert json.loads((db / tune.LEDGER).read_text())[task.structural_hash]["trials"] == TRIALS
 
 
 def test_apply_without_database_is_identity(tmp_path: Path) -> None:
