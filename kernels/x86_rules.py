@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 from tvm import tirx
 
+from .x86_epilogue import Post
 from .x86_int4 import GFNI
 from .x86_vnni import KG, ISA, conv2d_nhwc_vnni, conv2d_nhwc_vnni_grouped, dense_vnni
 from .x86_window import (depthwise_conv2d_nhwc, global_sum_pool_nhwc, max_pool2d_nhwc,
@@ -26,7 +27,10 @@ from .x86_window import (depthwise_conv2d_nhwc, global_sum_pool_nhwc, max_pool2d
 @dataclass(frozen=True)
 class LayerDesc:
     """One layer as the kernel library sees it. Activations are NHWC ``in_shape``
-    (dense: (M, K)); ``channels`` is OC for conv/dense; pads = (top, left, bottom, right)."""
+    (dense: (M, K)); ``channels`` is OC for conv/dense; pads = (top, left, bottom, right).
+    ``requant``: how the epilogue requantizes (``x86_epilogue``; "mulhi" is what a layer
+    gets unless its parameters need "int64"); ``post``: ops fused behind it (conv, dense
+    and depthwise kernels take them; pools don't)."""
 
     op: str  # "conv2d" | "dense" | "maxpool" | "avgpool" | "gap"
     in_shape: tuple[int, ...]
@@ -42,6 +46,8 @@ class LayerDesc:
     lo: int | None = None
     hi: int | None = None
     w_bits: int = 8  # weight bit width; 4-bit weights are int8 values in [-8, 7]
+    requant: str = "mulhi"
+    post: tuple[Post, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -79,13 +85,19 @@ WEIGHT_FORMATS: dict[int, WeightFormat] = {
 
 
 def _requant_kw(d: LayerDesc) -> dict:
-    return {"out_dtype": d.out_dtype, "raw": d.raw, "lo": d.lo, "hi": d.hi}
+    return {"out_dtype": d.out_dtype, "raw": d.raw, "lo": d.lo, "hi": d.hi,
+            "requant": d.requant}
+
+
+def _epilogue_kw(d: LayerDesc) -> dict:
+    """The requant and the fused ops: for the kernels that take both."""
+    return {**_requant_kw(d), "post": d.post}
 
 
 def _dense_spec(d: LayerDesc, w_bits: int) -> KernelSpec | None:
     if d.op != "dense" or d.in_dtype not in _ACT or len(d.in_shape) != 2:
         return None
-    (m, k), kw = d.in_shape, _requant_kw(d)
+    (m, k), kw = d.in_shape, _epilogue_kw(d)
     f = WEIGHT_FORMATS[w_bits]
     return KernelSpec("dense_vnni" + f.suffix, lambda: dense_vnni(
         m, d.channels, k, in_dtype=d.in_dtype, w_bits=w_bits, **kw),
@@ -99,7 +111,7 @@ def _conv_spec(d: LayerDesc, w_bits: int) -> KernelSpec | None:
     f = WEIGHT_FORMATS[w_bits]
     return KernelSpec("conv2d_nhwc_vnni" + f.suffix, lambda: conv2d_nhwc_vnni(
         n, h, w, c, d.channels, *d.kernel, d.strides, d.pads, d.dilations,
-        in_dtype=d.in_dtype, w_bits=w_bits, **_requant_kw(d)),
+        in_dtype=d.in_dtype, w_bits=w_bits, **_epilogue_kw(d)),
         f.layout, d.in_dtype == "int8", f.requires)
 
 
@@ -131,7 +143,7 @@ def rule_conv_grouped(d: LayerDesc) -> KernelSpec | None:
         return None
     return KernelSpec("conv2d_nhwc_vnni_grouped", lambda: conv2d_nhwc_vnni_grouped(
         n, h, w, c, d.channels, *d.kernel, d.group, d.strides, d.pads, d.dilations,
-        in_dtype=d.in_dtype, **_requant_kw(d)), "vnni16x4_grouped", d.in_dtype == "int8")
+        in_dtype=d.in_dtype, **_epilogue_kw(d)), "vnni16x4_grouped", d.in_dtype == "int8")
 
 
 def rule_depthwise(d: LayerDesc) -> KernelSpec | None:
@@ -139,11 +151,11 @@ def rule_depthwise(d: LayerDesc) -> KernelSpec | None:
         return None
     return KernelSpec("depthwise_conv2d_nhwc", lambda: depthwise_conv2d_nhwc(
         *d.in_shape, *d.kernel, d.strides, d.pads, d.dilations, in_dtype=d.in_dtype,
-        **_requant_kw(d)), "hwc", requires=("avx512f",))
+        **_epilogue_kw(d)), "hwc", requires=("avx512f",))
 
 
 def rule_pool(d: LayerDesc) -> KernelSpec | None:
-    if d.in_dtype not in _ACT:
+    if d.in_dtype not in _ACT or d.post:
         return None
     if d.op == "maxpool":
         return KernelSpec("max_pool2d_nhwc", lambda: max_pool2d_nhwc(

@@ -3,7 +3,7 @@
 No VNNI here: each output channel reads only its own input channel, so the
 kernels vectorize over C and tile output widths so the int32 accumulators stay
 in registers (``MAX_STACK_BYTES``). The requant epilogue is the GEMM kernels'
-(``x86_vnni.Epilogue``); pools pad with the dtype's minimum (max) or zero (sum).
+(``x86_epilogue``, fused ops included); pools pad with the dtype's minimum (max) or zero (sum).
 """
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import numpy as np
 from tvm import te, tirx
 from tvm.s_tir import Schedule
 
-from .x86_vnni import (ACC_SCOPE, MAX_STACK_BYTES, _epilogue, _epilogue_loops, _pad_nhwc, _pair,
-                       _schedule_stage, conv_out_hw)
+from .x86_epilogue import Post, epilogue
+from .x86_gemm import ACC_SCOPE, MAX_STACK_BYTES, epilogue_loops, schedule_stage
+from .x86_vnni import _pad_nhwc, _pair, conv_out_hw
 
 
 def _channel_tile(c: int) -> int:
@@ -44,7 +45,7 @@ def _schedule_window(sch: Schedule, ct: int, owt: int, pad_stages: Sequence[str]
         if inline_pad:
             sch.compute_inline(name)
         else:
-            _schedule_stage(sch, name)
+            schedule_stage(sch, name)
     acc = sch.get_sblock("acc")
     b, oh, ow, c, *win = sch.get_loops(acc)
     owo, owi = sch.split(ow, [None, owt])
@@ -58,7 +59,7 @@ def _schedule_window(sch: Schedule, ct: int, owt: int, pad_stages: Sequence[str]
     sch.decompose_reduction(acc, win[0])
     # The epilogue's channel loop, or with one channel a tile (C = 1: contiguous)
     # its width loop; a 1 x 1 tile has neither and stays scalar.
-    width, chans = _epilogue_loops(sch, sch.get_sblock("out"), co)
+    width, chans = epilogue_loops(sch, sch.get_sblock("out"), co)
     if chans is not None or width is not None:
         sch.vectorize(chans if chans is not None else width)
 
@@ -85,26 +86,28 @@ def depthwise_conv2d_nhwc(N: int, H: int, W: int, C: int, kh: int, kw: int,
                           strides: Sequence[int] = (1, 1), pads: Sequence[int] = (0, 0, 0, 0),
                           dilations: Sequence[int] = (1, 1), *, out_dtype: str = "int8",
                           raw: bool = False, in_dtype: str = "uint8", lo: int | None = None,
-                          hi: int | None = None) -> tirx.PrimFunc:
+                          hi: int | None = None, requant: str = "int64",
+                          post: Sequence[Post] = ()) -> tirx.PrimFunc:
     """Depthwise (group == C, multiplier 1) NHWC conv with fused requantize.
 
     Parameters (in order): x (N, H, W, C) uint8/int8; w (kh, kw, C) int8 (OIHW
     (C, 1, kh, kw) transposed (2, 3, 0, 1)); bias (C,) int32 (no signed correction:
-    no VNNI here); m, r, s (C,) int64 unless ``raw``; out (N, OH, OW, C).
+    no VNNI here); m, r, s (C,) per ``requant`` unless ``raw``; the fused ops' tensors
+    (``post``); out (N, OH, OW, C).
     """
-    ep = _epilogue(out_dtype, raw, lo, hi)
+    ep = epilogue(out_dtype, raw, lo, hi, requant, post)
     x = te.placeholder((N, H, W, C), in_dtype, name="x")
     w = te.placeholder((kh, kw, C), "int8", name="w")
     bias = te.placeholder((C,), "int32", name="bias")
-    q = ep.params((C,))
     tap, OH, OW, stages = _window(x, kh, kw, strides, pads, dilations, 0)
+    q = ep.placeholders((C,), (N, OH, OW, C))
     r, s = te.reduce_axis((0, kh), "r"), te.reduce_axis((0, kw), "s")
     acc = te.compute((N, OH, OW, C), lambda b, i, j, c: te.sum(
         tap(b, i, j, r, s, c).astype("int32") * w[r, s, c].astype("int32"), axis=[r, s]),
         name="acc")
-    out = te.compute((N, OH, OW, C), lambda b, i, j, c: ep.apply(acc[b, i, j, c], bias[c], q, c),
-                     name="out")
-    sch = Schedule(te.create_prim_func([x, w, bias, *q, out]))
+    out = te.compute((N, OH, OW, C), lambda b, i, j, c: ep.apply(
+        acc[b, i, j, c], bias[c], q, (c,), (b, i, j, c), c), name="out")
+    sch = Schedule(te.create_prim_func([x, w, bias, *q.all, out]))
     ct = _channel_tile(C)
     # A pad copy beats per-tap selects here: each tap widens to int32 before the multiply.
     _schedule_window(sch, ct, _width_tile(OW, ct), stages, inline_pad=False)
@@ -131,23 +134,24 @@ def max_pool2d_nhwc(N: int, H: int, W: int, C: int, kernel: Sequence[int],
 def sum_pool2d_nhwc(N: int, H: int, W: int, C: int, kernel: Sequence[int],
                     strides: Sequence[int], pads: Sequence[int] = (0, 0, 0, 0), *,
                     in_dtype: str = "uint8", out_dtype: str = "int32", raw: bool = True,
-                    lo: int | None = None, hi: int | None = None) -> tirx.PrimFunc:
+                    lo: int | None = None, hi: int | None = None,
+                    requant: str = "int64") -> tirx.PrimFunc:
     """Window sum in int32 with zero padding (average pool before its division).
 
-    Parameters: x (N, H, W, C); m, r, s (OH, OW) int64 per output position unless
-    ``raw`` (qgraph's avgpool folds 1/count into m); out (N, OH, OW, C).
+    Parameters: x (N, H, W, C); m, r, s (OH, OW) per output position (``requant``)
+    unless ``raw`` (qgraph's avgpool folds 1/count into m); out (N, OH, OW, C).
     """
     kh, kw = _pair(kernel)
-    ep = _epilogue(out_dtype, raw, lo, hi)
+    ep = epilogue(out_dtype, raw, lo, hi, requant)
     x = te.placeholder((N, H, W, C), in_dtype, name="x")
     tap, OH, OW, stages = _window(x, kh, kw, strides, pads, (1, 1), 0)
-    q = ep.params((OH, OW))
+    q = ep.placeholders((OH, OW), (N, OH, OW, C))
     r, s = te.reduce_axis((0, kh), "r"), te.reduce_axis((0, kw), "s")
     acc = te.compute((N, OH, OW, C), lambda b, i, j, c: te.sum(
         tap(b, i, j, r, s, c).astype("int32"), axis=[r, s]), name="acc")
-    out = te.compute((N, OH, OW, C), lambda b, i, j, c: ep.apply(acc[b, i, j, c], None, q, i, j),
-                     name="out")
-    sch = Schedule(te.create_prim_func([x, *q, out]))
+    out = te.compute((N, OH, OW, C), lambda b, i, j, c: ep.apply(
+        acc[b, i, j, c], None, q, (i, j)), name="out")
+    sch = Schedule(te.create_prim_func([x, *q.all, out]))
     ct = _channel_tile(C)
     _schedule_window(sch, ct, _width_tile(OW, ct), stages)
     return sch.mod["main"].with_attr("global_symbol", "main")
@@ -155,8 +159,8 @@ def sum_pool2d_nhwc(N: int, H: int, W: int, C: int, kernel: Sequence[int],
 
 def global_sum_pool_nhwc(N: int, H: int, W: int, C: int, *, in_dtype: str = "uint8",
                          out_dtype: str = "int32", raw: bool = True, lo: int | None = None,
-                         hi: int | None = None) -> tirx.PrimFunc:
+                         hi: int | None = None, requant: str = "int64") -> tirx.PrimFunc:
     """Sum over H, W in int32 -> (N, 1, 1, C): an H x W window sum, so m, r, s are
     (1, 1) int64 (qgraph's per-tensor gap params, reshaped) unless ``raw``."""
     return sum_pool2d_nhwc(N, H, W, C, (H, W), (1, 1), in_dtype=in_dtype, out_dtype=out_dtype,
-                           raw=raw, lo=lo, hi=hi)
+                           raw=raw, lo=lo, hi=hi, requant=requant)

@@ -15,6 +15,11 @@ the fast kernels of ``qcompile.kernels`` when a target provides them, and
 TVM's generic legalization otherwise.  Rules own their parameters (e.g. packed
 weights), which become ``core`` inputs in registration order; ``Lowered.params``
 lists them.  The batch dimension is symbolic unless ``batch`` is given.
+
+A ``FuseRule`` lowers a chain of nodes as one call (a conv with the residual add,
+clip or table lookup that is its only consumer): ``plan_chains`` finds the chains
+before anything is emitted, the chain's earlier nodes are deferred, and at its last
+node the fuse rule emits all of it, or declines and each node is lowered alone.
 """
 from __future__ import annotations
 
@@ -114,6 +119,54 @@ class LowerCtx:
 
 
 Rule = Callable[[QNode, LowerCtx, Sequence[relax.Expr]], "relax.Var | None"]
+
+
+@dataclass(frozen=True)
+class FuseRule:
+    """Lowers a chain ``(head, n1, n2 ...)`` as one op, each node the only consumer of the
+    one before. ``extend(chain, nxt, qg)``: may ``nxt`` join the chain (it reads the
+    chain's last output)? ``emit(chain, ctx, xs)``, with ``xs`` the head's inputs and then
+    each later node's other inputs, in order: the chain's output, or None to decline."""
+
+    extend: Callable[[Sequence[QNode], QNode, QGraph], bool]
+    emit: Callable[[Sequence[QNode], LowerCtx, Sequence[relax.Expr]], "relax.Var | None"]
+
+
+def plan_chains(qg: QGraph, fuse: FuseRule) -> dict[str, tuple[QNode, ...]]:
+    """Chains to lower as one op, keyed by their last node's name. A chain grows while
+    the last output has exactly one consumer, is not the graph output, is read by that
+    consumer once, and ``fuse.extend`` accepts the consumer; every node is in at most
+    one chain (the earliest head wins)."""
+    consumers: dict[str, list[QNode]] = {}
+    for n in qg.nodes:
+        for i in set(n.inputs):
+            consumers.setdefault(i, []).append(n)
+    taken: set[str] = set()
+    chains = {}
+    for n in qg.nodes:
+        if n.name in taken:
+            continue
+        chain = [n]
+        while True:
+            out = chain[-1].output
+            nxt = consumers.get(out, [])
+            if (out == qg.output.name or len(nxt) != 1 or nxt[0].inputs.count(out) != 1
+                    or nxt[0].name in taken or not fuse.extend(chain, nxt[0], qg)):
+                break
+            chain.append(nxt[0])
+        if len(chain) > 1:
+            chains[chain[-1].name] = tuple(chain)
+            taken.update(c.name for c in chain)
+    return chains
+
+
+def chain_inputs(chain: Sequence[QNode]) -> list[str]:
+    """The tensors a chain reads from outside: the head's inputs, then each later node's
+    inputs other than the chain's own tensor, in order (``FuseRule.emit``'s ``xs``)."""
+    names = list(chain[0].inputs)
+    for prev, n in zip(chain, chain[1:]):
+        names += [i for i in n.inputs if i != prev.output]
+    return names
 
 
 # --- generic rules: TVM's legalization in NHWC, always applicable -----------------------
@@ -280,11 +333,13 @@ GENERIC: dict[str, Rule] = {
 }
 
 
-def lower(qg: QGraph, rules: Sequence[tuple[str, Rule]] = (), batch: int | None = None) -> Lowered:
+def lower(qg: QGraph, rules: Sequence[tuple[str, Rule | FuseRule]] = (),
+          batch: int | None = None) -> Lowered:
     """Build the four-function Relax module for a quantized graph.
 
     ``rules`` are ``(name, rule)`` pairs tried in order before the generic rule of
-    each op; a rule returns None when it does not apply.
+    each op; a rule returns None when it does not apply. ``FuseRule`` entries lower
+    chains of nodes (``plan_chains``) and are tried first, in order.
     """
     n_dim = batch if batch is not None else tirx.Var("batch", "int64")
     in_shape = [n_dim] + list(qg.input.shape[1:])
@@ -295,22 +350,45 @@ def lower(qg: QGraph, rules: Sequence[tuple[str, Rule]] = (), batch: int | None 
     q = relax.Var("q", relax.TensorType(in_shape, qg.input.qtype.dtype))
     ctx = LowerCtx(bb, qg)
     used: dict[str, str] = {}
+    node_rules = [(k, r) for k, r in rules if not isinstance(r, FuseRule)]
+    chains: dict[str, tuple[tuple[str, FuseRule], tuple[QNode, ...]]] = {}
+    for name, fuse in ((k, r) for k, r in rules if isinstance(r, FuseRule)):
+        taken = {c.name for _, ch in chains.values() for c in ch}
+        for tail, ch in plan_chains(qg, fuse).items():
+            if not taken & {c.name for c in ch}:
+                chains[tail] = ((name, fuse), ch)
+    deferred = {c.name for _, ch in chains.values() for c in ch[:-1]}
+
+    def one(n: QNode, env: dict[str, relax.Expr]) -> None:
+        xs = [env[i] for i in n.inputs]
+        for name, rule in node_rules:
+            out = rule(n, ctx, xs)
+            if out is not None:
+                used[n.name] = name
+                break
+        else:
+            out = GENERIC[n.op](n, ctx, xs)
+            used[n.name] = "generic"
+        env[n.output] = out
+
     with bb.function("core"):
         with bb.dataflow():
             env: dict[str, relax.Expr] = {qg.input.name: ctx.permute(
                 q, stored_order(len(qg.input.shape)))}
             for n in qg.nodes:
-                xs = [env[i] for i in n.inputs]
-                out = None
-                for name, rule in rules:
-                    out = rule(n, ctx, xs)
-                    if out is not None:
-                        used[n.name] = name
-                        break
-                if out is None:
-                    out = GENERIC[n.op](n, ctx, xs)
-                    used[n.name] = "generic"
-                env[n.output] = out
+                if n.name in deferred:
+                    continue  # emitted with its chain, at the chain's last node
+                if n.name not in chains:
+                    one(n, env)
+                    continue
+                (name, fuse), chain = chains[n.name]
+                out = fuse.emit(chain, ctx, [env[i] for i in chain_inputs(chain)])
+                if out is None:  # declined: each node alone, in order
+                    for c in chain:
+                        one(c, env)
+                else:
+                    used.update(dict.fromkeys((c.name for c in chain), name))
+                    env[n.output] = out
             y = env[qg.output.name]
             if len(qg.output.shape) == 4:
                 y = ctx.permute(y, NHWC_TO_NCHW)

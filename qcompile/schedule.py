@@ -7,15 +7,17 @@ NumPy at compile time; the packed arrays become module parameters.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
 from tvm import relax
 
+from .kernels import x86_epilogue as kep
 from .kernels import x86_rules as krules
 from .kernels import x86_vnni as vnni
-from .lower import LowerCtx, Rule
-from .qgraph import QNode
+from .lower import FuseRule, LowerCtx, Rule
+from .qgraph import QGraph, QNode
 from .targets import cpu_flags
 
 
@@ -35,7 +37,8 @@ def _desc(n: QNode, ctx: LowerCtx, batch: int) -> krules.LayerDesc | None:
     raw = bool(n.attrs.get("raw", False))
     common = dict(in_dtype=t_in.qtype.dtype, out_dtype="int32" if raw else t_out.qtype.dtype,
                   raw=raw, lo=None if raw else int(n.attrs.get("lo", 0)),
-                  hi=None if raw else int(n.attrs.get("hi", 0)))
+                  hi=None if raw else int(n.attrs.get("hi", 0)),
+                  requant=_requant_mode(n, ctx))
     layer = dict(common, w_bits=int(n.attrs.get("bits", 8)))  # conv/dense weight width
     if n.op == "qconv":
         w = n.params["w"]
@@ -60,6 +63,24 @@ def _desc(n: QNode, ctx: LowerCtx, batch: int) -> krules.LayerDesc | None:
     return None
 
 
+def _acc_bound(n: QNode, ctx: LowerCtx) -> np.ndarray | None:
+    """Per output channel, the static worst case |acc + bias| of a conv/dense (as
+    quantize.accumulator_bound), None for other ops."""
+    if n.op not in ("qconv", "qdense"):
+        return None
+    qt = ctx.qg.tensors[n.inputs[0]].qtype
+    w = np.abs(n.params["w"].astype(np.int64))
+    wsum = w.reshape(w.shape[0], -1).sum(axis=1) if n.op == "qconv" else w.sum(axis=0)
+    return wsum * max(-qt.qmin, qt.qmax) + np.abs(_vec(n.params["bias"]).astype(np.int64))
+
+
+def _requant_mode(n: QNode, ctx: LowerCtx) -> str:
+    """The fastest exact requantization for this node's m, r, s (``x86_epilogue``)."""
+    if n.attrs.get("raw", False) or not all(k in n.params for k in "mrs"):
+        return "int64"
+    return kep.requant_mode(*(_vec(n.params[k]) for k in "mrs"), _acc_bound(n, ctx))
+
+
 # weight_layout -> op -> NumPy packer of the (OC, C, kh, kw) / (N, K) int8 weights.
 _PACKERS = {
     "vnni16x4": {"qconv": vnni.pack_conv_weights, "qdense": vnni.pack_weights},
@@ -67,8 +88,9 @@ _PACKERS = {
 }
 
 
-def _params(n: QNode, spec: krules.KernelSpec, ctx: LowerCtx) -> list[relax.Var]:
-    """The kernel's parameter list after its activation input, prepared in NumPy."""
+def _params(n: QNode, spec: krules.KernelSpec, ctx: LowerCtx, requant: str) -> list[relax.Var]:
+    """The kernel's parameter list after its activation input, prepared in NumPy (m, r, s
+    as ``requant`` wants them)."""
     p, name = n.params, n.name
     if n.op in ("qconv", "qdense"):
         w = p["w"] if n.op == "qconv" else p["w"].T  # dense stores (K, N)
@@ -96,15 +118,55 @@ def _params(n: QNode, spec: krules.KernelSpec, ctx: LowerCtx) -> list[relax.Var]
         mrs = [_vec(p[k]).astype(np.int64).reshape(1, 1) for k in "mrs"]
     else:
         mrs = [_vec(p[k]).astype(np.int64) for k in "mrs"]
-    return out + [ctx.param(f"{name}.{k}_k", v) for k, v in zip("mrs", mrs)]
+    mrs = kep.requant_arrays(requant, *mrs, _acc_bound(n, ctx))
+    names = ["m", "pre", "rnd", "sh"] if requant == "mulhi_shl" else list("mrs")
+    return out + [ctx.param(f"{name}.{k}_k", v) for k, v in zip(names, mrs)]
 
 
-def x86_rules(batch: int) -> list[tuple[str, Rule]]:
-    """VNNI conv/dense and vectorized depthwise/pool kernels for this CPU."""
+# Ops a kernel's epilogue can absorb (x86_epilogue), and how many in a row.
+FUSABLE = ("qadd", "clip", "lut")
+MAX_FUSED = 3
+
+
+def _post(n: QNode, prev: str, ctx: LowerCtx) -> kep.Post:
+    """The epilogue op for chain node ``n``, which reads the chain's tensor ``prev``."""
+    a, p = n.attrs, n.params
+    if n.op == "clip":
+        return kep.FusedClip(int(a["lo"]), int(a["hi"]))
+    if n.op == "lut":
+        rows, width = p["table"].shape
+        return kep.FusedLut(int(a["offset"]), int(rows), int(width), ctx.dtype(n.output))
+    k = n.inputs.index(prev)
+    others = [j for j in range(len(n.inputs)) if j != k]
+    return kep.FusedAdd(int(p[f"m{k}"]), tuple(int(p[f"m{j}"]) for j in others),
+                        tuple(ctx.dtype(n.inputs[j]) for j in others), int(p["r"]), int(p["s"]),
+                        int(a["lo"]), int(a["hi"]), str(a.get("acc_dtype", "int64")),
+                        ctx.dtype(n.output))
+
+
+def _extend(chain: Sequence[QNode], nxt: QNode, qg: QGraph) -> bool:
+    """A conv/dense (requantized) may take up to MAX_FUSED adds/clips/LUTs whose other
+    inputs have the output's own shape (no broadcasting)."""
+    head = chain[0]
+    if (head.op not in ("qconv", "qdense") or head.attrs.get("raw", False)
+            or nxt.op not in FUSABLE or len(chain) > MAX_FUSED):
+        return False
+    shape = qg.tensors[nxt.output].shape
+    return all(qg.tensors[i].shape == shape for i in nxt.inputs)
+
+
+def x86_rules(batch: int) -> list[tuple[str, Rule | FuseRule]]:
+    """VNNI conv/dense and vectorized depthwise/pool kernels for this CPU, and the same
+    kernels with a residual add / clip / LUT chain fused into their epilogue."""
     flags = cpu_flags()
 
-    def rule(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var | None:
+    def call(chain: Sequence[QNode], ctx: LowerCtx, xs: Sequence[relax.Expr]
+             ) -> relax.Var | None:
+        n, tail = chain[0], chain[-1]
         d = _desc(n, ctx, batch)
+        if d is not None and len(chain) > 1:
+            d = dataclasses.replace(d, post=tuple(
+                _post(c, prev.output, ctx) for prev, c in zip(chain, chain[1:])))
         spec = krules.select_kernel(d, flags) if d is not None else None
         if spec is None:
             return None
@@ -113,7 +175,7 @@ def x86_rules(batch: int) -> list[tuple[str, Rule]]:
         func = spec.build().with_attr("global_symbol", fname).with_attr("op_pattern", 8)
         gv = ctx.bb.add_func(func, fname)
         ctx.funcs[fname] = n.name
-        out_t = ctx.qg.tensors[n.output]
+        out_t = ctx.qg.tensors[tail.output]
         shape = (batch,) + tuple(out_t.shape[1:])
         flat = n.op == "gap" and not n.attrs.get("keepdims", True)
         if flat:  # the kernel writes (N, 1, 1, C); ReduceMean(keepdims=0) wants (N, C)
@@ -121,11 +183,22 @@ def x86_rules(batch: int) -> list[tuple[str, Rule]]:
         else:
             shape = _nhwc(shape) if len(shape) == 4 else shape
         dtype = "int32" if n.attrs.get("raw", False) else out_t.qtype.dtype
-        args = [xs[0]] + _params(n, spec, ctx)
+        # After the head's own parameters: the fused adds' other inputs (xs past the
+        # head's one activation, in chain order) and the LUTs' tables, in chain order.
+        extra, others = [], iter(xs[1:])
+        for c, post in zip(chain[1:], d.post):
+            if isinstance(post, kep.FusedAdd):
+                extra += [next(others) for _ in post.others]
+            elif isinstance(post, kep.FusedLut):
+                extra.append(ctx.param(f"{c.name}.table_k", c.params["table"].reshape(-1)))
+        args = [xs[0]] + _params(n, spec, ctx, d.requant) + extra
         y = ctx.emit(relax.call_tir(gv, args, relax.TensorType(shape, dtype)))
         return ctx.emit(relax.op.reshape(y, (batch, shape[3]))) if flat else y
 
-    return [("x86_vnni", rule)]
+    def rule(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var | None:
+        return call((n,), ctx, xs)
+
+    return [("x86_fused", FuseRule(_extend, call)), ("x86_vnni", rule)]
 
 
 def _safe(name: str) -> str:

@@ -59,14 +59,14 @@ def int4_model(seed: int = 0, size: int = 9) -> onnx.ModelProto:
     return make_model(n, inits, [1, 3, size, size], [1, 5])
 
 
-def _quantized(path: Path) -> QGraph:
+def _quantized(path: Path, bits: int = 4) -> QGraph:
     g = prepare(import_onnx(load_model(path)))
     obs = {}
     for k, t in enumerate(calibration_tensors(g)):
         o = MinMaxObserver()
         o.update(np.linspace(-1 - k % 3, 2 + k % 3, 64))
         obs[t] = o
-    return quantize_graph(g, obs, QuantSpec(bits=4, first_last_bits=8))
+    return quantize_graph(g, obs, QuantSpec(bits=bits, first_last_bits=8))
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +118,71 @@ def test_without_gfni_4bit_layers_fall_back_to_int8_layout(
     low = lower(_quantized(save(int4_model(), tmp_path)), schedule.x86_rules(1), batch=1)
     names = [k for k, _ in low.params]
     assert "c3.w_vnni16x4" in names and not any(k.endswith("_int4") for k in names)
+
+
+# ----------------------------------------------------------------------------- fused chains
+def residual_model(seed: int = 3, size: int = 8) -> onnx.ModelProto:
+    """stem 3x3 + relu -> c1 3x3 -> Add(stem, c1) + relu -> c2 1x1 -> Sigmoid -> c3 1x1
+    and, after it in node order, the downsample ds 1x1 of the block input -> Add(c3, ds)
+    -> c4 1x1, read by two adds -> gap -> flatten -> fc (raw logits)."""
+    r, inits = rng(seed), []
+
+    def conv(name: str, x: str, y: str, cin: int, cout: int, k: int) -> onnx.NodeProto:
+        return conv_node(name, x, y, r.normal(0, .4 / k, (cout, cin, k, k)), r.normal(0, .1, cout),
+                         inits, pads=[k // 2] * 4)
+
+    add = helper.make_node
+    n = [conv("stem", "x", "a0", 3, 8, 3), add("Relu", ["a0"], ["a"], name="stem_relu"),
+         conv("c1", "a", "b", 8, 8, 3),
+         add("Add", ["a", "b"], ["s0"], name="add1"), add("Relu", ["s0"], ["s"], name="add1_relu"),
+         conv("c2", "s", "t", 8, 8, 1), add("Sigmoid", ["t"], ["u"], name="sig"),
+         conv("c3", "u", "v", 8, 16, 1), conv("ds", "s", "w", 8, 16, 1),
+         add("Add", ["v", "w"], ["z"], name="add2"),
+         conv("c4", "z", "z2", 16, 16, 1),
+         add("Add", ["z2", "z"], ["z3"], name="add3"),
+         add("Add", ["z3", "z2"], ["z4"], name="add4"),
+         add("GlobalAveragePool", ["z4"], ["g"], name="gap"),
+         add("Flatten", ["g"], ["f"], name="flatten", axis=1),
+         add("Gemm", ["f", "fc_w", "fc_b"], ["y"], name="fc", transB=1)]
+    inits += [init("fc_w", r.normal(0, .3, (5, 16))), init("fc_b", r.normal(0, .1, 5))]
+    return make_model(n, inits, [1, 3, size, size], [1, 5])
+
+
+def test_residual_add_sigmoid_fuse_into_their_conv_bit_exactly(tmp_path: Path) -> None:
+    qg = _quantized(save(residual_model(), tmp_path), bits=8)
+    low = lower(qg, x86_rules(BATCH), batch=BATCH)
+    kind = {n.name: low.kernels[n.name] for n in qg.nodes}
+    # conv + its only consumer run as one kernel; the downsample (after c3 in node
+    # order) is emitted before the deferred c3 + add2; c4 feeds two adds: not fused.
+    fused = {k for k, v in kind.items() if v == "x86_fused"}
+    assert fused == {"c1", "add1", "c2", "sig", "c3", "add2"}, kind
+    assert kind["c4"] == "x86_vnni" and kind["add3"] == kind["add4"] == "generic"
+    assert {f.rsplit("_", 1)[-1] for f in low.funcs} >= {"c1", "c2", "c3"}
+    built = build(low.mod, make_target("llvm"))
+    assert built.intcheck.ok, built.intcheck.violations[:3]
+    vm = relax.VirtualMachine(built.executable, tvm.cpu())
+    params = [tvm.runtime.tensor(a) for _, a in low.params]
+    x = np.random.default_rng(1).normal(size=(BATCH, 3, 8, 8)).astype(np.float32) * 2
+    q = oracle.quantize_input(qg, x)
+    want = oracle.run_integer(qg, q)["output"]
+    assert np.abs(want).max() > 0
+    np.testing.assert_array_equal(vm["core"](tvm.runtime.tensor(q), *params).numpy(), want)
+
+
+def test_a_declined_chain_is_lowered_node_by_node(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """No kernel takes the fused ops (here: the rules refuse every ``post``): the chain's
+    nodes are lowered one by one, in order, and stay exact."""
+    select = schedule.krules.select_kernel
+    monkeypatch.setattr(schedule.krules, "select_kernel",
+                        lambda d, flags=None: None if d.post else select(d, flags))
+    qg = _quantized(save(residual_model(), tmp_path), bits=8)
+    low = lower(qg, x86_rules(1), batch=1)
+    assert "x86_fused" not in low.kernels.values()
+    assert low.kernels["c1"] == "x86_vnni" and low.kernels["add1"] == "generic"
+    built = build(low.mod, make_target("llvm"))
+    vm = relax.VirtualMachine(built.executable, tvm.cpu())
+    x = np.random.default_rng(2).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    q = oracle.quantize_input(qg, x)
+    got = vm["core"](tvm.runtime.tensor(q), *[tvm.runtime.tensor(a) for _, a in low.params])
+    np.testing.assert_array_equal(got.numpy(), oracle.run_integer(qg, q)["output"])

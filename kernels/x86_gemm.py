@@ -1,0 +1,251 @@
+"""The VNNI GEMM engine of the x86 kernels: the dot instruction, its tensor intrinsic, the
+register tile and the schedule that turns a GEMM-shaped TE compute into fast TIR.
+
+The computes (what is multiplied with what: dense, implicit-GEMM conv, grouped conv) live
+in ``x86_vnni``; this module only schedules. A compute hands over a block "acc" with
+loops (*lead, i, j, *reduce) (the last reduce loop over packed k) and a block "out" that
+maps acc to the output element-wise (the epilogue, ``x86_epilogue``); ``schedule_gemm``
+tiles, tensorizes and parallelizes acc and fuses out into the register tile.
+
+Register tile (measured with benchmarks/kernels_x86.py, 1 thread, medians): mr x nb zmm
+int32 accumulators (7x2 when N allows), K innermost through our vpdpbusd intrinsic, the
+tile unrolled and kept under 1 KiB so TVM allocates it on the stack and LLVM keeps it in
+registers (see ACC_SCOPE), (M tiles x N tiles) fused into one parallel loop. N tiles go
+outermost when the weights outweigh the activations (late 7x7 layers), so each weight
+panel is streamed once.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+from tvm import tirx
+from tvm.s_tir import SBlockRealize, Schedule, TensorIntrin
+from tvm.s_tir.schedule import LoopRV, SBlockRV
+from tvm.script import tirx as T
+
+from .x86_int4 import dot_intrin_int4
+
+
+# ----------------------------------------------------------------------------- hardware
+@dataclass(frozen=True)
+class DotIsa:
+    """A u8 x s8 -> s32 dot-product instruction: ``lanes`` accumulators of
+    ``k_per_lane`` products each, in a register file of ``vector_regs`` registers."""
+
+    name: str
+    instruction: str
+    llvm_intrinsic: str
+    cpu_flag: str  # /proc/cpuinfo flag that proves support
+    lanes: int
+    k_per_lane: int
+    vector_bits: int
+    vector_regs: int
+
+    def __post_init__(self) -> None:
+        if self.lanes * 32 != self.vector_bits or self.k_per_lane * 8 != 32:
+            raise ValueError(f"{self.name}: lanes x 32 bit must fill one "
+                             f"{self.vector_bits}-bit register")
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of packed weight one instruction reads (lanes x k_per_lane int8)."""
+        return self.lanes * self.k_per_lane
+
+
+AVX512_VNNI = DotIsa(name="avx512_vnni", instruction="vpdpbusd",
+                     llvm_intrinsic="llvm.x86.avx512.vpdpbusd.512", cpu_flag="avx512_vnni",
+                     lanes=16, k_per_lane=4, vector_bits=512, vector_regs=32)
+ISA = AVX512_VNNI
+LANES, KG = ISA.lanes, ISA.k_per_lane
+
+
+# ----------------------------------------------------------------------------- intrinsic
+def _dot_intrin(c_scope: str, llvm_name: str = AVX512_VNNI.llvm_intrinsic
+                ) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
+    """desc/impl of C[16] += A[4] . B[16, 4] with C in ``c_scope`` (tensorize
+    matches buffer scopes, hence the parameter)."""
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), "uint8", offset_factor=1),
+             B: T.Buffer((16, 4), "int8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1, scope=c_scope)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "uint8", offset_factor=1),
+             B: T.Buffer((16, 4), "int8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1, scope=c_scope)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            C[T.ramp(T.int32(0), 1, 16)] = vpdpbusd(llvm_name, C, A, B.vload([0, 0], "int8x64"))
+
+    return desc, impl
+
+
+def vpdpbusd(llvm_name: str, C: tirx.Buffer, A: tirx.Buffer, b: tirx.PrimExpr) -> tirx.PrimExpr:
+    """C[0:16] + A[0:4] . b (64 weight bytes) as one instruction; shared by the int8 and
+    int4 dot intrinsics, which differ only in how they produce ``b``.
+
+    LLVM 22's vpdpbusd.512 takes <64 x i8> operands (the built-in intrinsic passes
+    i32x16): broadcast the 4 activation bytes as one i32, then view them as u8x64.
+    """
+    a = tirx.reinterpret("uint8x64",
+                         tirx.Broadcast(tirx.reinterpret("int32", A.vload([0], "uint8x4")), 16))
+    return tirx.call_llvm_pure_intrin("int32x16", llvm_name, C.vload([0], "int32x16"), a, b)
+
+
+# Accumulators live in a "global"-scope buffer of < 1024 bytes: TVM puts exactly those
+# on the stack (LowerTVMBuiltin); "local" scope or >= 1024 bytes becomes a
+# TVMBackendAllocWorkspace call + memset + stores per tile (measured 12-16% slower on
+# K = 64 layers). A stack alloca with constant indices is promoted to zmm registers.
+ACC_SCOPE = "global"
+MAX_STACK_BYTES = 1023
+INTRIN = "qcompile_vnni_u8s8s32_16x4"
+TensorIntrin.register(INTRIN, *_dot_intrin(ACC_SCOPE), override=True)
+INTRIN_INT4 = "qcompile_vnni_u8s4s32_16x4"
+TensorIntrin.register(
+    INTRIN_INT4, *dot_intrin_int4(ACC_SCOPE, partial(vpdpbusd, AVX512_VNNI.llvm_intrinsic)),
+    override=True)
+
+
+
+
+# ----------------------------------------------------------------------------- schedule
+@dataclass(frozen=True)
+class GemmTile:
+    """Register tile: ``mr`` rows x ``nb`` 16-lane column blocks of int32 accumulators."""
+
+    mr: int
+    nb: int
+    n_outer: bool = False  # loop N tiles outside M tiles (weights bigger than activations)
+
+
+def gemm_tile(m: int, n_pad: int, k_pad: int, isa: DotIsa = ISA) -> GemmTile:
+    """Pick the register tile: mr x nb accumulator registers within MAX_STACK_BYTES
+    (7x2 or 5x3 or 12x1); mr minimises the padded rows of M (tail rows are recomputed).
+    A 6x4 tile (1536 B) measured 5-16% slower than 7x2: it no longer fits on the stack."""
+    blocks = n_pad // isa.lanes
+    nb = next(b for b in (2, 3, 1) if blocks % b == 0)
+    mr_max = min(MAX_STACK_BYTES // (nb * isa.vector_bits // 8), 12, max(m, 1))
+    # Cost ~ tiles x (rows + fixed per-k-step overhead of the weight loads and loop).
+    mr = min(range(mr_max, (mr_max - 1) // 2, -1), key=lambda r: -(-m // r) * (r + 1.5))
+    return GemmTile(mr, nb, n_outer=n_pad * k_pad > m * k_pad)
+
+
+def schedule_gemm(sch: Schedule, tile: GemmTile, n_red: int, intrin: str = INTRIN,
+                   lead: int = 0) -> None:
+    """Tile, tensorize and parallelize block "acc" (loops *lead, i, j, *reduce, last
+    reduce over packed k) and fuse block "out" into the register tile. ``lead`` outer
+    spatial loops (the groups of a grouped conv) join the parallel loop.
+
+    # Step 1. split i -> (io, ii), j -> (jo, jb, 16), last reduce -> (ko, 4)
+    # Step 2. io/jo outermost and parallel, reduction next, register tile innermost
+    # Step 3. acc lives in a small stack buffer (registers); out is computed per tile
+    # Step 4. tensorize the 16x4 block with vpdpbusd, unroll the register tile
+    """
+    acc = sch.get_sblock("acc")
+    loops = sch.get_loops(acc)
+    groups, (i, j), red = loops[:lead], loops[lead:lead + 2], loops[lead + 2:]
+    io, ii = sch.split(i, [None, tile.mr])
+    jo, jb, ji = sch.split(j, [None, tile.nb, LANES])
+    ko, ki = sch.split(red[-1], [None, KG])
+    outer = [*groups, *([jo, io] if tile.n_outer else [io, jo])]
+    sch.reorder(*outer, *red[:-1], ko, ii, jb, ji, ki)
+    sch.set_scope(acc, 0, ACC_SCOPE)
+    out = sch.get_sblock("out")
+    sch.reverse_compute_at(out, outer[-1])
+    tile_loop = sch.fuse(*outer)
+    sch.parallel(tile_loop)
+    init = sch.decompose_reduction(acc, red[0] if n_red > 1 else ko)
+    sch.tensorize(ji, intrin)
+    sch.unroll(ii)
+    sch.unroll(jb)
+    # Zero-init and the epilogue are 16-lane vector loops over the tile's columns.
+    iinit = sch.get_loops(init)
+    sch.vectorize(sch.fuse(*iinit[-2:]))
+    sch.unroll(iinit[-3])
+    rows, cols = epilogue_loops(sch, out, tile_loop)
+    # Constant tile indices everywhere let LLVM keep the whole tile in registers
+    # (no memset + store/reload of the accumulators around a predicated epilogue).
+    if cols is not None:
+        oc, ov = sch.split(cols, [None, LANES])
+        if _predicated(sch, out):
+            # N not a multiple of 16: the block keeps `where col < N`. Vectorized, TVM
+            # scalarizes it and LLVM 22 re-vectorizes it with masked stores, and its
+            # single-lane masked truncating store of the last column (mask <1,0,0,0> on
+            # v4i64 -> v4i8) is emitted as a full 8-byte `vmovq`: 7 bytes of sign fill
+            # past the row, into the next row's first channels (past the buffer on the
+            # last row). Inside a tile the next row overwrites them later; across
+            # parallel tiles that is a race (wrong first channels of a tile's first
+            # row whenever its thread stored it before the previous tile's last row).
+            # Unrolled, each column is a plain guarded scalar store (constant guards
+            # fold when the output has one N tile; LLVM's SLP may still vectorize
+            # them, without masks). Faster too (1 thread, 1x1 conv 28x28x24 -> 40:
+            # 11.3 -> 8.1 us; 56x56x16 -> 24: 25.5 -> 16.2 us).
+            sch.unroll(ov)
+        else:
+            sch.vectorize(ov)
+        sch.unroll(oc)
+    # A one-row tile (batch-1 dense, a 1x1 map) has no row loop; the tile loop itself is
+    # unrolled then, one thread for all N tiles (as before): a parallel loop measured up
+    # to 300x slower there (dense 1x1000x512 int4: 4.7 us serial, 1.4 ms parallel on a
+    # busy 2-vCPU VM: waking a thread costs more than the whole microsecond kernel).
+    sch.unroll(rows if rows is not None else tile_loop)
+
+
+def _predicated(sch: Schedule, block: SBlockRV) -> bool:
+    """Whether ``block`` runs under a ``where`` (padded columns it must not write)."""
+    realize = sch.get(sch.get_loops(block)[-1]).body
+    assert isinstance(realize, SBlockRealize), type(realize)
+    pred = realize.predicate
+    return not (isinstance(pred, tirx.IntImm) and int(pred) == 1)
+
+
+def epilogue_loops(sch: Schedule, out: SBlockRV, tile_loop: LoopRV
+                    ) -> tuple[LoopRV | None, LoopRV | None]:
+    """The loops of block ``out`` inside ``tile_loop``, where reverse_compute_at put it:
+    (the loop over its other tile axis, the loop over its last axis, the output column
+    or channel), each None where there is none.
+
+    reverse_compute_at makes no loop of extent 1: a GEMM tile of one row (M = 1 or
+    mr = 1) has no row loop, one of one column (N = 1, or og = 1 per group) no column
+    loop. So the loops are told apart by the block's bindings, never by position:
+    ``loops[-2]`` may be the parallel tile loop itself, ``loops[-1]`` too.
+    """
+    loops = sch.get_loops(out)
+    tile = sch.get(tile_loop)
+    depth = next(i for i, lp in enumerate(loops) if sch.get(lp).same_as(tile))
+    own = loops[depth + 1:]
+    if not own:
+        return None, None
+    realize = sch.get(own[-1]).body
+    assert isinstance(realize, SBlockRealize), type(realize)
+    col_vars = tirx.analysis.undefined_vars(realize.iter_values[-1])
+    is_col = [any(v.same_as(sch.get(lp).loop_var) for v in col_vars) for lp in own]
+    cols = [lp for lp, c in zip(own, is_col) if c]
+    rows = [lp for lp, c in zip(own, is_col) if not c]
+    assert len(cols) <= 1 and len(rows) <= 1, (len(cols), len(rows))
+    return (rows[0] if rows else None), (cols[0] if cols else None)
+
+
+def schedule_stage(sch: Schedule, name: str) -> None:
+    """A copy/pad stage: outer loops parallel, innermost vectorized."""
+    blk = sch.get_sblock(name)
+    loops = sch.get_loops(blk)
+    sch.parallel(sch.fuse(*loops[:2]) if len(loops) > 2 else loops[0])
+    # One zmm of bytes per vector op: wider vectors (K = 2304 in an im2col row) choke LLVM.
+    last = sch.get_loops(blk)[-1]
+    extent = int(sch.get(last).extent)
+    _, inner = sch.split(last, [None, math.gcd(extent, 64)])
+    sch.vectorize(inner)
+
