@@ -17,7 +17,7 @@ from . import __version__
 from . import costs
 from . import reference as oracle
 from .artifact import atomic_dir, check_output_dir
-from .build import build
+from .backends import backend_of, check_options
 from .calibrate import FloatRunner, collect_stats
 from .readers import Reader, load_inputs, make_reader
 from .config import (VERIFY_INPUTS, AllocSpec, CalibSpec, Preprocess, QuantSpec,
@@ -32,10 +32,7 @@ from .qgraph import QGraph
 from .quantize import calibration_tensors, layer_bits, quantize_graph
 from .report import layer_table, render_card, render_plan
 from .runtime import Artifact, summarize_ms
-from .schedule import x86_rules
-from .schedule_cuda import build_cuda, cuda_rules, tensor_core_kernels
 from .serialize import qgraph_to_json
-from .targets import make_target, precisions, target_arch
 
 if TYPE_CHECKING:  # meta-schedule is imported only when --tune asks for it
     from .tune import TuneReport
@@ -97,7 +94,9 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
         calib = dataclasses.replace(calib, preprocess=dataclasses.replace(
             calib.preprocess, input_shape=tuple(input_shape)))
     model, out_dir = Path(model), Path(out_dir)
-    tgt = make_target(target, arch=arch)  # first: a bad --arch costs nothing
+    # First: a bad --target/--arch/--tune combination costs nothing.
+    backend = check_options(target, arch, tune=tune)
+    tgt = backend.target(target, arch, None)
     check_output_dir(out_dir, protect=(model,))
     # 1-2. Import (load, check, shape-infer, canonicalize), calibrate in onnxruntime.
     graph, reader, stats = _front(model, calib, progress, calibrate=not quant.equalize)
@@ -128,22 +127,15 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
         from .bitplan import gather_inputs
         from .equalize import bias_correction
         qg = bias_correction(graph, qg, gather_inputs(reader, calib.num_samples))
-    cuda = tgt.kind.name == "cuda"
-    arch_row = target_arch(tgt) if cuda else None
-    rules = ((cuda_rules(batch, arch=arch_row.arch) if cuda else x86_rules(batch))
-             if kernels else [])
+    rules = backend.rules(batch, tgt) if kernels else []
     lowered = lower(qg, rules, batch=batch if rules else None)
     # 5. Legalize, prove integer-only, compile (CUDA: the arch's fatbin embedded at build time).
-    if tune and cuda:
-        raise UsageError("--tune needs --target llvm: meta-schedule measures candidates on "
-                         f"the device, and no {arch_row.gpu} is here")
-    built = (build_cuda(lowered.mod, tgt).built if cuda
-             else build(lowered.mod, tgt, tune=tune, progress=progress))
+    built = backend.build(lowered.mod, tgt, tune=tune, progress=progress)
     if not built.intcheck.ok:
         raise BuildError(f"integer-only check failed: {built.intcheck.violations[:3]}")
     # 6. Write the artifact atomically.
     meta = {
-        "target": _target_str(tgt),
+        "target": backend.describe(tgt),
         "integer_only": built.intcheck.ok,
         "calibration": {"method": calib.method, "source": calib.source,
                         "num_samples": min(calib.num_samples, len(reader))},
@@ -163,7 +155,7 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
             "bias_correction": quant.bias_correction,
             "preprocess": dataclasses.asdict(calib.preprocess),
             "calibration": meta["calibration"],
-            "costs": cost_summary(graph, qg, costs.gpu_spec(arch_row) if cuda else costs.T4),
+            "costs": cost_summary(graph, qg, backend.reference_gpu(tgt)),
             "plan": allocation.to_json() if allocation else None, "layers": layer_table(qg),
             "graph": qgraph_to_json(qg)})
         card = render_card(qg, meta)
@@ -173,7 +165,8 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
         seconds = time.perf_counter() - t0
         manifest = {
             "format": 1, "qcompile": __version__, "tvm": tvm.__version__,
-            "source": str(model.name), "target": _target_json(tgt, meta["target"]),
+            "source": str(model.name),
+            "target": {"kind": backend.name, "str": meta["target"], **backend.describe_json(tgt)},
             "batch": batch if rules else None,
             "input": {"name": qg.input.name, "shape": ["N", *qg.input.shape[1:]],
                       "dtype": "float32"},
@@ -182,8 +175,7 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
             "functions": ["main", "quantize", "core", "dequantize"],
             "params": [k for k, _ in lowered.params], "integer_only": built.intcheck.ok,
             "kernels": lowered.kernels, "kernel_funcs": lowered.funcs,
-            **({"tensor_cores": tensor_core_kernels(lowered.mod, lowered.funcs, arch_row.arch)}
-               if cuda else {}),
+            **backend.manifest(lowered, tgt),
             "intcheck": {"prim_funcs": len(built.intcheck.prim_funcs),
                          "stores": built.intcheck.stores,
                          "stages": list(built.intcheck.stages),  # Relax+TIR, codegen, asm
@@ -248,16 +240,11 @@ def verify_artifact(art_dir: str | Path, qg: QGraph, inputs: np.ndarray,
     cannot run here (``--target cuda`` without a GPU of its arch; one warning line).
     Raises ``VerificationError`` on the first input that differs."""
     t0 = time.perf_counter()
-    if target.kind.name == "cuda":
-        arch = str(target.attrs.get("arch", "sm_75"))
-        dev = tvm.cuda()
-        here = f"sm_{dev.compute_version.replace('.', '')}" if dev.exist else None
-        if here != arch:
-            why = (f"no CUDA GPU on this machine to run the {arch} code" if here is None else
-                   f"this GPU is {here}, the artifact holds {arch} code only")
-            warnings.warn(f"oracle check skipped: {why}; run `qcompile eval` where a "
-                          f"{arch} GPU is present", stacklevel=2)
-            return {"inputs": 0, "bit_exact": None, "source": source, "skipped": why}
+    why = backend_of(target).cannot_run_here(target)
+    if why is not None:
+        warnings.warn(f"oracle check skipped: {why}; run `qcompile eval` where it can run",
+                      stacklevel=2)
+        return {"inputs": 0, "bit_exact": None, "source": source, "skipped": why}
     art = Artifact.load(art_dir)
     for i in range(len(inputs)):
         diff, _ = _oracle_diff(art, qg, inputs[i:i + 1])
@@ -289,22 +276,6 @@ def cost_summary(graph: Graph, qg: QGraph, gpu: costs.GpuSpec = costs.T4) -> dic
     return {"bits": plan, "size_mb": c.size_mb, "bops_g": c.bops_g, "gpu": gpu.name,
             "latency_ms_batch1": c.latency_ms, "latency_label": c.label,
             "t4_latency_ms_batch1": t4.latency_ms, "t4_label": t4.label}
-
-
-def _target_str(tgt: tvm.target.Target) -> str:
-    if tgt.kind.name == "cuda":
-        row = target_arch(tgt)
-        return f"cuda -arch={row.arch} ({row.gpu}; {row.arch} fatbin embedded)"
-    return "llvm" + (f" -mcpu={tgt.attrs['mcpu']}" if "mcpu" in tgt.attrs else "")
-
-
-def _target_json(tgt: tvm.target.Target, text: str) -> dict:
-    """The manifest's ``target``: kind and text, plus arch and GPU for CUDA."""
-    out = {"kind": tgt.kind.name, "str": text}
-    if tgt.kind.name == "cuda":
-        row = target_arch(tgt)
-        out.update(arch=row.arch, gpu=row.gpu, int4_tensor_cores=row.int4_native)
-    return out
 
 
 def run_artifact(art_dir: str | Path, x: np.ndarray) -> np.ndarray:
@@ -465,19 +436,20 @@ def allocate_model(model: str | Path, *, target: str = "llvm", arch: str | None 
     from .bitplan import allocate_bits, problem_for
 
     model = Path(model)
-    tgt = make_target(target, arch=arch)
+    backend = check_options(target, arch)
+    tgt = backend.target(target, arch, None)
     _, quant = resolve_auto(calib, quant)  # the rounding compile would use ranks the layers
     graph, reader, stats = _front(model, calib, progress)
     a = allocate_bits(graph, model.read_bytes(), reader, stats, tgt, spec=alloc, quant=quant,
                       batch=batch, progress=progress)
     out = a.to_json()
-    out.update(model=str(model), target=_target_str(tgt), batch=batch)
+    out.update(model=str(model), target=backend.describe(tgt), batch=batch)
     if pareto_dir is not None:
         kind = next((k for k, v in (("latency", alloc.latency), ("size", alloc.size),
                                     ("bops", alloc.bops)) if v is not None), "latency")
         others = [b for b in parse_budgets(alloc.latency, alloc.size, alloc.bops) if b.kind != kind]
         problem = problem_for(graph, a.sensitivity, a.cost, alloc, batch,
-                              precisions(tgt).allocator)
+                              backend.precisions(backend.arch_of(tgt)).allocator)
         points = pareto(problem, kind, pareto_alphas, others)
         files = write_pareto(points, pareto_dir, a.cost.source)
         out["pareto"] = {"kind": kind, "points": len(points), "json": str(files.json),

@@ -26,6 +26,7 @@ import tvm
 from tvm import relax
 
 from . import costs, latency
+from .backends import CostInputs, backend_of
 from .allocate import Plan, Problem, parse_budgets, solve
 from .build import build
 from .config import AllocSpec, QuantSpec
@@ -35,7 +36,6 @@ from .lower import lower
 from .quantize import Observer, quantize_graph
 from .readers import Reader
 from .schedule import x86_rules
-from .targets import precisions, target_arch
 from .sensitivity import Sensitivity, compute_sensitivity
 
 
@@ -89,12 +89,12 @@ def _time_core(graph: Graph, stats: Mapping[str, Observer], quant: QuantSpec,
     return float(np.median(timer(*args).results)) * 1e3
 
 
-def measured_cost_model(graph: Graph, model_bytes: bytes, stats: Mapping[str, Observer],
-                        quant: QuantSpec, target: tvm.target.Target, batch: int,
-                        progress: bool) -> CostModel:
+def measured_cost_model(inputs: CostInputs) -> CostModel:
     """Per-layer kernel latencies measured on this CPU, plus the fitted non-layer overhead."""
-    table = latency.measure_layers(graph, target, bits=(4, 8), batch=batch, progress=progress,
-                                   stats=stats)
+    graph, model_bytes, stats, quant, target, batch = (
+        inputs.graph, inputs.model_bytes, inputs.stats, inputs.quant, inputs.target, inputs.batch)
+    table = latency.measure_layers(graph, target, bits=(4, 8), batch=batch,
+                                   progress=inputs.progress, stats=stats)
     int8 = costs.uniform(costs.layers_of(graph), 8)
     # The kernels' fingerprint is in the key: after a kernel change the per-layer table is
     # re-measured, and an overhead fitted against the old table would be wrong.
@@ -135,14 +135,14 @@ def allocate_bits(graph: Graph, model_bytes: bytes, reader: Reader,
     x = gather_inputs(reader, spec.sensitivity_samples)
     sens = compute_sensitivity(graph, model_bytes, x, method=spec.sensitivity, bits=(4, 8),
                                progress=progress, fallback=True, rounding=quant.rounding)
-    # Step 2. Latency per layer and width: measured kernels on the CPU, the arch's GPU
-    # model for cuda.
-    if target.kind.name == "llvm":
-        cost = measured_cost_model(graph, model_bytes, stats, quant, target, batch, progress)
-    else:
-        cost = predicted_cost_model(graph, costs.gpu_spec(target_arch(target)), batch)
-    # Step 3. The ILP.
-    problem = problem_for(graph, sens, cost, spec, batch, precisions(target).allocator)
+    # Step 2. Latency per layer and width from the target's source (backends.BACKENDS):
+    # measured kernels on the CPU, the arch's GPU roofline model for cuda.
+    backend = backend_of(target)
+    cost = backend.cost_model(CostInputs(graph, model_bytes, stats, quant, target, batch,
+                                         progress))
+    # Step 3. The ILP, over the (weight, activation) pairs the target runs.
+    pairs = backend.precisions(backend.arch_of(target)).allocator
+    problem = problem_for(graph, sens, cost, spec, batch, pairs)
     return Allocation(solve(problem, parse_budgets(spec.latency, spec.size, spec.bops)), sens,
                       cost)
 

@@ -27,7 +27,8 @@ from .config import (AUTO, CALIBRATORS, LAYOUTS, ROUNDINGS, parse_shape, SENSITI
                      Preprocess, QuantSpec, VERIFY_INPUTS)
 from .flags import atomic_open, debug, one_line
 from .errors import ArtifactError, BadModelError, DataError, QCompileError, UsageError
-from .targets import CUDA_ARCHS, DEFAULT_ARCH, check_arch
+from .backends import BACKENDS, check_options
+from .targets import CUDA_ARCHS, DEFAULT_ARCH
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE from sysexits.h
 DEFAULT_COMMAND = "compile"
@@ -338,7 +339,7 @@ def zoo_cmd(name: str | None, output: str | None, list_: bool, input_size: int |
 @click.argument("model", metavar="MODEL")
 @click.option("-o", "--output", "out", required=True, metavar="OUT",
               help="Artifact directory (new, empty, or a previous artifact).")
-@click.option("--target", type=click.Choice(("llvm", "cuda")), default="llvm", show_default=True)
+@click.option("--target", type=click.Choice(tuple(BACKENDS)), default="llvm", show_default=True)
 @_arch_option
 @click.option("--bits", default="8", show_default=True, metavar="8|4|w8a8|w4a8|w4a4",
               help="Precision of the layers between the first and the last: 8 (W8A8), "
@@ -392,7 +393,7 @@ def compile_cmd(model: str, out: str, target: str, arch: str | None, bits: str, 
     With a --budget-* option each conv/dense gets 4 or 8 bits from an ILP over the
     layers' sensitivity and their latency measured on the target."""
     # Step 1. Everything cheap first: no TVM import or calibration before this passes.
-    check_arch(target, arch)
+    check_options(target, arch, tune=tune)
     model_path, out_path = _check_model(model), Path(out)
     alloc = _alloc_spec(budget_latency, budget_size, budget_bops, pins, sens_method,
                         sensitivity_samples)
@@ -424,7 +425,7 @@ def compile_cmd(model: str, out: str, target: str, arch: str | None, bits: str, 
 
 @main.command("allocate")
 @click.argument("model", metavar="MODEL")
-@click.option("--target", type=click.Choice(("llvm", "cuda")), default="llvm", show_default=True,
+@click.option("--target", type=click.Choice(tuple(BACKENDS)), default="llvm", show_default=True,
               help="llvm: latencies measured on this CPU's kernels; cuda: the roofline "
                    "model of the --arch GPU (predicted).")
 @_arch_option
@@ -446,7 +447,7 @@ def allocate_cmd(model: str, target: str, arch: str | None, batch: int, calib: s
                  size: int | None, resize: int, mean: str | None, std: str | None,
                  layout: str | None, input_shape: str | None) -> None:
     """Choose 4 or 8 bits per layer of MODEL under the budgets, without compiling."""
-    check_arch(target, arch)
+    check_options(target, arch)
     model_path = _check_model(model)
     alloc = _alloc_spec(budget_latency, budget_size, budget_bops, pins, sens_method,
                         sensitivity_samples)

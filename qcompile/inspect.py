@@ -2,7 +2,8 @@
 
 CPU artifacts are disassembled with binutils' ``objdump``; each kernel PrimFunc
 becomes a few symbols (the FFI wrapper and ``<name>_compute_`` bodies), which
-are summed per kernel.  ``HOT`` lists the instructions users look for first.
+are summed per kernel.  ``CPU_HOT``/``CUDA_HOT`` list the instructions users look
+for first. Which of the two reports an artifact gets is its backend's ``inspect``.
 """
 from __future__ import annotations
 
@@ -12,14 +13,14 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any, Mapping
 
+from .backends import backend
 from .errors import ArtifactError
 from .runtime import REQUIRED
 
-HOT: dict[str, tuple[str, ...]] = {
-    "llvm": ("vpdpbusd", "vpmaddubsw", "vpmaddwd", "vpmuldq", "vpmullq", "vmovdqu8", "vpbroadcastd"),
-    "cuda": ("IMMA", "HMMA", "CALL", "LDS", "LDG", "SHFL", "BAR"),
-}
+CPU_HOT = ("vpdpbusd", "vpmaddubsw", "vpmaddwd", "vpmuldq", "vpmullq", "vmovdqu8", "vpbroadcastd")
+CUDA_HOT = ("IMMA", "HMMA", "CALL", "LDS", "LDG", "SHFL", "BAR")
 _SYMBOL = re.compile(r"^[0-9a-f]+ <(.+)>:$")
 
 
@@ -50,10 +51,12 @@ def inspect_artifact(art_dir: str | Path) -> dict:
         raise ArtifactError(f"{art} is not a qcompile artifact; create one with "
                             "`qcompile compile MODEL -o DIR`")
     manifest = json.loads((art / "manifest.json").read_text())
-    kind = manifest["target"]["kind"]
+    return backend(manifest["target"]["kind"]).inspect(art, manifest)
+
+
+def inspect_cpu(art: Path, manifest: Mapping[str, Any]) -> dict:
+    """x86 code per kernel PrimFunc (objdump of module.so)."""
     funcs: dict[str, str] = manifest.get("kernel_funcs", {})
-    if kind == "cuda":
-        return _inspect_cuda(art, manifest, funcs)
     symbols = _objdump(art / "module.so")
     kernels = []
     for fname in sorted(funcs, key=len, reverse=True):
@@ -61,7 +64,7 @@ def inspect_artifact(art_dir: str | Path) -> dict:
         for sym in [s for s in symbols if s == fname or s.startswith(fname + "_compute")]:
             hist += symbols.pop(sym)
         kernels.append({"kernel": fname, "layer": funcs[fname], "instructions": sum(hist.values()),
-                        "hot": {h: hist[h] for h in HOT[kind] if hist[h]},
+                        "hot": {h: hist[h] for h in CPU_HOT if hist[h]},
                         "histogram": dict(hist.most_common())})
     generic = collections.Counter()
     for sym, hist in symbols.items():
@@ -71,13 +74,14 @@ def inspect_artifact(art_dir: str | Path) -> dict:
     kernels.sort(key=lambda k: k["kernel"])
     return {"artifact": str(art), "target": manifest["target"]["str"], "kernels": kernels,
             "other_code": {"instructions": sum(generic.values()),
-                           "hot": {h: generic[h] for h in HOT[kind] if generic[h]}},
-            "totals": {h: sum(k["hot"].get(h, 0) for k in kernels) for h in HOT[kind]}}
+                           "hot": {h: generic[h] for h in CPU_HOT if generic[h]}},
+            "totals": {h: sum(k["hot"].get(h, 0) for k in kernels) for h in CPU_HOT}}
 
 
-def _inspect_cuda(art: Path, manifest: dict, funcs: dict[str, str]) -> dict:
+def inspect_cuda(art: Path, manifest: Mapping[str, Any]) -> dict:
     """SASS of the fatbin embedded in module.so, per kernel (cuobjdump), with each kernel's
     tensor-core math for the artifact's arch: ``native``, ``emulated`` or ``-`` (none)."""
+    funcs: dict[str, str] = manifest.get("kernel_funcs", {})
     from .kernels.cuda_tools import elf_info
     from .schedule_cuda import embedded_fatbins, sass_histogram
 
@@ -97,7 +101,7 @@ def _inspect_cuda(art: Path, manifest: dict, funcs: dict[str, str]) -> dict:
     for kname, hist in sorted(sass.items()):
         # device kernels are named <func>_kernel (TVM's split of a PrimFunc into launches)
         func = next((f for f in sorted(funcs, key=len, reverse=True) if kname.startswith(f)), "")
-        hot = {h: sum(c for op, c in hist.items() if op.split(".")[0] == h) for h in HOT["cuda"]}
+        hot = {h: sum(c for op, c in hist.items() if op.split(".")[0] == h) for h in CUDA_HOT}
         imma = {op: c for op, c in hist.items() if op.startswith("IMMA")}
         kernels.append({"kernel": kname, "layer": funcs.get(func, ""),
                         "instructions": sum(hist.values()),
@@ -108,7 +112,7 @@ def _inspect_cuda(art: Path, manifest: dict, funcs: dict[str, str]) -> dict:
     return {"artifact": str(art), "target": manifest["target"]["str"],
             "arch": manifest["target"].get("arch", "sm_75"), "sass_archs": sorted(archs),
             "kernels": kernels, "other_code": {"instructions": 0, "hot": {}},
-            "totals": {h: sum(k["hot"].get(h, 0) for k in kernels) for h in HOT["cuda"]}}
+            "totals": {h: sum(k["hot"].get(h, 0) for k in kernels) for h in CUDA_HOT}}
 
 
 # Integer MMA opcodes that take 4-bit operands natively (sm_75 8832, sm_80+ 16864).

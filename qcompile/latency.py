@@ -49,6 +49,7 @@ import tvm
 from tqdm import tqdm
 from tvm import relax
 
+from .backends import backend_of
 from .build import legalize
 from .errors import UsageError
 from .flags import JsonCache, cache_dir
@@ -412,7 +413,7 @@ def measure_layers(graph: Graph, target: tvm.target.Target | str = "llvm", *,
     observers) pin down the dtypes of table-function outputs (``tensor_dtypes``).
     """
     tgt = make_target(target) if isinstance(target, str) else target
-    if tgt.kind.name != "llvm":
+    if backend_of(tgt).latency_source != "measured":
         raise UsageError(f"measured latency tables need a CPU target on this machine, "
                          f"got {tgt.kind.name}; use the predicted GPU roofline model for CUDA")
     path = default_cache_path() if cache is True else (Path(cache) if cache else None)

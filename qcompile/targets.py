@@ -1,7 +1,6 @@
 """Hardware facts as tables, and the TVM targets built from them."""
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,17 +199,14 @@ def target_arch(target: "tvm.target.Target") -> CudaArch:
 
 
 def precisions(target: "tvm.target.Target | str", arch: str | None = None) -> Precisions:
-    """The precision table of a target (or target name, with ``arch`` for CUDA): on CUDA it
-    depends on whether the arch has int4 tensor cores."""
+    """The precision table of a target (or target name, with ``arch`` for CUDA): its
+    backend's (on CUDA it depends on whether the arch has int4 tensor cores)."""
+    from .backends import backend, backend_of  # the table reads this module's facts
+
     if isinstance(target, str):
-        if target not in CUDA_TARGETS:
-            return PRECISIONS["llvm"]
-        row = cuda_arch(check_arch(target, arch))
-    elif target.kind.name == "cuda":
-        row = target_arch(target)
-    else:
-        return PRECISIONS["llvm"]
-    return PRECISIONS["cuda" if row.int4_native else "cuda_int4_emulated"]
+        return backend(target).precisions(check_arch(target, arch))
+    b = backend_of(target)
+    return b.precisions(b.arch_of(target))
 
 
 def _cpuinfo() -> tuple[str, set[str]]:
@@ -248,17 +244,7 @@ def has_vnni() -> bool:
 def make_target(name: str = "llvm", num_threads: int | None = None,
                 arch: str | None = None) -> "tvm.target.Target":
     """``llvm`` (this CPU) or ``cuda`` (``arch`` from CUDA_ARCHS, default the T4's sm_75)
-    as a TVM target."""
-    import tvm
+    as a TVM target: its backend's ``target`` (``backends.BACKENDS``)."""
+    from .backends import make_target as backend_target
 
-    if name == "llvm":
-        check_arch(name, arch)
-        spec = {"kind": "llvm", "num-cores": num_threads or os.cpu_count() or 1}
-        mcpu = host_mcpu()
-        if mcpu:
-            spec["mcpu"] = mcpu
-        return tvm.target.Target(spec)
-    if name in CUDA_TARGETS:
-        row = cuda_arch(check_arch(name, arch))
-        return tvm.target.Target(row.target_spec(), host=make_target("llvm"))
-    raise UsageError(f"--target must be one of llvm, {', '.join(CUDA_TARGETS)}; got {name!r}")
+    return backend_target(name, num_threads, arch)

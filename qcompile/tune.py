@@ -15,7 +15,8 @@ from elsewhere), its number of valid records. The ledger counts budget, not reco
 meta-schedule measures fewer candidates than asked when a small function's design space
 runs dry, and such a task must not be re-tuned on every run.
 
-Only ``llvm`` is supported: tuning measures every candidate on the target itself.
+Only targets whose backend can measure are tuned (``Backend.no_tune``; llvm): tuning
+measures every candidate on the target itself.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import Schedule
 from tvm.s_tir import meta_schedule as ms
 
+from .backends import backend_of
 from .errors import UsageError
 from .flags import JsonCache, cache_dir, error_line
 
@@ -319,9 +321,9 @@ def tune_module(mod: tvm.IRModule, target: tvm.target.Target, trials: int,
     fails is reported (``TaskReport.error``) and left untuned; the others go on.
     """
     t0 = time.perf_counter()
-    if target.kind.name != "llvm":
-        raise UsageError(f"--tune supports --target llvm only, not {target.kind.name}: tuning "
-                         "measures every candidate on the device (CUDA needs a GPU here)")
+    refused = backend_of(target).no_tune
+    if refused:
+        raise UsageError(refused)
     if trials < 1:
         raise UsageError(f"--tune needs a positive number of trials, got {trials}")
     db_dir = Path(db_dir) if db_dir is not None else default_db_dir(target)

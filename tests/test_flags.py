@@ -95,6 +95,7 @@ def test_overhead_cache_survives_a_corrupt_file(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The bitplan overhead cache once crashed on a corrupt file (and was not atomic)."""
     from qcompile import bitplan, latency
+    from qcompile.backends import CostInputs
     from qcompile.config import QuantSpec
     from qcompile.targets import make_target
 
@@ -105,8 +106,8 @@ def test_overhead_cache_survives_a_corrupt_file(tmp_path: Path,
     monkeypatch.setattr(bitplan.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     path = tmp_path / "overhead.json"
     path.write_text("{not json")
-    cost = bitplan.measured_cost_model(_dense_graph(), b"model", {}, QuantSpec(),
-                                       make_target("llvm"), 1, False)
+    cost = bitplan.measured_cost_model(CostInputs(_dense_graph(), b"model", {}, QuantSpec(),
+                                                  make_target("llvm")))
     assert cost.overhead_ms == pytest.approx(2.0)
     (entry,) = json.loads(path.read_text()).values()
     assert entry == {"whole_ms": 3.0, "layers_ms": 1.0}

@@ -1,0 +1,104 @@
+"""The ``cuda`` backend: NVIDIA GPUs per ``--arch`` (``targets.CUDA_ARCHS``), with the
+tensor-core kernels of ``schedule_cuda.py``, device code compiled by nvcc at build time,
+and the arch's roofline model as its latency source (no GPU is needed to build)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from ..targets import DEFAULT_ARCH, PRECISIONS, Precisions, check_arch, cuda_arch
+
+if TYPE_CHECKING:
+    import tvm
+
+    from ..bitplan import CostModel
+    from ..build import Built
+    from ..costs import GpuSpec
+    from ..lower import Lowered, Rule
+    from ..targets import CudaArch
+    from .base import CostInputs
+
+# --tune is refused before any work: meta-schedule measures every candidate on the device.
+NO_TUNE = ("--tune supports --target llvm only: meta-schedule measures every candidate on "
+           "the device, and CUDA artifacts are built without a GPU")
+
+
+def _row(target: "tvm.target.Target") -> "CudaArch":
+    return cuda_arch(str(target.attrs.get("arch", DEFAULT_ARCH)))
+
+
+def target(name: str = "cuda", arch: str | None = None,
+           num_threads: int | None = None) -> "tvm.target.Target":
+    """The arch's TVM tag (or launch limits), with this CPU as the host."""
+    import tvm
+
+    from .llvm import target as host
+
+    row = cuda_arch(check_arch(name, arch))
+    return tvm.target.Target(row.target_spec(), host=host("llvm", None, num_threads))
+
+
+def rules(batch: int, target: "tvm.target.Target") -> "list[tuple[str, Rule]]":
+    from ..schedule_cuda import cuda_rules
+
+    return cuda_rules(batch, arch=_row(target).arch)
+
+
+def build(mod: "tvm.IRModule", target: "tvm.target.Target", *, tune: int = 0,
+          progress: bool = False) -> "Built":
+    from ..schedule_cuda import build_cuda
+
+    return build_cuda(mod, target).built
+
+
+def cost_model(inputs: "CostInputs") -> "CostModel":
+    from ..bitplan import predicted_cost_model
+    from ..costs import gpu_spec
+
+    return predicted_cost_model(inputs.graph, gpu_spec(_row(inputs.target)), inputs.batch)
+
+
+def precisions(arch: str | None = None) -> Precisions:
+    """On an arch without int4 tensor cores (sm_90) the 4-bit choice buys size only."""
+    return PRECISIONS["cuda" if cuda_arch(arch).int4_native else "cuda_int4_emulated"]
+
+
+def reference_gpu(target: "tvm.target.Target") -> "GpuSpec":
+    from ..costs import gpu_spec
+
+    return gpu_spec(_row(target))
+
+
+def describe(target: "tvm.target.Target") -> str:
+    row = _row(target)
+    return f"cuda -arch={row.arch} ({row.gpu}; {row.arch} fatbin embedded)"
+
+
+def describe_json(target: "tvm.target.Target") -> dict[str, Any]:
+    row = _row(target)
+    return {"arch": row.arch, "gpu": row.gpu, "int4_tensor_cores": row.int4_native}
+
+
+def manifest(lowered: "Lowered", target: "tvm.target.Target") -> dict[str, Any]:
+    from ..schedule_cuda import tensor_core_kernels
+
+    return {"tensor_cores": tensor_core_kernels(lowered.mod, lowered.funcs, _row(target).arch)}
+
+
+def cannot_run_here(target: "tvm.target.Target") -> str | None:
+    """The artifact holds one arch's SASS (no PTX): it runs on a GPU of that arch only."""
+    import tvm
+
+    arch = _row(target).arch
+    dev = tvm.cuda()
+    here = f"sm_{dev.compute_version.replace('.', '')}" if dev.exist else None
+    if here == arch:
+        return None
+    return (f"no CUDA GPU on this machine to run the {arch} code" if here is None else
+            f"this GPU is {here}, the artifact holds {arch} code only")
+
+
+def inspect(art: Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    from ..inspect import inspect_cuda
+
+    return inspect_cuda(art, manifest)

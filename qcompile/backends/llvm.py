@@ -1,0 +1,82 @@
+"""The ``llvm`` backend: this machine's CPU, with the x86 VNNI kernels of ``schedule.py``
+and per-layer latencies measured here (``latency.py``)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from ..targets import PRECISIONS, Precisions, check_arch, host_mcpu
+
+if TYPE_CHECKING:
+    import tvm
+
+    from ..bitplan import CostModel
+    from ..build import Built
+    from ..costs import GpuSpec
+    from ..lower import Lowered, Rule
+    from .base import CostInputs
+
+
+def target(name: str = "llvm", arch: str | None = None,
+           num_threads: int | None = None) -> "tvm.target.Target":
+    """This CPU, with the best ``-mcpu`` we detect (LLVM 22 rejects ``native``)."""
+    import tvm
+
+    check_arch(name, arch)
+    spec: dict[str, Any] = {"kind": "llvm", "num-cores": num_threads or os.cpu_count() or 1}
+    mcpu = host_mcpu()
+    if mcpu:
+        spec["mcpu"] = mcpu
+    return tvm.target.Target(spec)
+
+
+def rules(batch: int, target: "tvm.target.Target") -> "list[tuple[str, Rule]]":
+    from ..schedule import x86_rules
+
+    return x86_rules(batch)
+
+
+def build(mod: "tvm.IRModule", target: "tvm.target.Target", *, tune: int = 0,
+          progress: bool = False) -> "Built":
+    from ..build import build as build_llvm
+
+    return build_llvm(mod, target, tune=tune, progress=progress)
+
+
+def cost_model(inputs: "CostInputs") -> "CostModel":
+    from ..bitplan import measured_cost_model
+
+    return measured_cost_model(inputs)
+
+
+def precisions(arch: str | None = None) -> Precisions:
+    return PRECISIONS["llvm"]
+
+
+def reference_gpu(target: "tvm.target.Target") -> "GpuSpec":
+    from ..costs import T4
+
+    return T4
+
+
+def describe(target: "tvm.target.Target") -> str:
+    return "llvm" + (f" -mcpu={target.attrs['mcpu']}" if "mcpu" in target.attrs else "")
+
+
+def describe_json(target: "tvm.target.Target") -> dict[str, Any]:
+    return {}
+
+
+def manifest(lowered: "Lowered", target: "tvm.target.Target") -> dict[str, Any]:
+    return {}
+
+
+def cannot_run_here(target: "tvm.target.Target") -> str | None:
+    return None  # compiled for this machine's CPU
+
+
+def inspect(art: Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    from ..inspect import inspect_cpu
+
+    return inspect_cpu(art, manifest)
