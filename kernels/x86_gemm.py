@@ -130,13 +130,23 @@ class GemmTile:
     n_outer: bool = False  # loop N tiles outside M tiles (weights bigger than activations)
 
 
+def _max_rows(nb: int, k_pad: int) -> int:
+    """Rows of an nb-block tile. A small K leaves the tile epilogue-bound, and fewer rows
+    keep the requant's temporaries in registers (1 thread, 1x1 convs of EfficientNet-
+    Lite0: 8x1 beat 12x1 1.4x at K = 16..32; 4x3 beat 5x3 1.3-1.5x at K = 24..40)."""
+    small = k_pad < 128
+    return {1: 8 if small else 12, 2: 7, 3: 4 if small else 5}[nb]
+
+
 def gemm_tile(m: int, n_pad: int, k_pad: int, isa: DotIsa = ISA) -> GemmTile:
     """Pick the register tile: mr x nb accumulator registers within MAX_STACK_BYTES
-    (7x2 or 5x3 or 12x1); mr minimises the padded rows of M (tail rows are recomputed).
+    (7x2, 5x3 or 12x1; fewer rows at small K, ``_max_rows``); mr minimises the padded
+    rows of M (tail rows are recomputed).
     A 6x4 tile (1536 B) measured 5-16% slower than 7x2: it no longer fits on the stack."""
     blocks = n_pad // isa.lanes
     nb = next(b for b in (2, 3, 1) if blocks % b == 0)
-    mr_max = min(MAX_STACK_BYTES // (nb * isa.vector_bits // 8), 12, max(m, 1))
+    mr_max = min(MAX_STACK_BYTES // (nb * isa.vector_bits // 8), _max_rows(nb, k_pad),
+                 max(m, 1))
     # Cost ~ tiles x (rows + fixed per-k-step overhead of the weight loads and loop).
     mr = min(range(mr_max, (mr_max - 1) // 2, -1), key=lambda r: -(-m // r) * (r + 1.5))
     return GemmTile(mr, nb, n_outer=n_pad * k_pad > m * k_pad)
@@ -171,8 +181,12 @@ def schedule_gemm(sch: Schedule, tile: GemmTile, n_red: int, intrin: str = INTRI
     sch.unroll(ii)
     sch.unroll(jb)
     # Zero-init and the epilogue are 16-lane vector loops over the tile's columns.
+    # One zmm per vector op: fused to nb*16 lanes, an nb = 3 tile became a <48 x i32>
+    # vector that LLVM legalized through the stack (vpinsrd/vpextrd per lane), which
+    # made every 5x3 / 4x3 tile 5-10x slower than 12x1 (28x28x240 -> 240: 1.48 vs 0.17 ms).
     iinit = sch.get_loops(init)
-    sch.vectorize(sch.fuse(*iinit[-2:]))
+    sch.vectorize(iinit[-1])
+    sch.unroll(iinit[-2])
     sch.unroll(iinit[-3])
     rows, cols = epilogue_loops(sch, out, tile_loop)
     # Constant tile indices everywhere let LLVM keep the whole tile in registers

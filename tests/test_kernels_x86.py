@@ -393,6 +393,16 @@ def test_asm_uses_vpdpbusd_in_a_register_tile() -> None:
     assert "TVMBackendAllocWorkspace" not in asm.split(".L__tvm_parallel_lambda:")[-1]
 
 
+@pytest.mark.parametrize("K", [40, 240])
+def test_three_block_tiles_keep_their_accumulators_in_registers(K: int) -> None:
+    """nb = 3 (N = 48): the tile's zero-init once was one <48 x i32> vector, which LLVM
+    legalized through the stack lane by lane (10x slower)."""
+    tile = V.gemm_tile(784, 48, K)
+    assert tile.nb == 3
+    asm = _asm(V.conv2d_nhwc_vnni(1, 28, 28, K, 40, 1, 1, requant="mulhi"))
+    assert "vpinsrd" not in asm and "vpextrd" not in asm
+
+
 def _asm(f: tvm.tirx.PrimFunc) -> str:
     return _compile(f).mod.inspect_source("asm")
 
