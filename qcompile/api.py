@@ -18,6 +18,7 @@ from . import costs
 from . import reference as oracle
 from .artifact import atomic_dir, check_output_dir
 from .backends import backend_of, check_options
+from .build import build
 from .calibrate import FloatRunner, collect_stats
 from .readers import Reader, load_inputs, make_reader
 from .config import (VERIFY_INPUTS, AllocSpec, CalibSpec, Preprocess, QuantSpec,
@@ -130,7 +131,7 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
     rules = backend.rules(batch, tgt) if kernels else []
     lowered = lower(qg, rules, batch=batch if rules else None)
     # 5. Legalize, prove integer-only, compile (CUDA: the arch's fatbin embedded at build time).
-    built = backend.build(lowered.mod, tgt, tune=tune, progress=progress)
+    built = build(lowered.mod, tgt, tune=tune, progress=progress)
     if not built.intcheck.ok:
         raise BuildError(f"integer-only check failed: {built.intcheck.violations[:3]}")
     # 6. Write the artifact atomically.

@@ -1,19 +1,35 @@
-"""Relax module -> legalized IR (checked integer-only) -> compiled executable."""
+"""Relax module -> legalized IR (checked integer-only) -> compiled executable.
+
+The one place qcompile compiles: every ``tvm.compile`` and every stage of TVM's Relax
+pipeline is named here, and the target-specific parts come from the target's entry in
+``backends.BACKENDS`` (its pipeline, GPU schedule rules, code generation context and
+machine-code check)::
+
+    build(mod, target)          legalize -> [--tune] -> default schedules -> integer-only
+                                check -> compile -> scan the machine code (the artifact)
+    compile_float(mod, target)  legalize -> extra schedule rules -> compile (sensitivity)
+    compile_tir(mod, target)    PrimFuncs alone (latency kernels, tuning candidates)
+"""
 from __future__ import annotations
 
-import importlib
+import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import tvm
 import tvm_ffi
 from tvm import relax
 
+from .backends import backend_of
 from .errors import BuildError
 from .flags import debug, env_flag, error_line
-from .intcheck import IntCheckReport, full_check, record_asm
+from .intcheck import IntCheckReport, full_check
 from .schedule_generic import ScheduleReport, apply_default_schedules, strip_schedules
+from .tvm_compat import SCHEDULED, PrimFunc, dlight, relax_pipeline
+
+if TYPE_CHECKING:
+    from .schedule_cuda import DeviceCode
 
 # Set to 1 to compile the generic PrimFuncs as TVM legalizes them (no default schedule).
 NO_DEFAULT_SCHEDULE_ENV = "QCOMPILE_NO_DEFAULT_SCHEDULE"
@@ -27,6 +43,8 @@ class Built:
     target: tvm.target.Target
     tune: Any = None            # tune.TuneReport when --tune ran
     schedules: ScheduleReport | None = None  # default CPU schedules of the generic PrimFuncs
+    device: "DeviceCode | None" = None  # CUDA: the binaries nvcc embedded
+    seconds: float = 0.0        # the whole build
 
 
 def _debug_dump(stage: str, mod: tvm.IRModule) -> None:
@@ -35,22 +53,49 @@ def _debug_dump(stage: str, mod: tvm.IRModule) -> None:
 
 
 def _stage(target: tvm.target.Target, stage: str) -> list[tvm.transform.Pass]:
-    """One stage of TVM's per-backend default pipeline.
-
-    Taken from ``relax.backend.<kind>.pipeline`` directly: TVM 0.27's
-    ``relax.pipeline.dataflow_lower_passes`` looks the function up on a package
-    that does not re-export it.
-    """
-    kind = {"llvm": "cpu_generic"}.get(target.kind.name, target.kind.name)
-    module = importlib.import_module(f"tvm.relax.backend.{kind}.pipeline")
-    return list(getattr(module, f"{stage}_passes")(target))
+    """One stage of TVM's default Relax pipeline for the target's backend."""
+    return list(relax_pipeline(backend_of(target).pipeline, stage)(target))
 
 
-def legalize(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Relax ops -> TIR PrimFuncs, with elementwise epilogues fused into producers."""
-    passes = _stage(target, "library_dispatch") + _stage(target, "legalize")
+# TVM 0.27's legalize stage before its GPU schedules, the same for every backend.
+def _fusion() -> list[tvm.transform.Pass]:
+    return [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
+
+
+def legalize(mod: tvm.IRModule, target: tvm.target.Target,
+             schedule_rules: Sequence[Any] = ()) -> tvm.IRModule:
+    """Relax ops -> TIR PrimFuncs, with elementwise epilogues fused; then dlight applies the
+    backend's schedule rules (GPU: every generic PrimFunc bound to threads) and
+    ``schedule_rules`` to the PrimFuncs not yet scheduled."""
+    rules = [*backend_of(target).schedule_rules(), *schedule_rules]
+    passes = _stage(target, "library_dispatch") + _fusion()
+    if rules:
+        passes.append(dlight.ApplyDefaultSchedule(*rules))
     with target:
         return tvm.transform.Sequential(passes)(mod)
+
+
+def _compile(lowered: tvm.IRModule, target: tvm.target.Target) -> relax.VMExecutable:
+    """The rest of TVM's pipeline (dataflow lowering, memory planning, VM lowering) and
+    code generation, on a legalized module."""
+    rest = tvm.transform.Sequential(_stage(target, "dataflow_lower") + _stage(target, "finalize"))
+    return tvm.compile(lowered, target, relax_pipeline=rest)
+
+
+def compile_float(mod: tvm.IRModule, target: tvm.target.Target,
+                  schedule_rules: Sequence[Any] = ()) -> relax.VMExecutable:
+    """A float module (sensitivity's forward and gradient functions): legalized with
+    ``schedule_rules``, compiled, no integer-only checks."""
+    return _compile(legalize(mod, target, schedule_rules), target)
+
+
+def compile_tir(mod: tvm.IRModule | PrimFunc, target: tvm.target.Target) -> tvm.runtime.Executable:
+    """PrimFuncs alone (a latency kernel, a tuning candidate): TVM's TIR pipeline and
+    code generation. A lone PrimFunc is compiled as ``main``."""
+    if isinstance(mod, PrimFunc):
+        mod = tvm.IRModule({"main": mod})
+    return tvm.compile(mod, target)
 
 
 def _untuned_back(tuned: tvm.IRModule, legalized: tvm.IRModule) -> tvm.IRModule:
@@ -60,62 +105,80 @@ def _untuned_back(tuned: tvm.IRModule, legalized: tvm.IRModule) -> tvm.IRModule:
     out = tuned
     for gv, func in tuned.functions_items():
         orig = legalized[gv.name_hint] if gv.name_hint in legalized else None
-        if (isinstance(func, tvm.tirx.PrimFunc) and orig is not None and func is not orig
-                and bool((func.attrs or {}).get("tirx.is_scheduled", False))
-                and not bool((orig.attrs or {}).get("tirx.is_scheduled", False))
+        if (isinstance(func, PrimFunc) and orig is not None and func is not orig
+                and bool((func.attrs or {}).get(SCHEDULED, False))
+                and not bool((orig.attrs or {}).get(SCHEDULED, False))
                 and tvm_ffi.structural_equal(func.body, orig.body)):
             out = out if out is not tuned else tuned.clone()
             out.update_func(out.get_global_var(gv.name_hint), orig)
     return out
 
 
+def _codegen(lowered: tvm.IRModule, target: tvm.target.Target, arch: str | None
+             ) -> tuple[relax.VMExecutable, "DeviceCode | None"]:
+    """Compile inside the backend's code-generation context (CUDA: nvcc embeds the arch's
+    binaries); TVM's own errors become one-line BuildErrors."""
+    with backend_of(target).codegen(target, arch) as device:
+        try:
+            return _compile(lowered, target), device
+        except Exception as e:  # TVM raises its own error types; keep the first line
+            raise BuildError(f"TVM compilation failed: {error_line(e)}") from e
+
+
 def build(mod: tvm.IRModule, target: tvm.target.Target, *, tune: int = 0,
-          progress: bool = False, default_schedules: bool | None = None) -> Built:
+          progress: bool = False, default_schedules: bool | None = None,
+          arch: str | None = None) -> Built:
     """Legalize, optionally tune the generic PrimFuncs (``tune`` meta-schedule trials per
     unique shape, database persisted), give every PrimFunc still unscheduled a default
     CPU schedule (``schedule_generic``; llvm only, off with ``default_schedules=False`` or
-    ``QCOMPILE_NO_DEFAULT_SCHEDULE=1``), prove the core integer-only, and compile.
+    ``QCOMPILE_NO_DEFAULT_SCHEDULE=1``), prove the core integer-only, compile, and scan
+    the machine code (x86 assembly, or the SASS of the fatbin CUDA embeds for ``arch``,
+    default the target's own).
 
     Order with ``--tune``: tuned records win; the defaults cover what tuning did not
     (functions below its size threshold, shapes without records, failed tasks, and tasks
     whose best record is the untuned loop nest). If a default schedule ever makes TVM's
     compilation fail, the build warns and compiles the functions unscheduled instead.
     """
+    t0 = time.perf_counter()
+    backend = backend_of(target)
+    # Step 1. Legalize: Relax ops -> fused TIR (on GPUs dlight schedules the generic ones).
     _debug_dump("relax", mod)
     try:
         lowered = legalize(mod, target)
     except Exception as e:  # TVM raises its own error types; keep the first line
         raise BuildError(f"legalization failed: {error_line(e)}") from e
+    # Step 2. --tune: meta-schedule records, where they beat the generic loop.
     report = None
     if tune:
         from .tune import tune_and_apply  # meta-schedule: imported only when asked for
         legalized = lowered
         lowered, report = tune_and_apply(lowered, target, tune, progress=progress)
         lowered = _untuned_back(lowered, legalized)
+    # Step 3. Default schedules for the generic PrimFuncs still unscheduled.
     if default_schedules is None:
         default_schedules = not env_flag(NO_DEFAULT_SCHEDULE_ENV)
     unscheduled, sched = lowered, None
     if default_schedules:
         lowered, sched = apply_default_schedules(lowered, target)
     _debug_dump("legalized", lowered)
-    # On the scheduled functions: inlining moves every operation into the surviving
-    # blocks, so the checker still sees all of the arithmetic that is compiled.
+    # Step 4. Prove the core integer-only, on the scheduled functions: inlining moves every
+    # operation into the surviving blocks, so the checker sees all that is compiled.
     rep = full_check(lowered, target, "core")
-    rest = tvm.transform.Sequential(_stage(target, "dataflow_lower") + _stage(target, "finalize"))
+    # Step 5. Compile; a default schedule TVM cannot compile falls back to the generic loop.
     try:
-        ex = tvm.compile(lowered, target, relax_pipeline=rest)
-    except Exception as e:
+        ex, device = _codegen(lowered, target, arch)
+    except BuildError as e:
         if not (sched and sched.scheduled):
-            raise BuildError(f"TVM compilation failed: {error_line(e)}") from e
-        warnings.warn(f"compiling with default schedules failed ({error_line(e)}); "
+            raise
+        why = error_line(e.__cause__ or e)
+        warnings.warn(f"compiling with default schedules failed ({why}); "
                       "compiling the generic functions unscheduled", stacklevel=2)
         lowered = strip_schedules(lowered, unscheduled, sched)
         sched = ScheduleReport(skipped={**sched.skipped, **dict.fromkeys(sched.scheduled,
                                                                          "compile failed")})
         rep = full_check(lowered, target, "core")
-        try:
-            ex = tvm.compile(lowered, target, relax_pipeline=rest)
-        except Exception as e2:
-            raise BuildError(f"TVM compilation failed: {error_line(e2)}") from e2
-    record_asm(rep, ex, target)
-    return Built(ex, lowered, rep, target, report, sched)
+        ex, device = _codegen(lowered, target, arch)
+    # Step 6. The second line of evidence: the machine code itself.
+    backend.check_code(rep, ex, device, target)
+    return Built(ex, lowered, rep, target, report, sched, device, time.perf_counter() - t0)

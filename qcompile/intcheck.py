@@ -31,9 +31,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import tvm
-from tvm import relax, tirx
+from tvm import relax
 
+from .backends import backend_of
 from .flags import error_line
+from .tvm_compat import bind_target, split_host_device_mods, tir_pipeline, tirx
 from .intcheck_allow import (ALLOWED_CALLS, ALLOWED_EXPRS, ALLOWED_EXTERN_FUNCS,
                               ALLOWED_RELAX_OPS, ALLOWED_STMTS, NAMED_CALL_WRAPPERS,
                               _BINARY, _DIVISION, _FLOAT_MMA_DTYPES, _MMA_OPS, _PLUMBING,
@@ -409,20 +411,18 @@ def lower_to_codegen(mod: tvm.IRModule, target: tvm.target.Target,
     before ``target.build.*``: BindTarget, the default TIR pipeline for the target,
     host/device split and the host/device finalization passes.  Returns the host
     module and the device modules."""
-    from tvm.tirx.build import split_host_device_mods  # noqa: PLC0415
-
     names = names if names is not None else [
         gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)]
     # relax's AttachGlobalSymbol gives every PrimFunc its name before tirx.build
     tir = tvm.IRModule({mod.get_global_var(n): mod[n].with_attr("global_symbol", n)
                         for n in names})
-    host = "llvm" if target.get_target_device_type() != 1 or target.host is None else None
     tgt = target
-    if target.host is None:
-        tgt = target.with_host(target if target.kind.name == "llvm" else tvm.target.Target(host))
+    if target.host is None:  # a CPU target hosts itself; a device one gets an llvm host
+        on_cpu = target.get_target_device_type() == tvm.cpu().dlpack_device_type()
+        tgt = target.with_host(target if on_cpu else tvm.target.Target("llvm"))
     with tgt:
-        tir = tvm.tirx.transform.BindTarget(tgt)(tir)
-        pipeline, fin_host, fin_dev = tvm.tirx.get_default_tir_pipeline(target)
+        tir = bind_target(tgt)(tir)
+        pipeline, fin_host, fin_dev = tir_pipeline(target)
         tir = pipeline(tir)
         host_mod, dev = split_host_device_mods(tir)
         host_mod = fin_host()(host_mod)
@@ -453,9 +453,9 @@ def full_check(mod: tvm.IRModule, target: tvm.target.Target, func: str = "core"
         post = check_codegen_tir(mod, target, func)
     except Exception as e:  # noqa: BLE001 - a pipeline failure must not pass silently
         msg = f"TIR pipeline failed: {error_line(e)}"
-        if target.kind.name == "llvm":
+        if backend_of(target).tir_replay_proven:
             rep.violations.append(f"[codegen] {msg}")
-        else:  # the replayed pipeline is only proven for llvm; do not block other targets
+        else:  # the replay is not proven on this backend: do not block it, say so
             rep.codegen_error = msg
         return rep
     rep.merge(post, "codegen")
@@ -463,15 +463,12 @@ def full_check(mod: tvm.IRModule, target: tvm.target.Target, func: str = "core"
     return rep
 
 
-def record_asm(rep: IntCheckReport, ex: object, target: tvm.target.Target) -> None:
-    """Scan the compiled core's x86 assembly (llvm targets) into ``rep`` (``asm``
-    stage); its float instructions become violations."""
-    from .asmcheck import AsmReport, scan_executable  # noqa: PLC0415
+def record_asm(rep: IntCheckReport, ex: object) -> None:
+    """Scan the compiled core's x86 assembly into ``rep`` (``asm`` stage); its float
+    instructions become violations. The llvm backend's machine-code check (CUDA's is
+    ``schedule_cuda.record_sass``)."""
+    from .asmcheck import scan_executable  # noqa: PLC0415
 
-    if target.kind.name != "llvm":
-        rep.asm = AsmReport(kind="none", note=f"{target.kind.name}: device code is not "
-                            "scanned at build time (see asmcheck.scan_sass)").as_dict()
-        return
     a = scan_executable(ex, rep.prim_funcs)
     rep.asm = a.as_dict()
     rep.stages.append("asm")

@@ -28,15 +28,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import tvm
-from tvm import relax, s_tir
-from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
-from tvm.s_tir import dlight
-from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm import relax
 
+from .build import compile_float
 from .errors import UnsupportedOpError
 from .flags import error_line
 from .graph import LAYER_OPS, Graph, Node
 from .targets import make_target
+from .tvm_compat import PrimFunc, Schedule, dlight, normalize_prim_func
 
 Emitter = Callable[[relax.BlockBuilder, Node, list[relax.Expr], "_Ctx"], relax.Expr]
 
@@ -467,11 +466,10 @@ class InnerSpatialLast(dlight.cpu.base.CPUScheduleRule):
     measured slower here (2 cores), so none are added.
     """
 
-    def apply(self, func: tvm.tirx.PrimFunc, target: tvm.target.Target,
-              _: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tvm.tirx.PrimFunc) or not self.is_target_available(target):
+    def apply(self, func: PrimFunc, target: tvm.target.Target, _: bool) -> Schedule | None:
+        if not isinstance(func, PrimFunc) or not self.is_target_available(target):
             return None
-        sch = s_tir.Schedule(func)
+        sch = Schedule(func)
         infos = normalize_prim_func(sch)
         if not infos:
             return None
@@ -490,12 +488,7 @@ class InnerSpatialLast(dlight.cpu.base.CPUScheduleRule):
 
 def compile_cpu(mod: tvm.IRModule, target: tvm.target.Target) -> relax.VMExecutable:
     """TVM's generic CPU pipeline with ``InnerSpatialLast`` after legalization."""
-    passes = (cpu_pipeline.library_dispatch_passes(target) + cpu_pipeline.legalize_passes(target)
-              + [dlight.ApplyDefaultSchedule(InnerSpatialLast())]
-              + cpu_pipeline.dataflow_lower_passes(target) + cpu_pipeline.finalize_passes(target))
-    with target:
-        lowered = tvm.transform.Sequential(passes)(mod)
-    return tvm.compile(lowered, target, relax_pipeline=None)
+    return compile_float(mod, target, [InnerSpatialLast()])
 
 
 class FloatVM:

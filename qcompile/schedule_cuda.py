@@ -7,10 +7,11 @@ of ``qcompile.kernels.cuda_tc``; every other op keeps TVM's generic legalization
 takes the mma shape for the layer's width from the kernels' table (``cuda_tc.kernel_mma``)
 and keeps the generic lowering where the arch has none; int4 on sm_90 compiles, emulated.
 
-``build_cuda(mod, target)`` is ``build.build`` for CUDA, with three differences:
+``build_cuda(mod, target)`` is ``build.build`` with the cuda backend's hooks
+(``backends/cuda.py``), which differ from the CPU's in three ways:
 
 1. legalization schedules the generic PrimFuncs with dlight's GPU rules (reductions and the
-   thread-binding fallback) and leaves our kernels alone (they carry ``tir.is_scheduled``);
+   thread-binding fallback) and leaves our kernels alone (they carry ``tirx.is_scheduled``);
    dlight's ``gpu.Matmul`` is left out: on int8 it picks WMMA and dies in
    ``InjectSoftwarePipeline`` (TVM_NOTES), and no GEMM reaches it here anyway;
 2. the device code is compiled *at build time* with nvcc to a fatbin for the target's arch,
@@ -46,14 +47,14 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
-from .build import Built, _debug_dump, _stage
+from .build import Built, build
 from .errors import BuildError
-from .flags import error_line
 from .asmcheck import scan_cuda_binaries
-from .intcheck import IntCheckReport, full_check
+from .intcheck import IntCheckReport
 from .kernels import cuda_tc as ct
 from .lower import LowerCtx, Rule
 from .targets import DEFAULT_ARCH, cuda_arch
+from .tvm_compat import SCHEDULED, PrimFunc
 
 R = relax.op
 from .qgraph import QNode
@@ -114,7 +115,7 @@ def pack_nibbles(ctx: LowerCtx, x: relax.Expr, width: int) -> relax.Var:
 
 
 def _gemm_kernel(schedule: bool, bits: int, opts: dict, conv: dict | None = None,
-                 mnk: tuple[int, int, int] = (0, 0, 0)) -> tvm.tirx.PrimFunc:
+                 mnk: tuple[int, int, int] = (0, 0, 0)) -> PrimFunc:
     """The tensor-core conv (``conv`` kwargs) or dense (``mnk``) kernel; ``schedule=False``
     gives its unscheduled compute, which runs anywhere (the CPU check of this lowering)."""
     if schedule:
@@ -129,7 +130,7 @@ def _gemm_kernel(schedule: bool, bits: int, opts: dict, conv: dict | None = None
 
 
 def _conv(n: QNode, ctx: LowerCtx, batch: int, schedule: bool = True
-          ) -> tuple[tvm.tirx.PrimFunc, list[relax.Var]] | None:
+          ) -> tuple[PrimFunc, list[relax.Var]] | None:
     a, w = n.attrs, n.params["w"]  # w: OIHW
     _, c, h, wd = ctx.qg.tensors[n.inputs[0]].shape
     data = (batch, h, wd, c)
@@ -155,7 +156,7 @@ def _conv(n: QNode, ctx: LowerCtx, batch: int, schedule: bool = True
 
 
 def _dense(n: QNode, ctx: LowerCtx, batch: int, schedule: bool = True
-           ) -> tuple[tvm.tirx.PrimFunc, list[relax.Var]]:
+           ) -> tuple[PrimFunc, list[relax.Var]]:
     w = n.params["w"]  # (K, N)
     k, nout = int(w.shape[0]), int(w.shape[1])
     wk = np.ascontiguousarray(w.T).astype(np.int8)  # dense_tc takes W as (N, K)
@@ -196,8 +197,8 @@ def cuda_rules(batch: int, schedule: bool = True, arch: str = DEFAULT_ARCH
         # tirx.is_scheduled so dlight does not schedule it again.
         fname = f"{func.attrs['global_symbol']}_{_safe(n.name)}"
         func = func.with_attr("global_symbol", fname).with_attr("op_pattern", 8)
-        if schedule:  # dlight in 0.27 reads "tirx.is_scheduled"; older code "tir."
-            func = func.with_attr("tirx.is_scheduled", True).with_attr("tir.is_scheduled", True)
+        if schedule:
+            func = func.with_attr(SCHEDULED, True)
         gv = ctx.bb.add_func(func, fname)
         ctx.funcs[fname] = n.name
         # Step 3. call_tir with the kernel's own output type (NHWC for conv).
@@ -254,6 +255,7 @@ def _load_stub_driver() -> None:
 _FACTORY = "ffi.Module.create.cuda"
 _COMPILE_CB = "tvm_callback_cuda_compile"
 _hidden_factory: tvm_ffi.Function | None = None  # the factory we loaded, kept out of the registry
+_cuda_runtime: ctypes.CDLL | None = None  # our handle keeps libtvm_runtime_cuda.so loaded
 
 
 def _cuda_factory() -> tuple[tvm_ffi.Function, bool]:
@@ -264,24 +266,22 @@ def _cuda_factory() -> tuple[tvm_ffi.Function, bool]:
     process would JIT through ``tvm_callback_cuda_compile`` (default NVRTC) instead of keeping
     source, which breaks e.g. ``cuda_tc.cuda_source`` on a machine without NVRTC.
     """
-    global _hidden_factory
+    global _hidden_factory, _cuda_runtime
     f = tvm.get_global_func(_FACTORY, allow_missing=True)
     if f is not None:
         return f, True
     if _hidden_factory is not None:
         return _hidden_factory, False
-    from tvm.base import _LOADED_LIBS
+    from tvm.libinfo import package_lib_paths
     from tvm_ffi.libinfo import load_lib_ctypes
 
     try:
         ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL)
     except OSError:
         _load_stub_driver()
-    runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
-    try:
-        _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
-            package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir],
-            mode="RTLD_LOCAL")
+    try:  # found where tvm.base finds libtvm_runtime.so (public API, no tvm.base internals)
+        _cuda_runtime = load_lib_ctypes(package="tvm", target_name="tvm_runtime_cuda",
+                                        mode="RTLD_LOCAL", extra_lib_paths=package_lib_paths())
     except (OSError, RuntimeError) as e:
         raise BuildError(f"cannot load TVM's CUDA runtime library to embed a cubin: {e}") from e
     f = tvm.get_global_func(_FACTORY, allow_missing=True)
@@ -340,23 +340,7 @@ def nvcc_at_build_time(arch: str) -> Iterator[DeviceCode]:
             tvm_ffi.registry.remove_global_func(_COMPILE_CB)
 
 
-# ======== 3. The build: legalize + dlight, integer-only check, compile.
-
-
-def legalize_cuda(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Relax ops -> fused TIR, generic PrimFuncs scheduled by dlight's GPU rules."""
-    from tvm.s_tir import dlight as dl
-
-    passes = _stage(target, "library_dispatch") + [
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-        dl.ApplyDefaultSchedule(dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()),
-    ]
-    with target:
-        return tvm.transform.Sequential(passes)(mod)
+# ======== 3. The build: ``build.build`` with this backend's hooks (backends/cuda.py).
 
 
 @dataclass(frozen=True)
@@ -372,25 +356,9 @@ def build_cuda(mod: tvm.IRModule, target: tvm.target.Target, arch: str | None = 
 
     ``arch`` defaults to the target's own (``make_target("cuda", arch=...)``); GPU tests pass
     the device's (an sm_75 binary does not load on sm_90)."""
-    arch = arch or str(target.attrs.get("arch", DEFAULT_ARCH))
-    t0 = time.perf_counter()
-    _debug_dump("relax", mod)
-    try:
-        lowered = legalize_cuda(mod, target)
-    except Exception as e:
-        raise BuildError(f"CUDA legalization failed: {error_line(e)}") from e
-    _debug_dump("legalized", lowered)
-    rep = full_check(lowered, target, "core")  # Relax, scheduled TIR, post-pipeline TIR
-    rest = tvm.transform.Sequential(_stage(target, "dataflow_lower") + _stage(target, "finalize"))
-    with nvcc_at_build_time(arch) as device:
-        try:
-            ex = tvm.compile(lowered, target, relax_pipeline=rest)
-        except Exception as e:
-            raise BuildError(f"TVM CUDA compilation failed: {error_line(e)}") from e
-    if not device.binaries:
-        raise BuildError("the CUDA build compiled no device code (was the source embedded?)")
-    record_sass(rep, device.binaries)
-    return CudaBuilt(Built(ex, lowered, rep, target), device, time.perf_counter() - t0)
+    built = build(mod, target, arch=arch)
+    assert built.device is not None  # the cuda backend's check_code requires binaries
+    return CudaBuilt(built, built.device, built.seconds)
 
 
 def record_sass(rep: IntCheckReport, binaries: list[bytes]) -> None:

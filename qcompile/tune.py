@@ -21,36 +21,32 @@ measures every candidate on the target itself.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import math
 import os
-import sys
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import tvm
 import tvm_ffi
 from tqdm import tqdm
-from tvm import relax, tirx
-from tvm.ir.utils import derived_object
-from tvm.s_tir import Schedule
-from tvm.s_tir import meta_schedule as ms
+from tvm import relax
 
 from .backends import backend_of
+from .build import compile_tir
 from .errors import UsageError
 from .flags import JsonCache, cache_dir, error_line
+from .tvm_compat import (SCHEDULED, PrimFunc, RemoveWeightLayoutRewriteBlock, Schedule,
+                         derived_object, light_tensor_intrin)
+from .tvm_compat import meta_schedule as ms
 
 LEDGER = "qcompile_tasks.json"
 # Below this many tensor elements a function runs in about a microsecond untuned, while
 # each trial costs a fraction of a second: not worth a task.
 MIN_ELEMENTS = 4096
 _KERNEL_OPAQUE = 8  # op_pattern kOpaque: how schedule.py marks hand-scheduled kernels
-_SCHEDULED = ("tirx.is_scheduled", "tir.is_scheduled")  # TVM 0.27 key, and the older one
 
 
 @dataclass(frozen=True)
@@ -121,11 +117,11 @@ def default_db_dir(target: tvm.target.Target) -> Path:
     return cache_dir("tune", key)
 
 
-def _skip_reason(func: tirx.PrimFunc, min_elements: int) -> str | None:
+def _skip_reason(func: PrimFunc, min_elements: int) -> str | None:
     attrs = func.attrs or {}
     if int(attrs.get("op_pattern", -1)) == _KERNEL_OPAQUE:
         return "hand-scheduled kernel (op_pattern 8)"
-    if any(bool(attrs.get(k, False)) for k in _SCHEDULED):
+    if bool(attrs.get(SCHEDULED, False)):
         return "already scheduled"
     tensors = _tensors(func)
     if tensors is None:
@@ -136,7 +132,7 @@ def _skip_reason(func: tirx.PrimFunc, min_elements: int) -> str | None:
     return None
 
 
-def _tensors(func: tirx.PrimFunc) -> list[ms.arg_info.TensorInfo] | None:
+def _tensors(func: PrimFunc) -> list[ms.arg_info.TensorInfo] | None:
     """Its tensor arguments; None if a shape is symbolic (meta-schedule measures static ones)."""
     try:
         args = ms.arg_info.ArgInfo.from_prim_func(func)
@@ -145,13 +141,13 @@ def _tensors(func: tirx.PrimFunc) -> list[ms.arg_info.TensorInfo] | None:
     return [a for a in args if isinstance(a, ms.arg_info.TensorInfo)]
 
 
-def _signature(func: tirx.PrimFunc) -> str:
+def _signature(func: PrimFunc) -> str:
     """Its tensors, the output (call_tir's last argument) after the arrow."""
     fmt = [f"{t.dtype}[{','.join(str(int(d)) for d in t.shape)}]" for t in _tensors(func) or []]
     return ", ".join(fmt[:-1]) + " -> " + fmt[-1] if fmt else "()"
 
 
-def _normalize(func: tirx.PrimFunc) -> tvm.IRModule:
+def _normalize(func: PrimFunc) -> tvm.IRModule:
     """The function as the database keys it: alone, as "main" (what meta-schedule's own
     extraction does), without the attributes that would split identical tasks."""
     if func.attrs and "op_pattern" in func.attrs:
@@ -198,27 +194,6 @@ def extract_tasks(mod: tvm.IRModule, min_elements: int = MIN_ELEMENTS
     return tasks, skipped
 
 
-@contextmanager
-def _light_tensor_intrin() -> Iterator[None]:
-    """Make ``import tvm.s_tir.tensor_intrin`` cheap while tuning contexts are created.
-
-    ``TuneContext()`` imports that package unconditionally, and its CUDA part parses ~30 s
-    of TVMScript here. The llvm rules we use have no tensor intrinsics, so the package's
-    module object stands in without running its ``__init__`` (submodules still import).
-    """
-    name = "tvm.s_tir.tensor_intrin"
-    if name in sys.modules:
-        yield
-        return
-    stub = importlib.util.module_from_spec(importlib.util.find_spec(name))
-    sys.modules[name] = stub
-    try:
-        yield
-    finally:
-        if sys.modules.get(name) is stub:
-            del sys.modules[name]
-
-
 @derived_object
 class _InProcessBuilder(ms.builder.PyBuilder):
     """Compiles candidates in this process, into ``out_dir``.
@@ -233,7 +208,6 @@ class _InProcessBuilder(ms.builder.PyBuilder):
         self.out_dir = out_dir
 
     def build(self, build_inputs: list[ms.builder.BuilderInput]) -> list[ms.builder.BuilderResult]:
-        from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
         from tvm.support.tar import tar
 
         results = []
@@ -242,7 +216,7 @@ class _InProcessBuilder(ms.builder.PyBuilder):
                 mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(inp.mod)
                 # One folder each: meta-schedule deletes an artifact's folder once measured.
                 path = os.path.join(tempfile.mkdtemp(dir=self.out_dir), "mod.tar")
-                tvm.compile(mod, target=inp.target).export_library(path, fcompile=tar)
+                compile_tir(mod, inp.target).export_library(path, fcompile=tar)
                 results.append(ms.builder.BuilderResult(path, None))
             except Exception as e:  # one bad candidate must not stop the search
                 results.append(ms.builder.BuilderResult(None, f"{type(e).__name__}: {e}"))
@@ -262,7 +236,7 @@ def _context(task: _Task, target: tvm.target.Target, trials: int) -> ms.TuneCont
     search = ms.search_strategy.EvolutionarySearch(
         population_size=max(64, 4 * trials), init_min_unmeasured=min(50, max(16, trials)))
     threads = int(target.attrs.get("num-cores", 0)) or os.cpu_count() or 1
-    with _light_tensor_intrin():
+    with light_tensor_intrin():
         return ms.TuneContext(mod=task.mod, target=target, space_generator=space,
                               search_strategy=search, task_name=task.name,
                               num_threads=threads, rand_state=0).clone()
@@ -385,7 +359,7 @@ def apply_database(mod: tvm.IRModule, target: tvm.target.Target,
     db = _database(db_dir)
     out = mod.clone()
     for gv, func in mod.functions_items():
-        if not isinstance(func, tirx.PrimFunc) or _skip_reason(func, 0):
+        if not isinstance(func, PrimFunc) or _skip_reason(func, 0):
             continue
         sch = db.query_schedule(_normalize(func), target, "main")
         if sch is None:
@@ -393,7 +367,7 @@ def apply_database(mod: tvm.IRModule, target: tvm.target.Target,
         # The original attributes (generic functions are private: no global_symbol), plus a
         # mark so that later schedulers (dlight) leave the tuned function alone.
         new = sch.mod["main"].without_attr("global_symbol").with_attrs(func.attrs)
-        new = new.with_attr("tirx.is_scheduled", True)
+        new = new.with_attr(SCHEDULED, True)
         out.update_func(gv, new)
     return out
 

@@ -3,15 +3,18 @@
 Every stage that depends on the target reads its entry instead of branching on the
 target's kind (see ``base.Backend`` for the fields):
 
-    api.compile_model   target, rules, build, manifest, describe, cannot_run_here
+    api.compile_model   target, rules, manifest, describe, cannot_run_here
+    build               pipeline (TVM's per-backend default passes), schedule_rules,
+                        codegen, check_code, and intcheck's tir_replay_proven
     bitplan             cost_model (measured on this CPU, or the arch's roofline model)
                         and precisions (the (weight, activation) pairs the ILP offers)
     tune                no_tune
     inspect             inspect
-    build               pipeline (TVM's per-backend default passes)
 
 Options are validated here, before any work (``check_options``). A new target is one
-entry in ``BACKENDS`` plus its lowering rules. Importing this package imports no TVM.
+entry in ``BACKENDS``: its facts, and a module beside ``llvm.py`` and ``cuda.py`` with the
+hooks (``base.HOOKS``: its target, lowering rules, code generation ...). Importing this
+package imports no TVM.
 """
 from __future__ import annotations
 
@@ -26,18 +29,10 @@ if TYPE_CHECKING:
     import tvm
 
 BACKENDS: dict[str, Backend] = {
-    "llvm": Backend(
-        "llvm", ("llvm",), "cpu_generic", target=llvm.target, rules=llvm.rules,
-        build=llvm.build, cost_model=llvm.cost_model, latency_source="measured",
-        precisions=llvm.precisions, reference_gpu=llvm.reference_gpu,
-        describe=llvm.describe, describe_json=llvm.describe_json, manifest=llvm.manifest,
-        cannot_run_here=llvm.cannot_run_here, inspect=llvm.inspect),
-    "cuda": Backend(
-        "cuda", tuple(CUDA_TARGETS), "cuda", target=cuda.target, rules=cuda.rules,
-        build=cuda.build, cost_model=cuda.cost_model, latency_source="predicted",
-        precisions=cuda.precisions, reference_gpu=cuda.reference_gpu,
-        describe=cuda.describe, describe_json=cuda.describe_json, manifest=cuda.manifest,
-        cannot_run_here=cuda.cannot_run_here, inspect=cuda.inspect, no_tune=cuda.NO_TUNE),
+    "llvm": Backend.from_module(llvm, names=("llvm",), pipeline="cpu_generic",
+                                latency_source="measured", tir_replay_proven=True),
+    "cuda": Backend.from_module(cuda, names=tuple(CUDA_TARGETS), pipeline="cuda",
+                                latency_source="predicted", no_tune=cuda.NO_TUNE),
 }
 TARGET_NAMES: tuple[str, ...] = tuple(n for b in BACKENDS.values() for n in b.names)
 

@@ -4,7 +4,7 @@ and the arch's roofline model as its latency source (no GPU is needed to build).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, ContextManager, Mapping
 
 from ..targets import DEFAULT_ARCH, PRECISIONS, Precisions, check_arch, cuda_arch
 
@@ -12,9 +12,10 @@ if TYPE_CHECKING:
     import tvm
 
     from ..bitplan import CostModel
-    from ..build import Built
     from ..costs import GpuSpec
+    from ..intcheck import IntCheckReport
     from ..lower import Lowered, Rule
+    from ..schedule_cuda import DeviceCode
     from ..targets import CudaArch
     from .base import CostInputs
 
@@ -44,11 +45,31 @@ def rules(batch: int, target: "tvm.target.Target") -> "list[tuple[str, Rule]]":
     return cuda_rules(batch, arch=_row(target).arch)
 
 
-def build(mod: "tvm.IRModule", target: "tvm.target.Target", *, tune: int = 0,
-          progress: bool = False) -> "Built":
-    from ..schedule_cuda import build_cuda
+def schedule_rules() -> list[Any]:
+    """dlight's GPU rules for the generic PrimFuncs (our kernels carry tirx.is_scheduled);
+    its ``gpu.Matmul`` is left out: on int8 it picks WMMA and dies in
+    InjectSoftwarePipeline (TVM_NOTES), and no GEMM reaches it here anyway."""
+    from ..tvm_compat import dlight
 
-    return build_cuda(mod, target).built
+    return [dlight.gpu.Reduction(), dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()]
+
+
+def codegen(target: "tvm.target.Target", arch: str | None) -> "ContextManager[DeviceCode]":
+    """nvcc compiles the device code at build time, for ``arch`` (default the target's)."""
+    from ..schedule_cuda import nvcc_at_build_time
+
+    return nvcc_at_build_time(arch or _row(target).arch)
+
+
+def check_code(rep: "IntCheckReport", ex: Any, device: "DeviceCode | None",
+               target: "tvm.target.Target") -> None:
+    """The SASS of the embedded binaries, scanned for float opcodes."""
+    from ..errors import BuildError
+    from ..schedule_cuda import record_sass
+
+    if device is None or not device.binaries:
+        raise BuildError("the CUDA build compiled no device code (was the source embedded?)")
+    record_sass(rep, device.binaries)
 
 
 def cost_model(inputs: "CostInputs") -> "CostModel":

@@ -2,9 +2,10 @@
 and per-layer latencies measured here (``latency.py``)."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, ContextManager, Mapping
 
 from ..targets import PRECISIONS, Precisions, check_arch, host_mcpu
 
@@ -12,8 +13,8 @@ if TYPE_CHECKING:
     import tvm
 
     from ..bitplan import CostModel
-    from ..build import Built
     from ..costs import GpuSpec
+    from ..intcheck import IntCheckReport
     from ..lower import Lowered, Rule
     from .base import CostInputs
 
@@ -37,11 +38,19 @@ def rules(batch: int, target: "tvm.target.Target") -> "list[tuple[str, Rule]]":
     return x86_rules(batch)
 
 
-def build(mod: "tvm.IRModule", target: "tvm.target.Target", *, tune: int = 0,
-          progress: bool = False) -> "Built":
-    from ..build import build as build_llvm
+def schedule_rules() -> list[Any]:
+    return []  # the generic PrimFuncs get schedule_generic's defaults after --tune
 
-    return build_llvm(mod, target, tune=tune, progress=progress)
+
+def codegen(target: "tvm.target.Target", arch: str | None) -> "ContextManager[None]":
+    return contextlib.nullcontext()  # LLVM code is generated in-process by tvm.compile
+
+
+def check_code(rep: "IntCheckReport", ex: Any, device: None, target: "tvm.target.Target") -> None:
+    """The compiled core's x86 assembly, scanned for float instructions."""
+    from ..intcheck import record_asm
+
+    record_asm(rep, ex)
 
 
 def cost_model(inputs: "CostInputs") -> "CostModel":
