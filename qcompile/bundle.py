@@ -32,13 +32,13 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from . import __version__
-from .artifact import atomic_dir, check_output_dir, write_json
+from .artifact import atomic_dir, check_output_dir
 from .errors import ArtifactError, UsageError
+from .flags import cache_dir, write_json
 
 MARKER = "bundle.json"
 LOADER = Path(__file__).with_name("loader.py")
 MAIN = Path(__file__).with_name("bundle_main.py")
-WHEEL_CACHE = Path.home() / ".cache" / "qcompile" / "wheels"
 
 # TVM's Python tree minus what only the compiler uses (runtime-only `import tvm` never
 # reaches these; the bundle's own CPU run proves it, and the GPU check the CUDA path).
@@ -90,7 +90,7 @@ def _ffi_core(version: str, wheels: Sequence[Path]) -> tuple[str, bytes]:
     ffi_version = metadata.version("apache-tvm-ffi")
     candidates = [w for w in wheels if f"-{tag}-" in Path(w).name]
     if not candidates:
-        candidates = sorted(WHEEL_CACHE.glob(f"apache_tvm_ffi-{ffi_version}-{tag}-*.whl"))
+        candidates = sorted(cache_dir("wheels").glob(f"apache_tvm_ffi-{ffi_version}-{tag}-*.whl"))
     if not candidates:
         candidates = _download_ffi_wheel(ffi_version, version)
     import zipfile
@@ -102,13 +102,14 @@ def _ffi_core(version: str, wheels: Sequence[Path]) -> tuple[str, bytes]:
 
 
 def _download_ffi_wheel(ffi_version: str, version: str) -> list[Path]:
-    WHEEL_CACHE.mkdir(parents=True, exist_ok=True)
+    wheels = cache_dir("wheels")
+    wheels.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
            "--python-version", version, "--implementation", "cp",
            "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
-           "-d", str(WHEEL_CACHE), f"apache-tvm-ffi=={ffi_version}"]
+           "-d", str(wheels), f"apache-tvm-ffi=={ffi_version}"]
     r = subprocess.run(cmd, capture_output=True, text=True)
-    got = sorted(WHEEL_CACHE.glob(f"apache_tvm_ffi-{ffi_version}-{_py_tag(version)}-*.whl"))
+    got = sorted(wheels.glob(f"apache_tvm_ffi-{ffi_version}-{_py_tag(version)}-*.whl"))
     if r.returncode or not got:
         raise UsageError(f"--python {version}: no apache-tvm-ffi {ffi_version} wheel for that "
                          "Python here and pip could not download one; pass it with --ffi-wheel")
