@@ -1,75 +1,78 @@
 """Per-layer, per-bit-width latency tables, measured on this machine's real kernels.
 
 HAWQ-V3's bit allocation trades accuracy for latency, so it needs each layer's cost at
-each bit width *on the target*. For every conv/dense layer this module builds the
-kernel the compiler would use (``kernels.x86_rules.select_kernel``), compiles it alone,
-feeds it random buffers and times it; identical layer shapes are timed once.
+each bit width *on the target*, for the kernel the compiled model will run. So the graph
+is quantized and lowered exactly as ``compile`` does it (the target's (weight,
+activation) pair for the width, the target's lowering rules), and each conv/dense layer
+is timed as that lowering runs it:
 
-Pipeline::
+- a layer a kernel serves (with whatever the rule fused into its epilogue): that kernel
+  PrimFunc itself, fed the model's own parameters and random activations;
+- any other layer: its generic lowering (``lower.GENERIC``) alone, compiled by
+  ``build.build`` as the model's generic functions are (default schedules included).
 
-    layer_descs(graph, batch)            name -> LayerDesc (NHWC, the quantizer's dtypes)
+Structurally identical functions are compiled and timed once. Pipeline::
+
+    timed_kernels(graph, target, bits)   layer -> TimedKernel (what runs, and its key)
     measure_layers(graph, target, ...)   -> LatencyTable (ms per layer per bit width)
     fit_overhead(table, plan, model_ms)  the non-layer rest of the model, a constant
 
 Cache: one JSON file (``$QCOMPILE_CACHE_DIR/latency.json``, default
 ``~/.cache/qcompile/latency.json``)::
 
-    {"format": 1, "entries": {KEY: {"ms": 0.53, "min_ms": 0.51, "samples": 20,
+    {"format": 2, "entries": {KEY: {"ms": 0.53, "min_ms": 0.51, "samples": 20,
                                     "kernel": "conv2d_nhwc_vnni", "fingerprint": "...",
                                     "measured_at": "2025-...+00:00"}}}
-    KEY = "<target>|<layer signature>|w<bits>|n<batch>"
-    target    = "llvm -mcpu=znver4 -threads=2"   (kind, mcpu, TVM pool threads)
-    signature = "op=conv2d;in_shape=1x56x56x64;in_dtype=uint8;..."  (every LayerDesc
-                field but w_bits, so a new field changes keys instead of colliding)
+    KEY = "<target>|<kernel>:<structural hash of the timed function>|n<batch>"
+    target = "llvm -mcpu=znver4 -threads=2"   (kind, mcpu, TVM pool threads)
 
-An entry whose ``fingerprint`` (TVM version + hash of the kernel sources) differs
-from the current one is stale: it is re-measured and overwritten, so editing a kernel
-never leaves old timings behind. New entries are written once per call (re-read,
-merge, temp file + ``os.replace``): readers never see a torn file, and two processes
-sharing it lose at most each other's entries from the same instant.
-
-4-bit: the int4-weight kernels come with a ``w_bits`` field on ``LayerDesc``; while
-it is missing, 4-bit entries are marked unavailable (not timed, not cached). A layer
-whose rules have no 4-bit kernel is timed on its 8-bit one (``_kernel_for``).
+An entry whose ``fingerprint`` (TVM version + hash of the kernel and lowering sources)
+differs from the current one is stale: it is re-measured and overwritten. New entries
+are written once per call (``flags.JsonCache``: re-read, merge, atomic replace).
 
 Timings are medians; on a shared machine they move with other processes' load (see
 ``_time_interleaved``). Compare tables only when taken under similar conditions.
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tqdm import tqdm
 from tvm import relax
 
+from . import kernels
 from .backends import backend_of
-from .build import legalize
+from .build import build, compile_tir
+from .config import QuantSpec
 from .errors import UsageError
 from .flags import JsonCache, cache_dir
-from .graph import LAYER_OPS, Graph, Node
-from .kernels import x86_rules as krules
-from .config import QuantSpec
-from .quantize import (Observer, calibration_tensors, quantize_graph,
-                       raw_output_producer)  # the quantizer's own rules
-from .targets import cpu_flags, make_target
+from .graph import LAYER_OPS, Graph
+from .lower import GENERIC as GENERIC_RULES
+from .lower import Lowered, LowerCtx, lower, stored_order
+from .qgraph import QGraph, QNode
+from .quantize import Observer, calibration_tensors, quantize_graph
+from .targets import make_target
+from .tvm_compat import PrimFunc
 
-LayerDesc = krules.LayerDesc
-CACHE_FORMAT = 1
-GENERIC = "generic"          # kernel name of TVM's legalized (unscheduled) fallback
-UNAVAILABLE = "unavailable"  # no such bit width on this kernel library yet
+CACHE_FORMAT = 2
+GENERIC = "generic"          # kernel name of a layer no kernel serves (TVM's legalization)
+UNAVAILABLE = "unavailable"  # the target runs no such bit width
 TARGET_SAMPLE_MS = 1        # each timing sample runs >= this long (number auto-scaled)
 MAX_LAYER_SECONDS = 2.0     # cap the repeats of very slow (generic) layers
-Buffers = list[tuple[str, tuple[int, ...], str]]  # (name, shape, dtype) per parameter
+# Sources whose edits change what is timed (beside the TVM version): kernels and lowering.
+_SOURCES = ((Path(kernels.__file__).parent, "x86_*.py"),
+            (Path(__file__).parent, "lower.py"), (Path(__file__).parent, "schedule*.py"))
 
 
-# ----------------------------------------------------------------------------- descriptions
+# ----------------------------------------------------------------------------- what is timed
 class _UnitRange:
     """Stand-in calibration: every tensor's range is [-1, 1] (or [0, 1])."""
 
@@ -77,80 +80,107 @@ class _UnitRange:
         return 1.0
 
 
-def tensor_dtypes(graph: Graph, stats: Mapping[str, Observer] | None = None
-                  ) -> dict[str, str]:
-    """Storage dtype of every activation, as ``quantize_graph`` itself decides it.
+@dataclass(frozen=True)
+class TimedKernel:
+    """One layer at one width, as the compiled model runs it.
 
-    The graph is quantized once (uniform 8-bit: the dtype does not depend on the
-    width, 4-bit values live in int8/uint8 too), so the answer is the quantizer's own:
-    unsigned after a ReLU-like act, a product of unsigned tensors, a table whose values
-    are all >= 0, ...  Only a table function's sign depends on the calibrated ranges
-    (it is the sign of f over the input's grid): ``stats`` gives them; tensors without
-    one get [-1, 1], which decides the sign of every common activation (Sigmoid,
-    HardSwish, SiLU, Gelu, Tanh ...) the same way as any range around 0.
+    ``mod["main"]`` is the kernel PrimFunc (destination-passing: its last parameter is
+    the output) or the generic layer's Relax function; ``args`` has one entry per
+    parameter: the model's own array, or None for an activation (filled at random).
+    Functions with the same ``key`` are structurally identical and share one timing.
     """
-    unit = _UnitRange()
-    st = {t: (stats.get(t, unit) if stats is not None else unit)
-          for t in calibration_tensors(graph)}
-    qg = quantize_graph(graph, st, QuantSpec(), refuse_overflow=False)  # dtypes only
-    return {name: t.qtype.dtype for name, t in qg.tensors.items()}
+
+    layer: str
+    kernel: str
+    mod: tvm.IRModule
+    args: tuple[np.ndarray | None, ...]
+    key: str
+
+    def signature(self) -> list[tuple[tuple[int, ...], str]]:
+        """(shape, dtype) of each parameter of ``main``, in order."""
+        f = self.mod["main"]
+        if isinstance(f, PrimFunc):  # TVM 0.27: a PrimFunc's parameters are its buffers
+            return [(tuple(int(d) for d in b.shape), str(b.dtype)) for b in f.params]
+        return [(tuple(int(d) for d in p.ty.shape), str(p.ty.dtype)) for p in f.params]
 
 
-def act_dtype(graph: Graph, tensor: str, stats: Mapping[str, Observer] | None = None) -> str:
-    """Storage dtype of one activation (``tensor_dtypes``): int8, uint8 or int32 (raw)."""
-    return tensor_dtypes(graph, stats)[tensor]
+def quantized_graph(graph: Graph, target: tvm.target.Target, bits: int,
+                    stats: Mapping[str, Observer] | None = None) -> QGraph | None:
+    """``graph`` quantized as a plan of all layers at ``bits`` compiles it: the target's
+    (weight, activation) pair for that width (None: the target has none). ``stats``
+    (calibration observers) decide the dtypes of table-function outputs; tensors without
+    one get [-1, 1], which decides the sign of every common activation the same way as
+    any range around 0. Timed only, never run for its values (no overflow refusal)."""
+    backend = backend_of(target)
+    pair = backend.precisions(backend.arch_of(target)).allocator.get(bits)
+    if pair is None:
+        return None
+    st = {t: (stats or {}).get(t, _UnitRange()) for t in calibration_tensors(graph)}
+    plan = {n.name: pair for n in graph.nodes if n.op in LAYER_OPS}
+    return quantize_graph(graph, st, QuantSpec(), bits=plan, refuse_overflow=False)
 
 
-def _nhwc(shape: Sequence[int], batch: int) -> tuple[int, ...]:
-    if len(shape) == 4:
-        _, c, h, w = shape
-        return (batch, h, w, c)
-    return (batch, *shape[1:])
+def _key(kernel: str, mod: tvm.IRModule) -> str:
+    return f"{kernel}:{tvm_ffi.structural_hash(mod) & (2**64 - 1):016x}"
 
 
-def _desc(graph: Graph, n: Node, batch: int, raw_name: str | None,
-          dtypes: Mapping[str, str]) -> LayerDesc:
-    in_shape = _nhwc(graph.shapes[n.inputs[0]], batch)
-    # The last layer may keep its int32 accumulator (raw), exactly as quantize.py decides.
-    raw = n.name == raw_name
-    common: dict[str, Any] = dict(in_shape=in_shape, in_dtype=dtypes[n.inputs[0]],
-                                  out_dtype=dtypes[n.output], raw=raw,
-                                  channels=int(n.params["w"].shape[0]))
-    if n.op == "dense":
-        return LayerDesc("dense", **common)
-    w, a = n.params["w"], n.attrs
-    return LayerDesc("conv2d", kernel=(int(w.shape[2]), int(w.shape[3])),
-                     strides=tuple(int(v) for v in a["strides"]),
-                     pads=tuple(int(v) for v in a["pads"]),
-                     dilations=tuple(int(v) for v in a["dilations"]),
-                     group=int(a["group"]), **common)
+def _kernel_calls(low: Lowered) -> dict[str, TimedKernel]:
+    """Per layer served by a kernel: the kernel PrimFunc (as ``main``) and the arguments
+    ``core`` calls it with (its own parameters' arrays; None for activations)."""
+    core = low.mod["core"]
+    params = list(zip(core.params[1:], (a for _, a in low.params)))
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    out: dict[str, TimedKernel] = {}
+
+    def array(arg: relax.Expr) -> np.ndarray | None:
+        return next((a for v, a in params if arg.same_as(v)), None)
+
+    def visit(e: relax.Expr) -> None:
+        if not (isinstance(e, relax.Call) and e.op.same_as(call_tir)):
+            return
+        fname = e.args[0].name_hint
+        if fname not in low.funcs:
+            return
+        layer = low.funcs[fname]
+        mod = tvm.IRModule({"main": low.mod[fname].with_attr("global_symbol", "main")})
+        kernel = fname.removesuffix("_" + re.sub(r"[^0-9A-Za-z]", "_", layer))
+        args = (*(array(a) for a in e.args[1].fields), None)  # + the output buffer
+        out[layer] = TimedKernel(layer, kernel, mod, args, _key(kernel, mod))
+
+    relax.analysis.post_order_visit(core.body, visit)
+    return out
 
 
-def layer_descs(graph: Graph, batch: int = 1,
-                stats: Mapping[str, Observer] | None = None) -> dict[str, LayerDesc]:
-    """Each conv/dense node of a prepared graph -> its kernel description at ``batch``.
+def _generic(n: QNode, qg: QGraph, batch: int) -> TimedKernel:
+    """A layer no kernel serves: ``lower.GENERIC``'s lowering of it alone, its input
+    stored as ``core`` stores it (NHWC for 4-D)."""
+    bb, t = relax.BlockBuilder(), qg.tensors[n.inputs[0]]
+    ctx = LowerCtx(bb, qg)
+    shape = (batch, *t.shape[1:])
+    x = relax.Var("x", relax.TensorType([shape[i] for i in stored_order(len(shape))],
+                                        t.qtype.dtype))
+    with bb.function("main"):
+        with bb.dataflow():
+            out = bb.emit_output(GENERIC_RULES[n.op](n, ctx, [x]))
+        bb.emit_func_output(out, params=[x, *ctx.vars])
+    mod = bb.get()
+    return TimedKernel(n.name, GENERIC, mod, (None, *(a for _, a in ctx.params)),
+                       _key(GENERIC, mod))
 
-    Dtypes come from ``tensor_dtypes`` (the quantizer's own, ``stats`` as there).
-    ``lo``/``hi`` stay None (the dtype's range): the clip bounds come from calibration,
-    which a latency table does not need, and they do not change the kernel's speed.
-    """
+
+def timed_kernels(graph: Graph, target: tvm.target.Target, bits: int = 8, batch: int = 1,
+                  stats: Mapping[str, Observer] | None = None) -> dict[str, TimedKernel]:
+    """Each conv/dense layer of ``graph`` at ``bits`` as the compiled model runs it: the
+    graph quantized (``quantized_graph``) and lowered with the target's rules at
+    ``batch``, exactly as ``compile`` does. Empty where the target has no such width."""
     if batch <= 0:
         raise UsageError(f"batch must be positive, got {batch}")
-    raw_name = raw_output_producer(graph)
-    dtypes = tensor_dtypes(graph, stats)
-    return {n.name: _desc(graph, n, batch, raw_name, dtypes)
-            for n in graph.nodes if n.op in LAYER_OPS}
-
-
-def supports_w_bits() -> bool:
-    """Whether the kernel library takes a weight bit width (the int4 kernels landed)."""
-    return "w_bits" in {f.name for f in dataclasses.fields(LayerDesc)}
-
-
-def _at_bits(d: LayerDesc, bits: int) -> LayerDesc | None:
-    if supports_w_bits():
-        return dataclasses.replace(d, w_bits=bits)
-    return d if bits == 8 else None
+    qg = quantized_graph(graph, target, bits, stats)
+    if qg is None:
+        return {}
+    kernels = _kernel_calls(lower(qg, backend_of(target).rules(batch, target), batch=batch))
+    return {n.name: kernels.get(n.name) or _generic(n, qg, batch)
+            for n in qg.nodes if n.op in ("qconv", "qdense")}
 
 
 # ----------------------------------------------------------------------------- keys
@@ -164,20 +194,10 @@ def _threads() -> int:
     return int(tvm.runtime.num_threads())
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, (tuple, list)):
-        return "x".join(map(str, v))
-    return str(v)
-
-
-def layer_signature(d: LayerDesc) -> str:
-    """Every LayerDesc field but w_bits (the key carries bits separately)."""
-    return ";".join(f"{f.name}={_fmt(getattr(d, f.name))}" for f in dataclasses.fields(d)
-                    if f.name != "w_bits")
-
-
-def cache_key(target: str, d: LayerDesc, bits: int, batch: int) -> str:
-    return f"{target}|{layer_signature(d)}|w{bits}|n{batch}"
+def cache_key(target: str, timed: TimedKernel, batch: int) -> str:
+    """Target, the timed function (kernel name and structural hash) and batch: the bit
+    width is not part of it, since the function already says all a width changes."""
+    return f"{target}|{timed.key}|n{batch}"
 
 
 def default_cache_path() -> Path:
@@ -185,99 +205,29 @@ def default_cache_path() -> Path:
 
 
 def fingerprint() -> str:
-    """TVM version + a hash of the kernel sources: a timing is only valid for both."""
+    """TVM version + a hash of the kernel and lowering sources: a timing is valid for both."""
     h = hashlib.sha256(tvm.__version__.encode())
-    for p in sorted(Path(krules.__file__).parent.glob("x86_*.py")):
+    for p in sorted(q for root, pattern in _SOURCES for q in root.glob(pattern)):
         h.update(p.name.encode() + p.read_bytes())
     return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- measuring
-def _compile(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.runtime.Executable:
-    """The one place this module compiles (tests replace it to prove cache hits)."""
-    return tvm.compile(mod, target)
+def _compile(mod: tvm.IRModule, target: tvm.target.Target) -> Any:
+    """The one place this module compiles (tests replace it to prove cache hits): a kernel
+    PrimFunc with TVM's TIR pipeline, a generic layer as ``build`` compiles the model's
+    generic functions (unchecked: not an artifact). Returns what ``time_evaluator`` runs."""
+    if isinstance(mod["main"], PrimFunc):
+        return compile_tir(mod, target).jit()
+    return relax.VirtualMachine(build(mod, target, checked=False).executable, tvm.cpu())
 
 
-def _fill(name: str, shape: Sequence[int], dtype: str, rng: np.random.Generator) -> np.ndarray:
-    """Random contents that cannot fault: values do not change a kernel's speed, but
-    shifts must stay in 0..63 and multipliers below 2^31, as dyadic() produces them."""
-    suffix = name.replace(".", "_").split("_")[-1]
-    if dtype == "int64":
-        lo, hi = {"m": (1 << 29, (1 << 31) - 1), "s": (8, 31)}.get(suffix, (0, 1 << 7))
-        return rng.integers(lo, hi, size=shape, dtype=np.int64)
-    if dtype == "int32":
+def _fill(shape: Sequence[int], dtype: str, rng: np.random.Generator) -> np.ndarray:
+    """A random activation: values do not change a kernel's speed."""
+    if dtype == "int32":  # raw accumulators: any moderate range
         return rng.integers(-(1 << 15), 1 << 15, size=shape, dtype=np.int32)
     info = np.iinfo(dtype)
     return rng.integers(info.min, int(info.max) + 1, size=shape, dtype=dtype)
-
-
-def _buffers(func: tvm.tirx.PrimFunc) -> Buffers:
-    """(name, shape, dtype) of each parameter buffer, in call order (output last)."""
-    bmap = getattr(func, "buffer_map", None)  # older TIR: Var params + buffer_map
-    bufs = [bmap[p] if bmap is not None else p for p in func.params]
-    return [(b.name, tuple(int(s) for s in b.shape), str(b.dtype)) for b in bufs]
-
-
-def _generic_module(d: LayerDesc) -> tuple[tvm.IRModule, Buffers]:
-    """One layer as the generic lowering (lower.py) writes it: NHWC/OHWI conv2d or matmul
-    int8 -> int32, + bias, then the int64 requantize epilogue unless raw; and its
-    parameters as (name, shape, dtype)."""
-    bb = relax.BlockBuilder()
-    ndim, c = len(d.in_shape), d.in_shape[-1]
-    x = relax.Var("x", relax.TensorType(d.in_shape, d.in_dtype))
-    if d.op == "conv2d":
-        w = relax.Var("w", relax.TensorType((d.channels, *d.kernel, c // d.group), "int8"))
-    else:
-        w = relax.Var("w", relax.TensorType((c, d.channels), "int8"))
-    vec = (1,) * (ndim - 1) + (d.channels,)
-    bias = relax.Var("bias", relax.TensorType(vec, "int32"))
-    q = [relax.Var(f"q_{k}", relax.TensorType(vec, "int64")) for k in "mrs"]
-    params = [x, w, bias] + ([] if d.raw else q)
-    shapes = [d.in_shape, (d.channels, *d.kernel, c // d.group) if d.op == "conv2d"
-              else (c, d.channels), vec] + ([] if d.raw else [vec] * 3)
-    dtypes = [d.in_dtype, "int8", "int32"] + ([] if d.raw else ["int64"] * 3)
-    with bb.function("main", params):
-        with bb.dataflow():
-            if d.op == "conv2d":
-                acc = bb.emit(relax.op.nn.conv2d(
-                    x, w, strides=d.strides, padding=d.pads, dilation=d.dilations,
-                    groups=d.group, data_layout="NHWC", kernel_layout="OHWI", out_dtype="int32"))
-            else:
-                acc = bb.emit(relax.op.matmul(x, w, out_dtype="int32"))
-            v = bb.emit(relax.op.add(acc, bias))
-            if not d.raw:
-                v = bb.emit(relax.op.astype(v, "int64"))
-                v = bb.emit(relax.op.right_shift(
-                    relax.op.add(relax.op.multiply(v, q[0]), q[1]), q[2]))
-                info = np.iinfo(d.out_dtype)
-                v = bb.emit(relax.op.astype(relax.op.clip(v, int(info.min), int(info.max)),
-                                            d.out_dtype))
-            out = bb.emit_output(v)
-        bb.emit_func_output(out)
-    names = ["x", "w", "bias", "q_m", "q_r", "q_s"]
-    return bb.get(), list(zip(names, (tuple(v) for v in shapes), dtypes))
-
-
-def _kernel_for(d: LayerDesc, bits: int, flags: frozenset[str]
-                ) -> tuple[str, krules.KernelSpec | None] | None:
-    """(kernel name, spec) for ``d`` at ``bits``; spec None means TVM's generic lowering.
-
-    None: the bit width is unavailable (LayerDesc has no w_bits yet). A 4-bit layer
-    with no 4-bit kernel (e.g. depthwise) is timed on its 8-bit kernel, since 4-bit
-    weights fit in int8 and that is the cheapest correct lowering; the kernel name
-    says so ("...@w8").
-    """
-    db = _at_bits(d, bits)
-    if db is None:
-        return None
-    spec = krules.select_kernel(db, flags)
-    if spec is not None:
-        return spec.name, spec
-    if bits != 8:
-        spec8 = krules.select_kernel(_at_bits(d, 8), flags)
-        if spec8 is not None:
-            return f"{spec8.name}@w8", spec8
-    return GENERIC, None
 
 
 @dataclass
@@ -290,27 +240,14 @@ class _Runnable:
     first_ms: float   # one warm-up call's time, to size the sampling of slow layers
 
 
-def _prepare(d: LayerDesc, bits: int, target: tvm.target.Target, seed: int = 0
-             ) -> _Runnable | None:
-    """Build, compile and fill one layer; None when ``bits`` is unavailable."""
-    picked = _kernel_for(d, bits, cpu_flags())
-    if picked is None:
-        return None
-    name, spec = picked
+def _prepare(t: TimedKernel, target: tvm.target.Target, seed: int = 0) -> _Runnable:
+    """Compile one timed function and fill its arguments."""
     dev, rng = tvm.cpu(), np.random.default_rng(seed)
-    if spec is not None:
-        func = spec.build()
-        ex = _compile(tvm.IRModule({"main": func}), target)
-        mod = ex.jit() if hasattr(ex, "jit") else ex
-        bufs = _buffers(func)
-    else:
-        ir, bufs = _generic_module(d)
-        mod = relax.VirtualMachine(_compile(legalize(ir, target), target), dev)
-    args = [tvm.runtime.tensor(_fill(n, s, t, rng), dev) for n, s, t in bufs]
-    if spec is not None:  # destination-passing: the output buffer is the last parameter
-        args[-1] = tvm.runtime.tensor(np.zeros(bufs[-1][1], bufs[-1][2]), dev)
+    mod = _compile(t.mod, target)
+    args = [tvm.runtime.tensor(a if a is not None else _fill(shape, dtype, rng), dev)
+            for a, (shape, dtype) in zip(t.args, t.signature())]
     first = mod.time_evaluator("main", dev, number=1, repeat=1)(*args).results[0] * 1e3
-    return _Runnable(name, mod, args, first)
+    return _Runnable(t.kernel, mod, args, first)
 
 
 def _sample(r: _Runnable, n: int) -> list[float]:
@@ -402,15 +339,15 @@ def measure_layers(graph: Graph, target: tvm.target.Target | str = "llvm", *,
                    rounds: int = 5, cache: Path | bool | None = True, force: bool = False,
                    progress: bool = True, stats: Mapping[str, Observer] | None = None
                    ) -> LatencyTable:
-    """Time every conv/dense layer of ``graph`` at each of ``bits`` on this machine.
+    """Time every conv/dense layer of ``graph`` at each of ``bits`` on this machine, as
+    the compiled model runs it (``timed_kernels``).
 
-    Unique (layer description, bits) pairs are compiled and timed once each, with the
-    kernel ``select_kernel`` picks (TVM's generic legalized op where none applies).
-    ``cache``: True = ``default_cache_path()``, a Path = that file, False/None = none;
-    cached entries are reused unless ``force``. Each layer gets about ``repeat``
+    Structurally identical functions are compiled and timed once each (across layers and
+    widths). ``cache``: True = ``default_cache_path()``, a Path = that file, False/None =
+    none; cached entries are reused unless ``force``. Each layer gets about ``repeat``
     samples of >= 1 ms, spread over ``rounds`` passes over all layers (see
-    ``_time_interleaved``); the table holds their median.  ``stats`` (calibration
-    observers) pin down the dtypes of table-function outputs (``tensor_dtypes``).
+    ``_time_interleaved``); the table holds their median. ``stats`` (calibration
+    observers) pin down the dtypes of table-function outputs (``quantized_graph``).
     """
     tgt = make_target(target) if isinstance(target, str) else target
     if backend_of(tgt).latency_source != "measured":
@@ -418,9 +355,11 @@ def measure_layers(graph: Graph, target: tvm.target.Target | str = "llvm", *,
                          f"got {tgt.kind.name}; use the predicted GPU roofline model for CUDA")
     path = default_cache_path() if cache is True else (Path(cache) if cache else None)
     tkey, fp = target_key(tgt), fingerprint()
-    descs = layer_descs(graph, batch, stats)
-    keys = {(name, b): cache_key(tkey, d, b, batch) for name, d in descs.items() for b in bits}
-    unique = {k: (descs[name], b) for (name, b), k in keys.items()}
+    timed = {b: timed_kernels(graph, tgt, b, batch, stats) for b in bits}
+    layers = [n.name for n in graph.nodes if n.op in LAYER_OPS]
+    keys = {(name, b): cache_key(tkey, t, batch) for b, per in timed.items()
+            for name, t in per.items()}
+    unique = {k: timed[b][name] for (name, b), k in keys.items()}
     cached = JsonCache(path, CACHE_FORMAT).load() if path is not None and not force else {}
     results: dict[str, dict] = {k: cached[k] for k in unique
                                 if cached.get(k, {}).get("fingerprint") == fp}
@@ -428,12 +367,7 @@ def measure_layers(graph: Graph, target: tvm.target.Target | str = "llvm", *,
     # Step 1. Build and compile every layer still to measure (keeping them all loaded).
     runs: dict[str, _Runnable] = {}
     for key in tqdm(todo, desc="latency: compile", unit="layer", disable=not progress or not todo):
-        d, b = unique[key]
-        r = _prepare(d, b, tgt)
-        if r is None:
-            results[key] = {"ms": None, "kernel": UNAVAILABLE}  # nothing worth caching
-        else:
-            runs[key] = r
+        runs[key] = _prepare(unique[key], tgt)
     # Step 2. Time them in interleaved passes; Step 3. cache the new entries in one write.
     with tqdm(total=rounds * len(runs), desc="latency: time", unit="layer",
               disable=not progress or not runs) as bar:
@@ -444,14 +378,13 @@ def measure_layers(graph: Graph, target: tvm.target.Target | str = "llvm", *,
     results.update(new)
     if path is not None and new:
         JsonCache(path, CACHE_FORMAT).update(new)
-    ms: dict[str, dict[int, float]] = {name: {} for name in descs}
-    kernels: dict[str, dict[int, str]] = {name: {} for name in descs}
+    # A width the target does not run is marked unavailable (and not timed).
+    ms: dict[str, dict[int, float]] = {name: {} for name in layers}
+    names: dict[str, dict[int, str]] = {name: dict.fromkeys(bits, UNAVAILABLE) for name in layers}
     for (name, b), key in keys.items():
-        e = results[key]
-        kernels[name][b] = e["kernel"]
-        if e["ms"] is not None:
-            ms[name][b] = float(e["ms"])
-    return LatencyTable(ms, tkey, batch, _threads(), True, kernels)
+        names[name][b] = results[key]["kernel"]
+        ms[name][b] = float(results[key]["ms"])
+    return LatencyTable(ms, tkey, batch, _threads(), True, names)
 
 
 # ----------------------------------------------------------------------------- whole model

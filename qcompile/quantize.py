@@ -557,7 +557,7 @@ def quantize_graph(graph: Graph, stats: Mapping[str, Observer], spec: QuantSpec 
     A layer whose int32 accumulator could overflow, or whose bias does not fit int32,
     raises ``AccumulatorOverflowError``. ``refuse_overflow=False`` clips such a bias and
     lets the bound pass instead: only for graphs that answer a dtype or timing question
-    and are never run for their values (``latency.tensor_dtypes``, ``bitplan._time_core``).
+    and are never run for their values (``latency.quantized_graph``, ``bitplan._time_core``).
     """
     q = _Quantizer(graph, stats, spec, bits, rounded, refuse_overflow)
     in_qt = QType(q.out_bits(graph.input), True)

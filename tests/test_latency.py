@@ -5,7 +5,6 @@ are positive, never how they compare. Every test uses a cache under ``tmp_path``
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -15,9 +14,18 @@ import pytest
 from onnx import helper
 
 from onnx_builders import conv_node, init, make_model, rng, save
+import tvm_ffi
+from tvm import tirx
+
 from qcompile import latency as L
+from qcompile.build import build
+from qcompile.config import QuantSpec
 from qcompile.errors import UsageError
 from qcompile.graph import Graph, Node
+from qcompile.lower import lower
+from qcompile.qgraph import QGraph
+from qcompile.schedule import x86_rules
+from qcompile.targets import cpu_flags, make_target
 from qcompile.onnx_import import import_onnx, load_model
 from qcompile.prepare import prepare
 from qcompile.quantize import calibration_tensors, quantize_graph
@@ -77,28 +85,72 @@ def _fail_compile(mod, target):  # type: ignore[no-untyped-def]
     raise AssertionError("compiled although every layer was cached")
 
 
-# ----------------------------------------------------------------------------- descriptions
+TARGET = make_target("llvm")
+
+
+def _io(t: L.TimedKernel) -> tuple[tuple[int, ...], str, tuple[int, ...], str]:
+    """(input shape, input dtype, output shape, output dtype) of a timed kernel."""
+    sig = t.signature()
+    return (*sig[0], *sig[-1])
+
+
+# ----------------------------------------------------------------------------- what is timed
 def test_dtypes_and_shapes_traced(tmp_path: Path) -> None:
-    descs = L.layer_descs(_graph(_chain_model(), tmp_path), batch=2)
-    names = list(descs)
-    assert len(names) == 4
-    c1, c2, c3, fc = (descs[n] for n in names)
-    assert (c1.in_dtype, c1.out_dtype) == ("int8", "uint8")    # graph input is int8
-    assert (c2.in_dtype, c2.out_dtype) == ("uint8", "int8")    # relu traced through maxpool
-    assert (c3.in_dtype, c3.out_dtype) == ("int8", "uint8")    # no act before it
-    assert fc.in_dtype == "uint8"                              # relu traced through flatten
-    assert fc.raw and fc.out_dtype == "int32"                  # logits keep the accumulator
-    assert c1.in_shape == (2, 8, 8, 3) and c2.in_shape == (2, 4, 4, 8)   # NHWC at batch 2
-    assert (c1.op, c1.channels, c1.kernel, c1.pads) == ("conv2d", 8, (3, 3), (1, 1, 1, 1))
-    assert (fc.op, fc.in_shape, fc.channels) == ("dense", (2, 128), 5)
+    timed = L.timed_kernels(_graph(_chain_model(), tmp_path), TARGET, batch=2)
+    assert list(timed) == ["c1", "c2", "c3", "fc"]
+    c1, c2, c3, fc = timed.values()
+    assert _io(c1) == ((2, 8, 8, 3), "int8", (2, 8, 8, 8), "uint8")  # graph input is int8
+    assert _io(c2)[1::2] == ("uint8", "int8")    # relu traced through maxpool
+    assert _io(c3)[1::2] == ("int8", "uint8")    # no act before it
+    assert c2.signature()[0][0] == (2, 4, 4, 8)  # NHWC at batch 2
+    assert _io(fc) == ((2, 128), "uint8", (2, 5), "int32")  # logits keep the accumulator
+    assert (c1.kernel, fc.kernel) == ("conv2d_nhwc_vnni", "dense_vnni")
+    assert c1.args[0] is None and c1.args[-1] is None  # activation in, output out
+    assert all(isinstance(a, np.ndarray) for a in c1.args[1:-1])  # the model's own arrays
 
 
-def test_signature_ignores_bits_and_names() -> None:
-    d = L.LayerDesc("conv2d", (1, 8, 8, 16), channels=16, kernel=(3, 3), pads=(1, 1, 1, 1))
-    key = L.cache_key("llvm -threads=2", d, 4, 1)
-    assert key.startswith("llvm -threads=2|op=conv2d;in_shape=1x8x8x16;") and key.endswith("|w4|n1")
-    assert "w_bits" not in key
-    assert L.cache_key("llvm -threads=2", d, 8, 1) != key
+def test_cache_key_is_the_timed_function(tmp_path: Path) -> None:
+    """Layers whose kernels are the same function share a key, whatever their names."""
+    c0, c1, c2 = L.timed_kernels(_graph(_dup_model(), tmp_path), TARGET).values()
+    assert c1.key == c2.key != c0.key and c1.layer != c2.layer
+    key = L.cache_key("llvm -threads=2", c1, 1)
+    assert key == f"llvm -threads=2|{c1.key}|n1" and c1.key.startswith(c1.kernel + ":")
+
+
+def test_timed_kernel_is_the_compiled_kernel(tmp_path: Path) -> None:
+    """The table times the very function ``compile`` builds for each layer (structurally
+    equal PrimFunc), with the model's own parameters, at 8 and at 4 bits."""
+    g = _graph(_chain_model(), tmp_path)
+    stats = {t: Unit() for t in calibration_tensors(g)}
+    for bits, pair in ((8, "w8a8"), (4, "w4a8")):
+        qg = quantize_graph(g, stats, QuantSpec(bits=pair, first_last_bits=pair))
+        low = lower(qg, x86_rules(1), batch=1)
+        compiled = build(low.mod, TARGET).lowered
+        timed = L.timed_kernels(g, TARGET, bits)
+        kernels = {layer: f for f, layer in low.funcs.items() if layer in timed}
+        assert set(kernels) == set(timed) == {"c1", "c2", "c3", "fc"}
+        for layer, fname in kernels.items():
+            want = compiled[fname].with_attr("global_symbol", "main")
+            assert tvm_ffi.structural_equal(timed[layer].mod["main"], want), (bits, layer)
+            got = [a for a in timed[layer].args if a is not None]
+            assert got and all(any(np.array_equal(a, v) for _, v in low.params) for a in got)
+
+
+def test_generic_layer_is_the_compiled_generic_function(tmp_path: Path) -> None:
+    """A layer no kernel serves is timed as its generic lowering, scheduled as the model's
+    own generic functions are: every PrimFunc timed for it is one the model compiles."""
+    g = _graph(_dup_model(group=4), tmp_path)
+    stats = {t: Unit() for t in calibration_tensors(g)}
+    low = lower(quantize_graph(g, stats, QuantSpec()), x86_rules(1), batch=1)
+    model = [f for _, f in build(low.mod, TARGET).lowered.functions_items()
+             if isinstance(f, tirx.PrimFunc)]
+    timed = L.timed_kernels(g, TARGET, 8)
+    assert {t.kernel for t in timed.values()} == {L.GENERIC}
+    for layer in ("c1", "c2"):  # c0 reads the transposed model input (fused differently)
+        built = build(timed[layer].mod, TARGET, checked=False).lowered
+        funcs = [f for _, f in built.functions_items() if isinstance(f, tirx.PrimFunc)]
+        assert funcs and all(any(tvm_ffi.structural_equal(f, m) for m in model)
+                             for f in funcs), layer
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -107,21 +159,17 @@ def test_measure_dedupes_and_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     cache = tmp_path / "lat.json"
     calls = _counting_compile(monkeypatch)
     table = L.measure_layers(g, "llvm", bits=(4, 8), cache=cache, repeat=REPEAT, progress=False)
-    n_bits = 2 if L.supports_w_bits() else 1
-    assert len(calls) == 2 * n_bits  # 3 layers, 2 unique shapes+dtypes, per bit width
+    n = len(calls)  # 3 layers, 2 unique functions per bit width (fewer if widths coincide)
+    assert 2 <= n <= 4
     c0, c1, c2 = table.ms
     assert table.ms[c1] == table.ms[c2]  # one measurement serves both
     assert all(ms > 0 for per in table.ms.values() for ms in per.values())
     assert table.measured and table.batch == 1 and table.threads >= 1
     assert table.target.startswith("llvm") and f"-threads={table.threads}" in table.target
-    if L.supports_w_bits():
-        assert all(set(per) == {4, 8} for per in table.ms.values())
-    else:  # 4-bit kernels not landed: marked, not timed
-        assert all(set(per) == {8} for per in table.ms.values())
-        assert {k[4] for k in table.kernels.values()} == {L.UNAVAILABLE}
+    assert all(set(per) == {4, 8} for per in table.ms.values())
 
     data = json.loads(cache.read_text())
-    assert data["format"] == L.CACHE_FORMAT and len(data["entries"]) == 2 * n_bits
+    assert data["format"] == L.CACHE_FORMAT and len(data["entries"]) == n
     entry = next(iter(data["entries"].values()))
     assert entry["ms"] > 0 and entry["fingerprint"] == L.fingerprint() and entry["kernel"]
     assert 0 < entry["min_ms"] <= entry["ms"] and entry["samples"] >= REPEAT
@@ -167,20 +215,17 @@ def test_generic_fallback_for_grouped_conv(tmp_path: Path) -> None:
     assert all(per[8] > 0 for per in table.ms.values())
 
 
-def test_four_bit_contract(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With ``LayerDesc.w_bits`` (simulated until the int4 kernels land) every layer gets a
-    4-bit entry under its own cache key."""
-    if not L.supports_w_bits():
-        @dataclasses.dataclass(frozen=True)
-        class WithBits(L.LayerDesc):  # type: ignore[misc, valid-type]
-            w_bits: int = 8
-        monkeypatch.setattr(L, "LayerDesc", WithBits)
+def test_four_bit_layers(tmp_path: Path) -> None:
+    """4 bits is the target's 4-bit pair (llvm: W4A8), on the int4 kernels where the CPU
+    has them (GFNI), else on the int8 ones, which then serve both widths."""
     cache = tmp_path / "lat.json"
-    table = L.measure_layers(_graph(_dup_model(), tmp_path), bits=(4, 8), cache=cache,
-                             repeat=REPEAT, progress=False)
+    g = _graph(_dup_model(), tmp_path)
+    table = L.measure_layers(g, bits=(4, 8), cache=cache, repeat=REPEAT, progress=False)
     assert all(set(per) == {4, 8} and min(per.values()) > 0 for per in table.ms.values())
-    keys = json.loads(cache.read_text())["entries"]
-    assert sorted(k.rsplit("|", 2)[1] for k in keys) == ["w4", "w4", "w8", "w8"]
+    four = {per[4] for per in table.kernels.values()}
+    assert four == ({"conv2d_nhwc_vnni_int4"} if "gfni" in cpu_flags() else {"conv2d_nhwc_vnni"})
+    assert L.quantized_graph(g, TARGET, 4).nodes[1].attrs["bits"] == 4
+    assert L.timed_kernels(g, TARGET, 2) == {}  # no 2-bit pair on this target
 
 
 def test_cuda_target_refused(tmp_path: Path) -> None:
@@ -223,6 +268,27 @@ def test_overhead_and_report_rows() -> None:
 
 
 # ----------------------------------------------------------------------------- new ops
+class Unit:
+    def threshold(self, signed: bool, bits: int) -> float:
+        return 1.0
+
+
+def _dtype(g: Graph, tensor: str) -> str:
+    return L.quantized_graph(g, TARGET, 8).tensors[tensor].qtype.dtype
+
+
+def timed_output(qg: QGraph, layer: str) -> str:
+    """The tensor a layer's kernel writes: its own output, or the last one of the chain
+    a rule fused into its epilogue (a kernel's output dtype is that tensor's)."""
+    node = next(n for n in qg.nodes if n.name == layer)
+    out = node.output
+    while True:
+        users = [n for n in qg.nodes if out in n.inputs]
+        if len(users) != 1 or users[0].op not in ("qadd", "clip", "lut"):
+            return out
+        out = users[0].output
+
+
 def _ops_graph(case: str) -> Graph:
     """The canonical graph of one of test_ops' tiny models."""
     nodes, inits, shape, opset = OPS_CASES[case][0]()
@@ -233,23 +299,19 @@ def test_latency_dtypes_are_the_quantizers() -> None:
     """Every layer's in/out dtype is that of the quantized tensors (lut, mul, add ...)."""
     for case in ("squeeze_excite", "silu_prelu", "add_sub_sum", "affine", "reductions"):
         g = _ops_graph(case)
-
-        class Unit:
-            def threshold(self, signed: bool, bits: int) -> float:
-                return 1.0
         qg = quantize_graph(g, {t: Unit() for t in calibration_tensors(g)})
-        descs = L.layer_descs(g)
+        timed = L.timed_kernels(g, TARGET)
         for n in g.nodes:
-            if n.op in ("conv", "dense"):
-                d = descs[n.name]
-                assert d.in_dtype == qg.tensors[n.inputs[0]].qtype.dtype, (case, n.name)
-                assert d.out_dtype == qg.tensors[n.output].qtype.dtype, (case, n.name)
+            if n.op in ("conv", "dense") and timed[n.name].kernel != L.GENERIC:
+                _, dtype, _, out = _io(timed[n.name])
+                assert dtype == qg.tensors[n.inputs[0]].qtype.dtype, (case, n.name)
+                assert out == qg.tensors[timed_output(qg, n.name)].qtype.dtype, (case, n.name)
     # SiLU's output is signed (x * sigmoid(x) < 0 for x < 0): the next conv reads int8
     g = _ops_graph("silu_prelu")
-    assert L.act_dtype(g, "silu") == "int8" and L.layer_descs(g)["d"].in_dtype == "int8"
+    assert _dtype(g, "silu") == "int8" and _io(L.timed_kernels(g, TARGET)["d"])[1] == "int8"
     # HardSigmoid >= 0 times relu >= 0: the excite product is unsigned
     g = _ops_graph("squeeze_excite")
-    assert L.act_dtype(g, "hs") == "uint8" and L.act_dtype(g, "y") == "uint8"
+    assert _dtype(g, "hs") == "uint8" and _dtype(g, "y") == "uint8"
 
 
 def test_lut_dtype_follows_calibrated_range() -> None:
@@ -269,5 +331,6 @@ def test_lut_dtype_follows_calibrated_range() -> None:
 
         def threshold(self, signed: bool, bits: int) -> float:
             return self.t
-    assert L.layer_descs(g)["c"].in_dtype == "uint8"
-    assert L.layer_descs(g, stats={"x": T(4.0), "y": T(1.0)})["c"].in_dtype == "int8"
+    def dtype(stats: dict | None) -> str:
+        return L.quantized_graph(g, TARGET, 8, stats).tensors["y"].qtype.dtype
+    assert dtype(None) == "uint8" and dtype({"x": T(4.0), "y": T(1.0)}) == "int8"
