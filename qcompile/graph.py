@@ -1,7 +1,7 @@
 """The one in-memory graph every stage passes along.
 
-A ``Graph`` is a single-input, single-output DAG of ``Node``s in topological
-order.  The importer produces it with ONNX-like ops; ``prepare`` rewrites it into
+A ``Graph`` is a single-input, single-output DAG of ``Node``s (``node.py``: the record
+the quantized graph's ``QNode`` shares) in topological order.  The importer produces it with ONNX-like ops; ``prepare`` rewrites it into
 the canonical op set below, whose float semantics are what calibration measures
 and what quantization approximates.
 
@@ -42,11 +42,10 @@ output), so calibration can read every tensor straight from onnxruntime.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from types import MappingProxyType
-from typing import Any, Mapping
+from dataclasses import dataclass, replace
+from typing import Mapping
 
-import numpy as np
+from .node import Node, frozen_mapping
 
 CANONICAL_OPS: frozenset[str] = frozenset(
     {"conv", "dense", "add", "mul", "affine", "lut", "clip", "maxpool", "avgpool", "gap",
@@ -57,31 +56,6 @@ LAYER_OPS: frozenset[str] = frozenset({"conv", "dense"})
 # decided where it is requantized and flows through these unchanged.
 PASSTHROUGH_OPS: frozenset[str] = frozenset(
     {"maxpool", "clip", "flatten", "reshape", "pad", "transpose", "slice", "gather"})
-
-
-def _freeze(d: Mapping[str, Any] | None) -> Mapping[str, Any]:
-    return MappingProxyType(dict(d or {}))
-
-
-@dataclass(frozen=True)
-class Node:
-    """One operator. ``inputs`` are activation tensors; weights live in ``params``."""
-
-    op: str
-    name: str
-    inputs: tuple[str, ...]
-    output: str
-    attrs: Mapping[str, Any] = field(default_factory=dict)
-    params: Mapping[str, np.ndarray] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "inputs", tuple(self.inputs))
-        object.__setattr__(self, "attrs", _freeze(self.attrs))
-        object.__setattr__(self, "params", _freeze(self.params))
-
-    def with_(self, **changes: Any) -> "Node":
-        """A copy with some fields replaced (nodes are immutable)."""
-        return replace(self, **changes)
 
 
 @dataclass(frozen=True)
@@ -98,7 +72,7 @@ class Graph:
     def __post_init__(self) -> None:
         object.__setattr__(self, "nodes", tuple(self.nodes))
         object.__setattr__(self, "input_shape", tuple(self.input_shape))
-        object.__setattr__(self, "shapes", _freeze(self.shapes))
+        object.__setattr__(self, "shapes", frozen_mapping(self.shapes))
 
     def producer(self, tensor: str) -> Node | None:
         """The node that writes ``tensor`` (None for the graph input)."""

@@ -41,11 +41,12 @@ after a conv, (1, C) after a dense, (1, 1, OH, OW) per position, () per tensor.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
+
+from .node import Node
 
 QOPS: frozenset[str] = frozenset(
     {"qconv", "qdense", "qadd", "qmul", "qaffine", "lut", "lrn", "clip", "maxpool", "avgpool",
@@ -96,20 +97,13 @@ class QTensor:
 
 
 @dataclass(frozen=True)
-class QNode:
-    op: str
-    name: str
-    inputs: tuple[str, ...]
-    output: str
-    attrs: Mapping[str, Any] = field(default_factory=dict)
-    params: Mapping[str, np.ndarray] = field(default_factory=dict)
+class QNode(Node):
+    """A ``Node`` whose op is one of ``QOPS``, with the integer semantics above."""
 
     def __post_init__(self) -> None:
         if self.op not in QOPS:
             raise ValueError(f"unknown quantized op {self.op!r}")
-        object.__setattr__(self, "inputs", tuple(self.inputs))
-        object.__setattr__(self, "attrs", MappingProxyType(dict(self.attrs)))
-        object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
+        super().__post_init__()
 
 
 @dataclass(frozen=True)
