@@ -5,7 +5,7 @@
 
 The crops are random 256 px squares (random short-side scale in [256, 320], random
 horizontal flip) of the natural images ``effnet_fidelity.natural_images`` finds,
-saved as PNG so ``qcompile compile --calib DIR --size 224 --resize 256 --mean
+saved as PNG so ``qcompile compile --data DIR --size 224 --resize 256 --mean
 0.498,0.498,0.498 --std 0.502,0.502,0.502`` centre-crops them exactly like the
 model's own preprocessing.  Images alternate between calib/ and eval/, so no
 evaluated crop comes from a calibration image.

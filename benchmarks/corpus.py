@@ -35,12 +35,17 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from qcompile.results import BenchResult
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import NA, Stopwatch, finish, fmt_num, machine_info, write_results  # noqa: E402
 
-DEFAULT_CORPUS = Path(os.environ.get("QCOMPILE_CACHE_DIR", Path.home() / ".cache" / "qcompile")) / "corpus"
+from qcompile.flags import cache_dir  # noqa: E402
+
+DEFAULT_CORPUS = cache_dir("corpus")  # $QCOMPILE_CACHE_DIR/corpus
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK = ("resnet18", "mobilenet_v2", "mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x1_0",
          "efficientnet_lite0_real", "mobilenet_v2_nhwc", "mobilenet_v3_small_dynhw",
@@ -59,7 +64,7 @@ def _save(path: Path, rec: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _ort_bench(model: Path, shape: list[int], repeat: int) -> dict[str, Any]:
+def _ort_bench(model: Path, shape: list[int], repeat: int) -> "BenchResult":
     """``api.ort_bench``, except for dynamic spatial dims (it would feed 1x1 images)."""
     from qcompile import api
     import onnx
@@ -69,6 +74,7 @@ def _ort_bench(model: Path, shape: list[int], repeat: int) -> dict[str, Any]:
         return api.ort_bench(model, repeat=repeat)
     import numpy as np
     import onnxruntime as ort
+    from qcompile.results import BenchResult
     from qcompile.runtime import summarize_ms
 
     sess = ort.InferenceSession(str(model), api.ort_session_options(),  # ORT's defaults
@@ -81,7 +87,7 @@ def _ort_bench(model: Path, shape: list[int], repeat: int) -> dict[str, Any]:
         t = time.perf_counter()
         sess.run(None, feed)
         times.append(time.perf_counter() - t)
-    return summarize_ms(times, shape[0])
+    return BenchResult.from_summary(summarize_ms(times, shape[0]))
 
 
 def run_one(entry: dict[str, Any], corpus: Path, out: Path, samples: int, repeat: int,
@@ -121,20 +127,19 @@ def run_one(entry: dict[str, Any], corpus: Path, out: Path, samples: int, repeat
         rec.update(stage=stage)
         _save(result, rec)
         ev = api.evaluate(model, out, num_samples=samples, progress=False)
-        rec.update(bit_exact=ev["bit_exact"], integer_only=ev["integer_only"] and res.integer_only,
-                   top1_agreement=ev["top1_agreement"], sqnr_db=ev["sqnr_db"],
-                   eval_samples=ev["num_samples"],
+        rec.update(bit_exact=ev.bit_exact, integer_only=ev.integer_only and res.integer_only,
+                   top1_agreement=ev.top1_agreement, sqnr_db=ev.sqnr_db,
+                   eval_samples=ev.num_samples,
                    # where the noise comes from: the three layers with the lowest SQNR
-                   worst_layers=[{"name": x["name"], "op": x["op"],
-                                  "sqnr_db": round(x["sqnr_db"], 1)}
-                                 for x in sorted(ev["layers"], key=lambda x: x["sqnr_db"])[:3]])
+                   worst_layers=[{"name": x.name, "op": x.op, "sqnr_db": round(x.sqnr_db, 1)}
+                                 for x in sorted(ev.layers, key=lambda x: x.sqnr_db)[:3]])
         stage = "bench"
         rec.update(stage=stage)
         _save(result, rec)
         qb = api.bench_artifact(out, repeat=repeat)
         ob = _ort_bench(model, shape, repeat)
-        rec.update(qc_ms=qb["median_ms"], ort_ms=ob["median_ms"],
-                   speedup=ob["median_ms"] / qb["median_ms"] if qb["median_ms"] > 0 else None)
+        rec.update(qc_ms=qb.median_ms, ort_ms=ob.median_ms,
+                   speedup=ob.median_ms / qb.median_ms if qb.median_ms > 0 else None)
         ok = rec["bit_exact"] and rec["integer_only"]
         rec.update(stage="done", status="ok" if ok else "inexact",
                    line="" if ok else f"bit_exact={rec['bit_exact']} "

@@ -98,8 +98,8 @@ def main() -> None:
     noise = ((ref - peer) ** 2).sum()
     res = {"images": len(imgs), "eval_crops": len(evals), "calib_crops": len(calib),
            "calibrator": args.calibrator,
-           "qcompile_int8": {"top1_agreement": ours["top1_agreement"], "sqnr_db": ours["sqnr_db"],
-                             "bit_exact": ours["bit_exact"], "integer_only": ours["integer_only"]},
+           "qcompile_int8": {"top1_agreement": ours.top1_agreement, "sqnr_db": ours.sqnr_db,
+                             "bit_exact": ours.bit_exact, "integer_only": ours.integer_only},
            "ort_int8_qdq": {"top1_agreement": float((ref.argmax(1) == peer.argmax(1)).mean()),
                             "sqnr_db": float(10 * np.log10((ref ** 2).sum() / noise))}}
     print(json.dumps(res, indent=1))

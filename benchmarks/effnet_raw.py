@@ -48,10 +48,10 @@ def main() -> int:
         ev = api.evaluate(model, art, num_samples=16, progress=False)
         graph = json.loads((art / "qconfig.json").read_text())["graph"]
         rows[name] = {"model": str(model), "compile_s": round(time.perf_counter() - c0, 1),
-                      "bit_exact": ev["bit_exact"], "integer_only": res.integer_only,
+                      "bit_exact": ev.bit_exact, "integer_only": res.integer_only,
                       "ops": dict(Counter(n["op"] for n in graph["nodes"])),
-                      "sqnr_db": round(ev["sqnr_db"], 2)}
-        if not (ev["bit_exact"] and res.integer_only):
+                      "sqnr_db": round(ev.sqnr_db, 2)}
+        if not (ev.bit_exact and res.integer_only):
             problems.append(f"{name}: not bit-exact or not integer-only")
         arts[name] = Artifact.load(art)
     x = np.random.default_rng(0).normal(size=(1, 3, 224, 224)).astype(np.float32)

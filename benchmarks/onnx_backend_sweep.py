@@ -7,7 +7,7 @@ The models come from the Debian package ``libonnx-testdata``
 (``apt-get install -y libonnx-testdata``: ``/usr/share/libonnx-testdata/data/<suite>/
 <test>/model.onnx``; ~930 single-op ``node`` tests).  Each one is compiled by the
 ``qcompile`` CLI's own ``main``, in-process in a worker, exactly as
-``qcompile compile model.onnx -o OUT --target llvm --bits 8 --calib synthetic
+``qcompile compile model.onnx -o OUT --target llvm --bits 8 --data synthetic
 --calib-samples 2 -q`` would run it, and classified:
 
 * ``compiled``  exit 0; then checked: bit-exact against the NumPy oracle (``api.evaluate``)
@@ -60,7 +60,7 @@ BUGS = ("traceback", "hang", "crash")
 # ----------------------------------------------------------------------------- the worker
 def _cli_args(model: Path, out: Path, samples: int) -> list[str]:
     return ["compile", str(model), "-o", str(out), "--target", "llvm", "--bits", "8",
-            "--calib", "synthetic", "--calib-samples", str(samples), "-q"]
+            "--data", "synthetic", "--calib-samples", str(samples), "-q"]
 
 
 def _run_cli(main: Any, args: list[str]) -> tuple[int, str, str | None]:
@@ -131,7 +131,7 @@ def check_compiled(model: Path, art: Path, test_dir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
         ev = api.evaluate(model, art, num_samples=2, progress=False)
-        out["bit_exact"] = bool(ev["bit_exact"])
+        out["bit_exact"] = bool(ev.bit_exact)
     except Exception as e:  # noqa: BLE001
         out["check_error"] = f"evaluate: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
     data = test_dir / "test_data_set_0"

@@ -59,15 +59,15 @@ def run_model(name: str, repeat: int, calib_n: int, work: Path) -> dict:
                                               for b in cfg["costs"]["bits"].values()),
                            "budget": plan.get("budgets"),
                            "predicted_ms": plan.get("predicted_latency_ms"),
-                           "bit_exact": ev["bit_exact"], "top1_agreement": ev["top1_agreement"],
-                           "sqnr_db": ev["sqnr_db"]}
+                           "bit_exact": ev.bit_exact, "top1_agreement": ev.top1_agreement,
+                           "sqnr_db": ev.sqnr_db}
             arts[label] = Artifact.load(out)
         t4 = {}
         for kind in ("latency", "size"):
             for a in ALPHAS:
                 p = api.allocate_model(model, target="cuda", calib=calib, progress=False,
                                        alloc=AllocSpec(**{kind: str(a)}, sensitivity="kl"))
-                t4[f"mixed {kind} {a}"] = {k: p[k] for k in ("predicted_latency_ms", "size_mb",
+                t4[f"mixed {kind} {a}"] = {k: p.to_json()[k] for k in ("predicted_latency_ms", "size_mb",
                                                              "bops_g", "budgets")}
     xin = np.random.default_rng(0).normal(size=(1,) + tuple(zoo_input(name))).astype(np.float32)
     xt = tvm.runtime.tensor(xin)

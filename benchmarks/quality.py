@@ -297,8 +297,8 @@ class Runner:
         # the oracle subset's agreement must be the artifact's own on the same inputs
         sub = float((y[:n].argmax(1) == self.y_float[:n].argmax(1)).mean())
         res.update(status="ok", size_mb=cfg["costs"]["size_mb"], bops_g=cfg["costs"]["bops_g"],
-                   layers=counts, bit_exact=bool(ev["bit_exact"]) and abs(sub - ev["top1_agreement"]) < 1e-9,
-                   integer_only=bool(ev["integer_only"]), exact_samples=n,
+                   layers=counts, bit_exact=bool(ev.bit_exact) and abs(sub - ev.top1_agreement) < 1e-9,
+                   integer_only=bool(ev.integer_only), exact_samples=n,
                    compile_seconds=t_compile, row_seconds=time.perf_counter() - t_row,
                    **self.scores(y))
         if cfg.get("plan"):

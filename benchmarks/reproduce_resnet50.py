@@ -64,7 +64,8 @@ def t4_plan(files: sp.ModelFiles, a: argparse.Namespace) -> dict[str, Any]:
         plan = api.allocate_model(files.onnx, target="cuda", batch=T4_BATCH, progress=False,
                                   calib=CalibSpec(num_samples=a.calib_samples),
                                   alloc=AllocSpec(latency=f"{ALPHA:g}", sensitivity=a.sensitivity,
-                                                  sensitivity_samples=a.sensitivity_samples))
+                                                  sensitivity_samples=a.sensitivity_samples)
+                                  ).to_json()
     from qcompile.config import precision
     bits = {la["name"]: la["precision"] for la in plan["layers"]}  # "w4a4" on the T4
     return {"bits": bits, "n4": sum(precision(b)[0] == 4 for b in bits.values()),

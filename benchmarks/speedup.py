@@ -201,7 +201,8 @@ def fidelity(files: ModelFiles, x: np.ndarray, arts: dict[str, dict], fvm: Any |
         step(f"evaluate {key}")
         if "error" not in c:
             ev = api.evaluate(files.onnx, c["art"], inputs=x, progress=False)
-            out[key] = {k: ev[k] for k in ("bit_exact", "integer_only", "top1_agreement", "sqnr_db")}
+            out[key] = {k: getattr(ev, k) for k in ("bit_exact", "integer_only", "top1_agreement",
+                                                    "sqnr_db")}
         done()
     return out
 

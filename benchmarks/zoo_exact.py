@@ -39,12 +39,12 @@ def main() -> None:
             secs = time.perf_counter() - t
             ev = api.evaluate(m, Path(d) / name, num_samples=args.samples, progress=False)
             row = {"model": name, "input": sizes[name], "compile_s": round(secs, 1),
-                   "integer_only": res.integer_only, "bit_exact": ev["bit_exact"],
-                   "samples": ev["num_samples"], "top1_agreement": ev["top1_agreement"],
-                   "sqnr_db": round(ev["sqnr_db"], 2)}
+                   "integer_only": res.integer_only, "bit_exact": ev.bit_exact,
+                   "samples": ev.num_samples, "top1_agreement": ev.top1_agreement,
+                   "sqnr_db": round(ev.sqnr_db, 2)}
             rows.append(row)
-            print(f"| {name} | {sizes[name]} | {secs:.1f} | {res.integer_only} | {ev['bit_exact']} "
-                  f"({ev['num_samples']} inputs) | {ev['top1_agreement']:.3f} | {ev['sqnr_db']:.1f} |",
+            print(f"| {name} | {sizes[name]} | {secs:.1f} | {res.integer_only} | {ev.bit_exact} "
+                  f"({ev.num_samples} inputs) | {ev.top1_agreement:.3f} | {ev.sqnr_db:.1f} |",
                   flush=True)
     out = Path(__file__).parent / "results" / "zoo-exact.json"
     out.write_text(json.dumps(rows, indent=1))

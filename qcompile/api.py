@@ -5,7 +5,6 @@ import dataclasses
 import os
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
@@ -24,7 +23,7 @@ from .readers import Reader, load_inputs, make_reader
 from .config import (VERIFY_INPUTS, AllocSpec, CalibSpec, Preprocess, QuantSpec,
                      precision_name, resolve_auto)
 from .errors import BuildError, UsageError, VerificationError
-from .flags import error_line, write_json
+from .flags import THREADS_ENV, error_line, tvm_threads, write_json
 from .lower import lower
 from .onnx_import import import_onnx, load_model
 from .graph import Graph
@@ -35,18 +34,12 @@ from .report import layer_table, render_card, render_plan
 from .runtime import Artifact, summarize_ms
 from .serialize import qgraph_to_json
 
+from .results import (AllocateResult, BenchResult, CompileResult, EvalResult, LayerFidelity,
+                      ParetoResult, Verified)
+
 if TYPE_CHECKING:  # meta-schedule is imported only when --tune asks for it
+    from .sensitivity import Sensitivity
     from .tune import TuneReport
-
-
-@dataclass(frozen=True)
-class CompileResult:
-    out_dir: Path
-    compile_seconds: float
-    integer_only: bool
-    num_layers: int
-    verified: dict | None = None  # the manifest's "verified" record (None: --no-verify)
-
 
 
 def _front(model: Path, calib: CalibSpec, progress: bool, calibrate: bool = True
@@ -141,6 +134,7 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
         "calibration": {"method": calib.method, "source": calib.source,
                         "num_samples": min(calib.num_samples, len(reader))},
     }
+    verified = None
     with atomic_dir(out_dir) as tmp:
         try:
             built.executable.export_library(str(tmp / "module.so"))
@@ -187,17 +181,18 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
         write_json(tmp / "manifest.json", manifest)
         if verify > 0:  # 7. Run the artifact as written beside the oracle.
             x, source = _verify_inputs(qg, reader, calib, verify)
-            manifest["verified"] = verify_artifact(tmp, qg, x, tgt, source=source)
+            verified = verify_artifact(tmp, qg, x, tgt, source=source)
+            manifest["verified"] = verified.to_json()
             write_json(tmp / "manifest.json", manifest)
     n_layers = sum(n.op in ("qconv", "qdense") for n in qg.nodes)
-    return CompileResult(out_dir, seconds, built.intcheck.ok, n_layers, manifest["verified"])
+    return CompileResult(out_dir, seconds, built.intcheck.ok, n_layers, verified)
 
 
 def _verify_inputs(qg: QGraph, reader: Reader, calib: CalibSpec, n: int
                    ) -> tuple[np.ndarray, str]:
     """``n`` inputs for compile's check and where they come from: the first calibration
     samples when real data was given, else seeded uniform values over the input's whole
-    calibrated range (``--calib synthetic``)."""
+    calibrated range (``--data synthetic``)."""
     if calib.source != "synthetic":
         reader.rewind()
         parts, have = [], 0
@@ -233,19 +228,19 @@ def _oracle_diff(art: Artifact, qg: QGraph, x: np.ndarray, keep: bool = False
 
 
 def verify_artifact(art_dir: str | Path, qg: QGraph, inputs: np.ndarray,
-                    target: tvm.target.Target, source: str = "arrays") -> dict:
+                    target: tvm.target.Target, source: str = "arrays") -> Verified:
     """Run ``inputs`` through the artifact in ``art_dir`` and the NumPy oracle.
 
-    Returns the manifest's ``verified`` record: ``{"inputs", "bit_exact", "source",
-    "seconds"}``, with ``bit_exact`` None and a ``skipped`` reason when the artifact
-    cannot run here (``--target cuda`` without a GPU of its arch; one warning line).
+    Returns the manifest's ``verified`` record, with ``bit_exact`` None and a ``skipped``
+    reason when the artifact cannot run here (``--target cuda`` without a GPU of its
+    arch; one warning line).
     Raises ``VerificationError`` on the first input that differs."""
     t0 = time.perf_counter()
     why = backend_of(target).cannot_run_here(target)
     if why is not None:
         warnings.warn(f"oracle check skipped: {why}; run `qcompile eval` where it can run",
                       stacklevel=2)
-        return {"inputs": 0, "bit_exact": None, "source": source, "skipped": why}
+        return Verified(0, None, source, skipped=why)
     art = Artifact.load(art_dir)
     for i in range(len(inputs)):
         diff, _ = _oracle_diff(art, qg, inputs[i:i + 1])
@@ -254,8 +249,7 @@ def verify_artifact(art_dir: str | Path, qg: QGraph, inputs: np.ndarray,
                 f"the built artifact is not bit-exact against the NumPy oracle on "
                 f"verification input {i} ({source}): {diff}; nothing was written "
                 f"(--no-verify writes the artifact for debugging)")
-    return {"inputs": len(inputs), "bit_exact": True, "source": source,
-            "seconds": round(time.perf_counter() - t0, 2)}
+    return Verified(len(inputs), True, source, round(time.perf_counter() - t0, 2))
 
 
 def _tune_json(report: "TuneReport | None") -> dict | None:
@@ -293,7 +287,7 @@ def _sqnr_db(signal: float, noise: float) -> float:
 def evaluate(model: str | Path, art_dir: str | Path, *, data: str | None = None,
              num_samples: int = 64, preprocess: Preprocess | None = None, progress: bool = True,
              inputs: np.ndarray | None = None, labels: np.ndarray | None = None,
-             batch_size: int = 16) -> dict:
+             batch_size: int = 16) -> EvalResult:
     """Fidelity of an artifact against onnxruntime FP32, plus the bit-exact check.
 
     Bit-exact: the compiled ``quantize`` and ``core`` must equal the NumPy oracle
@@ -341,24 +335,30 @@ def evaluate(model: str | Path, art_dir: str | Path, *, data: str | None = None,
             fcorrect += int((y_float.argmax(1) == lab).sum())
     bar.close()
     n = len(inputs)
-    out = {
-        "bit_exact": bit_exact, "integer_only": bool(art.manifest.get("integer_only")),
-        "top1_agreement": agree / n, "sqnr_db": _sqnr_db(sig[qg.output.name], err[qg.output.name]),
-        "num_samples": n, "data": data or ("arrays" if data is None and labels is not None else "synthetic"),
-        "layers": [{"name": n.name, "tensor": n.output, "op": n.op,
-                    "sqnr_db": _sqnr_db(sig[n.output], err[n.output])}
-                   for n in qg.nodes if n.output in sig],
-    }
-    if labels is not None:
-        out.update(accuracy=correct / n, float_accuracy=fcorrect / n)
-    return out
+    return EvalResult(
+        bit_exact, bool(art.manifest.get("integer_only")), agree / n,
+        _sqnr_db(sig[qg.output.name], err[qg.output.name]), n,
+        data or ("arrays" if labels is not None else "synthetic"),
+        tuple(LayerFidelity(node.name, node.output, node.op,
+                            _sqnr_db(sig[node.output], err[node.output]))
+              for node in qg.nodes if node.output in sig),
+        accuracy=correct / n if labels is not None else None,
+        float_accuracy=fcorrect / n if labels is not None else None)
 
 
 def bench_artifact(art_dir: str | Path, *, batch: int | None = None, repeat: int = 50,
-                   warmup: int = 5) -> dict:
-    """Median/min/max latency of an artifact's ``main`` (default: its compiled batch)."""
+                   warmup: int = 5, threads: int | None = None) -> BenchResult:
+    """Latency distribution of an artifact's ``main`` (default: its compiled batch) on
+    ``threads`` TVM threads (default ``TVM_NUM_THREADS``, else every core). TVM sizes its
+    pool at its first parallel call: ``threads`` applies if nothing ran before in this
+    process (as in ``qcompile bench``)."""
+    if threads is not None:
+        if threads < 1:
+            raise UsageError(f"--threads must be positive, got {threads}")
+        os.environ[THREADS_ENV] = str(threads)
     art = Artifact.load(art_dir)
-    return art.bench(batch or art.batch or 1, repeat, warmup)
+    return BenchResult.from_summary(art.bench(batch or art.batch or 1, repeat, warmup),
+                                    tvm_threads())
 
 
 def ort_session_options(threads: int | None = None, *, spinning: bool = True):
@@ -377,7 +377,7 @@ def ort_session_options(threads: int | None = None, *, spinning: bool = True):
 
 
 def ort_bench(model: str | Path, *, batch: int = 1, repeat: int = 50, warmup: int = 5,
-              threads: int | None = None, spinning: bool = True) -> dict:
+              threads: int | None = None, spinning: bool = True) -> BenchResult:
     """Same measurement for the float model in onnxruntime (the usual peer), with
     onnxruntime's default SessionOptions (spin-waiting on); ``spinning=False`` turns the
     busy-wait off, ``threads`` sets intra_op_num_threads."""
@@ -395,7 +395,7 @@ def ort_bench(model: str | Path, *, batch: int = 1, repeat: int = 50, warmup: in
         t = time.perf_counter()
         sess.run(None, {inp.name: x})
         times.append(time.perf_counter() - t)
-    return summarize_ms(times, batch)
+    return BenchResult.from_summary(summarize_ms(times, batch))
 
 
 # ----------------------------------------------------------------------------- bit allocation
@@ -410,7 +410,7 @@ def pin_matches(model: str | Path, pins: tuple[str, ...],
 
 
 def sensitivity_model(model: str | Path, *, method: str = "hessian", calib: CalibSpec = CalibSpec(),
-                      num_samples: int = 8, progress: bool = True) -> dict:
+                      num_samples: int = 8, progress: bool = True) -> "Sensitivity":
     """Per-layer Omega for 4 and 8 bits (``qcompile sensitivity``)."""
     from .bitplan import gather_inputs
     from .sensitivity import compute_sensitivity
@@ -419,14 +419,15 @@ def sensitivity_model(model: str | Path, *, method: str = "hessian", calib: Cali
     graph, reader, _ = _front(model, calib, progress, calibrate=False)
     x = gather_inputs(reader, num_samples)
     return compute_sensitivity(graph, model.read_bytes(), x, method=method, bits=(4, 8),
-                               progress=progress).to_json()
+                               progress=progress)
 
 
 def allocate_model(model: str | Path, *, target: str = "llvm", arch: str | None = None,
                    alloc: AllocSpec = AllocSpec(),
                    calib: CalibSpec = CalibSpec(), quant: QuantSpec = QuantSpec(), batch: int = 1,
                    progress: bool = True, pareto_dir: str | Path | None = None,
-                   pareto_alphas: tuple[float, ...] = tuple(i / 10 for i in range(11))) -> dict:
+                   pareto_alphas: tuple[float, ...] = tuple(i / 10 for i in range(11))
+                   ) -> AllocateResult:
     """The plan ``compile`` would use, without compiling it (``qcompile allocate``).
 
     ``pareto_dir``: also sweep the budget (the latency budget unless only size or BOPs is
@@ -443,8 +444,7 @@ def allocate_model(model: str | Path, *, target: str = "llvm", arch: str | None 
     graph, reader, stats = _front(model, calib, progress)
     a = allocate_bits(graph, model.read_bytes(), reader, stats, tgt, spec=alloc, quant=quant,
                       batch=batch, progress=progress)
-    out = a.to_json()
-    out.update(model=str(model), target=backend.describe(tgt), batch=batch)
+    swept = None
     if pareto_dir is not None:
         kind = next((k for k, v in (("latency", alloc.latency), ("size", alloc.size),
                                     ("bops", alloc.bops)) if v is not None), "latency")
@@ -453,8 +453,6 @@ def allocate_model(model: str | Path, *, target: str = "llvm", arch: str | None 
                               backend.precisions(backend.arch_of(tgt)).allocator)
         points = pareto(problem, kind, pareto_alphas, others)
         files = write_pareto(points, pareto_dir, a.cost.source)
-        out["pareto"] = {"kind": kind, "points": len(points), "json": str(files.json),
-                         "markdown": str(files.markdown),
-                         "plots": [str(p) for p in files.plots],
-                         "plots_skipped": files.plots_skipped}
-    return out
+        swept = ParetoResult(kind, len(points), files.json, files.markdown, tuple(files.plots),
+                             files.plots_skipped)
+    return AllocateResult(str(model), backend.describe(tgt), batch, a, swept)

@@ -26,6 +26,7 @@ from .artifact import check_output_dir
 from .config import (AUTO, CALIBRATORS, LAYOUTS, ROUNDINGS, parse_shape, SENSITIVITY_METHODS, AllocSpec, CalibSpec,
                      Preprocess, QuantSpec, VERIFY_INPUTS)
 from .flags import atomic_open, debug, one_line
+from .results import EvalResult
 from .errors import ArtifactError, BadModelError, DataError, QCompileError, UsageError
 from .backends import BACKENDS, check_options
 from .targets import CUDA_ARCHS, DEFAULT_ARCH
@@ -58,8 +59,39 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
 
 # ----------------------------------------------------------------------------- the group
 
+# Old option spellings per command -> the one spelling every command now uses: sample
+# counts are --<stage>-samples, data is --data, the sensitivity measure --sensitivity.
+# The old ones still work, with a one-line deprecation warning.
+RENAMED: dict[str, dict[str, str]] = {
+    "compile": {"--calib": "--data"},
+    "allocate": {"--calib": "--data"},
+    "sensitivity": {"--calib": "--data", "--samples": "--sensitivity-samples",
+                    "--method": "--sensitivity"},
+    "eval": {"--num-samples": "--eval-samples"},
+}
+
+
+class QCompileCommand(click.Command):
+    """A command that still takes its old option spellings (``RENAMED``)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        renamed, out = RENAMED.get(self.name or "", {}), []
+        for i, arg in enumerate(args):
+            if arg == "--":  # what follows are arguments, never options
+                out += args[i:]
+                break
+            opt, eq, value = arg.partition("=")
+            if opt in renamed:
+                click.echo(f"warning: {opt} is deprecated; use {renamed[opt]}", err=True)
+                arg = renamed[opt] + eq + value
+            out.append(arg)
+        return super().parse_args(ctx, out)
+
+
 class QCompileGroup(click.Group):
     """A group with a default command and one error policy for every command."""
+
+    command_class = QCompileCommand
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if _wants_default(args, self.commands, ctx.help_option_names):
@@ -237,51 +269,66 @@ def _print_json(d: dict) -> None:
     click.echo(json.dumps(d, indent=2, default=_jsonable))
 
 
-def _preprocess_options(f: F) -> F:
-    """Image preprocessing options shared by compile and eval (innermost first)."""
-    opts = [
-        click.option("--input-shape", metavar="NxCxHxW", default=None,
-                     help="Fix the model input's symbolic dimensions, e.g. 1x3x224x224 "
-                          "(the batch entry is ignored: see --batch)."),
-        click.option("--layout", type=click.Choice(LAYOUTS), default=None,
-                     help="Model input layout (default: NHWC when the input's last axis "
-                          "has 1, 3 or 4 channels, else NCHW)."),
-        click.option("--std", metavar="a,b,c", help="Per-channel std (default: ImageNet)."),
-        click.option("--mean", metavar="a,b,c", help="Per-channel mean, after scaling to [0,1] "
-                     "(default: ImageNet)."),
-        click.option("--resize", type=click.IntRange(min=0), default=0, metavar="N",
-                     help="Resize the short side to N before cropping (default: --size)."),
-        click.option("--size", type=click.IntRange(min=1), default=None, metavar="N",
-                     help="Centre-crop size (default: the model's input size)."),
-    ]
-    for opt in opts:
-        f = opt(f)
-    return f
+def _options(*opts: Callable[[F], F]) -> Callable[[F], F]:
+    """Several click options as one decorator, in --help order."""
+    def apply(f: F) -> F:
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return apply
 
 
-def _alloc_options(f: F) -> F:
-    """Mixed-precision budgets, pins and the sensitivity measure (compile, allocate)."""
-    opts = [
-        click.option("--sensitivity-samples", type=click.IntRange(min=1),
-                     default=AllocSpec().sensitivity_samples, show_default=True, metavar="N",
-                     help="Calibration samples the sensitivity is measured on."),
-        click.option("--sensitivity", "sens_method", type=click.Choice(SENSITIVITY_METHODS),
-                     default="hessian", show_default=True,
-                     help="hessian: Tr(H)/n * ||Q(W)-W||^2 (HAWQ-V3); kl: output KL, forward only."),
-        click.option("--pin-dry-run", is_flag=True,
-                     help="Print what each --pin matches and exit."),
-        click.option("--pin", "pins", multiple=True, metavar="GLOB=BITS",
-                     help="Fix matching layers' bits, e.g. 'layer4.*=8' (repeatable). The first "
-                          "and last layers are pinned to 8 unless a pin says otherwise."),
-        click.option("--budget-bops", metavar="B", help="BOPs budget: 100G, 2T, or alpha."),
-        click.option("--budget-size", metavar="S", help="Weight size budget: 15MB, or alpha."),
-        click.option("--budget-latency", metavar="L",
-                     help="Latency budget: 6ms, or alpha in [0,1] = all-INT4 + alpha * "
-                          "(all-INT8 - all-INT4)."),
-    ]
-    for opt in opts:
-        f = opt(f)
-    return f
+# Image preprocessing (compile, allocate, sensitivity, eval).
+_preprocess_options = _options(
+    click.option("--size", type=click.IntRange(min=1), default=None, metavar="N",
+                 help="Centre-crop size (default: the model's input size)."),
+    click.option("--resize", type=click.IntRange(min=0), default=0, metavar="N",
+                 help="Resize the short side to N before cropping (default: --size)."),
+    click.option("--mean", metavar="a,b,c", help="Per-channel mean, after scaling to [0,1] "
+                 "(default: ImageNet)."),
+    click.option("--std", metavar="a,b,c", help="Per-channel std (default: ImageNet)."),
+    click.option("--layout", type=click.Choice(LAYOUTS), default=None,
+                 help="Model input layout (default: NHWC when the input's last axis "
+                      "has 1, 3 or 4 channels, else NCHW)."),
+    click.option("--input-shape", metavar="NxCxHxW", default=None,
+                 help="Fix the model input's symbolic dimensions, e.g. 1x3x224x224 "
+                      "(the batch entry is ignored: see --batch)."))
+
+_data_option = click.option(
+    "--data", default="synthetic", show_default=True, metavar="DIR|synthetic",
+    help="Calibration data: a folder of .npy/.npz arrays or images (labels not needed).")
+
+# Calibration (compile, allocate: the same options, so a compile line can be reused).
+_calib_options = _options(
+    _data_option,
+    click.option("--calib-samples", type=int, default=CalibSpec().num_samples,  # CalibSpec
+                 show_default=True, metavar="N", help="Calibration samples."),  # checks it
+    click.option("--calibrator", type=click.Choice(CALIBRATORS + (AUTO,)), default=AUTO,
+                 show_default=True, help="auto: mse with --data DIR, minmax on synthetic data."),
+    click.option("--percentile", type=float, default=CalibSpec().percentile, show_default=True,
+                 metavar="P", help="Used by --calibrator percentile."))
+
+# The sensitivity measure (compile, allocate, sensitivity).
+_sensitivity_options = _options(
+    click.option("--sensitivity", "sens_method", type=click.Choice(SENSITIVITY_METHODS),
+                 default="hessian", show_default=True,
+                 help="hessian: Tr(H)/n * ||Q(W)-W||^2 (HAWQ-V3); kl: output KL, forward only."),
+    click.option("--sensitivity-samples", type=click.IntRange(min=1),
+                 default=AllocSpec().sensitivity_samples, show_default=True, metavar="N",
+                 help="Calibration samples the sensitivity is measured on."))
+
+# Mixed-precision budgets and pins (compile, allocate).
+_alloc_options = _options(
+    click.option("--budget-latency", metavar="L",
+                 help="Latency budget: 6ms, or alpha in [0,1] = all-INT4 + alpha * "
+                      "(all-INT8 - all-INT4)."),
+    click.option("--budget-size", metavar="S", help="Weight size budget: 15MB, or alpha."),
+    click.option("--budget-bops", metavar="B", help="BOPs budget: 100G, 2T, or alpha."),
+    click.option("--pin", "pins", multiple=True, metavar="GLOB=BITS",
+                 help="Fix matching layers' bits, e.g. 'layer4.*=8' (repeatable). The first "
+                      "and last layers are pinned to 8 unless a pin says otherwise."),
+    click.option("--pin-dry-run", is_flag=True, help="Print what each --pin matches and exit."),
+    _sensitivity_options)
 
 
 def _alloc_spec(budget_latency: str | None, budget_size: str | None, budget_bops: str | None,
@@ -345,14 +392,7 @@ def zoo_cmd(name: str | None, output: str | None, list_: bool, input_size: int |
               help="Precision of the layers between the first and the last: 8 (W8A8), "
                    "4 (W4A4, weights and input activations), or a weight/activation pair "
                    "such as w4a8 (4-bit weights, 8-bit activations).")
-@click.option("--calib", default="synthetic", show_default=True, metavar="DIR|synthetic",
-              help="Calibration data: a folder of .npy/.npz arrays or images.")
-@click.option("--calib-samples", type=int, default=CalibSpec().num_samples, show_default=True,
-              metavar="N")
-@click.option("--calibrator", type=click.Choice(CALIBRATORS + (AUTO,)), default=AUTO,
-              show_default=True, help="auto: mse with --calib DIR, minmax on synthetic data.")
-@click.option("--percentile", type=float, default=CalibSpec().percentile, show_default=True,
-              metavar="P", help="Used by --calibrator percentile.")
+@_calib_options
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
               help="Batch size the kernels are specialized for.")
 @click.option("--kernels/--no-kernels", default=True, show_default=True,
@@ -370,7 +410,7 @@ def zoo_cmd(name: str | None, output: str | None, list_: bool, input_size: int |
               show_default=True,
               help="How weights become integers: round each to nearest, or gptq "
                    "(Hessian-aware GPTQ on the calibration data; slower to compile). "
-                   "auto: gptq with --calib DIR, nearest on synthetic data.")
+                   "auto: gptq with --data DIR, nearest on synthetic data.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help=f"Run {VERIFY_INPUTS} inputs through the written artifact and the NumPy "
                    "integer oracle and require them bit-exact (exit 11 otherwise); recorded in the "
@@ -379,7 +419,7 @@ def zoo_cmd(name: str | None, output: str | None, list_: bool, input_size: int |
 @_alloc_options
 @_preprocess_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
-def compile_cmd(model: str, out: str, target: str, arch: str | None, bits: str, calib: str,
+def compile_cmd(model: str, out: str, target: str, arch: str | None, bits: str, data: str,
                 calib_samples: int, calibrator: str, percentile: float, batch: int,
                 kernels: bool, tune: int,
                 equalize: bool, bias_correction: bool, rounding: str, verify: bool,
@@ -404,7 +444,7 @@ def compile_cmd(model: str, out: str, target: str, arch: str | None, bits: str, 
     check_output_dir(out_path, protect=(model_path,))
     quant = QuantSpec(bits=int(bits) if bits.isdigit() else bits, equalize=equalize, bias_correction=bias_correction,
                       rounding=rounding)
-    calib_spec = CalibSpec(source=calib, method=calibrator, num_samples=calib_samples,
+    calib_spec = CalibSpec(source=data, method=calibrator, num_samples=calib_samples,
                            percentile=percentile,
                            preprocess=_preprocess(model_path, size, resize, mean, std, layout, input_shape))
     # Step 2. The work.
@@ -414,9 +454,9 @@ def compile_cmd(model: str, out: str, target: str, arch: str | None, bits: str, 
                                verify=VERIFY_INPUTS if verify else 0)
     if not quiet:
         core = "integer-only" if res.integer_only else "NOT integer-only"
-        v = getattr(res, "verified", None)
-        checked = ("not verified" if not v else
-                   f"bit-exact vs the oracle on {v['inputs']} inputs" if v.get("bit_exact")
+        v = res.verified
+        checked = ("not verified" if v is None else
+                   f"bit-exact vs the oracle on {v.inputs} inputs" if v.bit_exact
                    else "oracle check skipped")
         click.echo(f"compiled {model} -> {res.out_dir} in {res.compile_seconds:.1f} s "
                    f"({res.num_layers} layers, {core}, {checked}); "
@@ -430,17 +470,16 @@ def compile_cmd(model: str, out: str, target: str, arch: str | None, bits: str, 
                    "model of the --arch GPU (predicted).")
 @_arch_option
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, metavar="N")
-@click.option("--calib", default="synthetic", show_default=True, metavar="DIR|synthetic")
-@click.option("--calib-samples", type=int, default=CalibSpec().num_samples, show_default=True,
-              metavar="N")
+@_calib_options
 @_alloc_options
 @click.option("--pareto", is_flag=True, help="Also sweep the budget from all-INT4 to all-INT8 "
               "and write the frontier (JSON, Markdown, PNG with the plots extra).")
 @click.option("--pareto-dir", default="pareto", show_default=True, metavar="DIR")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @_preprocess_options
-def allocate_cmd(model: str, target: str, arch: str | None, batch: int, calib: str,
-                 calib_samples: int, budget_latency: str | None, budget_size: str | None,
+def allocate_cmd(model: str, target: str, arch: str | None, batch: int, data: str,
+                 calib_samples: int, calibrator: str, percentile: float,
+                 budget_latency: str | None, budget_size: str | None,
                  budget_bops: str | None,
                  pins: tuple[str, ...], pin_dry_run: bool, sens_method: str,
                  sensitivity_samples: int, pareto: bool, pareto_dir: str, as_json: bool,
@@ -455,52 +494,49 @@ def allocate_cmd(model: str, target: str, arch: str | None, batch: int, calib: s
         _print_pins(_api().pin_matches(model_path, alloc.pins,
                                        parse_shape(input_shape) if input_shape else None))
         return
-    calib_spec = CalibSpec(source=calib, num_samples=calib_samples,
+    calib_spec = CalibSpec(source=data, method=calibrator, num_samples=calib_samples,
+                           percentile=percentile,
                            preprocess=_preprocess(model_path, size, resize, mean, std, layout, input_shape))
     res = _api().allocate_model(model_path, target=target, arch=arch, alloc=alloc,
                                 calib=calib_spec, batch=batch, progress=not as_json,
                                 pareto_dir=pareto_dir if pareto else None)
     if as_json:
-        _print_json(res)
+        _print_json(res.to_json())
         return
-    click.echo(f"{res['model']} on {res['target']} (latency {res['latency_source']}):")
-    click.echo(f"  predicted latency {res['predicted_latency_ms']:.3f} ms, size "
-               f"{res['size_mb']:.2f} MB, {res['bops_g']:.1f} G BOPs, sum Omega "
-               f"{res['objective']:.4g}")
-    width = max(len(layer["name"]) for layer in res["layers"])
-    for layer in res["layers"]:
-        click.echo(f"  {layer['name']:<{width}}  {layer['bits']}  {layer['reason']}")
-    if "pareto" in res:
-        click.echo(f"Pareto frontier ({res['pareto']['points']} points): {res['pareto']['markdown']}")
+    plan = res.allocation.plan
+    click.echo(f"{res.model} on {res.target} (latency {res.allocation.cost.source}):")
+    click.echo(f"  predicted latency {plan.predicted_latency_ms:.3f} ms, size "
+               f"{plan.size_mb:.2f} MB, {plan.bops_g:.1f} G BOPs, sum Omega "
+               f"{plan.objective:.4g}")
+    width = max(len(name) for name in plan.bits)
+    for name, b in plan.bits.items():
+        click.echo(f"  {name:<{width}}  {b}  {plan.reasons[name]}")
+    if res.pareto is not None:
+        click.echo(f"Pareto frontier ({res.pareto.points} points): {res.pareto.markdown}")
 
 
 @main.command("sensitivity")
 @click.argument("model", metavar="MODEL")
-@click.option("--method", type=click.Choice(SENSITIVITY_METHODS), default="hessian",
-              show_default=True)
-@click.option("--calib", default="synthetic", show_default=True, metavar="DIR|synthetic",
-              help="Data to measure on (labels are not needed).")
-@click.option("--samples", type=click.IntRange(min=1), default=AllocSpec().sensitivity_samples,
-              show_default=True, metavar="N")
+@_sensitivity_options
+@_data_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_preprocess_options
-def sensitivity_cmd(model: str, method: str, calib: str, samples: int, as_json: bool,
-                    size: int | None, resize: int, mean: str | None, std: str | None,
-                    layout: str | None, input_shape: str | None) -> None:
+def sensitivity_cmd(model: str, sens_method: str, sensitivity_samples: int, data: str,
+                    as_json: bool, size: int | None, resize: int, mean: str | None,
+                    std: str | None, layout: str | None, input_shape: str | None) -> None:
     """Per-layer sensitivity Omega(4), Omega(8) of MODEL (cached on disk)."""
     model_path = _check_model(model)
-    calib_spec = CalibSpec(source=calib, num_samples=samples,
+    calib_spec = CalibSpec(source=data, num_samples=sensitivity_samples,
                            preprocess=_preprocess(model_path, size, resize, mean, std, layout, input_shape))
-    res = _api().sensitivity_model(model_path, method=method, calib=calib_spec,
-                                   num_samples=samples, progress=not as_json)
+    res = _api().sensitivity_model(model_path, method=sens_method, calib=calib_spec,
+                                   num_samples=sensitivity_samples, progress=not as_json)
     if as_json:
-        _print_json(res)
+        _print_json(res.to_json())
         return
-    omega = res["omega"]
-    width = max(len(n) for n in omega)
+    width = max(len(n) for n in res.omega)
     click.echo(f"{'layer':<{width}}  {'Omega(4)':>10}  {'Omega(8)':>10}")
-    for name, per in omega.items():
-        click.echo(f"{name:<{width}}  {per['4']:10.4g}  {per['8']:10.4g}")  # JSON keys
+    for name, per in res.omega.items():
+        click.echo(f"{name:<{width}}  {per[4]:10.4g}  {per[8]:10.4g}")
 
 
 @main.command("run")
@@ -521,11 +557,11 @@ def run_cmd(art: str, inp: str, output: str) -> None:
 @click.argument("art", metavar="ART")
 @click.option("--data", metavar="DIR", default=None,
               help="Inputs (.npy/.npz or images); default: the API's own choice.")
-@click.option("--num-samples", type=click.IntRange(min=1), default=64, show_default=True,
-              metavar="N")
+@click.option("--eval-samples", type=click.IntRange(min=1), default=64, show_default=True,
+              metavar="N", help="Inputs evaluated.")
 @_preprocess_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_cmd(model: str, art: str, data: str | None, num_samples: int, size: int | None,
+def eval_cmd(model: str, art: str, data: str | None, eval_samples: int, size: int | None,
              resize: int, mean: str | None, std: str | None, layout: str | None,
              input_shape: str | None, as_json: bool) -> None:
     """Compare artifact ART with MODEL in onnxruntime FP32 and the integer oracle."""
@@ -535,10 +571,10 @@ def eval_cmd(model: str, art: str, data: str | None, num_samples: int, size: int
     touched = any(ctx.get_parameter_source(p) != click.core.ParameterSource.DEFAULT
                   for p in ("size", "resize", "mean", "std", "layout", "input_shape"))
     pre = _preprocess(model_path, size, resize, mean, std, layout, input_shape) if touched else None
-    res = _api().evaluate(model_path, art_path, data=data, num_samples=num_samples,
+    res = _api().evaluate(model_path, art_path, data=data, num_samples=eval_samples,
                           preprocess=pre, progress=not as_json)
     if as_json:
-        _print_json(res)
+        _print_json(res.to_json())
     else:
         _print_eval(res)
 
@@ -547,23 +583,22 @@ def _yes(b: Any) -> str:
     return "yes" if b else "NO"
 
 
-def _print_eval(r: dict) -> None:
-    rows = [("bit-exact vs NumPy oracle", _yes(r["bit_exact"])),
-            ("integer-only core", _yes(r["integer_only"])),
-            ("top-1 agreement vs FP32", f"{100 * r['top1_agreement']:.1f}%"),
-            ("output SQNR vs FP32", f"{r['sqnr_db']:.1f} dB")]
-    if "accuracy" in r:
-        fp = f" (FP32 {100 * r['float_accuracy']:.1f}%)" if "float_accuracy" in r else ""
-        rows.append(("top-1 accuracy", f"{100 * r['accuracy']:.1f}%{fp}"))
-    rows.append(("samples", str(r["num_samples"])))
+def _print_eval(r: EvalResult) -> None:
+    rows = [("bit-exact vs NumPy oracle", _yes(r.bit_exact)),
+            ("integer-only core", _yes(r.integer_only)),
+            ("top-1 agreement vs FP32", f"{100 * r.top1_agreement:.1f}%"),
+            ("output SQNR vs FP32", f"{r.sqnr_db:.1f} dB")]
+    if r.accuracy is not None:
+        fp = f" (FP32 {100 * r.float_accuracy:.1f}%)" if r.float_accuracy is not None else ""
+        rows.append(("top-1 accuracy", f"{100 * r.accuracy:.1f}%{fp}"))
+    rows.append(("samples", str(r.num_samples)))
     for k, v in rows:
         click.echo(f"{k:<28}{v}")
-    layers = r.get("layers") or []
-    if layers:
-        width = max(len(str(layer["name"])) for layer in layers)
+    if r.layers:
+        width = max(len(layer.name) for layer in r.layers)
         click.echo(f"\n{'layer':<{width}}  SQNR dB")
-        for layer in layers:
-            click.echo(f"{layer['name']:<{width}}  {layer['sqnr_db']:7.1f}")
+        for layer in r.layers:
+            click.echo(f"{layer.name:<{width}}  {layer.sqnr_db:7.1f}")
 
 
 @main.command("bench")
@@ -572,18 +607,23 @@ def _print_eval(r: dict) -> None:
               help="Batch size (default: the batch the artifact was compiled for).")
 @click.option("--repeat", type=click.IntRange(min=1), default=50, show_default=True, metavar="N")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, metavar="N")
+@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+              help="TVM threads (default: TVM_NUM_THREADS, else every core).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def bench_cmd(art: str, batch: int | None, repeat: int, warmup: int, as_json: bool) -> None:
+def bench_cmd(art: str, batch: int | None, repeat: int, warmup: int, threads: int | None,
+              as_json: bool) -> None:
     """Time artifact ART on random input (after warm-up runs)."""
-    res = _api().bench_artifact(_check_artifact(art), batch=batch, repeat=repeat, warmup=warmup)
+    res = _api().bench_artifact(_check_artifact(art), batch=batch, repeat=repeat, warmup=warmup,
+                                threads=threads)
     if as_json:
-        _print_json(res)
+        _print_json(res.to_json())
         return
     # trtexec-style: the latency distribution first, then throughput.
-    click.echo(f"Latency: min = {res['min_ms']:.3f} ms, max = {res['max_ms']:.3f} ms, "
-               f"mean = {res['mean_ms']:.3f} ms, median = {res['median_ms']:.3f} ms "
-               f"(batch {res['batch']}, {res['repeat']} runs)")
-    click.echo(f"Throughput: {res['throughput_ips']:.1f} inferences/s")
+    click.echo(f"Latency: min = {res.min_ms:.3f} ms, max = {res.max_ms:.3f} ms, "
+               f"mean = {res.mean_ms:.3f} ms, median = {res.median_ms:.3f} ms, "
+               f"p90 = {res.p90_ms:.3f} ms, p99 = {res.p99_ms:.3f} ms "
+               f"(batch {res.batch}, {res.repeat} runs, {res.threads} threads)")
+    click.echo(f"Throughput: {res.throughput_ips:.1f} inferences/s")
 
 
 @main.command("inspect")

@@ -142,7 +142,7 @@ def int32_bias(n: Node, sw: np.ndarray, sx: float, refuse: bool = True) -> np.nd
             f"(channel {c}: bias {b[c]:.3g} / (weight scale {float(sw[c]):.3g} * input scale "
             f"{sx:.3g}) = {float(bf[c]):.3g} > 2^31-1); that channel's weights are near zero "
             "next to its bias, or the input range is degenerate: fix the channel's weights "
-            "or bias in the model, or calibrate a wider input range (--calib DIR with real "
+            "or bias in the model, or calibrate a wider input range (--data DIR with real "
             "data, --calibrator minmax)")
     return bf.astype(np.int32)
 

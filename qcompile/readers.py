@@ -214,7 +214,7 @@ class SyntheticReader(_Reader):
                  batch_size: int = 8, seed: int = 0) -> None:
         if any(int(d) <= 0 for d in input_shape[1:]):
             raise DataError(f"input {input_name!r} has symbolic dims {tuple(input_shape)}; "
-                            "synthetic data needs a fixed shape, pass --calib DIR")
+                            "synthetic data needs a fixed shape, pass --data DIR")
         self._seed = seed
         super().__init__(input_name, input_shape, batch_size, num_samples, None)
 
@@ -229,7 +229,7 @@ def _open(source: str, p: Preprocess, input_name: str, input_shape: Sequence[int
           limit: int | None, batch_size: int, seed: int) -> Reader:
     if source == "synthetic":
         warnings.warn("calibrating on synthetic N(0,1) data: the ranges are unrelated to real "
-                      "inputs; pass --calib DIR with .npy/.npz files or images", stacklevel=3)
+                      "inputs; pass --data DIR with .npy/.npz files or images", stacklevel=3)
         if limit is None:
             raise UsageError("synthetic data needs a sample count")
         return SyntheticReader(input_name, input_shape, limit, batch_size, seed)

@@ -106,7 +106,7 @@ def test_missing_empty_and_mixed_sources_raise(tmp_path: Path) -> None:
 
 
 def test_synthetic_warns_and_is_seeded() -> None:
-    with pytest.warns(UserWarning, match="--calib DIR"):
+    with pytest.warns(UserWarning, match="--data DIR"):
         r = make_reader(CalibSpec("synthetic", num_samples=5, batch_size=2, seed=3), "x", SHAPE)
     assert isinstance(r, SyntheticReader) and len(r) == 5
     first = _drain(r)

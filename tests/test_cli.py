@@ -24,6 +24,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompile import cli
 from qcompile.config import CalibSpec, QuantSpec
+from qcompile.errors import UsageError
+from qcompile.results import BenchResult, CompileResult
 from qcompile.errors import EXIT_CODES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,12 +87,22 @@ def fake_api(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple, dict]]:
     """Replace the API with recorders, so dispatch and option parsing test without TVM."""
     calls: list[tuple[str, tuple, dict]] = []
 
-    def compile_model(*args: Any, **kw: Any) -> SimpleNamespace:
+    def compile_model(*args: Any, **kw: Any) -> CompileResult:
         calls.append(("compile_model", args, kw))
-        return SimpleNamespace(out_dir=Path(args[1]), compile_seconds=0.1, integer_only=True,
-                               num_layers=2)
+        return CompileResult(out_dir=Path(args[1]), compile_seconds=0.1, integer_only=True,
+                             num_layers=2)
 
-    monkeypatch.setattr(cli, "_api", lambda: SimpleNamespace(compile_model=compile_model))
+    def bench_artifact(*args: Any, **kw: Any) -> BenchResult:
+        calls.append(("bench_artifact", args, kw))
+        return BenchResult(1.0, 0.9, 2.0, 1.1, 1.5, 1.9, 1, 3, 1000.0, kw["threads"])
+
+    def allocate_model(*args: Any, **kw: Any) -> None:
+        calls.append(("allocate_model", args, kw))
+        raise UsageError("stop here: the options were recorded")
+
+    monkeypatch.setattr(cli, "_api", lambda: SimpleNamespace(
+        compile_model=compile_model, bench_artifact=bench_artifact,
+        allocate_model=allocate_model))
     return calls
 
 
@@ -169,7 +181,7 @@ def test_unknown_command_is_a_usage_error() -> None:
 
 
 def test_options_reach_the_api(model_file: Path, tmp_path: Path, fake_api: list) -> None:
-    r = invoke("compile", model_file, "-o", tmp_path / "art", "--bits", "4", "--calib", "synthetic",
+    r = invoke("compile", model_file, "-o", tmp_path / "art", "--bits", "4", "--data", "synthetic",
                "--calib-samples", "4", "--calibrator", "percentile", "--percentile", "99.9",
                "--mean", "0.5,0.5,0.5", "--std", "0.25", "--layout", "NCHW", "--target", "llvm")
     assert r.exit_code == 0, r.output
@@ -186,6 +198,35 @@ def test_options_reach_the_api(model_file: Path, tmp_path: Path, fake_api: list)
     r = invoke("compile", model_file, "-o", tmp_path / "art", "--no-verify", "-q")
     assert r.exit_code == 0, r.output
     assert fake_api[-1][2]["verify"] == 0  # ... and --no-verify turns it off
+
+
+@pytest.mark.parametrize("old, new", [(["--calib", "synthetic"], "--data"),
+                                      (["--calib=synthetic"], "--data")])
+def test_old_spellings_warn_and_still_work(model_file: Path, tmp_path: Path, fake_api: list,
+                                           old: list[str], new: str) -> None:
+    r = invoke("compile", model_file, "-o", tmp_path / "art", "-q", *old)
+    assert r.exit_code == 0, r.output
+    assert r.stderr.strip() == f"warning: --calib is deprecated; use {new}"
+    assert fake_api[-1][2]["calib"].source == "synthetic"
+
+
+def test_allocate_takes_compiles_calibration_options(model_file: Path, fake_api: list) -> None:
+    """A compile line's calibration options work for allocate as they are."""
+    r = invoke("allocate", model_file, "--budget-size", "0.5", "--data", "synthetic",
+               "--calib-samples", "4", "--calibrator", "percentile", "--percentile", "99.9")
+    assert r.exit_code == 2 and "stop here" in one_error_line(r)
+    calib: CalibSpec = fake_api[-1][2]["calib"]
+    assert (calib.method, calib.num_samples, calib.percentile) == ("percentile", 4, 99.9)
+
+
+def test_bench_threads_and_percentiles(tmp_path: Path, fake_api: list) -> None:
+    r = invoke("bench", tmp_path, "--threads", "1", "--repeat", "3")
+    assert r.exit_code == 0, r.output
+    assert fake_api[-1][2]["threads"] == 1
+    assert "p90 = 1.500 ms, p99 = 1.900 ms" in r.stdout and "1 threads" in r.stdout
+    r = invoke("bench", tmp_path, "--threads", "1", "--json")
+    res = json.loads(r.stdout)
+    assert (res["p90_ms"], res["p99_ms"], res["threads"]) == (1.5, 1.9, 1)
 
 
 @pytest.mark.parametrize("opts, needle", [
@@ -306,7 +347,7 @@ def test_compile_records_its_checks(artifact: tuple[Path, Path]) -> None:
     assert m["intcheck"]["asm"]["ok"] and m["intcheck"]["asm"]["instructions"] > 100
     assert m["intcheck"]["asm"]["functions"] >= m["intcheck"]["prim_funcs"] > 0
     assert m["verified"]["inputs"] == 2 and m["verified"]["bit_exact"] is True
-    assert m["verified"]["source"] == "uniform"  # --calib synthetic: the input's whole range
+    assert m["verified"]["source"] == "uniform"  # --data synthetic: the input's whole range
 
 
 def _calib_dir(d: Path) -> Path:
@@ -317,7 +358,7 @@ def _calib_dir(d: Path) -> Path:
 
 def test_compile_no_verify_records_null(artifact: tuple[Path, Path], tmp_path: Path) -> None:
     model, _ = artifact
-    r = invoke(model, "-o", tmp_path / "art", "--calib", _calib_dir(tmp_path / "c"),
+    r = invoke(model, "-o", tmp_path / "art", "--data", _calib_dir(tmp_path / "c"),
                "--rounding", "nearest", "--no-verify", "-q")
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "art" / "manifest.json").read_text())["verified"] is None
@@ -339,7 +380,7 @@ def test_compile_oracle_mismatch_exits_11(artifact: tuple[Path, Path], tmp_path:
     monkeypatch.setattr(Artifact, "run_core", off_by_one)
     model, _ = artifact
     out = tmp_path / "art"
-    r = invoke(model, "-o", out, "--calib", _calib_dir(tmp_path / "c"), "--rounding", "nearest",
+    r = invoke(model, "-o", out, "--data", _calib_dir(tmp_path / "c"), "--rounding", "nearest",
                "-q")
     assert r.exit_code == 11, r.output
     line = one_error_line(r)
@@ -374,7 +415,7 @@ def test_run_bad_input_exits_6(artifact: tuple[Path, Path], tmp_path: Path) -> N
 
 def test_eval_json(artifact: tuple[Path, Path]) -> None:
     model, art = artifact
-    r = invoke("eval", model, art, "--num-samples", "4", "--json")
+    r = invoke("eval", model, art, "--eval-samples", "4", "--json")
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert {"bit_exact", "integer_only", "top1_agreement", "sqnr_db", "layers",
@@ -388,7 +429,7 @@ def test_eval_json(artifact: tuple[Path, Path]) -> None:
 
 def test_eval_table(artifact: tuple[Path, Path]) -> None:
     model, art = artifact
-    r = invoke("eval", model, art, "--num-samples", "2")
+    r = invoke("eval", model, art, "--eval-samples", "2")
     assert r.exit_code == 0, r.output
     assert "bit-exact vs NumPy oracle" in r.stdout and "SQNR" in r.stdout
 

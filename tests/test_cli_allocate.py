@@ -81,15 +81,21 @@ def test_compiled_plan_meets_size_budget_and_is_bit_exact(tmp_path: Path) -> Non
     assert manifest["verified"]["bit_exact"] is True  # compile's own check, W4A8 layers too
     assert manifest["intcheck"]["stages"] == ["core", "codegen", "asm"]
     ev = api.evaluate(MODEL, out, inputs=_inputs(), progress=False)
-    assert ev["bit_exact"]
+    assert ev.bit_exact
 
 
 def test_sensitivity_command_json() -> None:
-    code, out = _run("sensitivity", str(MODEL), "--method", "kl", "--samples", "4", "--json")
+    code, out = _run("sensitivity", str(MODEL), "--sensitivity", "kl",
+                     "--sensitivity-samples", "4", "--json")
     assert code == 0, out
     res = json.loads(out[out.index("{"):])
     assert res["method"] == "kl" and len(res["omega"]) == 12
     assert all(v["4"] > v["8"] for v in res["omega"].values())
+    # The old spellings still work, each with a one-line deprecation warning.
+    code, old = _run("sensitivity", str(MODEL), "--method", "kl", "--samples", "4", "--json")
+    assert code == 0 and json.loads(old[old.index("{"):])["omega"] == res["omega"]
+    assert "warning: --method is deprecated; use --sensitivity" in old
+    assert "warning: --samples is deprecated; use --sensitivity-samples" in old
 
 
 def _inputs():

@@ -234,13 +234,13 @@ def test_compile_with_equalize_and_bias_correction_is_bit_exact(tmp_path: Path) 
     res = api.compile_model(model, art, progress=False, calib=calib,
                             quant=QuantSpec(bits=4, equalize=True, bias_correction=True))
     # compile's own oracle check ran, and every integer-only stage found code to check
-    assert res.verified["inputs"] == 2 and res.verified["bit_exact"] is True
+    assert res.verified.inputs == 2 and res.verified.bit_exact is True
     check = json.loads((art / "manifest.json").read_text())["intcheck"]
     assert check["stages"] == ["core", "codegen", "asm"] and check["asm"]["instructions"] > 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ev = api.evaluate(model, art, inputs=_data(16, seed=5), progress=False)
-    assert ev["bit_exact"] and ev["num_samples"] == 16
+    assert ev.bit_exact and ev.num_samples == 16
 
 
 def test_accumulator_unit_is_read_off_the_qgraph(graph) -> None:

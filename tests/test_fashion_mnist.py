@@ -39,16 +39,16 @@ def test_int8_accuracy_within_half_a_point_of_float(tmp_path: Path) -> None:
                             calib=CalibSpec(source=str(calib), num_samples=512, method="minmax"),
                             progress=False, batch=500)
     # compile's own oracle check ran, and every integer-only stage found code to check
-    assert res.verified["inputs"] == 2 and res.verified["bit_exact"] is True
+    assert res.verified.inputs == 2 and res.verified.bit_exact is True
     check = json.loads((art / "manifest.json").read_text())["intcheck"]
     assert check["stages"] == ["core", "codegen", "asm"] and check["asm"]["instructions"] > 0
     ev = api.evaluate(MODEL, art, inputs=xte, labels=yte, progress=False, batch_size=500)
-    assert ev["num_samples"] == 10_000
-    assert ev["bit_exact"]
+    assert ev.num_samples == 10_000
+    assert ev.bit_exact
     recorded = json.loads((DATA / "fashion_resnet.json").read_text())
-    float_acc = ev["float_accuracy"]
+    float_acc = ev.float_accuracy
     assert abs(float_acc - recorded["float_test_accuracy"]) < 1e-3  # the same float model
     assert float_acc > 0.88
-    print(f"\nFashion-MNIST 10k test: float {float_acc:.4f}, INT8 {ev['accuracy']:.4f}, "
-          f"top-1 agreement {ev['top1_agreement']:.4f}, SQNR {ev['sqnr_db']:.1f} dB")
-    assert abs(ev["accuracy"] - float_acc) <= 0.005, (ev["accuracy"], float_acc)
+    print(f"\nFashion-MNIST 10k test: float {float_acc:.4f}, INT8 {ev.accuracy:.4f}, "
+          f"top-1 agreement {ev.top1_agreement:.4f}, SQNR {ev.sqnr_db:.1f} dB")
+    assert abs(ev.accuracy - float_acc) <= 0.005, (ev.accuracy, float_acc)

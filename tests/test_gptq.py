@@ -184,13 +184,13 @@ def test_compile_with_gptq_is_bit_exact_and_integer_only(tmp_path: Path) -> None
     res = api.compile_model(model, art, progress=False, calib=calib,
                             quant=QuantSpec(bits=4, rounding="gptq", bias_correction=True))
     # compile's own oracle check ran, and every integer-only stage found code to check
-    assert res.verified["inputs"] == 2 and res.verified["bit_exact"] is True
+    assert res.verified.inputs == 2 and res.verified.bit_exact is True
     check = json.loads((art / "manifest.json").read_text())["intcheck"]
     assert check["stages"] == ["core", "codegen", "asm"] and check["asm"]["instructions"] > 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ev = api.evaluate(model, art, inputs=_images(16, 5), progress=False)
-    assert ev["bit_exact"] and ev["num_samples"] == 16
+    assert ev.bit_exact and ev.num_samples == 16
     # the artifact holds the GPTQ integers, not nearest's
     qg = Artifact.load(tmp_path / "art").qgraph()
     graph = prepare(import_onnx(_tiny_model(), batch=1))
@@ -223,13 +223,14 @@ def test_cli_rounding_reaches_the_api(tmp_path: Path, monkeypatch: pytest.Monkey
     from click.testing import CliRunner
 
     from qcompile import cli
+    from qcompile.results import CompileResult
 
     calls: list[dict] = []
 
     def compile_model(*args, **kw):
         calls.append(kw)
-        return SimpleNamespace(out_dir=Path(args[1]), compile_seconds=0.1, integer_only=True,
-                               num_layers=5)
+        return CompileResult(out_dir=Path(args[1]), compile_seconds=0.1, integer_only=True,
+                             num_layers=5)
 
     monkeypatch.setattr(cli, "_api", lambda: SimpleNamespace(compile_model=compile_model))
     model = save(_tiny_model(), tmp_path)

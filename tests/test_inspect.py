@@ -62,10 +62,10 @@ def test_cuda_artifact_sass_per_layer(tmp_path: Path) -> None:
         built = api.compile_model(save(kitchen_sink_model(), tmp_path), tmp_path / "c",
                                   progress=False, target="cuda")
     if t4:  # compile runs its oracle check on the GPU
-        assert built.verified["inputs"] == 2 and built.verified["bit_exact"] is True
+        assert built.verified.inputs == 2 and built.verified.bit_exact is True
     else:  # no sm_75 GPU: the check is skipped, and the manifest says why
-        assert built.verified["inputs"] == 0 and built.verified["bit_exact"] is None
-        assert "sm_75" in built.verified["skipped"]
+        assert built.verified.inputs == 0 and built.verified.bit_exact is None
+        assert "sm_75" in built.verified.skipped
     res = inspect_artifact(tmp_path / "c")
     by_layer = {k["layer"]: k for k in res["kernels"] if k["layer"]}
     for layer in ("stem", "pw", "fc"):  # tensor-core GEMMs

@@ -37,27 +37,27 @@ def _compile_and_check(model, tmp_path: Path, n: int = 32, kernels: bool = True)
     art = tmp_path / "art"
     res = api.compile_model(path, art, progress=False, kernels=kernels)
     # compile's own oracle check ran, and every integer-only stage found code to check
-    assert res.verified["inputs"] == 2 and res.verified["bit_exact"] is True
+    assert res.verified.inputs == 2 and res.verified.bit_exact is True
     check = json.loads((art / "manifest.json").read_text())["intcheck"]
     assert check["stages"] == ["core", "codegen", "asm"] and check["asm"]["instructions"] > 0
     with pytest.warns(UserWarning, match="synthetic"):
         ev = api.evaluate(path, art, num_samples=n, progress=False)
-    assert ev["num_samples"] == n
-    assert ev["bit_exact"], "compiled integer output differs from the NumPy oracle"
+    assert ev.num_samples == n
+    assert ev.bit_exact, "compiled integer output differs from the NumPy oracle"
     return ev
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_single_conv_bit_exact(case: str, tmp_path: Path) -> None:
     ev = _compile_and_check(conv_bn_relu_model(seed=zlib.crc32(case.encode()) % 100, **CASES[case]), tmp_path)
-    assert ev["sqnr_db"] > 25  # 8-bit quantization of one layer is accurate
+    assert ev.sqnr_db > 25  # 8-bit quantization of one layer is accurate
 
 
 @pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "generic"])
 def test_every_op_bit_exact_and_faithful(tmp_path: Path, kernels: bool) -> None:
     ev = _compile_and_check(kitchen_sink_model(), tmp_path, kernels=kernels)
-    assert ev["top1_agreement"] >= 0.8
-    names = {layer["tensor"] for layer in ev["layers"]}
+    assert ev.top1_agreement >= 0.8
+    names = {layer.tensor for layer in ev.layers}
     assert {"sr", "mp", "ap", "cat", "cl", "g", "logits"} <= names
 
 

@@ -370,4 +370,4 @@ def test_mixed_compile_bit_exact(se_model: Path, tmp_path: Path, method: str) ->
     assert {"lut", "qmul", "qadd"} <= ops
     with pytest.warns(UserWarning, match="synthetic"):
         ev = api.evaluate(se_model, art, num_samples=8, progress=False)
-    assert ev["bit_exact"], ev
+    assert ev.bit_exact, ev

@@ -185,7 +185,7 @@ def test_op_bit_exact_integer_only_and_faithful(case: str, tmp_path: Path) -> No
     art = tmp_path / "art"
     res = api.compile_model(path, art, progress=False)
     # compile's own oracle check ran, and every integer-only stage found code to check
-    assert res.verified["inputs"] == 2 and res.verified["bit_exact"] is True
+    assert res.verified.inputs == 2 and res.verified.bit_exact is True
     check = json.loads((art / "manifest.json").read_text())["intcheck"]
     assert check["stages"] == ["core", "codegen", "asm"] and check["asm"]["instructions"] > 0
     graph = json.loads((art / "qconfig.json").read_text())["graph"]
@@ -193,9 +193,9 @@ def test_op_bit_exact_integer_only_and_faithful(case: str, tmp_path: Path) -> No
     assert want_ops <= ops, f"expected {want_ops} among the quantized ops {ops}"
     with pytest.warns(UserWarning, match="synthetic"):
         ev = api.evaluate(path, art, num_samples=8, progress=False)
-    assert ev["bit_exact"] and ev["num_samples"] == 8
+    assert ev.bit_exact and ev.num_samples == 8
     # Synthetic calibration on the same distribution: 8-bit stays well above 20 dB.
-    assert ev["sqnr_db"] > 20, ev["layers"]
+    assert ev.sqnr_db > 20, ev.layers
 
 
 def test_fusions(tmp_path: Path) -> None:
@@ -236,7 +236,7 @@ def test_dynamic_hw_with_input_shape(tmp_path: Path) -> None:
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["input"]["shape"] == ["N", 3, 10, 7]
     with pytest.warns(UserWarning, match="synthetic"):
-        assert api.evaluate(path, art, num_samples=8, progress=False)["bit_exact"]
+        assert api.evaluate(path, art, num_samples=8, progress=False).bit_exact
 
 
 @pytest.mark.parametrize("fn", sorted(UNARY_FUNCTIONS) + ["PRelu"])
@@ -302,4 +302,4 @@ def test_old_opsets(opset: int, tmp_path: Path) -> None:
     api.compile_model(path, tmp_path / "art", progress=False)
     with pytest.warns(UserWarning, match="synthetic"):
         ev = api.evaluate(path, tmp_path / "art", num_samples=8, progress=False)
-    assert ev["bit_exact"] and ev["sqnr_db"] > 20
+    assert ev.bit_exact and ev.sqnr_db > 20

@@ -43,7 +43,7 @@ def test_few_outputs_compile_bit_exact(layer: str, n: int, bits: str, tmp_path: 
     art = tmp_path / "art"
     with pytest.warns(UserWarning, match="synthetic"):
         res = api.compile_model(path, art, progress=False, batch=batch, plan={name: bits})
-    assert res.verified["inputs"] == 2 and res.verified["bit_exact"] is True
+    assert res.verified.inputs == 2 and res.verified.bit_exact is True
     manifest = json.loads((art / "manifest.json").read_text())
     # the layer ran on the VNNI kernel of its weight width, not the generic lowering
     assert manifest["kernels"] == {name: "x86_vnni"}
@@ -52,8 +52,8 @@ def test_few_outputs_compile_bit_exact(layer: str, n: int, bits: str, tmp_path: 
     assert manifest["output"]["shape"][-1] == n or manifest["output"]["shape"][1] == n
     with pytest.warns(UserWarning, match="synthetic"):
         ev = api.evaluate(path, art, num_samples=8, progress=False)
-    assert ev["num_samples"] == 8
-    assert ev["bit_exact"], "compiled integer output differs from the NumPy oracle"
+    assert ev.num_samples == 8
+    assert ev.bit_exact, "compiled integer output differs from the NumPy oracle"
 
 
 def test_one_channel_window_kernels_bit_exact(tmp_path: Path) -> None:
@@ -75,10 +75,10 @@ def test_one_channel_window_kernels_bit_exact(tmp_path: Path) -> None:
     art = tmp_path / "art"
     with pytest.warns(UserWarning, match="synthetic"):
         res = api.compile_model(path, art, progress=False)
-    assert res.verified["inputs"] == 2 and res.verified["bit_exact"] is True
+    assert res.verified.inputs == 2 and res.verified.bit_exact is True
     funcs = json.loads((art / "manifest.json").read_text())["kernel_funcs"]
     assert {f.rsplit("_", 1)[0] for f in funcs} == {
         "depthwise_conv2d_nhwc", "max_pool2d_nhwc", "global_sum_pool_nhwc"}, funcs
     with pytest.warns(UserWarning, match="synthetic"):
         ev = api.evaluate(path, art, num_samples=8, progress=False)
-    assert ev["bit_exact"], "compiled integer output differs from the NumPy oracle"
+    assert ev.bit_exact, "compiled integer output differs from the NumPy oracle"

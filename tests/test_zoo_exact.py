@@ -18,11 +18,11 @@ SIZES = {"resnet18": 64, "resnet50": 64, "inceptionv3": 75, "mobilenetv2": 64}
 def test_zoo_model_bit_exact_integer_only(name: str, tmp_path: Path) -> None:
     model = zoo.save(zoo.build(name, input_size=SIZES[name], num_classes=100), tmp_path / "m.onnx")
     res = api.compile_model(model, tmp_path / "art", progress=False)
-    assert res.num_layers > 20 and res.verified["bit_exact"] is True
+    assert res.num_layers > 20 and res.verified.bit_exact is True
     check = json.loads((tmp_path / "art" / "manifest.json").read_text())["intcheck"]
     assert check["stages"] == ["core", "codegen", "asm"] and check["asm"]["instructions"] > 1000
     with pytest.warns(UserWarning, match="synthetic"):
         ev = api.evaluate(model, tmp_path / "art", num_samples=32, progress=False)
-    assert ev["bit_exact"] and ev["num_samples"] == 32
+    assert ev.bit_exact and ev.num_samples == 32
     # synthetic-calibrated 8-bit should still track float closely on these nets
-    assert ev["sqnr_db"] > 15, ev["sqnr_db"]
+    assert ev.sqnr_db > 15, ev.sqnr_db

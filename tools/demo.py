@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Step 3. Fidelity: TVM vs the NumPy oracle (bit-exact) and vs onnxruntime FP32.
     ev = api.evaluate(model, art, num_samples=args.eval_samples)
-    print(f"[3/5] evaluated on {ev['num_samples']} inputs", flush=True)
+    print(f"[3/5] evaluated on {ev.num_samples} inputs", flush=True)
 
     # Step 4. Latency, batch 1, both sides on all cores.
     tvm_ms = api.bench_artifact(art, repeat=args.repeat, warmup=args.warmup)
@@ -89,27 +89,27 @@ def main(argv: list[str] | None = None) -> int:
                   f"1x3x{args.input_size}x{args.input_size}"),
         ("artifact", f"{art} (module.so {_mb(so)}, weights.npz {_mb(npz)})"),
         ("compile", f"{res.compile_seconds:.1f} s, {res.num_layers} conv/dense layers"),
-        ("integer-only", "yes (checked on the compiled IR)" if ev["integer_only"] else "NO"),
-        ("bit-exact", f"{'yes' if ev['bit_exact'] else 'NO'} (TVM vs NumPy oracle, "
-                      f"{ev['num_samples']} inputs)"),
-        ("top-1 agreement", f"{100 * ev['top1_agreement']:.1f}% vs onnxruntime FP32 "
+        ("integer-only", "yes (checked on the compiled IR)" if ev.integer_only else "NO"),
+        ("bit-exact", f"{'yes' if ev.bit_exact else 'NO'} (TVM vs NumPy oracle, "
+                      f"{ev.num_samples} inputs)"),
+        ("top-1 agreement", f"{100 * ev.top1_agreement:.1f}% vs onnxruntime FP32 "
                             "(synthetic N(0,1) inputs)"),
-        ("output SQNR", f"{ev['sqnr_db']:.1f} dB vs onnxruntime FP32"),
+        ("output SQNR", f"{ev.sqnr_db:.1f} dB vs onnxruntime FP32"),
         ("latency", f"batch 1, median of {args.repeat}, {os.cpu_count()} threads"),
-        ("  qcompile int8", f"{tvm_ms['median_ms']:8.2f} ms  ({_kernels(art)})"),
-        ("  onnxruntime FP32", f"{ort_ms['median_ms']:8.2f} ms"),
+        ("  qcompile int8", f"{tvm_ms.median_ms:8.2f} ms  ({_kernels(art)})"),
+        ("  onnxruntime FP32", f"{ort_ms.median_ms:8.2f} ms"),
         ("mixed 4/8-bit", f"{sum(la['bits'] == 4 for la in plan['layers'])} of "
                           f"{len(plan['layers'])} layers at 4 bits, {plan['size_mb']:.2f} MB "
                           f"(budget {plan['budgets']['size_mb']:.2f} MB), "
-                          f"bit-exact {'yes' if ev_mixed['bit_exact'] else 'NO'}, SQNR "
-                          f"{ev_mixed['sqnr_db']:.1f} dB, {mixed_ms['median_ms']:.2f} ms; "
+                          f"bit-exact {'yes' if ev_mixed.bit_exact else 'NO'}, SQNR "
+                          f"{ev_mixed.sqnr_db:.1f} dB, {mixed_ms.median_ms:.2f} ms; "
                           f"see {mixed / 'report.md'}"),
     ]
     print("== qcompile demo ==")
     for k, v in rows:
         print(f"{k:<18} {v}")
     print(f"total {time.perf_counter() - t0:.0f} s")
-    ok = all(e["bit_exact"] and e["integer_only"] for e in (ev, ev_mixed))
+    ok = all(e.bit_exact and e.integer_only for e in (ev, ev_mixed))
     return 0 if ok else 1
 
 

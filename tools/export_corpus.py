@@ -44,7 +44,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-DEFAULT_OUT = Path(os.environ.get("QCOMPILE_CACHE_DIR", Path.home() / ".cache" / "qcompile")) / "corpus"
+from qcompile.flags import cache_dir
+
+DEFAULT_OUT = cache_dir("corpus")  # $QCOMPILE_CACHE_DIR/corpus
 SEED = 0
 
 
