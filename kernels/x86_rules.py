@@ -17,9 +17,10 @@ from typing import Callable, Sequence
 
 from tvm import tirx
 
+from .x86_depthwise import depthwise_conv2d_nhwc_vnni
 from .x86_epilogue import Post
 from .x86_int4 import GFNI
-from .x86_vnni import KG, ISA, conv2d_nhwc_vnni, conv2d_nhwc_vnni_grouped, dense_vnni
+from .x86_vnni import KG, LANES, ISA, conv2d_nhwc_vnni, conv2d_nhwc_vnni_grouped, dense_vnni
 from .x86_window import (depthwise_conv2d_nhwc, global_sum_pool_nhwc, max_pool2d_nhwc,
                          sum_pool2d_nhwc)
 
@@ -146,6 +147,17 @@ def rule_conv_grouped(d: LayerDesc) -> KernelSpec | None:
         in_dtype=d.in_dtype, **_epilogue_kw(d)), "vnni16x4_grouped", d.in_dtype == "int8")
 
 
+def rule_depthwise_vnni(d: LayerDesc) -> KernelSpec | None:
+    """Depthwise with C % 16 == 0: one vpdpbusd per 16 channels and tap (int8 inputs fed
+    as x + 128, the bias corrected like the GEMM kernels')."""
+    if (d.op != "conv2d" or d.in_dtype not in _ACT or not d.group == d.in_shape[3] == d.channels
+            or d.channels % LANES):
+        return None
+    return KernelSpec("depthwise_conv2d_nhwc_vnni", lambda: depthwise_conv2d_nhwc_vnni(
+        *d.in_shape, *d.kernel, d.strides, d.pads, d.dilations, in_dtype=d.in_dtype,
+        **_epilogue_kw(d)), "hwc", d.in_dtype == "int8")
+
+
 def rule_depthwise(d: LayerDesc) -> KernelSpec | None:
     if d.op != "conv2d" or d.in_dtype not in _ACT or not d.group == d.in_shape[3] == d.channels:
         return None
@@ -172,8 +184,8 @@ def rule_pool(d: LayerDesc) -> KernelSpec | None:
 
 
 # The int4 rules go first; when their CPU flags are missing the int8 rule takes the layer.
-RULES: tuple[Rule, ...] = (rule_dense_int4, rule_dense, rule_depthwise, rule_conv_grouped,
-                           rule_conv_int4, rule_conv_vnni, rule_pool)
+RULES: tuple[Rule, ...] = (rule_dense_int4, rule_dense, rule_depthwise_vnni, rule_depthwise,
+                           rule_conv_grouped, rule_conv_int4, rule_conv_vnni, rule_pool)
 
 
 def select_kernel(d: LayerDesc, cpu_flags: frozenset[str] | None = None,

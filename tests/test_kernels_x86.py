@@ -5,13 +5,14 @@ whole output with ``np.array_equal``: integer kernels have no tolerance.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pytest
 import tvm
 from numpy.lib.stride_tricks import sliding_window_view
 
+from qcompile.kernels import x86_depthwise as Dw
 from qcompile.kernels import x86_rules as Rl
 from qcompile.kernels import x86_vnni as V
 from qcompile.kernels import x86_window as Wd
@@ -320,23 +321,47 @@ def test_conv_1x1_reads_input_directly() -> None:
 
 
 # ----------------------------------------------------------------------------- depthwise
-@pytest.mark.parametrize("N,H,W,C,k,st,pads,dil,in_dtype,out_dtype,raw", [
+DEPTHWISE_CASES = [
     (1, 11, 11, 32, 3, (1, 1), (1, 1, 1, 1), (1, 1), "uint8", "uint8", False),
-    (2, 7, 11, 5, 3, (2, 2), (0, 1, 1, 0), (1, 1), "int8", "int8", False),
+    (2, 7, 11, 16, 3, (2, 2), (0, 1, 1, 0), (1, 1), "int8", "int8", False),
     (1, 12, 12, 48, 5, (2, 2), (2, 2, 1, 1), (1, 1), "uint8", "int32", True),
+    (1, 9, 9, 16, 3, (1, 1), (2, 2, 2, 2), (2, 2), "int8", "uint8", False),
+    (1, 6, 6, 32, 3, (1, 1), (0, 0, 0, 0), (1, 1), "int8", "int8", False),  # int8, no pad
+    (2, 15, 15, 16, 3, (1, 1), (1, 1, 1, 1), (1, 1), "uint8", "int8", False),  # owt 5 (not 14)
+]
+
+
+@pytest.mark.parametrize("N,H,W,C,k,st,pads,dil,in_dtype,out_dtype,raw", DEPTHWISE_CASES + [
+    (2, 7, 11, 5, 3, (2, 2), (0, 1, 1, 0), (1, 1), "int8", "int8", False),   # C % 16 != 0
     (1, 9, 9, 7, 3, (1, 1), (2, 2, 2, 2), (2, 2), "int8", "uint8", False),
 ])
 def test_depthwise_exact(N: int, H: int, W: int, C: int, k: int, st: tuple[int, int], pads: Pads,
                          dil: tuple[int, int], in_dtype: str, out_dtype: str, raw: bool) -> None:
+    _check_depthwise(Wd.depthwise_conv2d_nhwc, N, H, W, C, k, st, pads, dil, in_dtype,
+                     out_dtype, raw)
+
+
+@pytest.mark.parametrize("N,H,W,C,k,st,pads,dil,in_dtype,out_dtype,raw", DEPTHWISE_CASES)
+def test_depthwise_vnni_exact(N: int, H: int, W: int, C: int, k: int, st: tuple[int, int],
+                              pads: Pads, dil: tuple[int, int], in_dtype: str, out_dtype: str,
+                              raw: bool) -> None:
+    _check_depthwise(Dw.depthwise_conv2d_nhwc_vnni, N, H, W, C, k, st, pads, dil, in_dtype,
+                     out_dtype, raw)
+
+
+def _check_depthwise(kernel: Callable[..., tvm.tirx.PrimFunc], N: int, H: int, W: int, C: int,
+                     k: int, st: tuple[int, int], pads: Pads, dil: tuple[int, int],
+                     in_dtype: str, out_dtype: str, raw: bool) -> None:
     rng = np.random.default_rng(C + H)
     x, w = _rand(rng, (N, H, W, C), in_dtype), _rand(rng, (k, k, C), "int8")
     bias = rng.integers(-2**20, 2**20, C).astype(np.int32)
     win = _windows(x.astype(np.int64), k, k, st, pads, dil, 0)
     acc, bias, q = _requant_setup(rng, np.einsum("bhwcij,ijc->bhwc", win, w.astype(np.int64))
                                   + bias, bias, raw, out_dtype)
-    f = Wd.depthwise_conv2d_nhwc(N, H, W, C, k, k, st, pads, dil, out_dtype=out_dtype, raw=raw,
-                                in_dtype=in_dtype)
-    got = _run(f, [x, w, bias, *(q or [])], acc.shape, "int32" if raw else out_dtype)
+    vnni = kernel is Dw.depthwise_conv2d_nhwc_vnni
+    kbias = V.signed_input_bias(w.transpose(2, 0, 1), bias) if vnni and in_dtype == "int8" else bias
+    f = kernel(N, H, W, C, k, k, st, pads, dil, out_dtype=out_dtype, raw=raw, in_dtype=in_dtype)
+    got = _run(f, [x, w, kbias, *(q or [])], acc.shape, "int32" if raw else out_dtype)
     np.testing.assert_array_equal(got, _expected(acc, q, out_dtype))
 
 
@@ -443,7 +468,10 @@ def test_select_kernel_rules() -> None:
     assert Rl.select_kernel(conv).name == "conv2d_nhwc_vnni"
     assert Rl.select_kernel(conv).weight_layout == "vnni16x4"
     dw = Rl.LayerDesc("conv2d", (1, 8, 8, 16), channels=16, kernel=(3, 3), group=16)
-    assert Rl.select_kernel(dw).name == "depthwise_conv2d_nhwc"
+    assert Rl.select_kernel(dw).name == "depthwise_conv2d_nhwc_vnni"
+    dw12 = Rl.LayerDesc("conv2d", (1, 8, 8, 12), channels=12, kernel=(3, 3), group=12)
+    assert Rl.select_kernel(dw12).name == "depthwise_conv2d_nhwc"  # C % 16 != 0
+    assert Rl.select_kernel(dw, cpu_flags=frozenset({"avx512f"})).name == "depthwise_conv2d_nhwc"
     grouped = Rl.select_kernel(Rl.LayerDesc("conv2d", (1, 8, 8, 16), channels=16, group=4))
     assert grouped.name == "conv2d_nhwc_vnni_grouped"  # 4 channels per group: one quad
     # 2 channels per group cannot fill a vpdpbusd quad: TVM's generic lowering takes it

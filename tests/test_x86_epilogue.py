@@ -7,13 +7,14 @@ PrimFunc (~0.5 s) and compares its whole output with ``np.array_equal``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pytest
 import tvm
 from numpy.lib.stride_tricks import sliding_window_view
 
+from qcompile.kernels import x86_depthwise as Dw
 from qcompile.kernels import x86_epilogue as E
 from qcompile.kernels import x86_vnni as V
 from qcompile.kernels import x86_window as Wd
@@ -247,8 +248,9 @@ def test_dense_fused_add_exact() -> None:
 
 
 @needs_vnni
+@pytest.mark.parametrize("kernel", [Wd.depthwise_conv2d_nhwc, Dw.depthwise_conv2d_nhwc_vnni])
 @pytest.mark.parametrize("fused", [False, True])
-def test_depthwise_int32_requant_and_fused_ops_exact(fused: bool) -> None:
+def test_depthwise_int32_requant_and_fused_ops_exact(fused: bool, kernel: Callable) -> None:
     rng = np.random.default_rng(11 + fused)
     n, h, c = 2, 9, 48
     x = rng.integers(0, 256, (n, h, h, c)).astype(np.uint8)
@@ -260,8 +262,8 @@ def test_depthwise_int32_requant_and_fused_ops_exact(fused: bool) -> None:
     add, skip = _residual(rng, acc.shape)
     lut, table = _lut(rng, c)
     post, extra = ((add, lut), [skip, table.reshape(-1)]) if fused else ((), [])
-    f = Wd.depthwise_conv2d_nhwc(n, h, h, c, 3, 3, (2, 2), (1, 1, 1, 1), out_dtype="int8",
-                                 requant="mulhi_shl", post=post)
+    f = kernel(n, h, h, c, 3, 3, (2, 2), (1, 1, 1, 1), out_dtype="int8", requant="mulhi_shl",
+               post=post)
     got = _run(f, [x, w, bias, *E.requant_arrays("mulhi_shl", *q, bound), *extra], acc.shape,
                E.Epilogue("int8", False, post=post).final_dtype)
     np.testing.assert_array_equal(got, _post_ref(_expected(acc, q, -128, 127), post, extra))
