@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.stamp
 PYTHON3 ?= python3
 
-.PHONY: venv test test-slow test-gpu gpu-check demo bench bench-effnet bench-quality bench-gptq clean corpus onnx-backend-sweep fuzz
+.PHONY: venv lint test test-slow test-gpu gpu-check demo bench bench-effnet bench-quality bench-gptq clean corpus onnx-backend-sweep fuzz
 
 venv: $(STAMP)
 
@@ -13,7 +13,13 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	@touch $@
 
-test: venv
+# ruff, mypy and the per-file line budget, all configured in pyproject.toml.
+lint: venv
+	$(PY) -m ruff check qcompile kernels tests tools benchmarks
+	$(PY) -m mypy
+	$(PY) tools/line_budget.py
+
+test: venv lint
 	$(PY) -m pytest -q
 
 # setup.cfg's addopts deselect slow tests; a later -m wins.
@@ -99,5 +105,5 @@ fuzz: venv
 	$(PY) benchmarks/fuzz.py --seed $(FUZZ_SEED) $(FUZZ_ARGS)
 
 clean:
-	rm -rf out build dist .pytest_cache .qcompile-cache
+	rm -rf out build dist .pytest_cache .qcompile-cache .mypy_cache .ruff_cache
 	find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +

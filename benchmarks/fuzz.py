@@ -21,7 +21,8 @@ The corpus comes from ``tools/fuzz_corpus.py`` (regenerated into ``--corpus`` wi
 
 The ONNX backend node tests are reported from the newest
 ``benchmarks/results/onnx-backend-sweep-*.json`` (``make onnx-backend-sweep``), or swept
-again with ``--run-sweep`` (~2 min; its own files go to a scratch folder).  Results: ``benchmarks/results/fuzz-<date>.{json,md}``; exits
+again with ``--run-sweep`` (~2 min; its own files go to a scratch folder).
+Results: ``benchmarks/results/fuzz-<date>.{json,md}``; exits
 1 on any traceback, hang, crash, violated check, or a backend-sweep bug.
 """
 from __future__ import annotations

@@ -86,7 +86,8 @@ class OnnxModule(nn.Module):
             return self._module(_conv(n, w, b)), n.output[0]
         if op == "Gemm":
             w, b = inits[n.input[1]], inits[n.input[2]]
-            if a.get("transB", 0) != 1 or a.get("transA", 0) or a.get("alpha", 1.0) != 1 or a.get("beta", 1.0) != 1:
+            if (a.get("transB", 0) != 1 or a.get("transA", 0) or a.get("alpha", 1.0) != 1
+                    or a.get("beta", 1.0) != 1):
                 raise ValueError(f"onnx_torch: Gemm {n.name!r} needs transB=1, alpha=beta=1")
             lin = nn.Linear(w.shape[1], w.shape[0])
             lin.weight.data, lin.bias.data = torch.from_numpy(w.copy()), torch.from_numpy(b.copy())
@@ -103,8 +104,10 @@ class OnnxModule(nn.Module):
             k, s = a["kernel_shape"], a.get("strides", [1, 1])
             p = _same_pads(a.get("pads", []), n)
             if op == "MaxPool":
-                return (lambda x: F.max_pool2d(x, k, s, p, ceil_mode=bool(a.get("ceil_mode", 0)))), n.output[0]
-            return (lambda x: F.avg_pool2d(x, k, s, p, count_include_pad=bool(a.get("count_include_pad", 0)))), n.output[0]
+                ceil = bool(a.get("ceil_mode", 0))
+                return (lambda x: F.max_pool2d(x, k, s, p, ceil_mode=ceil)), n.output[0]
+            incl = bool(a.get("count_include_pad", 0))
+            return (lambda x: F.avg_pool2d(x, k, s, p, count_include_pad=incl)), n.output[0]
         if op == "Clip":
             lo, hi = (float(inits[i]) if i else None for i in (list(n.input[1:]) + ["", ""])[:2])
             return (lambda x: torch.clamp(x, lo, hi)), n.output[0]

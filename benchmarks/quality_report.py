@@ -72,7 +72,8 @@ def markdown(results: list[dict], meta: dict) -> str:
     L = [f"# Quantization quality on trained models ({meta['date']})", "",
          f"Command: `{meta['command']}`"
          + ("" if meta["command"] == "make bench-quality" else
-            " (`make bench-quality` computes every row in one process)") + "  ", f"Machine: {meta['machine_line']}  ",
+            " (`make bench-quality` computes every row in one process)") + "  ",
+        f"Machine: {meta['machine_line']}  ",
          f"Date: {meta['started']} (UTC), {meta['seconds']:.0f} s in all  ",
          f"qcompile {meta['qcompile']}, TVM {meta['tvm']}, onnxruntime {meta['onnxruntime']}",
          "", "Agreement = top-1 agreement with the float model (onnxruntime FP32) over all "

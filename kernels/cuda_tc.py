@@ -481,7 +481,8 @@ def _out_vec(M: int, N: int, cfg: TileConfig) -> int:
 
 def dense_tc(M: int, N: int, K: int, *, bits: int = 8, out_dtype: str = "int8", raw: bool = False,
              a_signed: bool = False, lo: int | None = None, hi: int | None = None) -> tirx.PrimFunc:
-    """Tensor-core int GEMM with fused requant: ``out = clip(((int64(X.W^T) + int64(b))*m + r) >> s, lo, hi)``.
+    """Tensor-core int GEMM with fused requant:
+    ``out = clip(((int64(X.W^T) + int64(b))*m + r) >> s, lo, hi)``.
 
     Params, in order: X (M, K) u8 (s8 if ``a_signed``) [int4: (M, K/2) packed bytes, low
     nibble = even k], W (N, K) s8 [int4: (N, K/2) packed s4], bias (N,) int32, then m, r, s

@@ -6,7 +6,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import tvm
@@ -361,7 +361,7 @@ def bench_artifact(art_dir: str | Path, *, batch: int | None = None, repeat: int
                                     tvm_threads())
 
 
-def ort_session_options(threads: int | None = None, *, spinning: bool = True):
+def ort_session_options(threads: int | None = None, *, spinning: bool = True) -> Any:
     """onnxruntime SessionOptions as its users get them: the defaults (spin-waiting on,
     intra_op_num_threads 0 = onnxruntime's own choice) unless ``threads`` is given or
     ``spinning=False`` (no busy-wait; then all cores unless ``threads``): not ORT's
@@ -422,12 +422,14 @@ def sensitivity_model(model: str | Path, *, method: str = "hessian", calib: Cali
                                progress=progress)
 
 
+PARETO_ALPHAS: tuple[float, ...] = tuple(i / 10 for i in range(11))  # all-INT4 .. all-INT8
+
+
 def allocate_model(model: str | Path, *, target: str = "llvm", arch: str | None = None,
                    alloc: AllocSpec = AllocSpec(),
                    calib: CalibSpec = CalibSpec(), quant: QuantSpec = QuantSpec(), batch: int = 1,
                    progress: bool = True, pareto_dir: str | Path | None = None,
-                   pareto_alphas: tuple[float, ...] = tuple(i / 10 for i in range(11))
-                   ) -> AllocateResult:
+                   pareto_alphas: tuple[float, ...] = PARETO_ALPHAS) -> AllocateResult:
     """The plan ``compile`` would use, without compiling it (``qcompile allocate``).
 
     ``pareto_dir``: also sweep the budget (the latency budget unless only size or BOPs is

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from .flags import error_line
 
@@ -219,7 +220,7 @@ def scan_cuda_binaries(binaries: list[bytes], prim_funcs: list[str]) -> AsmRepor
     return scan_sass("\n".join(sass_text(b) for b in binaries), prim_funcs)
 
 
-def scan_executable(ex: object, prim_funcs: list[str]) -> AsmReport:
+def scan_executable(ex: Any, prim_funcs: list[str]) -> AsmReport:
     """Scan an x86 ``relax.VMExecutable``'s LLVM module; skipped for other targets."""
     mods = [ex.mod, *ex.mod.imports]
     for m in mods:

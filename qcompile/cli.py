@@ -23,13 +23,13 @@ import numpy as np
 
 from . import __version__
 from .artifact import check_output_dir
-from .config import (AUTO, CALIBRATORS, LAYOUTS, ROUNDINGS, parse_shape, SENSITIVITY_METHODS, AllocSpec, CalibSpec,
-                     Preprocess, QuantSpec, VERIFY_INPUTS)
+from .config import AUTO, ROUNDINGS, VERIFY_INPUTS, CalibSpec, QuantSpec, parse_shape
+from .cli_options import (QCompileCommand, alloc_options, alloc_spec, arch_option, calib_options,
+                          data_option, preprocess, preprocess_options, sensitivity_options)
 from .flags import atomic_open, debug, one_line
 from .results import EvalResult
 from .errors import ArtifactError, BadModelError, DataError, QCompileError, UsageError
 from .backends import BACKENDS, check_options
-from .targets import CUDA_ARCHS, DEFAULT_ARCH
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE from sysexits.h
 DEFAULT_COMMAND = "compile"
@@ -58,35 +58,6 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
 
 
 # ----------------------------------------------------------------------------- the group
-
-# Old option spellings per command -> the one spelling every command now uses: sample
-# counts are --<stage>-samples, data is --data, the sensitivity measure --sensitivity.
-# The old ones still work, with a one-line deprecation warning.
-RENAMED: dict[str, dict[str, str]] = {
-    "compile": {"--calib": "--data"},
-    "allocate": {"--calib": "--data"},
-    "sensitivity": {"--calib": "--data", "--samples": "--sensitivity-samples",
-                    "--method": "--sensitivity"},
-    "eval": {"--num-samples": "--eval-samples"},
-}
-
-
-class QCompileCommand(click.Command):
-    """A command that still takes its old option spellings (``RENAMED``)."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        renamed, out = RENAMED.get(self.name or "", {}), []
-        for i, arg in enumerate(args):
-            if arg == "--":  # what follows are arguments, never options
-                out += args[i:]
-                break
-            opt, eq, value = arg.partition("=")
-            if opt in renamed:
-                click.echo(f"warning: {opt} is deprecated; use {renamed[opt]}", err=True)
-                arg = renamed[opt] + eq + value
-            out.append(arg)
-        return super().parse_args(ctx, out)
-
 
 class QCompileGroup(click.Group):
     """A group with a default command and one error policy for every command."""
@@ -152,74 +123,6 @@ def main() -> None:
 
 # ----------------------------------------------------------------------------- helpers
 
-def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise UsageError(f"{option} takes comma-separated numbers like 0.5,0.5,0.5; "
-                         f"got {text!r}") from None
-    if len(values) not in (1, 3):
-        raise UsageError(f"{option} takes 1 or 3 values, got {len(values)}")
-    return values
-
-
-def _model_dims(model: Path, input_shape: tuple[int, ...] | None) -> list[int]:
-    """The model input's dims (0 where symbolic), or ``input_shape``; [] when unknowable."""
-    if input_shape is not None:
-        return list(input_shape)
-    try:
-        import onnx  # deferred: only compile/eval with images need it
-        graph = onnx.load(str(model), load_external_data=False).graph
-        inits = {t.name for t in graph.initializer}
-        # max(.., 0): a negative dim reads as symbolic here; the loader refuses it (exit 3).
-        return [max(d.dim_value, 0) for d in next(i for i in graph.input if i.name not in inits)
-                .type.tensor_type.shape.dim]
-    except Exception:  # any failure: fall back to defaults, the API will say what's wrong
-        return []
-
-
-def _guess_layout(dims: list[int]) -> str:
-    """NHWC when the last axis looks like colour channels and axis 1 does not (TF exports)."""
-    if len(dims) == 4 and dims[3] in (1, 3, 4) and dims[1] not in (1, 3, 4):
-        return "NHWC"
-    return "NCHW"
-
-
-def _model_input(model: Path, layout: str, input_shape: tuple[int, ...] | None = None
-                 ) -> tuple[int | None, int | None]:
-    """(spatial size, channels) of the model's input when cheaply knowable, else None.
-
-    Only a default for --size and grayscale; the API reports broken models properly.
-    """
-    dims = _model_dims(model, input_shape)
-    if len(dims) != 4:
-        return None, None
-    c, h = (dims[1], dims[2]) if layout == "NCHW" else (dims[3], dims[1])
-    return (h or None), (c or None)
-
-
-def _preprocess(model: Path, size: int | None, resize: int, mean: str | None, std: str | None,
-                layout: str | None, input_shape: str | None = None) -> Preprocess:
-    """Preprocess from options; unset --size, --layout and the channel count follow the
-    model's input (or ``--input-shape``)."""
-    fixed = parse_shape(input_shape) if input_shape else None
-    layout = layout or _guess_layout(_model_dims(model, fixed))
-    model_size, channels = _model_input(model, layout, fixed)
-    gray = channels == 1
-    m, s = _floats(mean, "--mean"), _floats(std, "--std")
-    base = Preprocess()
-    if gray:  # ImageNet's per-channel defaults don't apply to one channel
-        m, s = m or (0.5,), s or (0.5,)
-    m, s = m or base.mean, s or base.std
-    # One value stands for every channel: "--std 0.5" next to a 3-value mean.
-    n = max(len(m), len(s))
-    m, s = (m * n if len(m) == 1 else m), (s * n if len(s) == 1 else s)
-    return Preprocess(size=size or model_size or base.size, resize=resize, mean=m, std=s,
-                      layout=layout, grayscale=gray, input_shape=fixed)
-
-
 def _check_model(model: str) -> Path:
     path = Path(model)
     if not path.exists():
@@ -269,87 +172,9 @@ def _print_json(d: dict) -> None:
     click.echo(json.dumps(d, indent=2, default=_jsonable))
 
 
-def _options(*opts: Callable[[F], F]) -> Callable[[F], F]:
-    """Several click options as one decorator, in --help order."""
-    def apply(f: F) -> F:
-        for opt in reversed(opts):
-            f = opt(f)
-        return f
-    return apply
-
-
-# Image preprocessing (compile, allocate, sensitivity, eval).
-_preprocess_options = _options(
-    click.option("--size", type=click.IntRange(min=1), default=None, metavar="N",
-                 help="Centre-crop size (default: the model's input size)."),
-    click.option("--resize", type=click.IntRange(min=0), default=0, metavar="N",
-                 help="Resize the short side to N before cropping (default: --size)."),
-    click.option("--mean", metavar="a,b,c", help="Per-channel mean, after scaling to [0,1] "
-                 "(default: ImageNet)."),
-    click.option("--std", metavar="a,b,c", help="Per-channel std (default: ImageNet)."),
-    click.option("--layout", type=click.Choice(LAYOUTS), default=None,
-                 help="Model input layout (default: NHWC when the input's last axis "
-                      "has 1, 3 or 4 channels, else NCHW)."),
-    click.option("--input-shape", metavar="NxCxHxW", default=None,
-                 help="Fix the model input's symbolic dimensions, e.g. 1x3x224x224 "
-                      "(the batch entry is ignored: see --batch)."))
-
-_data_option = click.option(
-    "--data", default="synthetic", show_default=True, metavar="DIR|synthetic",
-    help="Calibration data: a folder of .npy/.npz arrays or images (labels not needed).")
-
-# Calibration (compile, allocate: the same options, so a compile line can be reused).
-_calib_options = _options(
-    _data_option,
-    click.option("--calib-samples", type=int, default=CalibSpec().num_samples,  # CalibSpec
-                 show_default=True, metavar="N", help="Calibration samples."),  # checks it
-    click.option("--calibrator", type=click.Choice(CALIBRATORS + (AUTO,)), default=AUTO,
-                 show_default=True, help="auto: mse with --data DIR, minmax on synthetic data."),
-    click.option("--percentile", type=float, default=CalibSpec().percentile, show_default=True,
-                 metavar="P", help="Used by --calibrator percentile."))
-
-# The sensitivity measure (compile, allocate, sensitivity).
-_sensitivity_options = _options(
-    click.option("--sensitivity", "sens_method", type=click.Choice(SENSITIVITY_METHODS),
-                 default="hessian", show_default=True,
-                 help="hessian: Tr(H)/n * ||Q(W)-W||^2 (HAWQ-V3); kl: output KL, forward only."),
-    click.option("--sensitivity-samples", type=click.IntRange(min=1),
-                 default=AllocSpec().sensitivity_samples, show_default=True, metavar="N",
-                 help="Calibration samples the sensitivity is measured on."))
-
-# Mixed-precision budgets and pins (compile, allocate).
-_alloc_options = _options(
-    click.option("--budget-latency", metavar="L",
-                 help="Latency budget: 6ms, or alpha in [0,1] = all-INT4 + alpha * "
-                      "(all-INT8 - all-INT4)."),
-    click.option("--budget-size", metavar="S", help="Weight size budget: 15MB, or alpha."),
-    click.option("--budget-bops", metavar="B", help="BOPs budget: 100G, 2T, or alpha."),
-    click.option("--pin", "pins", multiple=True, metavar="GLOB=BITS",
-                 help="Fix matching layers' bits, e.g. 'layer4.*=8' (repeatable). The first "
-                      "and last layers are pinned to 8 unless a pin says otherwise."),
-    click.option("--pin-dry-run", is_flag=True, help="Print what each --pin matches and exit."),
-    _sensitivity_options)
-
-
-def _alloc_spec(budget_latency: str | None, budget_size: str | None, budget_bops: str | None,
-                pins: tuple[str, ...], sens_method: str, sensitivity_samples: int) -> AllocSpec:
-    return AllocSpec(latency=budget_latency, size=budget_size, bops=budget_bops,
-                     pins=tuple(pins), sensitivity=sens_method,
-                     sensitivity_samples=sensitivity_samples)
-
-
 def _print_pins(matches: dict[str, list[str]]) -> None:
     for pin, names in matches.items():
         click.echo(f"{pin}: {len(names)} layer(s)" + (": " + ", ".join(names) if names else ""))
-
-
-def _arch_option(f: F) -> F:
-    """``--arch`` beside ``--target`` (checked by ``targets.check_arch``, not click, so an
-    unknown one is the usual one-line usage error listing the valid ones)."""
-    archs = ", ".join(f"{a} ({r.gpu.removeprefix('NVIDIA ')})" for a, r in CUDA_ARCHS.items())
-    return click.option("--arch", default=None, metavar="SM",
-                        help=f"CUDA architecture for --target cuda: {archs}; default "
-                             f"{DEFAULT_ARCH}.")(f)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -387,12 +212,12 @@ def zoo_cmd(name: str | None, output: str | None, list_: bool, input_size: int |
 @click.option("-o", "--output", "out", required=True, metavar="OUT",
               help="Artifact directory (new, empty, or a previous artifact).")
 @click.option("--target", type=click.Choice(tuple(BACKENDS)), default="llvm", show_default=True)
-@_arch_option
+@arch_option
 @click.option("--bits", default="8", show_default=True, metavar="8|4|w8a8|w4a8|w4a4",
               help="Precision of the layers between the first and the last: 8 (W8A8), "
                    "4 (W4A4, weights and input activations), or a weight/activation pair "
                    "such as w4a8 (4-bit weights, 8-bit activations).")
-@_calib_options
+@calib_options
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
               help="Batch size the kernels are specialized for.")
 @click.option("--kernels/--no-kernels", default=True, show_default=True,
@@ -416,8 +241,8 @@ def zoo_cmd(name: str | None, output: str | None, list_: bool, input_size: int |
                    "integer oracle and require them bit-exact (exit 11 otherwise); recorded in the "
                    "manifest's `verified`. Skipped, with a note, for --target cuda without "
                    "a GPU of the --arch.")
-@_alloc_options
-@_preprocess_options
+@alloc_options
+@preprocess_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
 def compile_cmd(model: str, out: str, target: str, arch: str | None, bits: str, data: str,
                 calib_samples: int, calibrator: str, percentile: float, batch: int,
@@ -435,18 +260,19 @@ def compile_cmd(model: str, out: str, target: str, arch: str | None, bits: str, 
     # Step 1. Everything cheap first: no TVM import or calibration before this passes.
     check_options(target, arch, tune=tune)
     model_path, out_path = _check_model(model), Path(out)
-    alloc = _alloc_spec(budget_latency, budget_size, budget_bops, pins, sens_method,
+    alloc = alloc_spec(budget_latency, budget_size, budget_bops, pins, sens_method,
                         sensitivity_samples)
     if pin_dry_run:
         _print_pins(_api().pin_matches(model_path, alloc.pins,
                                        parse_shape(input_shape) if input_shape else None))
         return
     check_output_dir(out_path, protect=(model_path,))
-    quant = QuantSpec(bits=int(bits) if bits.isdigit() else bits, equalize=equalize, bias_correction=bias_correction,
+    quant = QuantSpec(bits=int(bits) if bits.isdigit() else bits, equalize=equalize,
+                      bias_correction=bias_correction,
                       rounding=rounding)
     calib_spec = CalibSpec(source=data, method=calibrator, num_samples=calib_samples,
                            percentile=percentile,
-                           preprocess=_preprocess(model_path, size, resize, mean, std, layout, input_shape))
+                           preprocess=preprocess(model_path, size, resize, mean, std, layout, input_shape))
     # Step 2. The work.
     res = _api().compile_model(model_path, out_path, target=target, arch=arch, quant=quant,
                                calib=calib_spec, progress=not quiet, batch=batch, kernels=kernels,
@@ -468,15 +294,15 @@ def compile_cmd(model: str, out: str, target: str, arch: str | None, bits: str, 
 @click.option("--target", type=click.Choice(tuple(BACKENDS)), default="llvm", show_default=True,
               help="llvm: latencies measured on this CPU's kernels; cuda: the roofline "
                    "model of the --arch GPU (predicted).")
-@_arch_option
+@arch_option
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, metavar="N")
-@_calib_options
-@_alloc_options
+@calib_options
+@alloc_options
 @click.option("--pareto", is_flag=True, help="Also sweep the budget from all-INT4 to all-INT8 "
               "and write the frontier (JSON, Markdown, PNG with the plots extra).")
 @click.option("--pareto-dir", default="pareto", show_default=True, metavar="DIR")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-@_preprocess_options
+@preprocess_options
 def allocate_cmd(model: str, target: str, arch: str | None, batch: int, data: str,
                  calib_samples: int, calibrator: str, percentile: float,
                  budget_latency: str | None, budget_size: str | None,
@@ -488,7 +314,7 @@ def allocate_cmd(model: str, target: str, arch: str | None, batch: int, data: st
     """Choose 4 or 8 bits per layer of MODEL under the budgets, without compiling."""
     check_options(target, arch)
     model_path = _check_model(model)
-    alloc = _alloc_spec(budget_latency, budget_size, budget_bops, pins, sens_method,
+    alloc = alloc_spec(budget_latency, budget_size, budget_bops, pins, sens_method,
                         sensitivity_samples)
     if pin_dry_run:
         _print_pins(_api().pin_matches(model_path, alloc.pins,
@@ -496,7 +322,7 @@ def allocate_cmd(model: str, target: str, arch: str | None, batch: int, data: st
         return
     calib_spec = CalibSpec(source=data, method=calibrator, num_samples=calib_samples,
                            percentile=percentile,
-                           preprocess=_preprocess(model_path, size, resize, mean, std, layout, input_shape))
+                           preprocess=preprocess(model_path, size, resize, mean, std, layout, input_shape))
     res = _api().allocate_model(model_path, target=target, arch=arch, alloc=alloc,
                                 calib=calib_spec, batch=batch, progress=not as_json,
                                 pareto_dir=pareto_dir if pareto else None)
@@ -517,17 +343,17 @@ def allocate_cmd(model: str, target: str, arch: str | None, batch: int, data: st
 
 @main.command("sensitivity")
 @click.argument("model", metavar="MODEL")
-@_sensitivity_options
-@_data_option
+@sensitivity_options
+@data_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@_preprocess_options
+@preprocess_options
 def sensitivity_cmd(model: str, sens_method: str, sensitivity_samples: int, data: str,
                     as_json: bool, size: int | None, resize: int, mean: str | None,
                     std: str | None, layout: str | None, input_shape: str | None) -> None:
     """Per-layer sensitivity Omega(4), Omega(8) of MODEL (cached on disk)."""
     model_path = _check_model(model)
     calib_spec = CalibSpec(source=data, num_samples=sensitivity_samples,
-                           preprocess=_preprocess(model_path, size, resize, mean, std, layout, input_shape))
+                           preprocess=preprocess(model_path, size, resize, mean, std, layout, input_shape))
     res = _api().sensitivity_model(model_path, method=sens_method, calib=calib_spec,
                                    num_samples=sensitivity_samples, progress=not as_json)
     if as_json:
@@ -559,7 +385,7 @@ def run_cmd(art: str, inp: str, output: str) -> None:
               help="Inputs (.npy/.npz or images); default: the API's own choice.")
 @click.option("--eval-samples", type=click.IntRange(min=1), default=64, show_default=True,
               metavar="N", help="Inputs evaluated.")
-@_preprocess_options
+@preprocess_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_cmd(model: str, art: str, data: str | None, eval_samples: int, size: int | None,
              resize: int, mean: str | None, std: str | None, layout: str | None,
@@ -570,7 +396,7 @@ def eval_cmd(model: str, art: str, data: str | None, eval_samples: int, size: in
     # Only override the artifact's recorded preprocessing when asked to.
     touched = any(ctx.get_parameter_source(p) != click.core.ParameterSource.DEFAULT
                   for p in ("size", "resize", "mean", "std", "layout", "input_shape"))
-    pre = _preprocess(model_path, size, resize, mean, std, layout, input_shape) if touched else None
+    pre = preprocess(model_path, size, resize, mean, std, layout, input_shape) if touched else None
     res = _api().evaluate(model_path, art_path, data=data, num_samples=eval_samples,
                           preprocess=pre, progress=not as_json)
     if as_json:

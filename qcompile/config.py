@@ -42,8 +42,8 @@ class Preprocess:
 
     size: int = 224
     resize: int = 0
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
     layout: str = "NCHW"
     scale01: bool = True
     grayscale: bool = False

@@ -54,5 +54,6 @@ def load_fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
     with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz") as f:
         labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)  # idx1 header: 8 bytes
     if pixels.size != labels.size * 28 * 28:
-        raise DataError(f"Fashion-MNIST {split}: {pixels.size} pixels for {labels.size} labels; files corrupt?")
+        raise DataError(f"Fashion-MNIST {split}: {pixels.size} pixels for {labels.size} labels; "
+                        "files corrupt?")
     return normalize_fashion_mnist(pixels), labels

@@ -60,12 +60,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from .graph import Graph, Node
 from .qgraph import QGraph, QNode
+
+if TYPE_CHECKING:
+    import onnx
 
 # (lo, hi) per output channel of a conv/dense *pre-activation*, keyed by node name.
 Ranges = Mapping[str, tuple[np.ndarray, np.ndarray]]
@@ -169,7 +172,7 @@ def _layer_interval(n: Node, x: tuple[np.ndarray, np.ndarray], cin: int
     return bias + np.minimum(a, b).sum(axes), bias + np.maximum(a, b).sum(axes)
 
 
-def _clip(x: tuple[np.ndarray, np.ndarray] | None, act) -> tuple[np.ndarray, np.ndarray] | None:
+def _clip(x: tuple[np.ndarray, np.ndarray] | None, act: Any) -> tuple[np.ndarray, np.ndarray] | None:
     if act is None:
         return x
     lo, hi = (-np.inf, np.inf) if x is None else x
@@ -293,7 +296,7 @@ def equalize(graph: Graph, *, iterations: int = 10, ranges: Ranges | None = None
 
 # --------------------------------------------------------------------------- float runs
 
-def canonical_model(graph: Graph):
+def canonical_model(graph: Graph) -> "onnx.ModelProto":
     """The canonical graph as a self-contained ONNX model (weights as initializers)."""
     from onnx import numpy_helper
 
@@ -313,7 +316,7 @@ def _channel_axes(ndim: int) -> tuple[int, ...]:
     return tuple(i for i in range(ndim) if i != 1)
 
 
-def preactivation_ranges(graph: Graph, batches, layers: Sequence[str] | None = None
+def preactivation_ranges(graph: Graph, batches: Any, layers: Sequence[str] | None = None
                          ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-channel (min, max) of each layer's pre-activation over ``batches`` (arrays,
     or a reader with ``get_next``), run in onnxruntime on the canonical graph."""
@@ -334,7 +337,7 @@ def preactivation_ranges(graph: Graph, batches, layers: Sequence[str] | None = N
     return out
 
 
-def _iter_batches(batches, batch_size: int = 8):
+def _iter_batches(batches: Any, batch_size: int = 8) -> Iterator[np.ndarray]:
     if isinstance(batches, np.ndarray):
         for i in range(0, len(batches), batch_size):
             yield batches[i:i + batch_size]
@@ -348,8 +351,8 @@ def _iter_batches(batches, batch_size: int = 8):
     yield from batches
 
 
-def equalize_calibrated(graph: Graph, reader, calib, progress: bool = False, *,
-                        data_ranges: bool = False, **kwargs) -> tuple[Graph, dict]:
+def equalize_calibrated(graph: Graph, reader: Any, calib: Any, progress: bool = False, *,
+                        data_ranges: bool = False, **kwargs: Any) -> tuple[Graph, dict]:
     """``equalize`` (with pre-activation ranges measured on the calibration ``reader``
     when ``data_ranges``, else data-free), then the activation statistics
     ``quantize_graph`` needs, measured on the equalized graph."""
@@ -419,7 +422,7 @@ def _unit(n: QNode, qg: QGraph) -> np.ndarray:
 
 
 def _correct(n: QNode, qg: QGraph, xq: np.ndarray, fmean: np.ndarray,
-             chunks: list[slice], op) -> QNode:
+             chunks: list[slice], op: Any) -> QNode:
     """``n`` with its bias shifted by the mean float-minus-quantized pre-activation."""
     raw = QNode(n.op, n.name, n.inputs, n.output, {**n.attrs, "raw": True}, n.params)
     total, count = 0.0, 0

@@ -138,8 +138,8 @@ class JsonCache:
     def load(self) -> dict[str, Any]:
         data = read_json(self.path)
         if self.format is not None:
-            ok = isinstance(data, dict) and data.get("format") == self.format
-            data = data.get("entries") if ok else None
+            data = (data.get("entries") if isinstance(data, dict)
+                    and data.get("format") == self.format else None)
         return dict(data) if isinstance(data, dict) else {}
 
     def update(self, new: Mapping[str, Any]) -> dict[str, Any]:

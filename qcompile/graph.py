@@ -1,9 +1,9 @@
 """The one in-memory graph every stage passes along.
 
 A ``Graph`` is a single-input, single-output DAG of ``Node``s (``node.py``: the record
-the quantized graph's ``QNode`` shares) in topological order.  The importer produces it with ONNX-like ops; ``prepare`` rewrites it into
-the canonical op set below, whose float semantics are what calibration measures
-and what quantization approximates.
+the quantized graph's ``QNode`` shares) in topological order.  The importer produces it
+with ONNX-like ops; ``prepare`` rewrites it into the canonical op set below, whose float
+semantics are what calibration measures and what quantization approximates.
 
 Canonical ops after ``prepare`` (``attrs`` / ``params``):
 

@@ -66,7 +66,7 @@ def inspect_cpu(art: Path, manifest: Mapping[str, Any]) -> dict:
         kernels.append({"kernel": fname, "layer": funcs[fname], "instructions": sum(hist.values()),
                         "hot": {h: hist[h] for h in CPU_HOT if hist[h]},
                         "histogram": dict(hist.most_common())})
-    generic = collections.Counter()
+    generic: collections.Counter = collections.Counter()
     for sym, hist in symbols.items():
         if sym.startswith("__tvm_ffi_") or "@plt" in sym:
             continue

@@ -116,7 +116,8 @@ ALLOWED_STMTS: dict[str, str] = {
     "AssertStmt": "packed-API argument check (integer/bool condition)",
     "AllocBuffer": "allocation of an integer buffer", "DeclBuffer": "integer buffer declaration",
     "SBlock": "schedulable block", "SBlockRealize": "block instance (integer predicate)",
-    "Return": "packed-API return (integer code)", "Break": "loop exit", "Continue": "loop continue", "ScopeIdDefStmt": "thread scope ids",
+    "Return": "packed-API return (integer code)", "Break": "loop exit", "Continue": "loop continue",
+    "ScopeIdDefStmt": "thread scope ids",
 }
 
 #: TIR expression kinds: class names.
@@ -129,7 +130,8 @@ ALLOWED_EXPRS = frozenset(_BINARY + _DIVISION + (
 
 
 _POINTER_CALLS = frozenset({"tirx.buffer_data", "tirx.TVMBackendAllocWorkspace",
-                            "TVMBackendAllocWorkspace", "tirx.tvm_access_ptr", "tirx.address_of", "tirx.isnullptr",
+                            "TVMBackendAllocWorkspace", "tirx.tvm_access_ptr", "tirx.address_of",
+                            "tirx.isnullptr",
                             "tirx.handle_add_byte_offset", "tirx.tvm_struct_get",
                             "tirx.tvm_stack_alloca", "tirx.tvm_stack_make_shape",
                             "tirx.tvm_stack_make_array", "tirx.lookup_param"})

@@ -269,7 +269,7 @@ def _pad(ctx: _Ctx) -> Node:
     else:
         pads = _ints(ctx, 1, "pads")
         value = float(ctx.const(2, "constant_value").reshape(-1)[0]) if ctx.has(2) else 0.0
-    axes = _axes(ctx, rank, input_index=3) if not "pads" in ctx.attrs else None
+    axes = _axes(ctx, rank, input_index=3) if "pads" not in ctx.attrs else None
     if axes is not None:  # opset 18: pads only for ``axes``
         full = [0] * (2 * rank)
         k = len(axes)

@@ -211,7 +211,7 @@ class _Quantizer:
     """Walks the canonical graph once, turning each node into a QNode."""
 
     def __init__(self, graph: Graph, stats: Mapping[str, Observer], spec: QuantSpec,
-                 bits: Mapping[str, int] | None,
+                 bits: Mapping[str, int | str] | None,
                  rounded: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
                  refuse_overflow: bool = True) -> None:
         self.g, self.stats, self.spec = graph, stats, spec
@@ -542,7 +542,7 @@ def activation_bits(graph: Graph, lprec: Mapping[str, int | str | tuple[int, int
 
 
 def quantize_graph(graph: Graph, stats: Mapping[str, Observer], spec: QuantSpec = QuantSpec(),
-                   bits: Mapping[str, int] | None = None,
+                   bits: Mapping[str, int | str] | None = None,
                    rounded: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
                    refuse_overflow: bool = True) -> QGraph:
     """Quantize a canonical float graph (see ``graph.py``) into a ``QGraph``.

@@ -172,7 +172,8 @@ def clip(n: QNode, x: np.ndarray) -> np.ndarray:
 def maxpool(n: QNode, x: np.ndarray) -> np.ndarray:
     fill = np.iinfo(x.dtype).min
     a = n.attrs
-    return _windows(x, a["kernel"], a["strides"], a["pads"], a.get("dilations", (1, 1)), fill).max(axis=(4, 5))
+    win = _windows(x, a["kernel"], a["strides"], a["pads"], a.get("dilations", (1, 1)), fill)
+    return win.max(axis=(4, 5))
 
 
 def avgpool(n: QNode, x: np.ndarray) -> np.ndarray:

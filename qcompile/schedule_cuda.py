@@ -53,11 +53,11 @@ from .asmcheck import scan_cuda_binaries
 from .intcheck import IntCheckReport
 from .kernels import cuda_tc as ct
 from .lower import LowerCtx, Rule
+from .qgraph import QNode
 from .targets import DEFAULT_ARCH, cuda_arch
 from .tvm_compat import SCHEDULED, PrimFunc
 
 R = relax.op
-from .qgraph import QNode
 
 KERNEL_DTYPES = ("uint8", "int8")  # activation dtypes the tensor-core kernels take
 

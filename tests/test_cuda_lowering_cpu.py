@@ -7,7 +7,6 @@ their SASS here and bit-exact on a real GPU (``@pytest.mark.gpu`` in test_kernel
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

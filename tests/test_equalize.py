@@ -20,8 +20,8 @@ from qcompile.equalize import (bias_correction, canonical_model, equalization_pa
 from qcompile.graph import Graph
 from qcompile.onnx_import import import_onnx
 from qcompile.prepare import prepare
+from qcompile.qgraph import QGraph
 from qcompile.quantize import calibration_tensors, quantize_graph
-from qcompile.readers import make_reader
 
 SIZE = 12
 
@@ -220,7 +220,8 @@ def test_bias_correction_reduces_mean_error_and_changes_only_biases(graph, bits)
     assert any(not np.array_equal(a.params["bias"], b.params["bias"])
                for a, b in zip(qg.nodes, qc.nodes) if "bias" in a.params)
     y = _run(graph, x)
-    err = lambda q: np.abs((y - oracle.run(q, x)).mean(axis=0)).mean()
+    def err(q: QGraph) -> float:
+        return float(np.abs((y - oracle.run(q, x)).mean(axis=0)).mean())
     assert err(qc) < err(qg)
 
 

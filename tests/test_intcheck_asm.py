@@ -8,7 +8,6 @@ post-pipeline TIR codegen receives, and through the x86 assembly scan.
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import tvm
 from tvm import relax

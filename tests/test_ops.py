@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import helper
 
 from onnx_builders import conv_node, init, make_model, rng, save
 from qcompile import api

@@ -47,7 +47,8 @@ INTEGER_OPS = ("IMAD.MOV.U32 R1, RZ, RZ, c[0x0][0x28]", "S2R R0, SR_TID.X",
                                 "MUFU.RCP R1, R2", "I2F.U32.RP R1, R2", "F2I.FTZ.U32.TRUNC.NTZ R1, R2",
                                 "FSETP.GT.AND P0, PT, R1, RZ, PT", "FMNMX R1, R2, R3, !PT",
                                 "HFMA2.MMA R1, -RZ, RZ, 0, 0", "HADD2 R1, R2, R3", "DFMA R2, R4, R6, R2",
-                                "DMUL R2, R4, R6", "HMMA.1688.F32 R4, R8, R12, R4", "F2FP.PACK_AB R1, R2, R3"])
+                                "DMUL R2, R4, R6", "HMMA.1688.F32 R4, R8, R12, R4",
+                                "F2FP.PACK_AB R1, R2, R3"])
 def test_float_instruction_in_a_core_kernel_is_flagged(op: str) -> None:
     sass = _kernel("dense_tc_fc_kernel", *INTEGER_OPS[:5], op, *INTEGER_OPS[5:])
     rep = scan_sass(sass, ["dense_tc_fc"])
@@ -100,8 +101,8 @@ def test_record_sass_fails_the_build_on_a_float_op(monkeypatch: pytest.MonkeyPat
     assert rep.ok
     record_sass(rep, [b"fatbin"])
     assert not rep.ok and rep.stages == ["core", "codegen", "sass"]
-    assert rep.violations == [f"[sass] k_kernel: float instruction: "
-                              f"/*0030*/ FFMA R1, R2, R3, R4"]
+    assert rep.violations == ["[sass] k_kernel: float instruction: "
+                              "/*0030*/ FFMA R1, R2, R3, R4"]
     assert rep.asm["kind"] == "sass" and rep.asm["instructions"] == 4 and not rep.asm["ok"]
 
 

@@ -145,7 +145,8 @@ def export(model: nn.Module, out: Path) -> Counter:
         onnx.checker.check_model(m, full_check=True)
         ops = Counter(n.op_type for n in m.graph.node)
         if not set(ops) <= ALLOWED_OPS:
-            raise SystemExit(f"exported graph has ops outside the allowed set: {sorted(set(ops) - ALLOWED_OPS)}")
+            extra = sorted(set(ops) - ALLOWED_OPS)
+            raise SystemExit(f"exported graph has ops outside the allowed set: {extra}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

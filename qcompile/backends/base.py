@@ -4,22 +4,20 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Mapping, Sequence
 
 if TYPE_CHECKING:  # the table is read before TVM is imported (CLI validation)
-    import tvm
+    from tvm.target import Target
 
     from ..bitplan import CostModel
     from ..config import QuantSpec
     from ..costs import GpuSpec
     from ..graph import Graph
     from ..intcheck import IntCheckReport
-    from ..lower import Lowered, Rule
+    from ..lower import FuseRule, Lowered, Rule
     from ..quantize import Observer
     from ..schedule_cuda import DeviceCode
     from ..targets import Precisions
-
-    Target = tvm.target.Target
 
 
 @dataclass(frozen=True)
@@ -38,7 +36,7 @@ class Backend:
     # --target NAME, --arch, threads -> the TVM target (UsageError for a bad combination).
     target: Callable[[str, "str | None", "int | None"], "Target"]
     # batch, target -> lowering rules tried before the generic ones (lower.py).
-    rules: Callable[[int, "Target"], "list[tuple[str, Rule]]"]
+    rules: Callable[[int, "Target"], "Sequence[tuple[str, Rule | FuseRule]]"]
     # build.py's target-specific parts: dlight rules after legalization (GPU: every
     # PrimFunc must be bound to threads); the context code generation runs in, given the
     # arch (CUDA: nvcc embeds that arch's binaries), yielding what it embedded; and the

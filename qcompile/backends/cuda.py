@@ -4,7 +4,7 @@ and the arch's roofline model as its latency source (no GPU is needed to build).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ContextManager, Mapping
+from typing import TYPE_CHECKING, Any, ContextManager, Mapping, Sequence
 
 from ..targets import DEFAULT_ARCH, PRECISIONS, Precisions, check_arch, cuda_arch
 
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from ..bitplan import CostModel
     from ..costs import GpuSpec
     from ..intcheck import IntCheckReport
-    from ..lower import Lowered, Rule
+    from ..lower import FuseRule, Lowered, Rule
     from ..schedule_cuda import DeviceCode
     from ..targets import CudaArch
     from .base import CostInputs
@@ -39,7 +39,7 @@ def target(name: str = "cuda", arch: str | None = None,
     return tvm.target.Target(row.target_spec(), host=host("llvm", None, num_threads))
 
 
-def rules(batch: int, target: "tvm.target.Target") -> "list[tuple[str, Rule]]":
+def rules(batch: int, target: "tvm.target.Target") -> "Sequence[tuple[str, Rule | FuseRule]]":
     from ..schedule_cuda import cuda_rules
 
     return cuda_rules(batch, arch=_row(target).arch)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ContextManager, Mapping
+from typing import TYPE_CHECKING, Any, ContextManager, Mapping, Sequence
 
 from ..targets import PRECISIONS, Precisions, check_arch, host_mcpu
 
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from ..bitplan import CostModel
     from ..costs import GpuSpec
     from ..intcheck import IntCheckReport
-    from ..lower import Lowered, Rule
+    from ..lower import FuseRule, Lowered, Rule
     from .base import CostInputs
 
 
@@ -32,7 +32,7 @@ def target(name: str = "llvm", arch: str | None = None,
     return tvm.target.Target(spec)
 
 
-def rules(batch: int, target: "tvm.target.Target") -> "list[tuple[str, Rule]]":
+def rules(batch: int, target: "tvm.target.Target") -> "Sequence[tuple[str, Rule | FuseRule]]":
     from ..schedule import x86_rules
 
     return x86_rules(batch)
