@@ -35,7 +35,6 @@ from .graph import Graph
 from .lower import lower
 from .quantize import Observer, quantize_graph
 from .readers import Reader
-from .schedule import x86_rules
 from .sensitivity import Sensitivity, compute_sensitivity
 
 
@@ -80,7 +79,7 @@ def _time_core(graph: Graph, stats: Mapping[str, Observer], quant: QuantSpec,
                target: tvm.target.Target, batch: int, plan: Mapping[str, int]) -> float:
     """Median ms of the whole compiled module for ``plan`` (the real kernels)."""
     qg = quantize_graph(graph, stats, quant, bits=plan, refuse_overflow=False)  # timed only
-    low = lower(qg, x86_rules(batch), batch=batch)
+    low = lower(qg, backend_of(target).rules(batch, target), batch=batch)  # as compile does
     vm = relax.VirtualMachine(build(low.mod, target).executable, tvm.cpu())
     x = np.random.default_rng(0).normal(size=(batch,) + graph.input_shape[1:]).astype(np.float32)
     args = [tvm.runtime.tensor(x)] + [tvm.runtime.tensor(a) for _, a in low.params]
