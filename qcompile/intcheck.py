@@ -28,6 +28,7 @@ A second, independent line of evidence, the scan of the generated assembly, is i
 """
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import tvm
@@ -117,14 +118,22 @@ class _TirWalker:
     def bad(self, what: str, node: object) -> None:
         self.rep.violations.append(f"{self.name}: {what}: {_short(node)}")
 
+    def _kind(self, node: object, allowed: Collection[str], what: str) -> str | None:
+        """Count ``node``; its kind, or None (recorded as a violation unless ``node`` is
+        None) when it may not appear in the integer core."""
+        if node is None:
+            return None
+        self.rep.nodes += 1
+        kind = type(node).__name__
+        if kind not in allowed:
+            self.bad(f"{what} kind {kind} not allowed", node)
+            return None
+        return kind
+
     # ---------------- statements ----------------
     def stmt(self, s: object) -> None:
-        if s is None:
-            return
-        self.rep.nodes += 1
-        kind = type(s).__name__
-        if kind not in ALLOWED_STMTS:
-            self.bad(f"statement kind {kind} not allowed", s)
+        kind = self._kind(s, ALLOWED_STMTS, "statement")
+        if kind is None:
             return
         if kind == "SeqStmt":
             for c in s.seq:
@@ -206,12 +215,8 @@ class _TirWalker:
 
     # ---------------- expressions ----------------
     def expr(self, e: object, mode: str, handle_ok: bool = False) -> None:
-        if e is None:
-            return
-        self.rep.nodes += 1
-        kind = type(e).__name__
-        if kind not in ALLOWED_EXPRS:
-            self.bad(f"expression kind {kind} not allowed", e)
+        kind = self._kind(e, ALLOWED_EXPRS, "expression")
+        if kind is None:
             return
         if kind == "Var" and type(getattr(e, "ty", None)).__name__ == "BufferType":
             if not _is_int(str(e.ty.dtype)):  # a buffer passed by reference (buffer_data)

@@ -153,28 +153,30 @@ class _Builder:
 
 
 # --- ResNet -------------------------------------------------------------------
-def _basic_block(b: _Builder, x: str, planes: int, stride: int, name: str) -> str:
+def _residual(b: _Builder, x: str, out: str, cout: int, stride: int, name: str, relu: str) -> str:
+    """relu(out + x), x through a 1x1 conv + BN where the shape changes (torchvision)."""
     identity = x
+    if stride != 1 or b.channels[x] != cout:
+        identity = b.conv_bn(x, cout, name, 1, stride, 0, act=None,
+                             names=("downsample.0", "downsample.1", ""))
+    return b.relu(b.add(out, identity, f"{name}.add"), relu)
+
+
+def _basic_block(b: _Builder, x: str, planes: int, stride: int, name: str) -> str:
     out = b.conv_bn(x, planes, name, 3, stride, 1, names=("conv1", "bn1", "relu1"))
     out = b.conv_bn(out, planes, name, 3, 1, 1, act=None, gamma_scale=RESIDUAL_GAMMA_SCALE,
                     names=("conv2", "bn2", ""))
-    if stride != 1 or b.channels[x] != planes:
-        identity = b.conv_bn(x, planes, name, 1, stride, 0, act=None,
-                             names=("downsample.0", "downsample.1", ""))
-    return b.relu(b.add(out, identity, f"{name}.add"), f"{name}.relu2")
+    return _residual(b, x, out, planes, stride, name, f"{name}.relu2")
 
 
 def _bottleneck(b: _Builder, x: str, planes: int, stride: int, name: str) -> str:
     # torchvision v1.5: the stride sits on the 3x3 conv, not the first 1x1.
-    identity, cout = x, planes * 4
+    cout = planes * 4
     out = b.conv_bn(x, planes, name, 1, 1, 0, names=("conv1", "bn1", "relu1"))
     out = b.conv_bn(out, planes, name, 3, stride, 1, names=("conv2", "bn2", "relu2"))
     out = b.conv_bn(out, cout, name, 1, 1, 0, act=None, gamma_scale=RESIDUAL_GAMMA_SCALE,
                     names=("conv3", "bn3", ""))
-    if stride != 1 or b.channels[x] != cout:
-        identity = b.conv_bn(x, cout, name, 1, stride, 0, act=None,
-                             names=("downsample.0", "downsample.1", ""))
-    return b.relu(b.add(out, identity, f"{name}.add"), f"{name}.relu3")
+    return _residual(b, x, out, cout, stride, name, f"{name}.relu3")
 
 
 def _resnet(block: Callable[[_Builder, str, int, int, str], str], layers: Sequence[int], graph_name: str,
