@@ -23,8 +23,9 @@ import numpy as np
 
 from . import __version__
 from .artifact import check_output_dir
-from .config import AUTO, ROUNDINGS, VERIFY_INPUTS, AllocSpec, CalibSpec, QuantSpec, parse_shape
-from .cli_options import (QCompileCommand, alloc_options, alloc_spec, arch_option, calib_options,
+from .config import AUTO, ROUNDINGS, VERIFY_INPUTS, CalibSpec, QuantSpec
+from .cli_options import (QCompileCommand, alloc_options, alloc_spec, alloc_unless_dry_run,
+                          arch_option, calib_options,
                           data_option, preprocess, preprocess_options, sensitivity_options)
 from .flags import atomic_open, debug, one_line
 from .results import EvalResult
@@ -172,21 +173,6 @@ def _print_json(d: dict) -> None:
     click.echo(json.dumps(d, indent=2, default=_jsonable))
 
 
-def _alloc_unless_dry_run(model: Path, alloc: AllocSpec, pin_dry_run: bool,
-                          input_shape: str | None) -> AllocSpec | None:
-    """``alloc``; or None, after printing what each --pin matches (--pin-dry-run)."""
-    if not pin_dry_run:
-        return alloc
-    _print_pins(_api().pin_matches(model, alloc.pins,
-                                   parse_shape(input_shape) if input_shape else None))
-    return None
-
-
-def _print_pins(matches: dict[str, list[str]]) -> None:
-    for pin, names in matches.items():
-        click.echo(f"{pin}: {len(names)} layer(s)" + (": " + ", ".join(names) if names else ""))
-
-
 # ----------------------------------------------------------------------------- commands
 
 @main.command("zoo")
@@ -270,7 +256,7 @@ def compile_cmd(model: str, out: str, target: str, arch: str | None, bits: str, 
     # Step 1. Everything cheap first: no TVM import or calibration before this passes.
     check_options(target, arch, tune=tune)
     model_path, out_path = _check_model(model), Path(out)
-    alloc = _alloc_unless_dry_run(model_path, alloc_spec(budget_latency, budget_size, budget_bops,
+    alloc = alloc_unless_dry_run(model_path, alloc_spec(budget_latency, budget_size, budget_bops,
                                                          pins, sens_method, sensitivity_samples),
                                   pin_dry_run, input_shape)
     if alloc is None:
@@ -323,7 +309,7 @@ def allocate_cmd(model: str, target: str, arch: str | None, batch: int, data: st
     """Choose 4 or 8 bits per layer of MODEL under the budgets, without compiling."""
     check_options(target, arch)
     model_path = _check_model(model)
-    alloc = _alloc_unless_dry_run(model_path, alloc_spec(budget_latency, budget_size, budget_bops,
+    alloc = alloc_unless_dry_run(model_path, alloc_spec(budget_latency, budget_size, budget_bops,
                                                          pins, sens_method, sensitivity_samples),
                                   pin_dry_run, input_shape)
     if alloc is None:

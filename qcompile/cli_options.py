@@ -189,3 +189,16 @@ def arch_option(f: F) -> F:
     return click.option("--arch", default=None, metavar="SM",
                         help=f"CUDA architecture for --target cuda: {archs}; default "
                              f"{DEFAULT_ARCH}.")(f)
+
+
+def alloc_unless_dry_run(model: Path, alloc: AllocSpec, pin_dry_run: bool,
+                         input_shape: str | None) -> AllocSpec | None:
+    """``alloc``; or None, after printing what each --pin matches (--pin-dry-run)."""
+    if not pin_dry_run:
+        return alloc
+    from .api import pin_matches  # TVM-free commands never import the API
+
+    shape = parse_shape(input_shape) if input_shape else None
+    for pin, names in pin_matches(model, alloc.pins, shape).items():
+        click.echo(f"{pin}: {len(names)} layer(s)" + (": " + ", ".join(names) if names else ""))
+    return None
