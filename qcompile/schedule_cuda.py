@@ -40,7 +40,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import tvm
@@ -129,43 +129,57 @@ def _gemm_kernel(schedule: bool, bits: int, opts: dict, conv: dict | None = None
     return func.with_attr("qcompile.int4", bits == 4)
 
 
-def _conv(n: QNode, ctx: LowerCtx, batch: int, schedule: bool = True
-          ) -> tuple[PrimFunc, list[relax.Var]] | None:
+Selected = tuple[PrimFunc, list[relax.Var]]
+
+
+def _conv_tc(n: QNode, ctx: LowerCtx, batch: int, schedule: bool) -> Selected | None:
+    """A group-1 conv on the tensor-core implicit GEMM (int4 operands: the 8832 shape)."""
+    if n.op != "qconv" or int(n.attrs["group"]) != 1:
+        return None
     a, w = n.attrs, n.params["w"]  # w: OIHW
     _, c, h, wd = ctx.qg.tensors[n.inputs[0]].shape
-    data = (batch, h, wd, c)
-    o, kernel = int(w.shape[0]), (int(w.shape[2]), int(w.shape[3]))
-    opts = _epilogue_opts(n, ctx)
-    group = int(a["group"])
-    if group == 1:
-        wk = np.ascontiguousarray(w.transpose(0, 2, 3, 1)).astype(np.int8)  # OIHW -> OHWI
-        conv = dict(data_shape=data, out_channels=o, kernel=kernel, strides=tuple(a["strides"]),
-                    pads=tuple(a["pads"]), dilations=tuple(a["dilations"]))
-        if int4_operands(n, ctx, c):
-            func = _gemm_kernel(schedule, 4, opts, conv)
-            return func, [ctx.param(f"{n.name}.w_ohwi_int4", ct.pack_int4(wk))] + \
-                _epilogue_params(n, ctx)
-        func = _gemm_kernel(schedule, 8, opts, conv)
-        return func, [ctx.param(f"{n.name}.w_ohwi", wk)] + _epilogue_params(n, ctx)
-    if group == c == o and w.shape[1] == 1 and tuple(a["dilations"]) == (1, 1):
-        func = ct.depthwise_conv2d_nhwc(data, kernel, strides=tuple(a["strides"]),
-                                        pads=tuple(a["pads"]), schedule=schedule, **opts)
-        wk = np.ascontiguousarray(w[:, 0].transpose(1, 2, 0)).astype(np.int8)  # C1HW -> HWC
-        return func, [ctx.param(f"{n.name}.w_hwc", wk)] + _epilogue_params(n, ctx)
-    return None  # grouped (not depthwise) or dilated depthwise: generic
+    wk = np.ascontiguousarray(w.transpose(0, 2, 3, 1)).astype(np.int8)  # OIHW -> OHWI
+    conv = dict(data_shape=(batch, h, wd, c), out_channels=int(w.shape[0]),
+                kernel=(int(w.shape[2]), int(w.shape[3])), strides=tuple(a["strides"]),
+                pads=tuple(a["pads"]), dilations=tuple(a["dilations"]))
+    bits = 4 if int4_operands(n, ctx, c) else 8
+    func = _gemm_kernel(schedule, bits, _epilogue_opts(n, ctx), conv)
+    name = f"{n.name}.w_ohwi" + ("_int4" if bits == 4 else "")
+    return func, [ctx.param(name, ct.pack_int4(wk) if bits == 4 else wk)] + _epilogue_params(n, ctx)
 
 
-def _dense(n: QNode, ctx: LowerCtx, batch: int, schedule: bool = True
-           ) -> tuple[PrimFunc, list[relax.Var]]:
+def _depthwise(n: QNode, ctx: LowerCtx, batch: int, schedule: bool) -> Selected | None:
+    """A depthwise conv (no dilation) on the CUDA-core kernel; other groupings: generic."""
+    if n.op != "qconv":
+        return None
+    a, w = n.attrs, n.params["w"]
+    _, c, h, wd = ctx.qg.tensors[n.inputs[0]].shape
+    if not (int(a["group"]) == c == w.shape[0] and w.shape[1] == 1
+            and tuple(a["dilations"]) == (1, 1)):
+        return None
+    func = ct.depthwise_conv2d_nhwc((batch, h, wd, c), (int(w.shape[2]), int(w.shape[3])),
+                                    strides=tuple(a["strides"]), pads=tuple(a["pads"]),
+                                    schedule=schedule, **_epilogue_opts(n, ctx))
+    wk = np.ascontiguousarray(w[:, 0].transpose(1, 2, 0)).astype(np.int8)  # C1HW -> HWC
+    return func, [ctx.param(f"{n.name}.w_hwc", wk)] + _epilogue_params(n, ctx)
+
+
+def _dense_tc(n: QNode, ctx: LowerCtx, batch: int, schedule: bool) -> Selected | None:
+    if n.op != "qdense":
+        return None
     w = n.params["w"]  # (K, N)
     k, nout = int(w.shape[0]), int(w.shape[1])
     wk = np.ascontiguousarray(w.T).astype(np.int8)  # dense_tc takes W as (N, K)
-    if int4_operands(n, ctx, k):
-        func = _gemm_kernel(schedule, 4, _epilogue_opts(n, ctx), mnk=(batch, nout, k))
-        return func, [ctx.param(f"{n.name}.w_nk_int4", ct.pack_int4(wk))] + \
-            _epilogue_params(n, ctx)
-    func = _gemm_kernel(schedule, 8, _epilogue_opts(n, ctx), mnk=(batch, nout, k))
-    return func, [ctx.param(f"{n.name}.w_nk", wk)] + _epilogue_params(n, ctx)
+    bits = 4 if int4_operands(n, ctx, k) else 8
+    func = _gemm_kernel(schedule, bits, _epilogue_opts(n, ctx), mnk=(batch, nout, k))
+    name = f"{n.name}.w_nk" + ("_int4" if bits == 4 else "")
+    return func, [ctx.param(name, ct.pack_int4(wk) if bits == 4 else wk)] + _epilogue_params(n, ctx)
+
+
+# The CUDA rule chain, in order: each selector returns None when its kernel does not
+# apply, and a node no selector takes keeps the generic lowering (lower.py).
+KERNELS: tuple[tuple[str, Callable[[QNode, LowerCtx, int, bool], Selected | None]], ...] = (
+    ("cuda_conv_tc", _conv_tc), ("cuda_depthwise", _depthwise), ("cuda_dense_tc", _dense_tc))
 
 
 def cuda_rules(batch: int, schedule: bool = True, arch: str = DEFAULT_ARCH
@@ -177,38 +191,44 @@ def cuda_rules(batch: int, schedule: bool = True, arch: str = DEFAULT_ARCH
     bit-exact on a machine without a GPU."""
     sm = cuda_arch(arch).sm
 
-    def rule(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var | None:
-        # Step 1. Only 8-bit storage in and a kernel that fits the node; else generic.
-        if n.op not in ("qconv", "qdense") or ctx.dtype(n.inputs[0]) not in KERNEL_DTYPES:
-            return None
-        built = (_conv(n, ctx, batch, schedule) if n.op == "qconv"
-                 else _dense(n, ctx, batch, schedule))
-        if built is None:
-            return None
-        func, params = built
-        # The mma shape of the kernel's width must exist on this arch (native or emulated).
-        tc = func.attrs.get("qcompile.int4", None)
-        if tc is not None and ct.kernel_mma(4 if tc else 8, sm) is None:
-            return None
-        x = xs[0]
-        if func.attrs.get("qcompile.int4", False):  # the int4 MMA reads packed activations
-            x = pack_nibbles(ctx, x, int(x.ty.shape[-1]))
-        # Step 2. Opaque (op_pattern 8) so FuseOps keeps the hand schedule whole, and
-        # tirx.is_scheduled so dlight does not schedule it again.
-        fname = f"{func.attrs['global_symbol']}_{_safe(n.name)}"
-        func = func.with_attr("global_symbol", fname).with_attr("op_pattern", 8)
-        if schedule:
-            func = func.with_attr(SCHEDULED, True)
-        gv = ctx.bb.add_func(func, fname)
-        ctx.funcs[fname] = n.name
-        # Step 3. call_tir with the kernel's own output type (NHWC for conv).
-        shape = (batch,) + tuple(ctx.qg.tensors[n.output].shape[1:])
-        if len(shape) == 4:
-            shape = (shape[0], shape[2], shape[3], shape[1])  # NCHW -> NHWC
-        dtype = "int32" if n.attrs.get("raw", False) else ctx.dtype(n.output)
-        return ctx.emit(relax.call_tir(gv, [x] + params, relax.TensorType(shape, dtype)))
+    def as_rule(select: Callable[[QNode, LowerCtx, int, bool], Selected | None]) -> Rule:
+        def rule(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var | None:
+            # Step 1. Only 8-bit storage in, and a kernel that takes the node.
+            if ctx.dtype(n.inputs[0]) not in KERNEL_DTYPES:
+                return None
+            built = select(n, ctx, batch, schedule)
+            if built is None:
+                return None
+            func, params = built
+            # The mma shape of the kernel's width must exist on this arch (native or emulated).
+            tc = func.attrs.get("qcompile.int4", None)
+            if tc is not None and ct.kernel_mma(4 if tc else 8, sm) is None:
+                return None
+            x = xs[0]
+            if tc:  # the int4 MMA reads packed activations
+                x = pack_nibbles(ctx, x, int(x.ty.shape[-1]))
+            return _emit(n, ctx, func, [x] + params, batch, schedule)
+        return rule
 
-    return [("cuda_tc", rule)]
+    return [(name, as_rule(select)) for name, select in KERNELS]
+
+
+def _emit(n: QNode, ctx: LowerCtx, func: PrimFunc, args: list[relax.Expr], batch: int,
+          schedule: bool) -> relax.Var:
+    """Add ``func`` as ``n``'s kernel and call it. Opaque (op_pattern 8) so FuseOps keeps
+    the hand schedule whole, and marked scheduled so dlight does not schedule it again."""
+    fname = f"{func.attrs['global_symbol']}_{_safe(n.name)}"
+    func = func.with_attr("global_symbol", fname).with_attr("op_pattern", 8)
+    if schedule:
+        func = func.with_attr(SCHEDULED, True)
+    gv = ctx.bb.add_func(func, fname)
+    ctx.funcs[fname] = n.name
+    # call_tir with the kernel's own output type (NHWC for conv).
+    shape = (batch,) + tuple(ctx.qg.tensors[n.output].shape[1:])
+    if len(shape) == 4:
+        shape = (shape[0], shape[2], shape[3], shape[1])  # NCHW -> NHWC
+    dtype = "int32" if n.attrs.get("raw", False) else ctx.dtype(n.output)
+    return ctx.emit(relax.call_tir(gv, args, relax.TensorType(shape, dtype)))
 
 
 def tensor_core_kernels(mod: tvm.IRModule, funcs: Mapping[str, str], arch: str

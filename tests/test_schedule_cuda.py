@@ -56,7 +56,9 @@ def test_conv_and_dense_use_the_tensor_core_rule(resnet18) -> None:
     qg, low, _, _ = resnet18
     heavy = [n.name for n in qg.nodes if n.op in ("qconv", "qdense")]
     assert len(heavy) == 21  # 20 convs (incl. 3 downsample) + fc
-    assert {low.kernels[n] for n in heavy} == {"cuda_tc"}
+    want = {n.name: "cuda_dense_tc" if n.op == "qdense" else "cuda_conv_tc"
+            for n in qg.nodes if n.op in ("qconv", "qdense")}
+    assert {n: low.kernels[n] for n in heavy} == want
 
 
 def test_core_stays_integer_only(resnet18) -> None:
