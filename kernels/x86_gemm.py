@@ -193,7 +193,7 @@ def schedule_gemm(sch: Schedule, tile: GemmTile, n_red: int, intrin: str = INTRI
     # (no memset + store/reload of the accumulators around a predicated epilogue).
     if cols is not None:
         oc, ov = sch.split(cols, [None, LANES])
-        if _predicated(sch, out):
+        if _predicated(sch, out, ov):
             # N not a multiple of 16: the block keeps `where col < N`. Vectorized, TVM
             # scalarizes it and LLVM 22 re-vectorizes it with masked stores, and its
             # single-lane masked truncating store of the last column (mask <1,0,0,0> on
@@ -215,14 +215,50 @@ def schedule_gemm(sch: Schedule, tile: GemmTile, n_red: int, intrin: str = INTRI
     # to 300x slower there (dense 1x1000x512 int4: 4.7 us serial, 1.4 ms parallel on a
     # busy 2-vCPU VM: waking a thread costs more than the whole microsecond kernel).
     sch.unroll(rows if rows is not None else tile_loop)
+    _store_tail_rows_clamped(sch, out)
 
 
-def _predicated(sch: Schedule, block: SBlockRV) -> bool:
-    """Whether ``block`` runs under a ``where`` (padded columns it must not write)."""
+def _store_tail_rows_clamped(sch: Schedule, out: SBlockRV) -> None:
+    """Drop the epilogue's row predicate: the last M tile's rows past M store their
+    value again into row M-1 instead of being skipped.
+
+    Those rows recompute row M-1 (the GEMM's clamped row index), so the store writes the
+    same bytes, from the same thread. Skipped under a per-row ``where``, each row's
+    epilogue became its own basic block and LLVM, no longer seeing the sign extensions
+    next to the multiply, widened the int32 requant to int64 halves: any M with a tail
+    tile (113x113, 17x17, 8x8 maps) ran the whole kernel up to 1.8x slower (1x1 conv
+    113x113x16 -> 96: 264 vs 150 us at 112x112)."""
+    loop = sch.get_loops(out)[-1]
+    realize = sch.get(loop).body
+    if not isinstance(realize, SBlockRealize):
+        return  # a one-element epilogue: its loop is the tile loop itself
+    pred = realize.predicate
+    if not (isinstance(pred, tirx.LT) and isinstance(pred.b, tirx.IntImm)):
+        return  # no predicate, or one on columns (kept: those stores must not happen)
+    # The row iter: the predicate's bound is its extent, and it is not the column's.
+    col = sch.get(loop).loop_var
+    rows = [k for k, (iv, v) in enumerate(zip(realize.block.iter_vars, realize.iter_values))
+            if int(iv.dom.extent) == int(pred.b)
+            and not any(u.same_as(col) for u in tirx.analysis.undefined_vars(v))]
+    if len(rows) != 1:
+        return
+    values = list(realize.iter_values)
+    values[rows[0]] = tirx.min(values[rows[0]], pred.b - 1)
+    new = SBlockRealize(values, True, realize.block)
+    f = sch.get(loop)
+    sch.state.replace(sch.get_sref(loop), tirx.For(f.loop_var, f.min, f.extent, f.kind, new,
+                                                   f.thread_binding, f.annotations),
+                      {realize.block: realize.block})
+
+
+def _predicated(sch: Schedule, block: SBlockRV, loop: LoopRV) -> bool:
+    """Whether ``block`` runs under a ``where`` that depends on ``loop`` (padded columns
+    it must not write). A predicate on rows only (the last M tile's recomputed rows)
+    is one branch per row around a whole vector: it does not count."""
     realize = sch.get(sch.get_loops(block)[-1]).body
     assert isinstance(realize, SBlockRealize), type(realize)
-    pred = realize.predicate
-    return not (isinstance(pred, tirx.IntImm) and int(pred) == 1)
+    var = sch.get(loop).loop_var
+    return any(v.same_as(var) for v in tirx.analysis.undefined_vars(realize.predicate))
 
 
 def epilogue_loops(sch: Schedule, out: SBlockRV, tile_loop: LoopRV

@@ -551,6 +551,20 @@ def test_ragged_n_epilogue_writes_only_its_output(case: tuple) -> None:
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("M,N,K", [(51, 32, 20), (289, 64, 64), (10, 48, 40)])
+def test_tail_rows_store_row_m_minus_1_again_and_nothing_outside(M: int, N: int, K: int
+                                                                  ) -> None:
+    """M % mr != 0: the last tile's rows past M recompute row M-1 and store it again
+    (no per-row predicate, which cost 1.8x), and nothing lands outside the output."""
+    tile = V.gemm_tile(M, N, K)
+    assert M % tile.mr, "the case must have a tail tile"
+    f, args, want = _dense_case(M, N, K, "uint8", "int8", False, 8, None, M + N)
+    assert "T.where" not in f.script()
+    got, before, after = _run_guarded(f, args, (M, N), "int8")
+    assert (before == 0x5A).all() and (after == 0x5A).all()
+    np.testing.assert_array_equal(got, want)
+
+
 @needs_gfni
 def test_int4_1x1_conv_ragged_oc_writes_only_its_output() -> None:
     """test_schedule's failing layer itself: 2x9x9x20 -> 1x1 stride 2 -> 13 int4 channels."""
