@@ -235,11 +235,17 @@ def _store_tail_rows_clamped(sch: Schedule, out: SBlockRV) -> None:
     pred = realize.predicate
     if not (isinstance(pred, tirx.LT) and isinstance(pred.b, tirx.IntImm)):
         return  # no predicate, or one on columns (kept: those stores must not happen)
-    # The row iter: the predicate's bound is its extent, and it is not the column's.
+    # A row predicate: it does not read the innermost (column) loop, and the row iter's
+    # extent is its bound, the iter's binding reading every loop the predicate reads.
+    # (A column predicate, ragged N, stays: with N == M it once passed for a row one,
+    # and the dropped guard let the last column block write into the next row.)
     col = sch.get(loop).loop_var
+    pvars = tirx.analysis.undefined_vars(pred)
+    if any(u.same_as(col) for u in pvars):
+        return
     rows = [k for k, (iv, v) in enumerate(zip(realize.block.iter_vars, realize.iter_values))
-            if int(iv.dom.extent) == int(pred.b)
-            and not any(u.same_as(col) for u in tirx.analysis.undefined_vars(v))]
+            if int(iv.dom.extent) == int(pred.b) and all(
+                any(u.same_as(p) for u in tirx.analysis.undefined_vars(v)) for p in pvars)]
     if len(rows) != 1:
         return
     values = list(realize.iter_values)

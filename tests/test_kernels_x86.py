@@ -533,6 +533,8 @@ def _run_guarded(f: tvm.tirx.PrimFunc, args: Sequence[np.ndarray], out_shape: tu
     (64, 20, 36, "int8", "uint8", False, 8, None),
     (64, 20, 36, "int8", "uint8", False, 4, "prologue"),
     (30, 5, 24, "uint8", "int32", True, 8, None),
+    (24, 24, 16, "uint8", "uint8", False, 8, None),  # M == N: the column guard is no row one
+    (40, 40, 36, "int8", "int8", False, 8, None),
 ])
 def test_ragged_n_epilogue_writes_only_its_output(case: tuple) -> None:
     """The epilogue stores nothing outside its output: with N not a multiple of 16 LLVM 22
