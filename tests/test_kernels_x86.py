@@ -5,6 +5,7 @@ whole output with ``np.array_equal``: integer kernels have no tolerance.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Sequence
 
 import numpy as np
@@ -341,12 +342,28 @@ def test_depthwise_exact(N: int, H: int, W: int, C: int, k: int, st: tuple[int, 
                      out_dtype, raw)
 
 
-@pytest.mark.parametrize("N,H,W,C,k,st,pads,dil,in_dtype,out_dtype,raw", DEPTHWISE_CASES)
+DEPTHWISE_VNNI_CASES = [(*case, pad) for case in DEPTHWISE_CASES + [
+    (2, 12, 10, 32, 3, (2, 2), (0, 0, 1, 1), (1, 1), "uint8", "int8", False),  # bottom/right
+    (1, 9, 9, 16, 5, (1, 2), (2, 1, 2, 3), (1, 1), "uint8", "uint8", False),
+] for pad in ("copy", "mask") if pad == "copy" or case[8] == "uint8"]  # mask: uint8 only
+
+
+@pytest.mark.parametrize("N,H,W,C,k,st,pads,dil,in_dtype,out_dtype,raw,pad", DEPTHWISE_VNNI_CASES)
 def test_depthwise_vnni_exact(N: int, H: int, W: int, C: int, k: int, st: tuple[int, int],
                               pads: Pads, dil: tuple[int, int], in_dtype: str, out_dtype: str,
-                              raw: bool) -> None:
-    _check_depthwise(Dw.depthwise_conv2d_nhwc_vnni, N, H, W, C, k, st, pads, dil, in_dtype,
-                     out_dtype, raw)
+                              raw: bool, pad: str) -> None:
+    """Both ways of padding ("mask": clamped reads, the taps outside zeroed)."""
+    _check_depthwise(partial(Dw.depthwise_conv2d_nhwc_vnni, pad=pad), N, H, W, C, k, st, pads,
+                     dil, in_dtype, out_dtype, raw)
+
+
+def test_depthwise_pad_mode_masks_only_big_3x3_stride_2_inputs() -> None:
+    big, small = (8, 28, 28, 240), (1, 28, 28, 240)
+    assert Dw.pad_mode(big, (3, 3), (2, 2), (0, 0, 1, 1), "uint8") == "mask"
+    assert Dw.pad_mode(small, (3, 3), (2, 2), (0, 0, 1, 1), "uint8") == "copy"
+    assert Dw.pad_mode(big, (5, 5), (2, 2), (1, 1, 2, 2), "uint8") == "copy"
+    assert Dw.pad_mode(big, (3, 3), (1, 1), (1, 1, 1, 1), "uint8") == "copy"
+    assert Dw.pad_mode(big, (3, 3), (2, 2), (0, 0, 1, 1), "int8") == "copy"
 
 
 def _check_depthwise(kernel: Callable[..., tvm.tirx.PrimFunc], N: int, H: int, W: int, C: int,
@@ -358,7 +375,7 @@ def _check_depthwise(kernel: Callable[..., tvm.tirx.PrimFunc], N: int, H: int, W
     win = _windows(x.astype(np.int64), k, k, st, pads, dil, 0)
     acc, bias, q = _requant_setup(rng, np.einsum("bhwcij,ijc->bhwc", win, w.astype(np.int64))
                                   + bias, bias, raw, out_dtype)
-    vnni = kernel is Dw.depthwise_conv2d_nhwc_vnni
+    vnni = getattr(kernel, "func", kernel) is Dw.depthwise_conv2d_nhwc_vnni
     kbias = V.signed_input_bias(w.transpose(2, 0, 1), bias) if vnni and in_dtype == "int8" else bias
     f = kernel(N, H, W, C, k, k, st, pads, dil, out_dtype=out_dtype, raw=raw, in_dtype=in_dtype)
     got = _run(f, [x, w, kbias, *(q or [])], acc.shape, "int32" if raw else out_dtype)
