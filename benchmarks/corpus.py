@@ -239,13 +239,13 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def compiler_revision() -> str:
-    """HEAD of the checkout, with "+dirty" when qcompile/ or kernels/ have local edits:
+    """HEAD of the checkout, with "+dirty" when qcompile/ (the kernels included) has local edits:
     the compiler changes under these runs, so each result says which one it measured."""
     repo = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo,
                               capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "qcompile", "kernels"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "qcompile"],
                                cwd=repo, capture_output=True, text=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_common as bc  # noqa: E402
@@ -523,9 +522,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--calib-samples", type=int, default=None, help="default 16")
     ap.add_argument("--eval-samples", type=int, default=None, help="default 8")
     ap.add_argument("--alphas", nargs="+", type=float, default=None, help="default 0.25 0.5 0.75")
-    ap.add_argument("--int8-only", action="store_true",
-                    help="qcompile INT8 alone beside the peers (issue 13's comparison): no INT4 "
-                         "or mixed builds")
+    ap.add_argument("--int8-only", action="store_true", help="only qcompile INT8 beside the peers")
     ap.add_argument("--tvm-fp32-batch", nargs="*", type=int, default=[1],
                     help="batches (of --batch) at which to build and time TVM FP32 (slow; default 1; "
                          "none: skip it)")
@@ -570,9 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.target == "cuda" and not tvm.cuda().exist:
         print("error: --target cuda needs a CUDA GPU, and none is present", file=sys.stderr)
         return 9
-    cfgs = [QConfig(Q_INT8, 8)] if args.int8_only else qconfigs(args.alphas)
-    if args.int8_only:
-        args.alphas = []
+    cfgs, args.alphas = ([QConfig(Q_INT8, 8)], []) if args.int8_only else (qconfigs(args.alphas), args.alphas)
     st = Settings(args.batch, [b for b in args.tvm_fp32_batch if b in args.batch],
                   args.repeat, max(1, args.tvm_fp32_every), args.calib_samples, args.eval_samples,
                   args.alphas, args.target, args.sensitivity, args.sensitivity_samples,

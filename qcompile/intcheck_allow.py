@@ -58,13 +58,13 @@ ALLOWED_CALLS: dict[str, str] = {
     "llvm.x86.vgf2p8affineqb.512": "GFNI affine byte transform: int4 unpack (x86_int4)",
     "llvm.x86.avx512.pmaddubs.w.512": "u8 x s8 -> s16 multiply-add",
     "llvm.x86.avx512.pmaddw.d.512": "s16 x s16 -> s32 multiply-add",
-    # CUDA integer tensor cores (kernels/cuda_tc.py)
+    # CUDA integer tensor cores (qcompile/kernels/cuda_tc.py)
     "tirx.ptx_mma": "mma.sync; operand dtypes checked integer",
     "tirx.ptx_mma_sp": "sparse mma.sync; operand dtypes checked integer",
     "tirx.ptx_ldmatrix": "shared -> register fragment load",
     "tirx.ptx_cp_async": "async copy", "tirx.ptx_commit_group": "async copy",
     "tirx.ptx_wait_group": "async copy",
-    "tirx.ptx_legacy.mma": "mma.sync (kernels/cuda_tc.py); operand dtypes checked integer",
+    "tirx.ptx_legacy.mma": "mma.sync (qcompile/kernels/cuda_tc.py); operand dtypes checked integer",
     "tirx.ptx_legacy.ldmatrix": "shared -> register fragment load",
     "tirx.mma_store": "fragment store", "tirx.mma_fill": "fragment fill (integer zero)",
     "tirx.mma_store_legacy": "fragment store", "tirx.mma_fill_legacy": "fragment fill (cuda_tc)",

@@ -28,7 +28,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 import tvm
-from tvm import relax, tirx
+from tvm import relax
+
+from .tvm_compat import tirx
 
 from .errors import UnsupportedOpError
 from .qgraph import QGraph, QNode

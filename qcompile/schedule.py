@@ -78,7 +78,8 @@ def _requant_mode(n: QNode, ctx: LowerCtx) -> str:
     """The fastest exact requantization for this node's m, r, s (``x86_epilogue``)."""
     if n.attrs.get("raw", False) or not all(k in n.params for k in "mrs"):
         return "int64"
-    return kep.requant_mode(*(_vec(n.params[k]) for k in "mrs"), _acc_bound(n, ctx))
+    m, r, s = (_vec(n.params[k]) for k in "mrs")
+    return kep.requant_mode(m, r, s, _acc_bound(n, ctx))
 
 
 # weight_layout -> op -> NumPy packer of the (OC, C, kh, kw) / (N, K) int8 weights.
@@ -118,7 +119,7 @@ def _params(n: QNode, spec: krules.KernelSpec, ctx: LowerCtx, requant: str) -> l
         mrs = [_vec(p[k]).astype(np.int64).reshape(1, 1) for k in "mrs"]
     else:
         mrs = [_vec(p[k]).astype(np.int64) for k in "mrs"]
-    mrs = kep.requant_arrays(requant, *mrs, _acc_bound(n, ctx))
+    mrs = kep.requant_arrays(requant, mrs[0], mrs[1], mrs[2], _acc_bound(n, ctx))
     names = ["m", "pre", "rnd", "sh"] if requant == "mulhi_shl" else list("mrs")
     return out + [ctx.param(f"{name}.{k}_k", v) for k, v in zip(names, mrs)]
 

@@ -243,6 +243,8 @@ def tensor_core_kernels(mod: tvm.IRModule, funcs: Mapping[str, str], arch: str
             continue  # depthwise: CUDA cores, no tensor-core math
         bits = 4 if int4 else 8
         row = ct.kernel_mma(bits, sm)
+        if row is None:  # the rule refuses such a kernel; nothing to report
+            continue
         out[fname] = {"bits": bits, "mma": f"m{row.m}n{row.n}k{row.k}",
                       "native": row.native_on(sm)}
     return out

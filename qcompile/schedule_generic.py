@@ -32,13 +32,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import tvm
-from tvm import relax, tirx
-from tvm.s_tir import Schedule
-from tvm.s_tir.dlight.analysis import SBlockInfo, normalize_prim_func
-from tvm.s_tir.dlight.analysis.common_analysis import get_sblockrealize
-from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
+from tvm import relax
 from tvm.sym import detect_linear_equation
 from tvm.target import Target
+
+from .tvm_compat import (SBlockInfo, Schedule, dlight, get_sblockrealize, normalize_prim_func,
+                         tirx, try_inline_contiguous_spatial)
 
 Rule = Callable[[tirx.PrimFunc, Target], "Schedule | None"]
 
@@ -283,8 +282,7 @@ def reduction(func: tirx.PrimFunc, target: Target) -> Schedule | None:
 
 def dlight_reduction(func: tirx.PrimFunc, target: Target) -> Schedule | None:
     """dlight's CPU rule for softmax-like chains (max, exp, sum, normalize)."""
-    from tvm.s_tir.dlight.cpu import Reduction
-    out = Reduction().apply(func, target, False)
+    out = dlight.cpu.Reduction().apply(func, target, False)
     return out[0] if isinstance(out, list) else out
 
 

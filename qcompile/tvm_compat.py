@@ -2,8 +2,8 @@
 
 0.27 moved TIR to ``tvm.tirx`` and schedules, dlight, meta-schedule and the tensor
 intrinsics to ``tvm.s_tir``, and keeps the per-backend Relax pipelines in modules its
-``relax.pipeline`` does not re-export. Every module of ``qcompile/`` outside ``kernels/``
-takes those names from here, so a TVM upgrade edits this file (and ``kernels/``). There
+``relax.pipeline`` does not re-export. Every module of ``qcompile/``, the kernels
+included, takes those names from here, so a TVM upgrade edits this file alone. There
 are no version branches: the pin rules every other version out.
 
 Stable names (``tvm.IRModule``, ``tvm.target``, ``tvm.relax``, ``tvm.runtime``,
@@ -18,11 +18,16 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import tvm
-from tvm import s_tir, tirx
+from tvm import s_tir, te, tirx
+from tvm.ir.expr import ExprWithOp as PrimExpr  # 0.27 has no tirx.PrimExpr class
 from tvm.ir.utils import derived_object
-from tvm.s_tir import Schedule, dlight
+from tvm.s_tir import SBlockRealize, Schedule, TensorIntrin, dlight
 from tvm.s_tir import meta_schedule
 from tvm.s_tir.dlight.analysis import SBlockInfo, normalize_prim_func
+from tvm.s_tir.dlight.analysis.common_analysis import get_sblockrealize
+from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
+from tvm.s_tir.schedule import LoopRV, SBlockRV
+from tvm.script import tirx as T
 from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 from tvm.tirx.build import split_host_device_mods
 
@@ -75,7 +80,9 @@ def light_tensor_intrin() -> Iterator[None]:
             del sys.modules[name]
 
 
-__all__ = ["PrimFunc", "RemoveWeightLayoutRewriteBlock", "SBlockInfo",
+__all__ = ["LoopRV", "PrimExpr", "PrimFunc", "RemoveWeightLayoutRewriteBlock", "SBlockInfo",
+           "SBlockRV", "SBlockRealize", "T", "TensorIntrin", "get_sblockrealize", "te",
+           "try_inline_contiguous_spatial",
            "SCHEDULED", "Schedule", "bind_target", "derived_object", "dlight",
            "light_tensor_intrin", "meta_schedule", "normalize_prim_func", "relax_pipeline",
            "s_tir", "split_host_device_mods", "tir_pipeline", "tirx"]

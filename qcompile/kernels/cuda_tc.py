@@ -22,10 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from tvm import s_tir, te, tirx
-from tvm.ir.expr import ExprWithOp as PrimExpr  # 0.27 has no tirx.PrimExpr class
-from tvm.s_tir import TensorIntrin
-from tvm.script import tirx as T
+from ..tvm_compat import s_tir, te, tirx
+from ..tvm_compat import PrimExpr
+from ..tvm_compat import TensorIntrin
+from ..tvm_compat import T
 
 # ======== 1. Hardware table: MMA shapes per arch and dtype, and what implements them.
 

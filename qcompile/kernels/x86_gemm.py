@@ -20,10 +20,10 @@ import math
 from dataclasses import dataclass
 from functools import partial
 
-from tvm import tirx
-from tvm.s_tir import SBlockRealize, Schedule, TensorIntrin
-from tvm.s_tir.schedule import LoopRV, SBlockRV
-from tvm.script import tirx as T
+from ..tvm_compat import tirx
+from ..tvm_compat import SBlockRealize, Schedule, TensorIntrin
+from ..tvm_compat import LoopRV, SBlockRV
+from ..tvm_compat import T
 
 from .x86_int4 import dot_intrin_int4
 

@@ -46,8 +46,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
-from tvm import te, tirx
-from tvm.s_tir import Schedule
+from ..tvm_compat import te, tirx
+from ..tvm_compat import Schedule
 
 from .x86_epilogue import Post, epilogue
 from .x86_gemm import (ACC_SCOPE, AVX512_VNNI, INTRIN, INTRIN_INT4, ISA, KG, LANES,  # noqa: F401

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence, Union
 
 import numpy as np
-from tvm import te, tirx
+from ..tvm_compat import te, tirx
 
 REQUANT_MODES = ("int64", "mulhi", "mulhi_shl")
 MULHI_MIN_SHIFT, MULHI_MAX_SHIFT = 33, 62

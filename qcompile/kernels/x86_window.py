@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import numpy as np
-from tvm import te, tirx
-from tvm.s_tir import Schedule
+from ..tvm_compat import te, tirx
+from ..tvm_compat import Schedule
 
 from .x86_epilogue import Post, epilogue
 from .x86_gemm import ACC_SCOPE, MAX_STACK_BYTES, epilogue_loops, schedule_stage

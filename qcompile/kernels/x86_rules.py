@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from tvm import tirx
+from ..tvm_compat import tirx
 
 from .x86_depthwise import depthwise_conv2d_nhwc_vnni
 from .x86_epilogue import Post

@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from tvm import te, tirx
-from tvm.ir.expr import ExprWithOp as PrimExpr  # 0.27 has no tirx.PrimExpr class
-from tvm.s_tir import Schedule, TensorIntrin
-from tvm.script import tirx as T
+from ..tvm_compat import te, tirx
+from ..tvm_compat import PrimExpr
+from ..tvm_compat import Schedule, TensorIntrin
+from ..tvm_compat import T
 
 # The vpdpbusd block these layouts are made of (x86_vnni.ISA: 16 lanes x 4 bytes).
 LANES, KG = 16, 4

@@ -22,9 +22,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from tvm import te, tirx
-from tvm.s_tir import Schedule, TensorIntrin
-from tvm.script import tirx as T
+from ..tvm_compat import te, tirx
+from ..tvm_compat import Schedule, TensorIntrin
+from ..tvm_compat import T
 
 from .x86_epilogue import Post, epilogue
 from .x86_gemm import ACC_SCOPE, AVX512_VNNI, MAX_STACK_BYTES, epilogue_loops, schedule_stage

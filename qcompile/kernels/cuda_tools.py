@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tvm
-from tvm import tirx
+from ..tvm_compat import tirx
 
 T4 = "nvidia/nvidia-t4"
 
