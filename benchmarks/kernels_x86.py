@@ -1,4 +1,4 @@
-"""GOPS of the AVX-512 VNNI kernels (kernels/x86_vnni.py) vs onnxruntime INT8.
+"""GOPS of the AVX-512 VNNI kernels (qcompile/kernels/x86_vnni.py) vs onnxruntime INT8.
 
     python benchmarks/kernels_x86.py                 # GEMM 256^3, RN50 fc + all convs
     python benchmarks/kernels_x86.py --quick         # 256^3, fc + 6 representative convs
@@ -19,7 +19,7 @@ count-weighted sum over ResNet-50 (224 px, batch 1) of all its convs.
 ``--int4`` also times each GEMM/conv with 4-bit weights (``w_bits=4``: two nibbles a
 byte, unpacked in-kernel), interleaved with the int8 kernel, and reports int8 time /
 int4 time (> 1: int4 faster) and where the int4 kernel unpacks ("tile" / "prologue",
-see kernels/x86_int4.py). ``--cold`` flushes every argument but the activation (weights,
+see qcompile/kernels/x86_int4.py). ``--cold`` flushes every argument but the activation (weights,
 bias, requant params, output) from the caches before each call (TVM's
 ``cache_flush_cpu_non_first_arg``): the weights then come from DRAM, as in a batch-1
 network whose weights outgrow the caches; ORT stays warm.

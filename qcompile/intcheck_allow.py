@@ -52,7 +52,7 @@ ALLOWED_CALLS: dict[str, str] = {
     "tirx.cuda.__shfl_sync": "warp shuffle of an integer register (LowerWarpMemory)",
     "tirx.cuda.__activemask": "warp mask", "tirx.tvm_thread_invariant": "hint",
     "tirx.tvm_global_barrier_kinit": "barrier", "tirx.tvm_thread_context": "threading",
-    # x86 integer intrinsics (kernels/x86_vnni.py, kernels/x86_int4.py)
+    # x86 integer intrinsics (qcompile/kernels/x86_vnni.py, qcompile/kernels/x86_int4.py)
     "llvm.x86.avx512.vpdpbusd.512": "VNNI u8 x s8 -> s32 dot product (x86_vnni)",
     "llvm.x86.avx512.vpdpbusds.512": "VNNI saturating dot product",
     "llvm.x86.vgf2p8affineqb.512": "GFNI affine byte transform: int4 unpack (x86_int4)",

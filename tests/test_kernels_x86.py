@@ -1,4 +1,4 @@
-"""kernels/x86_vnni.py: every kernel bit-exact against NumPy integers, and vpdpbusd in the asm.
+"""qcompile/kernels/x86_vnni.py: every kernel bit-exact against NumPy integers, and vpdpbusd in the asm.
 
 Each case compiles one small PrimFunc for this CPU (~0.5 s each) and compares the
 whole output with ``np.array_equal``: integer kernels have no tolerance.

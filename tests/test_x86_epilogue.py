@@ -1,4 +1,4 @@
-"""kernels/x86_epilogue.py: the int32 ("mulhi", "mulhi_shl") requantizations equal the
+"""qcompile/kernels/x86_epilogue.py: the int32 ("mulhi", "mulhi_shl") requantizations equal the
 int64 one bit for bit, and the ops fused into a kernel's epilogue (residual add, clip,
 table lookup) equal the unfused integer ops, in conv, dense and depthwise kernels.
 
