@@ -623,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
                        tuple(sorted({f"plan latency source: {m['source']}" for m in mixed
                                      if m.get("source")})))
     markdown = bc.render_markdown(main_t) + "\n" + bc.render_markdown(mixed_t)
-    stem = bc.result_stem("speedup", args.quick)
+    stem = bc.result_stem("speedup" + ("-int8" if args.int8_only else ""), args.quick)
     series = plot_series(results)
     png = args.out / f"{stem}.png"
     skipped = bc.plot_latency_vs_size(series, png, f"latency vs size, {machine['label']}")
