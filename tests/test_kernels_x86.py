@@ -5,20 +5,18 @@ whole output with ``np.array_equal``: integer kernels have no tolerance.
 """
 from __future__ import annotations
 
-from functools import partial
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pytest
 import tvm
-from numpy.lib.stride_tricks import sliding_window_view
 
-from qcompile.kernels import x86_depthwise as Dw
 from qcompile.kernels import x86_rules as Rl
 from qcompile.kernels import x86_vnni as V
-from qcompile.kernels import x86_window as Wd
 from qcompile.kernels import x86_int4 as I4
 from qcompile.targets import cpu_flags, has_vnni, make_target
+from x86_kernel_helpers import (Pads, _compile, _expected, _qparams, _rand, _requant,
+                                _requant_setup, _run, _weights, _windows, _wrap32)
 
 pytestmark = pytest.mark.skipif(
     not has_vnni(), reason="CPU lacks avx512_vnni (no 'avx512_vnni' in /proc/cpuinfo flags)")
@@ -26,99 +24,7 @@ needs_gfni = pytest.mark.skipif(
     I4.GFNI.cpu_flag not in cpu_flags(),
     reason="the int4 unpack needs GFNI (no 'gfni' in /proc/cpuinfo flags)")
 
-Pads = tuple[int, int, int, int]
 UNPACK = ["tile", "prologue"]  # where the int4 kernels unpack (x86_int4.unpack_mode)
-
-
-# ----------------------------------------------------------------------------- helpers
-def _compile(f: tvm.tirx.PrimFunc) -> tvm.runtime.Executable:
-    return tvm.compile(tvm.IRModule({"main": f}), target=make_target("llvm"))
-
-
-def _run(f: tvm.tirx.PrimFunc, args: Sequence[np.ndarray], out_shape: tuple[int, ...],
-         out_dtype: str) -> np.ndarray:
-    ts = [tvm.runtime.tensor(a) for a in args] + [tvm.runtime.tensor(np.zeros(out_shape, out_dtype))]
-    _compile(f)(*ts)
-    return ts[-1].numpy()
-
-
-def _rand(rng: np.random.Generator, shape: tuple[int, ...], dtype: str) -> np.ndarray:
-    info = np.iinfo(dtype)
-    return rng.integers(info.min, info.max + 1, shape).astype(dtype)
-
-
-def _qparams(rng: np.random.Generator, acc: np.ndarray, out_dtype: str,
-             axes: tuple[int, ...] = (-1,)) -> tuple[list[np.ndarray], np.ndarray]:
-    """Requantization m, r = 2^(s-1), s (as in qgraph) per channel (``axes`` of ``acc``),
-    derived from the accumulator's actual spread, and an offset for the bias.
-
-    Random multipliers would saturate almost every output, leaving the rounding barely
-    tested. Here m / 2^s maps each channel's spread onto 60-95% of the output range and
-    the offset (added to the bias by the caller; callers without a bias skip it) centres
-    it, so most outputs land strictly inside and every rounding term matters. m has
-    8..30 significant bits (s up to 62); every 4th channel takes s = 0 (r = 0, m = 1),
-    the unrounded path, which mostly saturates."""
-    info = np.iinfo(out_dtype)
-    lo, hi = int(info.min), int(info.max)
-    axes = tuple(a % acc.ndim for a in axes)
-    red = tuple(i for i in range(acc.ndim) if i not in axes)
-    a = _wrap32(acc).astype(np.int64)
-    amin, amax = a.min(axis=red), a.max(axis=red)
-    span = np.maximum(amax - amin, 1).astype(np.float64)
-    t = rng.uniform(0.6, 0.95, span.shape) * (hi - lo) / span
-    bits = rng.integers(8, 31, span.shape)  # m in [2^(bits-1), 2^bits)
-    s = np.clip(bits - 1 - np.floor(np.log2(t)).astype(np.int64), 1, 62)
-    m = np.clip(np.round(np.ldexp(t, s)), 1, 2**31 - 1).astype(np.int64)
-    offset = np.round((lo + hi) / 2 * np.ldexp(1.0, s) / m - (amin + amax) / 2).astype(np.int64)
-    unrounded = (np.arange(span.size) % 4 == 3).reshape(span.shape)
-    s, m = np.where(unrounded, 0, s), np.where(unrounded, 1, m)
-    offset = np.where(unrounded, 0, offset)
-    r = np.where(s > 0, np.left_shift(1, np.maximum(s - 1, 0)), 0).astype(np.int64)
-    return [m, r, s], offset
-
-
-def _requant_setup(rng: np.random.Generator, acc: np.ndarray, bias: np.ndarray, raw: bool,
-                   out_dtype: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray] | None]:
-    """(acc, bias, q) with the bias (and so acc) shifted by ``_qparams``'s offset."""
-    if raw:
-        return acc, bias, None
-    q, off = _qparams(rng, acc, out_dtype)
-    return acc + off, (bias.astype(np.int64) + off).astype(np.int32), q
-
-
-def _requant(acc: np.ndarray, q: Sequence[np.ndarray], lo: int, hi: int, dtype: str) -> np.ndarray:
-    m, r, s = q
-    return np.clip((acc.astype(np.int64) * m + r) >> s, lo, hi).astype(dtype)
-
-
-def _wrap32(v: np.ndarray) -> np.ndarray:
-    return v.astype(np.int64).astype(np.int32)  # two's-complement wrap, as the kernels do
-
-
-def _windows(x: np.ndarray, kh: int, kw: int, strides: Sequence[int], pads: Pads,
-             dil: Sequence[int], fill: int) -> np.ndarray:
-    """(N, OH, OW, C, kh, kw) view of padded NHWC x."""
-    pt, pl, pb, pr = pads
-    xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)), constant_values=fill)
-    eh, ew = (kh - 1) * dil[0] + 1, (kw - 1) * dil[1] + 1
-    win = sliding_window_view(xp, (eh, ew), axis=(1, 2))[:, ::strides[0], ::strides[1]]
-    return win[..., ::dil[0], ::dil[1]]
-
-
-def _weights(rng: np.random.Generator, shape: tuple[int, ...], w_bits: int) -> np.ndarray:
-    """int8 weights at ``w_bits``: the full int8 range, or every int4 value -8..7."""
-    return _rand(rng, shape, "int8") if w_bits == 8 else rng.integers(-8, 8, shape).astype(np.int8)
-
-
-def _expected(acc: np.ndarray, q: Sequence[np.ndarray] | None, out_dtype: str) -> np.ndarray:
-    """The kernel's output in NumPy; requantized outputs must mostly be unsaturated."""
-    if q is None:
-        return _wrap32(acc)
-    info = np.iinfo(out_dtype)
-    out = _requant(_wrap32(acc), q, int(info.min), int(info.max), out_dtype)
-    inside = float(((out > info.min) & (out < info.max)).mean())
-    assert inside >= 0.5, f"only {inside:.0%} of the outputs are unsaturated"
-    return out
 
 
 # ----------------------------------------------------------------------------- packing
@@ -319,112 +225,6 @@ def test_conv_1x1_reads_input_directly() -> None:
     """1x1 stride 1 on uint8 with C % 4 == 0 is a plain GEMM: no pad/im2col buffer."""
     script = V.conv2d_nhwc_vnni(1, 7, 7, 64, 64, 1, 1).script()
     assert "x_pad" not in script and "col" not in script
-
-
-# ----------------------------------------------------------------------------- depthwise
-DEPTHWISE_CASES = [
-    (1, 11, 11, 32, 3, (1, 1), (1, 1, 1, 1), (1, 1), "uint8", "uint8", False),
-    (2, 7, 11, 16, 3, (2, 2), (0, 1, 1, 0), (1, 1), "int8", "int8", False),
-    (1, 12, 12, 48, 5, (2, 2), (2, 2, 1, 1), (1, 1), "uint8", "int32", True),
-    (1, 9, 9, 16, 3, (1, 1), (2, 2, 2, 2), (2, 2), "int8", "uint8", False),
-    (1, 6, 6, 32, 3, (1, 1), (0, 0, 0, 0), (1, 1), "int8", "int8", False),  # int8, no pad
-    (2, 15, 15, 16, 3, (1, 1), (1, 1, 1, 1), (1, 1), "uint8", "int8", False),  # owt 5 (not 14)
-]
-
-
-@pytest.mark.parametrize("N,H,W,C,k,st,pads,dil,in_dtype,out_dtype,raw", DEPTHWISE_CASES + [
-    (2, 7, 11, 5, 3, (2, 2), (0, 1, 1, 0), (1, 1), "int8", "int8", False),   # C % 16 != 0
-    (1, 9, 9, 7, 3, (1, 1), (2, 2, 2, 2), (2, 2), "int8", "uint8", False),
-])
-def test_depthwise_exact(N: int, H: int, W: int, C: int, k: int, st: tuple[int, int], pads: Pads,
-                         dil: tuple[int, int], in_dtype: str, out_dtype: str, raw: bool) -> None:
-    _check_depthwise(Wd.depthwise_conv2d_nhwc, N, H, W, C, k, st, pads, dil, in_dtype,
-                     out_dtype, raw)
-
-
-DEPTHWISE_VNNI_CASES = [(*case, pad) for case in DEPTHWISE_CASES + [
-    (2, 12, 10, 32, 3, (2, 2), (0, 0, 1, 1), (1, 1), "uint8", "int8", False),  # bottom/right
-    (1, 9, 9, 16, 5, (1, 2), (2, 1, 2, 3), (1, 1), "uint8", "uint8", False),
-] for pad in ("copy", "mask") if pad == "copy" or case[8] == "uint8"]  # mask: uint8 only
-
-
-@pytest.mark.parametrize("N,H,W,C,k,st,pads,dil,in_dtype,out_dtype,raw,pad", DEPTHWISE_VNNI_CASES)
-def test_depthwise_vnni_exact(N: int, H: int, W: int, C: int, k: int, st: tuple[int, int],
-                              pads: Pads, dil: tuple[int, int], in_dtype: str, out_dtype: str,
-                              raw: bool, pad: str) -> None:
-    """Both ways of padding ("mask": clamped reads, the taps outside zeroed)."""
-    _check_depthwise(partial(Dw.depthwise_conv2d_nhwc_vnni, pad=pad), N, H, W, C, k, st, pads,
-                     dil, in_dtype, out_dtype, raw)
-
-
-def test_depthwise_pad_mode_masks_only_big_3x3_stride_2_inputs() -> None:
-    big, small = (8, 28, 28, 240), (1, 28, 28, 240)
-    assert Dw.pad_mode(big, (3, 3), (2, 2), (0, 0, 1, 1), "uint8") == "mask"
-    assert Dw.pad_mode(small, (3, 3), (2, 2), (0, 0, 1, 1), "uint8") == "copy"
-    assert Dw.pad_mode(big, (5, 5), (2, 2), (1, 1, 2, 2), "uint8") == "copy"
-    assert Dw.pad_mode(big, (3, 3), (1, 1), (1, 1, 1, 1), "uint8") == "copy"
-    assert Dw.pad_mode(big, (3, 3), (2, 2), (0, 0, 1, 1), "int8") == "copy"
-
-
-def _check_depthwise(kernel: Callable[..., tvm.tirx.PrimFunc], N: int, H: int, W: int, C: int,
-                     k: int, st: tuple[int, int], pads: Pads, dil: tuple[int, int],
-                     in_dtype: str, out_dtype: str, raw: bool) -> None:
-    rng = np.random.default_rng(C + H)
-    x, w = _rand(rng, (N, H, W, C), in_dtype), _rand(rng, (k, k, C), "int8")
-    bias = rng.integers(-2**20, 2**20, C).astype(np.int32)
-    win = _windows(x.astype(np.int64), k, k, st, pads, dil, 0)
-    acc, bias, q = _requant_setup(rng, np.einsum("bhwcij,ijc->bhwc", win, w.astype(np.int64))
-                                  + bias, bias, raw, out_dtype)
-    vnni = getattr(kernel, "func", kernel) is Dw.depthwise_conv2d_nhwc_vnni
-    kbias = V.signed_input_bias(w.transpose(2, 0, 1), bias) if vnni and in_dtype == "int8" else bias
-    f = kernel(N, H, W, C, k, k, st, pads, dil, out_dtype=out_dtype, raw=raw, in_dtype=in_dtype)
-    got = _run(f, [x, w, kbias, *(q or [])], acc.shape, "int32" if raw else out_dtype)
-    np.testing.assert_array_equal(got, _expected(acc, q, out_dtype))
-
-
-# ----------------------------------------------------------------------------- pools
-@pytest.mark.parametrize("shape,k,st,pads,dtype", [
-    ((1, 11, 11, 64), (3, 3), (2, 2), (1, 1, 1, 1), "uint8"),
-    ((2, 7, 7, 5), (3, 3), (2, 2), (0, 1, 1, 0), "int8"),
-])
-def test_max_pool_exact(shape: tuple[int, ...], k: tuple[int, int], st: tuple[int, int],
-                        pads: Pads, dtype: str) -> None:
-    x = _rand(np.random.default_rng(3), shape, dtype)
-    ref = _windows(x, *k, st, pads, (1, 1), int(np.iinfo(dtype).min)).max(axis=(4, 5))
-    got = _run(Wd.max_pool2d_nhwc(*shape, k, st, pads, dtype=dtype), [x], ref.shape, dtype)
-    np.testing.assert_array_equal(got, ref)
-
-
-@pytest.mark.parametrize("shape,k,st,pads,in_dtype,out_dtype,raw", [
-    ((1, 11, 11, 16), (3, 3), (2, 2), (1, 1, 1, 1), "uint8", "int32", True),
-    ((1, 7, 9, 5), (2, 3), (1, 2), (0, 1, 1, 0), "int8", "int8", False),
-])
-def test_sum_pool_exact(shape: tuple[int, ...], k: tuple[int, int], st: tuple[int, int],
-                        pads: Pads, in_dtype: str, out_dtype: str, raw: bool) -> None:
-    rng = np.random.default_rng(4)
-    x = _rand(rng, shape, in_dtype)
-    acc = _windows(x.astype(np.int64), *k, st, pads, (1, 1), 0).sum(axis=(4, 5))
-    # per output position; no bias to take the offset: int8 sums are centred already
-    q = None if raw else _qparams(rng, acc, out_dtype, axes=(1, 2))[0]
-    exp = _expected(acc, None if q is None else [v[None, :, :, None] for v in q], out_dtype)
-    f = Wd.sum_pool2d_nhwc(*shape, k, st, pads, in_dtype=in_dtype, out_dtype=out_dtype, raw=raw)
-    np.testing.assert_array_equal(_run(f, [x, *(q or [])], acc.shape, exp.dtype.name), exp)
-
-
-@pytest.mark.parametrize("shape,in_dtype,out_dtype,raw", [
-    ((1, 7, 7, 64), "uint8", "int32", True), ((2, 5, 3, 7), "int8", "uint8", False)])
-def test_global_sum_pool_exact(shape: tuple[int, ...], in_dtype: str, out_dtype: str,
-                               raw: bool) -> None:
-    rng = np.random.default_rng(5)
-    # int8 in, uint8 out, no bias to centre the sums: inputs leaning positive keep most
-    # sums inside (0, 255) (negatives still occur and clip)
-    x = (rng.integers(-64, 128, shape).astype(in_dtype) if (in_dtype, out_dtype) ==
-         ("int8", "uint8") else _rand(rng, shape, in_dtype))
-    acc = x.astype(np.int64).sum(axis=(1, 2), keepdims=True)
-    q = None if raw else [v.reshape(1, 1) for v in _qparams(rng, acc, out_dtype, axes=())[0]]
-    exp = _expected(acc, q, out_dtype)
-    f = Wd.global_sum_pool_nhwc(*shape, in_dtype=in_dtype, out_dtype=out_dtype, raw=raw)
-    np.testing.assert_array_equal(_run(f, [x, *(q or [])], acc.shape, exp.dtype.name), exp)
 
 
 # ----------------------------------------------------------------------------- codegen, rules
