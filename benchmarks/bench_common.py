@@ -121,6 +121,11 @@ def speedup(base_ms: float | None, ms: float | None) -> float | None:
     return base_ms / ms
 
 
+def fmt_speedup(base_ms: float | None, ms: float | None) -> str | None:
+    """``base_ms / ms`` as ``"1.23x"``; None where either time is missing."""
+    return fmt_num(speedup(base_ms, ms), 2, "x")
+
+
 # --- fidelity ---------------------------------------------------------------------------
 def agreement_sqnr(ref: np.ndarray, out: np.ndarray) -> tuple[float, float]:
     """Top-1 agreement and SQNR (dB) of ``out`` against ``ref`` logits, (N, classes)."""

@@ -15,6 +15,7 @@ import json
 import sys
 import tempfile
 import time
+from typing import Any
 from collections import Counter
 from pathlib import Path
 
@@ -39,7 +40,9 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=200)
     args = ap.parse_args()
     t0 = time.perf_counter()
-    rows, problems, arts = {}, [], {}
+    rows: dict[str, dict[str, Any]] = {}
+    problems: list[str] = []
+    arts: dict[str, Any] = {}
     tmp = Path(tempfile.mkdtemp(prefix="effnet-raw-"))
     for name, model in (("simplified", args.simplified), ("raw", args.raw)):
         art = tmp / name

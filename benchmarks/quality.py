@@ -163,7 +163,7 @@ class Row:
 
 
 def uniform_rows(method: str) -> list[Row]:
-    rows = []
+    rows: list[Row] = []
     for m in ("minmax", "percentile", "mse"):
         for r in ("nearest", "gptq"):
             rows.append(Row(f"W8A8 {m} {r}", "W8A8", {"bits": 8, "rounding": r}, m))
@@ -176,8 +176,8 @@ def uniform_rows(method: str) -> list[Row]:
                      "rounding": "nearest"}, method))
     for r in ("nearest", "gptq"):
         rows.append(Row(f"W4A4 {r}", "W4A4", {"bits": 4, "rounding": r}, method))
-    for i, r in enumerate(rows):
-        r.slug = f"{i:02d}-" + r.label.replace(" ", "_").replace("+", "").replace(".", "")
+    for i, row in enumerate(rows):
+        row.slug = f"{i:02d}-" + row.label.replace(" ", "_").replace("+", "").replace(".", "")
     return rows
 
 

@@ -95,10 +95,10 @@ def build_rows(files: sp.ModelFiles, arts: dict[str, dict], fid: dict[str, dict]
             "size": bc.fmt_num(c.get("size_mb"), 1), "bops": bc.fmt_num(c.get("bops_g"), 0),
             "exact": exact, "pub_size": bc.fmt_num(PUBLISHED[key]["size_mb"], 1),
             "pub_ms": bc.fmt_num(PUBLISHED[key]["latency_ms"], 1),
-            "pub_x": sp._x(bc.speedup(PUBLISHED["int8"]["latency_ms"], PUBLISHED[key]["latency_ms"])),
+            "pub_x": bc.fmt_speedup(PUBLISHED["int8"]["latency_ms"], PUBLISHED[key]["latency_ms"]),
             "pred_ms": bc.fmt_num(pred.get(key), 2),
-            "pred_x": sp._x(bc.speedup(pred.get("int8"), pred.get(key))),
-            "meas_ms": bc.fmt_ms(meas.get(key)), "meas_x": sp._x(bc.speedup(med.get("int8"), med.get(key)))})
+            "pred_x": bc.fmt_speedup(pred.get("int8"), pred.get(key)),
+            "meas_ms": bc.fmt_ms(meas.get(key)), "meas_x": bc.fmt_speedup(med.get("int8"), med.get(key))})
     return rows
 
 

@@ -31,10 +31,6 @@ MIXED_COLUMNS = (("model", "model"), ("batch", "batch"), ("alpha", "latency budg
                  ("imeasured", "measured ms (median, interleaved)"))
 
 
-def _x(v: float | None) -> str | None:
-    return None if v is None else f"{v:.2f}x"
-
-
 def _exact(f: dict[str, Any]) -> str | None:
     if "bit_exact" not in f:
         return None  # not evaluated: a missing cell
@@ -66,8 +62,8 @@ def model_rows(r: dict[str, Any], st: Settings) -> tuple[list[dict], list[dict]]
                 "model": r["model"], "batch": b, "config": label,
                 "latency": bc.fmt_ms(tim.get(k)) if not failed else None,
                 "vs_ort8": bc.fmt_num(ratio8, 3),
-                "vs_int8": _x(bc.speedup(med.get(Q_INT8), med.get(k))),
-                "vs_fp32": _x(bc.speedup(med.get(ORT_FP32), med.get(k))),
+                "vs_int8": bc.fmt_speedup(med.get(Q_INT8), med.get(k)),
+                "vs_fp32": bc.fmt_speedup(med.get(ORT_FP32), med.get(k)),
                 "ilatency": (bc.fmt_ms(itim.get(k)) if itim else bc.NA) if not failed else None,
                 "ivs_ort8": bc.fmt_num(iratio8, 3) if itim else bc.NA,
                 # numbers for the JSON (not columns): the headline and the second set
