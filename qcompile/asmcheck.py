@@ -63,6 +63,11 @@ FP_DOMAIN_ALLOWED = re.compile(
     r"|insertf(128|32x4|64x2|32x8|64x4)|extractf(128|32x4|64x2|32x8|64x4)"
     r"|shuff(32x4|64x2)|perm2f128|broadcastf(128|32x2|32x4|64x2|32x8|64x4)"
     r"|maskmovp[sd]|compressp[sd]|expandp[sd]|movmskp[sd]|testp[sd])$")
+#: AMX integer tile ops: u8/s8 dot products into s32 (tdpbusd, tdpbssd, tdpbsud, tdpbuud;
+#: "sd" ends them, as it ends double-precision scalars) and tile config/load/store/zero.
+#: The float ones (tdpbf16ps, tdpfp16ps) end in "ps" and are not listed.
+AMX_INT_OPS = re.compile(r"^(tdpb[su][su]d|ldtilecfg|sttilecfg|tileloadd(t1)?|tilestored"
+                         r"|tilezero|tilerelease)$")
 _FP_SUFFIX = re.compile(r"(ps|pd|ss|sd|ph|sh)$")
 _FP_LANE = re.compile(r"f(128|32x[248]|64x[24])$")
 _CONVERT = re.compile(r"^v?cvt")
@@ -109,7 +114,7 @@ def classify_x86(mnemonic: str) -> str | None:
         return "x87"
     if _CONVERT.match(m):
         return "float conversion"
-    if m.startswith(("p", "vp", "k")):
+    if m.startswith(("p", "vp", "k")) or AMX_INT_OPS.match(m):
         return None  # packed-integer and mask families (vpdpbusd, vpmaddubsw, kmovw ...)
     if (_FP_SUFFIX.search(m) or _FP_LANE.search(m)) and not FP_DOMAIN_ALLOWED.match(m):
         return "float arithmetic"

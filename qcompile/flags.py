@@ -7,6 +7,8 @@ Every stage reads these from here, so they behave the same everywhere:
     QCOMPILE_CACHE_DIR    the cache root (default ~/.cache/qcompile): latency, overhead,
                           sensitivity, tuning databases
     TVM_NUM_THREADS       defaulted to every core when this module is imported
+    QCOMPILE_NO_AMX       on: x86 builds keep to the VNNI kernels (for artifacts that must
+                          run on CPUs without AMX tiles)
 
 Standard library only: the CLI imports it before deciding whether TVM is needed.
 (``loader.py`` keeps its own TVM_NUM_THREADS default: bundles run it without qcompile.)
@@ -25,6 +27,7 @@ from typing import IO, Any, Iterator, Mapping
 DEBUG_ENV = "QCOMPILE_DEBUG"
 CACHE_ENV = "QCOMPILE_CACHE_DIR"
 THREADS_ENV = "TVM_NUM_THREADS"
+NO_AMX_ENV = "QCOMPILE_NO_AMX"
 
 
 def env_flag(name: str) -> bool:

@@ -58,6 +58,12 @@ ALLOWED_CALLS: dict[str, str] = {
     "llvm.x86.vgf2p8affineqb.512": "GFNI affine byte transform: int4 unpack (x86_int4)",
     "llvm.x86.avx512.pmaddubs.w.512": "u8 x s8 -> s16 multiply-add",
     "llvm.x86.avx512.pmaddw.d.512": "s16 x s16 -> s32 multiply-add",
+    # AMX integer tiles (qcompile/kernels/x86_amx.py); tdpbf16ps/tdpfp16ps are not listed
+    "llvm.x86.tdpbusd": "AMX u8 x s8 -> s32 tile dot product",
+    "llvm.x86.ldtilecfg": "AMX tile configuration (shapes)",
+    "llvm.x86.tilezero": "AMX tile zero (integer accumulators)",
+    "llvm.x86.tileloadd64": "AMX tile load (bytes)", "llvm.x86.tilestored64": "AMX tile store",
+    "llvm.x86.tilerelease": "AMX tile state release",
     # CUDA integer tensor cores (qcompile/kernels/cuda_tc.py)
     "tirx.ptx_mma": "mma.sync; operand dtypes checked integer",
     "tirx.ptx_mma_sp": "sparse mma.sync; operand dtypes checked integer",

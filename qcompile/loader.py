@@ -62,6 +62,26 @@ def _preload_cuda(cudart_dirs: tuple[Path, ...] = ()) -> None:
                             f"install the NVIDIA driver and CUDA 13's {CUDART}") from None
 
 
+_ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158
+_AMX_GRANTED: list[bool] = []
+
+
+def request_amx() -> bool:
+    """Ask Linux for the AMX tile state for this process, once (``arch_prctl``
+    ARCH_REQ_XCOMP_PERM); False where the OS, the CPU or the hypervisor says no. A process
+    that did not ask dies of SIGILL on its first tile instruction."""
+    if not _AMX_GRANTED:
+        ok = False
+        if os.uname().sysname == "Linux" and os.uname().machine == "x86_64":
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                ok = libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
+            except (OSError, AttributeError):
+                ok = False
+        _AMX_GRANTED.append(ok)
+    return _AMX_GRANTED[0]
+
+
 def summarize_ms(seconds: list[float], batch: int) -> dict:
     """trtexec-style summary of per-run wall times."""
     ms = np.asarray(seconds) * 1e3
@@ -109,6 +129,9 @@ class Model:
                     f"{path} was built for {manifest['target']['str']} and needs an NVIDIA "
                     "GPU, which this machine lacks; run it on a GPU host or recompile with "
                     "--target llvm")
+        if "amx" in manifest.get("cpu_features", ()) and not request_amx():
+            raise error(f"{path} runs AMX tile kernels, which this CPU or OS does not offer; "
+                        "recompile it here, or with QCOMPILE_NO_AMX=1 for CPUs without AMX")
         with np.load(wfile, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         try:

@@ -158,8 +158,9 @@ def _extend(chain: Sequence[QNode], nxt: QNode, qg: QGraph) -> bool:
 
 def x86_rules(batch: int) -> list[tuple[str, Rule | FuseRule]]:
     """VNNI conv/dense and vectorized depthwise/pool kernels for this CPU, and the same
-    kernels with a residual add / clip / LUT chain fused into their epilogue."""
-    flags = cpu_flags()
+    kernels with a residual add / clip / LUT chain fused into their epilogue (AMX tile
+    kernels for the conv/dense layers that suit them, where the OS grants AMX)."""
+    flags = krules.usable_flags(cpu_flags())
 
     def call(chain: Sequence[QNode], ctx: LowerCtx, xs: Sequence[relax.Expr]
              ) -> relax.Var | None:

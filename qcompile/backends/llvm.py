@@ -78,7 +78,12 @@ def describe_json(target: "tvm.target.Target") -> dict[str, Any]:
 
 
 def manifest(lowered: "Lowered", target: "tvm.target.Target") -> dict[str, Any]:
-    return {}
+    """CPU features beyond the -mcpu that the artifact needs granted at run time: AMX
+    tiles (the loader asks the OS for them, and says so in one line where it cannot)."""
+    from ..kernels.x86_amx import KERNEL_PREFIXES
+
+    amx = any(f.startswith(KERNEL_PREFIXES) for f in lowered.funcs)
+    return {"cpu_features": ["amx"]} if amx else {}
 
 
 def cannot_run_here(target: "tvm.target.Target") -> str | None:

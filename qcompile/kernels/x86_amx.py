@@ -1,0 +1,304 @@
+"""AMX-INT8 kernels (Sapphire Rapids and later): conv2d and dense on the tile unit, with
+the VNNI kernels' weights, parameters and epilogue, so a rule can swap one for the other.
+
+One ``tdpbusd`` multiplies a 16 x 64 u8 tile by a 64 x 16 s8 tile into 16 x 16 int32:
+16384 multiply-adds where ``vpdpbusd`` does 64. The B tile is 16 rows of (16 channels x 4
+k) bytes: exactly ``pack_conv_weights``' (N/16, K/4, 16, 4) blocks, read with a 64-byte
+stride. The int32 sums are exact and wrap like ``vpdpbusd``'s, so a layer is bit-exact
+whichever unit ran it.
+
+A task is 16 output rows x up to 64 output channels (four C tiles, one A tile, three B
+tiles in turn: all eight tile registers). Rows are either 16 consecutive output pixels
+of one output row (any kernel size, stride and dilation: the A tile's row stride is
+stride x channels bytes), or, for a 1x1 stride-1 unpadded conv and dense, 16 rows of the
+flattened (M, K) matrix. Fewer than 16 valid rows (the end of an output row, the end of
+M) load a tile config with fewer rows; nothing past them is read or written.
+After the reduction the C tiles are stored to a 4 KiB scratch per thread and the
+epilogue (``x86_epilogue``: requantize, fused add/clip/LUT) runs over it in zmm vectors.
+
+The OS hands out AMX state on request only (Linux ``arch_prctl(ARCH_REQ_XCOMP_PERM)``,
+once per process): ``request_amx()`` asks, and a process that did not ask dies of SIGILL
+on its first tile instruction. The loader asks before it runs an artifact that needs it.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as I
+
+from ..loader import request_amx  # noqa: F401  (the kernels' users ask through here)
+from ..tvm_compat import tirx
+from .x86_epilogue import Epilogue, EpilogueArgs, Post, epilogue
+from .x86_vnni import KG, LANES, _ceil, _pair, conv_out_hw
+
+TILE_ROWS = 16                  # rows of an A / C tile
+TILE_BYTES = 64                 # bytes per tile row
+C_TILES = 4                     # C tiles per task: 64 output channels
+# The scratch is flat: TVM compacts a multi-dimensional buffer to the region it sees read,
+# which would change the row stride the tile store was given.
+ACC_ROW = C_TILES * 16
+A_TILE, B_TILES = 4, (5, 6, 7)  # tile registers: C in 0..3, then A, then B in turn
+CPU_FLAGS = ("amx_tile", "amx_int8")
+KERNEL_PREFIXES = ("conv2d_nhwc_amx", "dense_amx")  # kernel names in a manifest's kernel_funcs
+PARALLEL_CHUNKS = 64  # scratch allocations per call; TVM splits them statically over threads
+
+@contextmanager
+def _scratch(shape: tuple[int, ...], dtype: str) -> Iterator[tirx.Buffer]:
+    """A buffer allocated in the current frame (freed when that frame ends), as a ``with``
+    block so the nesting reads like its lifetime."""
+    yield I.decl_buffer(shape, dtype, align=64)
+
+
+def _intrin(name: str, *args: tirx.PrimExpr) -> None:
+    I.evaluate(tirx.call_llvm_intrin("void", f"llvm.x86.{name}", *args))
+
+
+def _i8(v: int) -> tirx.PrimExpr:
+    return tirx.const(v, "int8")
+
+
+def _tile_config(cfg: tirx.Buffer, rows: int, k_bytes: int) -> None:
+    """Palette 1: C tiles (rows x 64 B), the A tile (rows x k_bytes), B tiles
+    (k_bytes/4 rows x 64 B). Bytes 16+2t: tile t's row bytes; byte 48+t: its rows.
+    Constants only: the integer-only check allows no div/mod in stored data, and a
+    task's row count comes from its index by one (so the caller picks with an ``If``)."""
+    for i in range(64):
+        I.buffer_store(cfg, tirx.const(0, "uint8"), [i])
+    I.buffer_store(cfg, tirx.const(1, "uint8"), [0])
+    for t in range(8):
+        colsb = k_bytes if t == A_TILE else TILE_BYTES
+        trows = rows if t <= A_TILE else k_bytes // KG
+        I.buffer_store(cfg, tirx.const(colsb, "uint8"), [16 + 2 * t])
+        I.buffer_store(cfg, tirx.const(trows, "uint8"), [48 + t])
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Where a task's 16 rows live: ``count`` tasks along M, of which those where
+    ``is_tail(t)`` have ``tail`` valid rows (16 when no task is short); ``a_index(t, r, s,
+    c)`` the A tile's first element for kernel tap (r, s), channel c; ``a_stride`` bytes
+    between its rows; ``out_index(t, i, n)`` row i's output element."""
+
+    count: int
+    tail: int
+    is_tail: Callable[[tirx.PrimExpr], tirx.PrimExpr]
+    a_index: Callable[..., list]
+    a_stride: int
+    out_index: Callable[..., tuple]
+
+    def valid(self, t: tirx.PrimExpr) -> tirx.PrimExpr:
+        return tirx.if_then_else(self.is_tail(t), self.tail, TILE_ROWS)
+
+
+def _gemm(build_rows: Callable[[tirx.Buffer], _Rows], a_shape: tuple[int, ...],
+          in_dtype: str, out_shape: tuple[int, ...], n_out: int, kh: int, kw: int,
+          cp: int, ep_kw: dict, pad: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+          ) -> tirx.PrimFunc:
+    """The kernel body shared by conv and dense: tasks (M blocks x 64-channel blocks)
+    in one parallel loop, the reduction over (r, s, channel chunks) on the tile unit,
+    the epilogue over the scratch."""
+    ep = epilogue(**ep_kw)
+    ocp = _ceil(n_out, LANES)
+    blocks = ocp // LANES
+    k_bytes = min(cp, TILE_BYTES)
+    if cp % k_bytes:
+        raise ValueError(f"AMX kernels need channels % 64 == 0 or < 64, got {cp}")
+    kp = kh * kw * cp
+    names = ["m", "pre", "rnd", "sh"] if ep.requant == "mulhi_shl" else list("mrs")
+    q_dtype = "int64" if ep.requant == "int64" else "int32"
+    with IRBuilder() as ib:
+        with I.prim_func():
+            I.func_name("main")
+            I.func_attr({"global_symbol": "main", "tir.noalias": True})
+            x = I.arg("x", I.Buffer(a_shape, in_dtype))
+            w = I.arg("W", I.Buffer((blocks, kp // KG, LANES, KG), "int8"))
+            bias = I.arg("bias", I.Buffer((n_out,), "int32"))
+            q = [] if ep.raw else [I.arg(f"q_{nm}", I.Buffer((n_out,), q_dtype)) for nm in names]
+            extra = []
+            for k, p in enumerate(ep.post):
+                if hasattr(p, "others"):
+                    extra += [I.arg(f"add{k}_x{j}", I.Buffer(out_shape, dt))
+                              for j, dt in enumerate(p.others)]
+                else:
+                    extra.append(I.arg(f"lut{k}", I.Buffer((p.rows * p.width,), p.out_dtype)))
+            out = I.arg("out", I.Buffer(out_shape, ep.final_dtype))
+            args = EpilogueArgs(q, extra)
+            if pad is None:
+                _tasks(build_rows(x), x, w, bias, out, ep, args, blocks, kh, kw, cp, k_bytes, n_out)
+            else:
+                with _scratch(pad[0], "uint8") as xp:
+                    _fill_pad(x, xp, pad[1], in_dtype)
+                    _tasks(build_rows(xp), xp, w, bias, out, ep, args, blocks, kh, kw, cp,
+                           k_bytes, n_out)
+    return ib.get()
+
+
+def _tasks(rows: _Rows, src: tirx.Buffer, w: tirx.Buffer, bias: tirx.Buffer, out: tirx.Buffer,
+           ep: Epilogue, args: EpilogueArgs, blocks: int, kh: int, kw: int, cp: int,
+           k_bytes: int, n_out: int) -> None:
+    """The parallel loop: chunks of tasks (one scratch allocation per chunk), each task
+    a tile-unit reduction and its epilogue."""
+    n_blocks = -(-blocks // C_TILES)
+    n_tasks = rows.count * n_blocks
+    # Channel blocks outermost when the weights outweigh the activations (late layers):
+    # a thread's consecutive tasks then share one weight panel, read once into its cache.
+    n_outer = blocks * kh * kw * cp > rows.count * TILE_ROWS * kw * cp
+    chunk = -(-n_tasks // min(n_tasks, PARALLEL_CHUNKS))
+    with I.parallel(0, -(-n_tasks // chunk)) as p:
+        with _scratch((64,), "uint8") as cfg:
+            with _scratch((TILE_ROWS * ACC_ROW,), "int32") as acc:
+                with I.serial(p * chunk, tirx.min((p + 1) * chunk, n_tasks)) as task:
+                    if n_outer:
+                        mt, nt = task % rows.count, task // rows.count
+                    else:
+                        mt, nt = task // n_blocks, task % n_blocks
+                    valid = rows.valid(mt)
+                    with I.If(rows.is_tail(mt)):
+                        with I.Then():
+                            _tile_config(cfg, rows.tail, k_bytes)
+                        with I.Else():
+                            _tile_config(cfg, TILE_ROWS, k_bytes)
+                    _intrin("ldtilecfg", tirx.address_of(cfg[0]))
+                    live = [nt * C_TILES + j < blocks for j in range(C_TILES)]
+                    for j in range(C_TILES):
+                        with I.If(live[j]):
+                            with I.Then():
+                                _intrin("tilezero", _i8(j))
+                    with I.serial(0, kh) as r:
+                        with I.serial(0, kw) as s:
+                            with I.serial(0, cp // k_bytes) as cc:
+                                _intrin("tileloadd64", _i8(A_TILE),
+                                        tirx.address_of(src[rows.a_index(mt, r, s, cc * k_bytes)]),
+                                        tirx.const(rows.a_stride, "int64"))
+                                kb = ((r * kw + s) * cp + cc * k_bytes) // KG
+                                for j in range(C_TILES):
+                                    bt = B_TILES[j % len(B_TILES)]
+                                    with I.If(live[j]):
+                                        with I.Then():
+                                            _intrin("tileloadd64", _i8(bt), tirx.address_of(
+                                                w[nt * C_TILES + j, kb, 0, 0]),
+                                                tirx.const(TILE_BYTES, "int64"))
+                                            _intrin("tdpbusd", _i8(j), _i8(A_TILE), _i8(bt))
+                    for j in range(C_TILES):
+                        with I.If(live[j]):
+                            with I.Then():
+                                _intrin("tilestored64", _i8(j), tirx.address_of(acc[j * LANES]),
+                                        tirx.const(ACC_ROW * 4, "int64"))
+                    with I.serial(0, valid) as i:
+                        with I.serial(0, C_TILES) as j:
+                            with I.If(nt * C_TILES + j < blocks):
+                                with I.Then():
+                                    with I.vectorized(0, LANES) as v:
+                                        n = (nt * C_TILES + j) * LANES + v
+                                        _store(out, ep, acc[i * ACC_ROW + j * LANES + v], bias, args,
+                                               rows.out_index(mt, i, n), n, n_out)
+                _intrin("tilerelease")
+
+
+def _store(out: tirx.Buffer, ep: Epilogue, a: tirx.PrimExpr, bias: tirx.Buffer,
+           args: EpilogueArgs, idx: tuple, n: tirx.PrimExpr, n_out: int) -> None:
+    nc = tirx.min(n, n_out - 1)
+    val = ep.apply(a, bias[nc], args, (nc,), idx, nc)
+    if n_out % LANES:
+        with I.If(n < n_out):
+            with I.Then():
+                I.buffer_store(out, val, list(idx))
+    else:
+        I.buffer_store(out, val, list(idx))
+
+
+def _flat(M: int, a_index: Callable[..., list], a_stride: int,
+          out_index: Callable[..., tuple]) -> _Rows:
+    """Rows of a flattened (M, K) matrix: 16 a task, the last one M % 16 when not 0."""
+    count = -(-M // TILE_ROWS)
+    return _Rows(count, M - (count - 1) * TILE_ROWS, lambda t: t == count - 1, a_index,
+                 a_stride, out_index)
+
+
+def _fill_pad(x: tirx.Buffer, xp: tirx.Buffer, pads: Sequence[int], in_dtype: str) -> None:
+    """xp = zero-padded uint8 copy of NHWC ``x`` (int8 fed as x + 128, padded with 128)."""
+    n, h, w, c = (int(d) for d in x.shape)
+    pt, pl = pads[0], pads[1]
+    hp, wp = (int(d) for d in xp.shape[1:3])
+    fill = tirx.const(128 if in_dtype == "int8" else 0, "uint8")
+    vec = math.gcd(c, TILE_BYTES)
+    with I.parallel(0, n * hp) as row:
+        b, i = row // hp, row % hp
+        with I.serial(0, wp) as j:
+            with I.serial(0, c // vec) as kc:
+                with I.vectorized(0, vec) as k:
+                    inside = tirx.all(i >= pt, i < pt + h, j >= pl, j < pl + w)
+                    v = x[b, tirx.max(tirx.min(i - pt, h - 1), 0),
+                          tirx.max(tirx.min(j - pl, w - 1), 0), kc * vec + k]
+                    if in_dtype == "int8":
+                        v = (v.astype("int32") + 128).astype("uint8")
+                    I.buffer_store(xp, tirx.if_then_else(inside, v, fill), [b, i, j, kc * vec + k])
+
+
+def conv2d_nhwc_amx(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int,
+                    strides: Sequence[int] = (1, 1), pads: Sequence[int] = (0, 0, 0, 0),
+                    dilations: Sequence[int] = (1, 1), *, out_dtype: str = "int8",
+                    raw: bool = False, in_dtype: str = "uint8", lo: int | None = None,
+                    hi: int | None = None, requant: str = "int64",
+                    post: Sequence[Post] = ()) -> tirx.PrimFunc:
+    """``conv2d_nhwc_vnni``'s contract (parameters, packed weights, bias, epilogue) on the
+    tile unit. Needs C % 64 == 0 or C % 4 == 0 and C < 64."""
+    if C % KG:
+        raise ValueError(f"AMX conv needs C % {KG} == 0, got {C}")
+    (sh, sw), (dh, dw) = _pair(strides), _pair(dilations)
+    OH, OW = conv_out_hw(H, W, kh, kw, strides, pads, dilations)
+    ep_kw = {"out_dtype": "int32" if raw else out_dtype, "raw": raw, "lo": lo, "hi": hi,
+             "requant": requant, "post": post}
+    out_shape = (N, OH, OW, OC)
+    flat = kh == kw == 1 and (sh, sw) == (1, 1) and not any(pads) and in_dtype == "uint8"
+    if flat:
+        M = N * H * W
+
+        def flat_rows(x: tirx.Buffer) -> _Rows:
+            def a_index(t, r, s, c):
+                row = t * TILE_ROWS
+                return [row // (H * W), row % (H * W) // W, row % W, c]
+
+            def out_index(t, i, n):
+                row = t * TILE_ROWS + i
+                return (row // (OH * OW), row % (OH * OW) // OW, row % OW, n)
+            return _flat(M, a_index, C, out_index)
+        return _gemm(flat_rows, (N, H, W, C), in_dtype, out_shape, OC, 1, 1, C, ep_kw)
+
+    segs = -(-OW // TILE_ROWS)
+
+    def window_rows(xp: tirx.Buffer) -> _Rows:
+        def a_index(t, r, s, c):
+            b, oh, seg = t // (OH * segs), t % (OH * segs) // segs, t % segs
+            return [b, oh * sh + r * dh, seg * TILE_ROWS * sw + s * dw, c]
+
+        def out_index(t, i, n):
+            b, oh, seg = t // (OH * segs), t % (OH * segs) // segs, t % segs
+            return (b, oh, seg * TILE_ROWS + i, n)
+        return _Rows(N * OH * segs, OW - (segs - 1) * TILE_ROWS,
+                     lambda t: t % segs == segs - 1, a_index, sw * C, out_index)
+
+    need_pad = any(pads) or in_dtype != "uint8"
+    pt, pl, pb, pr = pads
+    padded = (N, H + pt + pb, W + pl + pr, C)
+    return _gemm(window_rows, (N, H, W, C), in_dtype, out_shape, OC, kh, kw, C, ep_kw,
+                 pad=(padded, tuple(pads)) if need_pad else None)
+
+
+def dense_amx(M: int, N: int, K: int, *, out_dtype: str = "int8", raw: bool = False,
+              in_dtype: str = "uint8", lo: int | None = None, hi: int | None = None,
+              requant: str = "int64", post: Sequence[Post] = ()) -> tirx.PrimFunc:
+    """``dense_vnni``'s contract on the tile unit; needs uint8 A and K % 64 == 0."""
+    if in_dtype != "uint8" or K % TILE_BYTES:
+        raise ValueError("AMX dense needs uint8 input and K % 64 == 0")
+    ep_kw = {"out_dtype": "int32" if raw else out_dtype, "raw": raw, "lo": lo, "hi": hi,
+             "requant": requant, "post": post}
+
+    def rows(x: tirx.Buffer) -> _Rows:
+        return _flat(M, lambda t, r, s, c: [t * TILE_ROWS, c], K,
+                     lambda t, i, n: (t * TILE_ROWS + i, n))
+    return _gemm(rows, (M, K), in_dtype, (M, N), N, 1, 1, K, ep_kw)
