@@ -292,9 +292,10 @@ def conv2d_nhwc_amx(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int,
 def dense_amx(M: int, N: int, K: int, *, out_dtype: str = "int8", raw: bool = False,
               in_dtype: str = "uint8", lo: int | None = None, hi: int | None = None,
               requant: str = "int64", post: Sequence[Post] = ()) -> tirx.PrimFunc:
-    """``dense_vnni``'s contract on the tile unit; needs uint8 A and K % 64 == 0."""
-    if in_dtype != "uint8" or K % TILE_BYTES:
-        raise ValueError("AMX dense needs uint8 input and K % 64 == 0")
+    """``dense_vnni``'s contract on the tile unit; needs uint8 A and K % 64 == 0 or
+    K % 4 == 0 and K < 64."""
+    if in_dtype != "uint8" or K % KG or (K % TILE_BYTES and K > TILE_BYTES):
+        raise ValueError(f"AMX dense needs uint8 input and K % 64 == 0 or < 64, got {K}")
     ep_kw = {"out_dtype": "int32" if raw else out_dtype, "raw": raw, "lo": lo, "hi": hi,
              "requant": requant, "post": post}
 
