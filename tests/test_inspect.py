@@ -13,6 +13,7 @@ from onnx_builders import save
 from qcompile import api
 from qcompile.cli import main
 from qcompile.inspect import inspect_artifact
+from qcompile.kernels.x86_amx import KERNEL_PREFIXES
 from qcompile.targets import has_vnni
 
 pytestmark = pytest.mark.skipif(not has_vnni(), reason="CPU lacks AVX-512 VNNI")
@@ -29,8 +30,10 @@ def test_vnni_kernels_map_to_layers_and_use_vpdpbusd(art: Path) -> None:
     res = inspect_artifact(art)
     by_layer = {k["layer"]: k for k in res["kernels"]}
     assert {"stem", "pw", "dw", "fc", "maxpool", "avgpool", "gap"} <= set(by_layer)
-    for layer in ("stem", "pw", "fc"):  # the u8 x s8 GEMM layers
-        assert by_layer[layer]["hot"].get("vpdpbusd", 0) > 0, layer
+    for layer in ("stem", "pw", "fc"):  # the u8 x s8 GEMM layers: VNNI, or AMX tiles
+        hot = by_layer[layer]["hot"]
+        unit = "tdpbusd" if by_layer[layer]["kernel"].startswith(KERNEL_PREFIXES) else "vpdpbusd"
+        assert hot.get(unit, 0) > 0, layer
     assert by_layer["dw"]["hot"].get("vpdpbusd", 0) == 0  # depthwise is plain vector code
     assert res["totals"]["vpdpbusd"] == sum(k["hot"].get("vpdpbusd", 0) for k in res["kernels"])
 

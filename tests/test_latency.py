@@ -14,6 +14,7 @@ import pytest
 from onnx import helper
 
 from onnx_builders import conv_node, init, make_model, rng, save
+from x86_kernel_helpers import DENSE_U8
 import tvm_ffi
 from tvm import tirx
 
@@ -104,7 +105,7 @@ def test_dtypes_and_shapes_traced(tmp_path: Path) -> None:
     assert _io(c3)[1::2] == ("int8", "uint8")    # no act before it
     assert c2.signature()[0][0] == (2, 4, 4, 8)  # NHWC at batch 2
     assert _io(fc) == ((2, 128), "uint8", (2, 5), "int32")  # logits keep the accumulator
-    assert (c1.kernel, fc.kernel) == ("conv2d_nhwc_vnni", "dense_vnni")
+    assert (c1.kernel, fc.kernel) == ("conv2d_nhwc_vnni", DENSE_U8)  # AMX where granted
     assert c1.args[0] is None and c1.args[-1] is None  # activation in, output out
     assert all(isinstance(a, np.ndarray) for a in c1.args[1:-1])  # the model's own arrays
 

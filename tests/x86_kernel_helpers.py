@@ -8,9 +8,13 @@ import numpy as np
 import tvm
 from numpy.lib.stride_tricks import sliding_window_view
 
-from qcompile.targets import make_target
+from qcompile.kernels import x86_amx, x86_rules
+from qcompile.targets import cpu_flags, make_target
 
 Pads = tuple[int, int, int, int]
+# Whether builds here pick AMX tile kernels (the CPU has them and the OS grants them).
+AMX_HERE = set(x86_amx.CPU_FLAGS) <= x86_rules.usable_flags(cpu_flags())
+DENSE_U8 = "dense_amx" if AMX_HERE else "dense_vnni"  # a uint8 dense with K % 64 == 0
 
 
 def _compile(f: tvm.tirx.PrimFunc) -> tvm.runtime.Executable:
