@@ -107,6 +107,7 @@ def test_rules_pick_amx_where_its_tiles_fill() -> None:
     flat = Rl.LayerDesc("conv2d", (1, 7, 7, 2048), channels=512)
     assert pick(flat) == "conv2d_nhwc_amx"                   # 1x1: flattened rows fill tiles
     assert pick(Rl.LayerDesc("conv2d", (1, 28, 28, 80), channels=80)) == "conv2d_nhwc_vnni"
+    assert pick(Rl.LayerDesc("conv2d", (1, 28, 28, 40), channels=240)) == "conv2d_nhwc_vnni"
     assert pick(Rl.LayerDesc("dense", (8, 2048), channels=1000)) == "dense_amx"
     assert pick(Rl.LayerDesc("dense", (8, 2048), in_dtype="int8", channels=10)) == "dense_vnni"
     int4 = Rl.LayerDesc("conv2d", (1, 56, 56, 64), channels=64, w_bits=4)
