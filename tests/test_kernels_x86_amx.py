@@ -37,6 +37,8 @@ def _conv_ref(x: np.ndarray, w: np.ndarray, st: Sequence[int], pads: Pads,
     (2, 9, 33, 32, 32, 3, (2, 2), (1, 0, 1, 2), (1, 1), "uint8", "int32", True),  # C < 64, odd pads
     (1, 10, 17, 64, 40, 3, (1, 1), (2, 2, 2, 2), (2, 2), "int8", "int8", False),  # dilated, signed
     (1, 16, 16, 64, 64, 1, (2, 2), (0, 0, 0, 0), (1, 1), "int8", "uint8", False),  # 1x1 s2, signed
+    (2, 7, 7, 64, 48, 3, (1, 1), (1, 1, 1, 1), (1, 1), "uint8", "int8", False),  # im2col, 7x7 map
+    (1, 9, 9, 128, 32, 3, (2, 2), (1, 0, 0, 1), (1, 1), "int8", "int32", True),  # im2col, s2, signed
 ])
 def test_conv2d_nhwc_amx_exact(N: int, H: int, W: int, C: int, OC: int, k: int,
                                st: tuple[int, int], pads: Pads, dil: tuple[int, int],

@@ -17,7 +17,6 @@ from onnx import helper
 from tvm import relax
 
 from onnx_builders import conv_node, init, make_model, rng, save
-from x86_kernel_helpers import DENSE_U8
 from qcompile import reference as oracle
 from qcompile import schedule
 from qcompile.build import build
@@ -87,7 +86,7 @@ def test_4bit_layers_use_the_int4_kernels(compiled) -> None:
     kernel_of = {node: func.rsplit("_" + node, 1)[0] for func, node in low.funcs.items()}
     assert kernel_of == {"stem": "conv2d_nhwc_vnni", "c3": "conv2d_nhwc_vnni_int4",
                          "c1": "conv2d_nhwc_vnni_int4", "c5": "conv2d_nhwc_vnni_int4",
-                         "fc1": "dense_vnni_int4", "fc": DENSE_U8,
+                         "fc1": "dense_vnni_int4", "fc": "dense_vnni",  # K = 24: no AMX
                          "gap": "global_sum_pool_nhwc"}
     # Both int4 unpack modes run: convs (>= 5 M tiles) unpack once per call, the
     # batch-2 dense per register tile.

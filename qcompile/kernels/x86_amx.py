@@ -27,13 +27,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as I
 
 from ..loader import request_amx  # noqa: F401  (the kernels' users ask through here)
 from ..tvm_compat import tirx
 from .x86_epilogue import Epilogue, EpilogueArgs, Post, epilogue
-from .x86_vnni import KG, LANES, _ceil, _pair, conv_out_hw
+from .x86_vnni import KG, LANES, _ceil, _pair, conv_out_hw, pack_conv_weights
 
 TILE_ROWS = 16                  # rows of an A / C tile
 TILE_BYTES = 64                 # bytes per tile row
@@ -45,6 +46,8 @@ A_TILE, B_TILES = 4, (5, 6, 7)  # tile registers: C in 0..3, then A, then B in t
 CPU_FLAGS = ("amx_tile", "amx_int8")
 KERNEL_PREFIXES = ("conv2d_nhwc_amx", "dense_amx")  # kernel names in a manifest's kernel_funcs
 PARALLEL_CHUNKS = 64  # scratch allocations per call; TVM splits them statically over threads
+MIN_ROW = 14  # output rows narrower than this run through an im2col matrix
+
 
 @contextmanager
 def _scratch(shape: tuple[int, ...], dtype: str) -> Iterator[tirx.Buffer]:
@@ -96,7 +99,7 @@ class _Rows:
 
 def _gemm(build_rows: Callable[[tirx.Buffer], _Rows], a_shape: tuple[int, ...],
           in_dtype: str, out_shape: tuple[int, ...], n_out: int, kh: int, kw: int,
-          cp: int, ep_kw: dict, pad: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+          cp: int, ep_kw: dict, stage: Callable[[tirx.Buffer], tirx.Buffer] | None = None
           ) -> tirx.PrimFunc:
     """The kernel body shared by conv and dense: tasks (M blocks x 64-channel blocks)
     in one parallel loop, the reduction over (r, s, channel chunks) on the tile unit,
@@ -127,13 +130,8 @@ def _gemm(build_rows: Callable[[tirx.Buffer], _Rows], a_shape: tuple[int, ...],
                     extra.append(I.arg(f"lut{k}", I.Buffer((p.rows * p.width,), p.out_dtype)))
             out = I.arg("out", I.Buffer(out_shape, ep.final_dtype))
             args = EpilogueArgs(q, extra)
-            if pad is None:
-                _tasks(build_rows(x), x, w, bias, out, ep, args, blocks, kh, kw, cp, k_bytes, n_out)
-            else:
-                with _scratch(pad[0], "uint8") as xp:
-                    _fill_pad(x, xp, pad[1], in_dtype)
-                    _tasks(build_rows(xp), xp, w, bias, out, ep, args, blocks, kh, kw, cp,
-                           k_bytes, n_out)
+            src = x if stage is None else stage(x)  # a padded copy or the im2col matrix
+            _tasks(build_rows(src), src, w, bias, out, ep, args, blocks, kh, kw, cp, k_bytes, n_out)
     return ib.get()
 
 
@@ -219,24 +217,57 @@ def _flat(M: int, a_index: Callable[..., list], a_stride: int,
                  a_stride, out_index)
 
 
-def _fill_pad(x: tirx.Buffer, xp: tirx.Buffer, pads: Sequence[int], in_dtype: str) -> None:
-    """xp = zero-padded uint8 copy of NHWC ``x`` (int8 fed as x + 128, padded with 128)."""
+def _u8(v: tirx.PrimExpr, in_dtype: str) -> tirx.PrimExpr:
+    return (v.astype("int32") + 128).astype("uint8") if in_dtype == "int8" else v
+
+
+def _pixel(x: tirx.Buffer, b: tirx.PrimExpr, i: tirx.PrimExpr, j: tirx.PrimExpr,
+           ch: tirx.PrimExpr, in_dtype: str) -> tirx.PrimExpr:
+    """x[b, i, j, ch] as the tile unit's uint8, and the fill (0, or 128 for int8 input)
+    outside the image and past its channels. Clamped indices keep the load in bounds."""
     n, h, w, c = (int(d) for d in x.shape)
-    pt, pl = pads[0], pads[1]
-    hp, wp = (int(d) for d in xp.shape[1:3])
+    inside = tirx.all(i >= 0, i < h, j >= 0, j < w, ch < c)
+    v = x[b, tirx.max(tirx.min(i, h - 1), 0), tirx.max(tirx.min(j, w - 1), 0), tirx.min(ch, c - 1)]
     fill = tirx.const(128 if in_dtype == "int8" else 0, "uint8")
-    vec = math.gcd(c, TILE_BYTES)
+    return tirx.if_then_else(inside, _u8(v, in_dtype), fill)
+
+
+def _pad_stage(x: tirx.Buffer, pads: Sequence[int], cp: int, in_dtype: str) -> tirx.Buffer:
+    """A padded uint8 copy of NHWC ``x``: ``pads`` around, channels zero-filled to ``cp``
+    (int8 fed as x + 128, filled with 128), allocated for the rest of the function."""
+    n, h, w, _ = (int(d) for d in x.shape)
+    pt, pl, pb, pr = pads
+    hp, wp = h + pt + pb, w + pl + pr
+    xp = I.decl_buffer((n, hp, wp, cp), "uint8", align=64)
+    vec = math.gcd(cp, TILE_BYTES)
     with I.parallel(0, n * hp) as row:
         b, i = row // hp, row % hp
         with I.serial(0, wp) as j:
-            with I.serial(0, c // vec) as kc:
+            with I.serial(0, cp // vec) as kc:
                 with I.vectorized(0, vec) as k:
-                    inside = tirx.all(i >= pt, i < pt + h, j >= pl, j < pl + w)
-                    v = x[b, tirx.max(tirx.min(i - pt, h - 1), 0),
-                          tirx.max(tirx.min(j - pl, w - 1), 0), kc * vec + k]
-                    if in_dtype == "int8":
-                        v = (v.astype("int32") + 128).astype("uint8")
-                    I.buffer_store(xp, tirx.if_then_else(inside, v, fill), [b, i, j, kc * vec + k])
+                    I.buffer_store(xp, _pixel(x, b, i - pt, j - pl, kc * vec + k, in_dtype),
+                                   [b, i, j, kc * vec + k])
+    return xp
+
+
+def _im2col_stage(x: tirx.Buffer, geo: tuple, cp: int, in_dtype: str) -> tirx.Buffer:
+    """The (M, kh*kw*cp) uint8 patch matrix, K ordered (r, s, c) as the packed weights
+    are: small maps then run as full 16-row tiles of a flat GEMM."""
+    n = int(x.shape[0])
+    (kh, kw), (sh, sw), (dh, dw), (pt, pl), (oh_n, ow_n) = geo
+    col = I.decl_buffer((n * oh_n * ow_n, kh * kw * cp), "uint8", align=64)
+    vec = math.gcd(cp, TILE_BYTES)
+    with I.parallel(0, n * oh_n) as row:
+        b, oh = row // oh_n, row % oh_n
+        with I.serial(0, ow_n) as ow:
+            with I.serial(0, kh) as r:
+                with I.serial(0, kw) as s:
+                    i, j = oh * sh + r * dh - pt, ow * sw + s * dw - pl
+                    with I.serial(0, cp // vec) as kc:
+                        with I.vectorized(0, vec) as k:
+                            I.buffer_store(col, _pixel(x, b, i, j, kc * vec + k, in_dtype),
+                                           [row * ow_n + ow, (r * kw + s) * cp + kc * vec + k])
+    return col
 
 
 def conv2d_nhwc_amx(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int,
@@ -244,17 +275,21 @@ def conv2d_nhwc_amx(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int,
                     dilations: Sequence[int] = (1, 1), *, out_dtype: str = "int8",
                     raw: bool = False, in_dtype: str = "uint8", lo: int | None = None,
                     hi: int | None = None, requant: str = "int64",
-                    post: Sequence[Post] = ()) -> tirx.PrimFunc:
+                    post: Sequence[Post] = (), c_pad: int | None = None) -> tirx.PrimFunc:
     """``conv2d_nhwc_vnni``'s contract (parameters, packed weights, bias, epilogue) on the
-    tile unit. Needs C % 64 == 0 or C % 4 == 0 and C < 64."""
-    if C % KG:
-        raise ValueError(f"AMX conv needs C % {KG} == 0, got {C}")
+    tile unit. Needs C % 64 == 0 or C % 4 == 0 and C < 64, or ``c_pad``: the weights
+    were packed with C zero-padded to it (``pack_conv_weights_c64``), a multiple of 64,
+    and the kernel reads a channel-padded copy of x."""
+    cp = c_pad or C
+    if cp % KG or cp < C or (c_pad and cp % TILE_BYTES):
+        raise ValueError(f"AMX conv needs C % {KG} == 0 or c_pad % 64 == 0, got {C}, {c_pad}")
     (sh, sw), (dh, dw) = _pair(strides), _pair(dilations)
     OH, OW = conv_out_hw(H, W, kh, kw, strides, pads, dilations)
     ep_kw = {"out_dtype": "int32" if raw else out_dtype, "raw": raw, "lo": lo, "hi": hi,
              "requant": requant, "post": post}
     out_shape = (N, OH, OW, OC)
-    flat = kh == kw == 1 and (sh, sw) == (1, 1) and not any(pads) and in_dtype == "uint8"
+    flat = (kh == kw == 1 and (sh, sw) == (1, 1) and not any(pads) and in_dtype == "uint8"
+            and cp == C)
     if flat:
         M = N * H * W
 
@@ -269,6 +304,19 @@ def conv2d_nhwc_amx(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int,
             return _flat(M, a_index, C, out_index)
         return _gemm(flat_rows, (N, H, W, C), in_dtype, out_shape, OC, 1, 1, C, ep_kw)
 
+    M, K = N * OH * OW, kh * kw * cp
+    if OW < MIN_ROW and (K % TILE_BYTES == 0 or K < TILE_BYTES):
+        # 7x7 maps would fill 7 of 16 tile rows: gather the patches, run a flat GEMM.
+
+        def col_rows(col: tirx.Buffer) -> _Rows:
+            def out_index(t, i, n):
+                row = t * TILE_ROWS + i
+                return (row // (OH * OW), row % (OH * OW) // OW, row % OW, n)
+            return _flat(M, lambda t, r, s, c: [t * TILE_ROWS, c], K, out_index)
+        geo = ((kh, kw), (sh, sw), (dh, dw), (pads[0], pads[1]), (OH, OW))
+        return _gemm(col_rows, (N, H, W, C), in_dtype, out_shape, OC, 1, 1, K, ep_kw,
+                     stage=lambda x: _im2col_stage(x, geo, cp, in_dtype))
+
     segs = -(-OW // TILE_ROWS)
 
     def window_rows(xp: tirx.Buffer) -> _Rows:
@@ -280,13 +328,19 @@ def conv2d_nhwc_amx(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int,
             b, oh, seg = t // (OH * segs), t % (OH * segs) // segs, t % segs
             return (b, oh, seg * TILE_ROWS + i, n)
         return _Rows(N * OH * segs, OW - (segs - 1) * TILE_ROWS,
-                     lambda t: t % segs == segs - 1, a_index, sw * C, out_index)
+                     lambda t: t % segs == segs - 1, a_index, sw * cp, out_index)
 
-    need_pad = any(pads) or in_dtype != "uint8"
-    pt, pl, pb, pr = pads
-    padded = (N, H + pt + pb, W + pl + pr, C)
-    return _gemm(window_rows, (N, H, W, C), in_dtype, out_shape, OC, kh, kw, C, ep_kw,
-                 pad=(padded, tuple(pads)) if need_pad else None)
+    need_pad = any(pads) or in_dtype != "uint8" or cp != C
+    return _gemm(window_rows, (N, H, W, C), in_dtype, out_shape, OC, kh, kw, cp, ep_kw,
+                 stage=(lambda x: _pad_stage(x, pads, cp, in_dtype)) if need_pad else None)
+
+
+def pack_conv_weights_c64(w_oihw: np.ndarray) -> np.ndarray:
+    """``pack_conv_weights`` with C zero-padded to a multiple of 64 (``c_pad``)."""
+    oc, c, kh, kw = w_oihw.shape
+    w = np.zeros((oc, _ceil(c, TILE_BYTES), kh, kw), np.int8)
+    w[:, :c] = w_oihw
+    return pack_conv_weights(w)
 
 
 def dense_amx(M: int, N: int, K: int, *, out_dtype: str = "int8", raw: bool = False,
