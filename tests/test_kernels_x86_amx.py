@@ -105,7 +105,7 @@ def test_rules_pick_amx_where_its_tiles_fill() -> None:
     assert pick(conv) == "conv2d_nhwc_amx"
     assert pick(conv, AMX_FLAGS - {"amx_int8"}) == "conv2d_nhwc_vnni"     # CPU or OS says no
     small = Rl.LayerDesc("conv2d", (8, 7, 7, 512), channels=512, kernel=(3, 3), pads=(1,) * 4)
-    assert pick(small) == "conv2d_nhwc_vnni"                 # 7 of 16 tile rows: VNNI wins
+    assert pick(small) == "conv2d_nhwc_amx"                  # 7x7: through an im2col matrix
     flat = Rl.LayerDesc("conv2d", (1, 7, 7, 2048), channels=512)
     assert pick(flat) == "conv2d_nhwc_amx"                   # 1x1: flattened rows fill tiles
     assert pick(Rl.LayerDesc("conv2d", (1, 28, 28, 80), channels=80)) == "conv2d_nhwc_vnni"

@@ -27,14 +27,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
-import numpy as np
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as I
 
 from ..loader import request_amx  # noqa: F401  (the kernels' users ask through here)
 from ..tvm_compat import tirx
 from .x86_epilogue import Epilogue, EpilogueArgs, Post, epilogue
-from .x86_vnni import KG, LANES, _ceil, _pair, conv_out_hw, pack_conv_weights
+from .x86_vnni import KG, LANES, _ceil, _pair, conv_out_hw
 
 TILE_ROWS = 16                  # rows of an A / C tile
 TILE_BYTES = 64                 # bytes per tile row
@@ -275,21 +274,20 @@ def conv2d_nhwc_amx(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int,
                     dilations: Sequence[int] = (1, 1), *, out_dtype: str = "int8",
                     raw: bool = False, in_dtype: str = "uint8", lo: int | None = None,
                     hi: int | None = None, requant: str = "int64",
-                    post: Sequence[Post] = (), c_pad: int | None = None) -> tirx.PrimFunc:
+                    post: Sequence[Post] = ()) -> tirx.PrimFunc:
     """``conv2d_nhwc_vnni``'s contract (parameters, packed weights, bias, epilogue) on the
-    tile unit. Needs C % 64 == 0 or C % 4 == 0 and C < 64, or ``c_pad``: the weights
-    were packed with C zero-padded to it (``pack_conv_weights_c64``), a multiple of 64,
-    and the kernel reads a channel-padded copy of x."""
-    cp = c_pad or C
-    if cp % KG or cp < C or (c_pad and cp % TILE_BYTES):
-        raise ValueError(f"AMX conv needs C % {KG} == 0 or c_pad % 64 == 0, got {C}, {c_pad}")
+    tile unit. Needs C % 64 == 0 or C % 4 == 0 and C < 64.
+
+    (Zero-padding C to 64 for C = 80, 112, 480, 672 was tried: no faster than VNNI on
+    EfficientNet-Lite0's pointwise convs, up to 4x slower on the expanding ones.)"""
+    if C % KG:
+        raise ValueError(f"AMX conv needs C % {KG} == 0, got {C}")
     (sh, sw), (dh, dw) = _pair(strides), _pair(dilations)
     OH, OW = conv_out_hw(H, W, kh, kw, strides, pads, dilations)
     ep_kw = {"out_dtype": "int32" if raw else out_dtype, "raw": raw, "lo": lo, "hi": hi,
              "requant": requant, "post": post}
     out_shape = (N, OH, OW, OC)
-    flat = (kh == kw == 1 and (sh, sw) == (1, 1) and not any(pads) and in_dtype == "uint8"
-            and cp == C)
+    flat = (kh == kw == 1 and (sh, sw) == (1, 1) and not any(pads) and in_dtype == "uint8")
     if flat:
         M = N * H * W
 
@@ -304,7 +302,7 @@ def conv2d_nhwc_amx(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int,
             return _flat(M, a_index, C, out_index)
         return _gemm(flat_rows, (N, H, W, C), in_dtype, out_shape, OC, 1, 1, C, ep_kw)
 
-    M, K = N * OH * OW, kh * kw * cp
+    M, K = N * OH * OW, kh * kw * C
     if OW < MIN_ROW and (K % TILE_BYTES == 0 or K < TILE_BYTES):
         # 7x7 maps would fill 7 of 16 tile rows: gather the patches, run a flat GEMM.
 
@@ -315,7 +313,7 @@ def conv2d_nhwc_amx(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int,
             return _flat(M, lambda t, r, s, c: [t * TILE_ROWS, c], K, out_index)
         geo = ((kh, kw), (sh, sw), (dh, dw), (pads[0], pads[1]), (OH, OW))
         return _gemm(col_rows, (N, H, W, C), in_dtype, out_shape, OC, 1, 1, K, ep_kw,
-                     stage=lambda x: _im2col_stage(x, geo, cp, in_dtype))
+                     stage=lambda x: _im2col_stage(x, geo, C, in_dtype))
 
     segs = -(-OW // TILE_ROWS)
 
@@ -328,19 +326,11 @@ def conv2d_nhwc_amx(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int,
             b, oh, seg = t // (OH * segs), t % (OH * segs) // segs, t % segs
             return (b, oh, seg * TILE_ROWS + i, n)
         return _Rows(N * OH * segs, OW - (segs - 1) * TILE_ROWS,
-                     lambda t: t % segs == segs - 1, a_index, sw * cp, out_index)
+                     lambda t: t % segs == segs - 1, a_index, sw * C, out_index)
 
-    need_pad = any(pads) or in_dtype != "uint8" or cp != C
-    return _gemm(window_rows, (N, H, W, C), in_dtype, out_shape, OC, kh, kw, cp, ep_kw,
-                 stage=(lambda x: _pad_stage(x, pads, cp, in_dtype)) if need_pad else None)
-
-
-def pack_conv_weights_c64(w_oihw: np.ndarray) -> np.ndarray:
-    """``pack_conv_weights`` with C zero-padded to a multiple of 64 (``c_pad``)."""
-    oc, c, kh, kw = w_oihw.shape
-    w = np.zeros((oc, _ceil(c, TILE_BYTES), kh, kw), np.int8)
-    w[:, :c] = w_oihw
-    return pack_conv_weights(w)
+    need_pad = any(pads) or in_dtype != "uint8"
+    return _gemm(window_rows, (N, H, W, C), in_dtype, out_shape, OC, kh, kw, C, ep_kw,
+                 stage=(lambda x: _pad_stage(x, pads, C, in_dtype)) if need_pad else None)
 
 
 def dense_amx(M: int, N: int, K: int, *, out_dtype: str = "int8", raw: bool = False,

@@ -22,8 +22,7 @@ from . import x86_amx as amx
 from .x86_depthwise import depthwise_conv2d_nhwc_vnni
 from .x86_epilogue import Post
 from .x86_int4 import GFNI
-from .x86_vnni import (KG, LANES, ISA, conv2d_nhwc_vnni, conv2d_nhwc_vnni_grouped, conv_out_hw,
-                        dense_vnni)
+from .x86_vnni import KG, LANES, ISA, conv2d_nhwc_vnni, conv2d_nhwc_vnni_grouped, dense_vnni
 from .x86_window import (depthwise_conv2d_nhwc, global_sum_pool_nhwc, max_pool2d_nhwc,
                          sum_pool2d_nhwc)
 
@@ -136,16 +135,12 @@ def rule_dense_amx(d: LayerDesc) -> KernelSpec | None:
 
 
 def rule_conv_amx(d: LayerDesc) -> KernelSpec | None:
-    """Conv on the tile unit where its 16-row tiles fill: flattened rows (1x1, stride 1,
-    unpadded) or output rows of at least AMX_MIN_ROW pixels. Narrower maps (7x7) fill
-    7 of 16 rows and ran slower than VNNI at batch 8 (3x3 512 -> 512: 1.68 vs 1.48 ms)."""
+    """Conv on the tile unit: flattened rows (1x1, stride 1, unpadded), 16-pixel runs of
+    an output row, or, for rows under ``x86_amx.MIN_ROW`` pixels (7x7 maps), an im2col
+    matrix (3x3 512 -> 512 at 7x7, batch 8: 0.84 ms against VNNI's 1.37)."""
     if d.op != "conv2d" or len(d.in_shape) != 4 or not _amx_ok(d, d.in_shape[3]):
         return None
     n, h, w, c = d.in_shape
-    flat = d.kernel == (1, 1) and d.strides == (1, 1) and not any(d.pads) and d.in_dtype == "uint8"
-    ow = conv_out_hw(h, w, *d.kernel, d.strides, d.pads, d.dilations)[1]
-    if not flat and ow < AMX_MIN_ROW:
-        return None
     return KernelSpec("conv2d_nhwc_amx", lambda: amx.conv2d_nhwc_amx(
         n, h, w, c, d.channels, *d.kernel, d.strides, d.pads, d.dilations,
         in_dtype=d.in_dtype, **_epilogue_kw(d)), "vnni16x4", d.in_dtype == "int8",
@@ -224,7 +219,6 @@ def rule_pool(d: LayerDesc) -> KernelSpec | None:
 RULES: tuple[Rule, ...] = (rule_dense_int4, rule_dense_amx, rule_dense, rule_depthwise_vnni,
                            rule_depthwise, rule_conv_grouped, rule_conv_int4, rule_conv_amx,
                            rule_conv_vnni, rule_pool)
-AMX_MIN_ROW = 14
 
 
 def usable_flags(flags: frozenset[str]) -> frozenset[str]:
