@@ -2,6 +2,7 @@
 that picks them, and what keeps an AMX artifact off a machine that cannot run it."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Sequence
@@ -39,6 +40,8 @@ def _conv_ref(x: np.ndarray, w: np.ndarray, st: Sequence[int], pads: Pads,
     (1, 16, 16, 64, 64, 1, (2, 2), (0, 0, 0, 0), (1, 1), "int8", "uint8", False),  # 1x1 s2, signed
     (2, 7, 7, 64, 48, 3, (1, 1), (1, 1, 1, 1), (1, 1), "uint8", "int8", False),  # im2col, 7x7 map
     (1, 9, 9, 128, 32, 3, (2, 2), (1, 0, 0, 1), (1, 1), "int8", "int32", True),  # im2col, s2, signed
+    (2, 23, 21, 3, 64, 7, (2, 2), (3, 3, 3, 3), (1, 1), "uint8", "int8", False),  # 7x7x3 stem
+    (1, 40, 40, 3, 48, 7, (2, 2), (3, 2, 3, 2), (2, 1), "int8", "uint8", False),  # stem, signed
 ])
 def test_conv2d_nhwc_amx_exact(N: int, H: int, W: int, C: int, OC: int, k: int,
                                st: tuple[int, int], pads: Pads, dil: tuple[int, int],
@@ -112,6 +115,10 @@ def test_rules_pick_amx_where_its_tiles_fill() -> None:
     assert pick(Rl.LayerDesc("conv2d", (1, 28, 28, 40), channels=240)) == "conv2d_nhwc_vnni"
     assert pick(Rl.LayerDesc("dense", (8, 2048), channels=1000)) == "dense_amx"
     assert pick(Rl.LayerDesc("dense", (8, 2048), in_dtype="int8", channels=10)) == "dense_vnni"
+    stem = Rl.LayerDesc("conv2d", (8, 224, 224, 3), in_dtype="int8", channels=64, kernel=(7, 7),
+                        strides=(2, 2), pads=(3,) * 4)
+    assert pick(stem) == "conv2d_nhwc_amx"                   # a kernel row per tile row
+    assert pick(dataclasses.replace(stem, kernel=(3, 3), pads=(1,) * 4)) == "conv2d_nhwc_vnni"
     int4 = Rl.LayerDesc("conv2d", (1, 56, 56, 64), channels=64, w_bits=4)
     assert pick(int4, AMX_FLAGS | {"gfni"}) == "conv2d_nhwc_vnni_int4"  # packed 4-bit first
 

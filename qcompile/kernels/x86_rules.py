@@ -137,10 +137,14 @@ def rule_dense_amx(d: LayerDesc) -> KernelSpec | None:
 def rule_conv_amx(d: LayerDesc) -> KernelSpec | None:
     """Conv on the tile unit: flattened rows (1x1, stride 1, unpadded), 16-pixel runs of
     an output row, or, for rows under ``x86_amx.MIN_ROW`` pixels (7x7 maps), an im2col
-    matrix (3x3 512 -> 512 at 7x7, batch 8: 0.84 ms against VNNI's 1.37)."""
-    if d.op != "conv2d" or len(d.in_shape) != 4 or not _amx_ok(d, d.in_shape[3]):
+    matrix (3x3 512 -> 512 at 7x7, batch 8: 0.84 ms against VNNI's 1.37); and a stem
+    whose kernel rows fill a tile row (``x86_amx.merged_taps``)."""
+    if d.op != "conv2d" or len(d.in_shape) != 4:
         return None
     n, h, w, c = d.in_shape
+    stem = d.in_dtype in _ACT and d.group == 1 and amx.merged_taps(c, d.kernel[1], d.dilations[1])
+    if not (_amx_ok(d, c) or stem):
+        return None
     return KernelSpec("conv2d_nhwc_amx", lambda: amx.conv2d_nhwc_amx(
         n, h, w, c, d.channels, *d.kernel, d.strides, d.pads, d.dilations,
         in_dtype=d.in_dtype, **_epilogue_kw(d)), "vnni16x4", d.in_dtype == "int8",
