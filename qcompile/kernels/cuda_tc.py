@@ -368,7 +368,7 @@ def conv2d_nhwc_compute(data_shape: tuple[int, int, int, int], out_channels: int
         ok = tirx.all(kb < KB, h >= 0, h < H, w >= 0, w < Wd)
         return _guard(ok, X[i // (OH * OW), h, w, c])
 
-    params, out = _gemm(q, a_val, lambda j, kb: _guard(kb < KB, Wt[(j, *split_k(kb))]),
+    params, out = _gemm(q, a_val, lambda j, kb: _guard(kb < KB, Wt[(j,) + tuple(split_k(kb))]),
                         M, out_channels, KB, tile)
     func = te.create_prim_func([X, Wt, *params, out]).with_attr("global_symbol", "conv2d_nhwc_tc")
     sch = s_tir.Schedule(func)  # expose the output as NHWC: a pure reshape of the (M, O) view
