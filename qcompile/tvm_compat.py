@@ -28,6 +28,8 @@ from tvm.s_tir.dlight.analysis.common_analysis import get_sblockrealize
 from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
 from tvm.s_tir.schedule import LoopRV, SBlockRV
 from tvm.script import tirx as T
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as IB  # imperative TIR building (the AMX kernels)
 from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 from tvm.tirx.build import split_host_device_mods
 
@@ -80,7 +82,8 @@ def light_tensor_intrin() -> Iterator[None]:
             del sys.modules[name]
 
 
-__all__ = ["LoopRV", "PrimExpr", "PrimFunc", "RemoveWeightLayoutRewriteBlock", "SBlockInfo",
+__all__ = ["IB", "IRBuilder", "LoopRV", "PrimExpr", "PrimFunc", "RemoveWeightLayoutRewriteBlock",
+           "SBlockInfo",
            "SBlockRV", "SBlockRealize", "T", "TensorIntrin", "get_sblockrealize", "te",
            "try_inline_contiguous_spatial",
            "SCHEDULED", "Schedule", "bind_target", "derived_object", "dlight",

@@ -8,11 +8,13 @@ stride. The int32 sums are exact and wrap like ``vpdpbusd``'s, so a layer is bit
 whichever unit ran it.
 
 A task is 16 output rows x up to 64 output channels (four C tiles, one A tile, three B
-tiles in turn: all eight tile registers). Rows are either 16 consecutive output pixels
-of one output row (any kernel size, stride and dilation: the A tile's row stride is
-stride x channels bytes), or, for a 1x1 stride-1 unpadded conv and dense, 16 rows of the
-flattened (M, K) matrix. Fewer than 16 valid rows (the end of an output row, the end of
-M) load a tile config with fewer rows; nothing past them is read or written.
+tiles in turn: all eight tile registers). Rows are 16 consecutive output pixels of one
+output row (any kernel size, stride and dilation: the A tile's row stride is stride x
+channels bytes); for a 1x1 stride-1 unpadded conv and dense, 16 rows of the flattened
+(M, K) matrix; for maps narrower than MIN_ROW, 16 rows of an im2col matrix; for an image
+stem (``merged_taps``), output pixels whose A rows are whole kernel rows. Fewer than 16
+valid rows (the end of an output row, the end of M) load a tile config with fewer rows;
+nothing past them is read or written.
 After the reduction the C tiles are stored to a 4 KiB scratch per thread and the
 epilogue (``x86_epilogue``: requantize, fused add/clip/LUT) runs over it in zmm vectors.
 
@@ -27,11 +29,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
-from tvm.script.ir_builder import IRBuilder
-from tvm.script.ir_builder import tirx as I
-
 from ..loader import request_amx  # noqa: F401  (the kernels' users ask through here)
-from ..tvm_compat import tirx
+from ..tvm_compat import IB as I
+from ..tvm_compat import IRBuilder, tirx
 from .x86_epilogue import Epilogue, EpilogueArgs, Post, epilogue
 from .x86_vnni import KG, LANES, _ceil, _pair, conv_out_hw
 
