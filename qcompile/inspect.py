@@ -19,7 +19,8 @@ from .backends import backend
 from .errors import ArtifactError
 from .runtime import REQUIRED
 
-CPU_HOT = ("vpdpbusd", "tdpbusd", "vpmaddubsw", "vpmaddwd", "vpmuldq", "vpmullq", "vmovdqu8", "vpbroadcastd")
+CPU_HOT = ("vpdpbusd", "tdpbusd", "vpmaddubsw", "vpmaddwd", "vpmuldq", "vpmullq", "vmovdqu8",
+           "vpbroadcastd")
 CUDA_HOT = ("IMMA", "HMMA", "CALL", "LDS", "LDG", "SHFL", "BAR")
 _SYMBOL = re.compile(r"^[0-9a-f]+ <(.+)>:$")
 

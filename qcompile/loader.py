@@ -8,6 +8,7 @@ subclasses :class:`Model`, so a bundle runs exactly the code that ``qcompile run
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -63,23 +64,20 @@ def _preload_cuda(cudart_dirs: tuple[Path, ...] = ()) -> None:
 
 
 _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158
-_AMX_GRANTED: list[bool] = []
 
 
+@functools.lru_cache(maxsize=None)
 def request_amx() -> bool:
     """Ask Linux for the AMX tile state for this process, once (``arch_prctl``
     ARCH_REQ_XCOMP_PERM); False where the OS, the CPU or the hypervisor says no. A process
     that did not ask dies of SIGILL on its first tile instruction."""
-    if not _AMX_GRANTED:
-        ok = False
-        if os.uname().sysname == "Linux" and os.uname().machine == "x86_64":
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                ok = libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
-            except (OSError, AttributeError):
-                ok = False
-        _AMX_GRANTED.append(ok)
-    return _AMX_GRANTED[0]
+    if os.uname().sysname != "Linux" or os.uname().machine != "x86_64":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0)
+    except (OSError, AttributeError):
+        return False
 
 
 def summarize_ms(seconds: list[float], batch: int) -> dict:

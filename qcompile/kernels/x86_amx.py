@@ -25,9 +25,8 @@ on its first tile instruction. The loader asks before it runs an artifact that n
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 from ..loader import request_amx  # noqa: F401  (the kernels' users ask through here)
 from ..tvm_compat import IB as I
@@ -40,20 +39,15 @@ TILE_BYTES = 64                 # bytes per tile row
 C_TILES = 4                     # C tiles per task: 64 output channels
 # The scratch is flat: TVM compacts a multi-dimensional buffer to the region it sees read,
 # which would change the row stride the tile store was given.
-ACC_ROW = C_TILES * 16
+ACC_ROW = C_TILES * LANES  # int32 accumulators per scratch row
 A_TILE, B_TILES = 4, (5, 6, 7)  # tile registers: C in 0..3, then A, then B in turn
 CPU_FLAGS = ("amx_tile", "amx_int8")
-KERNEL_PREFIXES = ("conv2d_nhwc_amx", "dense_amx")  # kernel names in a manifest's kernel_funcs
+CONV_NAME, DENSE_NAME = "conv2d_nhwc_amx", "dense_amx"  # the rules' kernel names
+KERNEL_PREFIXES = (CONV_NAME, DENSE_NAME)  # how a manifest's kernel_funcs name them
 PARALLEL_CHUNKS = 64  # scratch allocations per call; TVM splits them statically over threads
 MIN_ROW = 14  # output rows narrower than this run through an im2col matrix
+WEIGHTS_IN_CACHE = 1 << 20  # weight bytes a core's L2 (2 MiB on these Xeons) keeps at hand
 MERGED_MIN_BYTES = 28  # a kernel row of a few-channel conv as one tile row (merged_taps)
-
-
-@contextmanager
-def _scratch(shape: tuple[int, ...], dtype: str) -> Iterator[tirx.Buffer]:
-    """A buffer allocated in the current frame (freed when that frame ends), as a ``with``
-    block so the nesting reads like its lifetime."""
-    yield I.decl_buffer(shape, dtype, align=64)
 
 
 def _intrin(name: str, *args: tirx.PrimExpr) -> None:
@@ -99,102 +93,95 @@ class _Rows:
 
 def _gemm(build_rows: Callable[[tirx.Buffer], _Rows], a_shape: tuple[int, ...],
           in_dtype: str, out_shape: tuple[int, ...], n_out: int, kh: int, kw: int,
-          cp: int, ep_kw: dict, stage: Callable[[tirx.Buffer], tirx.Buffer] | None = None
+          cp: int, ep: Epilogue, stage: Callable[[tirx.Buffer], tirx.Buffer] | None = None
           ) -> tirx.PrimFunc:
-    """The kernel body shared by conv and dense: tasks (M blocks x 64-channel blocks)
-    in one parallel loop, the reduction over (r, s, channel chunks) on the tile unit,
-    the epilogue over the scratch."""
-    ep = epilogue(**ep_kw)
-    ocp = _ceil(n_out, LANES)
-    blocks = ocp // LANES
+    """The kernel body shared by conv and dense: its parameters (``x86_vnni``'s order),
+    ``stage`` (a padded copy or im2col matrix of x, if any), then ``_tasks``. The
+    reduction runs over kh x kw taps of ``cp`` bytes each."""
+    blocks = _ceil(n_out, LANES) // LANES
     k_bytes = min(cp, TILE_BYTES)
     if cp % k_bytes:
         raise ValueError(f"AMX kernels need channels % 64 == 0 or < 64, got {cp}")
-    kp = kh * kw * cp
-    names = ["m", "pre", "rnd", "sh"] if ep.requant == "mulhi_shl" else list("mrs")
-    q_dtype = "int64" if ep.requant == "int64" else "int32"
     with IRBuilder() as ib:
         with I.prim_func():
             I.func_name("main")
             I.func_attr({"global_symbol": "main", "tir.noalias": True})
             x = I.arg("x", I.Buffer(a_shape, in_dtype))
-            w = I.arg("W", I.Buffer((blocks, kp // KG, LANES, KG), "int8"))
+            w = I.arg("W", I.Buffer((blocks, kh * kw * cp // KG, LANES, KG), "int8"))
             bias = I.arg("bias", I.Buffer((n_out,), "int32"))
-            q = [] if ep.raw else [I.arg(f"q_{nm}", I.Buffer((n_out,), q_dtype)) for nm in names]
-            extra = []
-            for k, p in enumerate(ep.post):
-                if hasattr(p, "others"):
-                    extra += [I.arg(f"add{k}_x{j}", I.Buffer(out_shape, dt))
-                              for j, dt in enumerate(p.others)]
-                else:
-                    extra.append(I.arg(f"lut{k}", I.Buffer((p.rows * p.width,), p.out_dtype)))
+            q, extra = ([I.arg(nm, I.Buffer(shape, dt)) for nm, shape, dt in group]
+                        for group in ep.params((n_out,), out_shape))
             out = I.arg("out", I.Buffer(out_shape, ep.final_dtype))
-            args = EpilogueArgs(q, extra)
-            src = x if stage is None else stage(x)  # a padded copy or the im2col matrix
-            _tasks(build_rows(src), src, w, bias, out, ep, args, blocks, kh, kw, cp, k_bytes, n_out)
+            src = x if stage is None else stage(x)
+            _tasks(build_rows(src), src, w, bias, out, ep, EpilogueArgs(q, extra), blocks,
+                   (kh, kw, cp, k_bytes), n_out)
     return ib.get()
 
 
 def _tasks(rows: _Rows, src: tirx.Buffer, w: tirx.Buffer, bias: tirx.Buffer, out: tirx.Buffer,
-           ep: Epilogue, args: EpilogueArgs, blocks: int, kh: int, kw: int, cp: int,
-           k_bytes: int, n_out: int) -> None:
+           ep: Epilogue, args: EpilogueArgs, blocks: int, taps: tuple[int, int, int, int],
+           n_out: int) -> None:
     """The parallel loop: chunks of tasks (one scratch allocation per chunk), each task
     a tile-unit reduction and its epilogue."""
+    kh, kw, cp, k_bytes = taps
     n_blocks = -(-blocks // C_TILES)
     n_tasks = rows.count * n_blocks
-    # Channel blocks outermost when the weights outweigh the activations (late layers):
-    # a thread's consecutive tasks then share one weight panel, read once into its cache.
-    n_outer = blocks * kh * kw * cp > rows.count * TILE_ROWS * kw * cp
+    # Channel blocks outermost when the weights outweigh the activations and the cache: a
+    # thread's consecutive tasks then share one weight panel, read once. Measured (b8):
+    # 3x3 512 -> 512 at 7x7, 2.4 MB of weights: 0.96 -> 0.55 ms; 3x3 256 -> 256 at 14x14
+    # b1, 0.6 MB: 0.050 -> 0.067 ms (there every thread reading all weights from L2 wins).
+    n_outer = (blocks * LANES > rows.count * TILE_ROWS
+               and blocks * LANES * kh * kw * cp > WEIGHTS_IN_CACHE)
     chunk = -(-n_tasks // min(n_tasks, PARALLEL_CHUNKS))
     with I.parallel(0, -(-n_tasks // chunk)) as p:
-        with _scratch((64,), "uint8") as cfg:
-            with _scratch((TILE_ROWS * ACC_ROW,), "int32") as acc:
-                with I.serial(p * chunk, tirx.min((p + 1) * chunk, n_tasks)) as task:
-                    if n_outer:
-                        mt, nt = task % rows.count, task // rows.count
-                    else:
-                        mt, nt = task // n_blocks, task % n_blocks
-                    valid = rows.valid(mt)
-                    with I.If(rows.is_tail(mt)):
-                        with I.Then():
-                            _tile_config(cfg, rows.tail, k_bytes)
-                        with I.Else():
-                            _tile_config(cfg, TILE_ROWS, k_bytes)
-                    _intrin("ldtilecfg", tirx.address_of(cfg[0]))
-                    live = [nt * C_TILES + j < blocks for j in range(C_TILES)]
-                    for j in range(C_TILES):
-                        with I.If(live[j]):
-                            with I.Then():
-                                _intrin("tilezero", _i8(j))
-                    with I.serial(0, kh) as r:
-                        with I.serial(0, kw) as s:
-                            with I.serial(0, cp // k_bytes) as cc:
-                                _intrin("tileloadd64", _i8(A_TILE),
-                                        tirx.address_of(src[rows.a_index(mt, r, s, cc * k_bytes)]),
-                                        tirx.const(rows.a_stride, "int64"))
-                                kb = ((r * kw + s) * cp + cc * k_bytes) // KG
-                                for j in range(C_TILES):
-                                    bt = B_TILES[j % len(B_TILES)]
-                                    with I.If(live[j]):
-                                        with I.Then():
-                                            _intrin("tileloadd64", _i8(bt), tirx.address_of(
-                                                w[nt * C_TILES + j, kb, 0, 0]),
-                                                tirx.const(TILE_BYTES, "int64"))
-                                            _intrin("tdpbusd", _i8(j), _i8(A_TILE), _i8(bt))
-                    for j in range(C_TILES):
-                        with I.If(live[j]):
-                            with I.Then():
-                                _intrin("tilestored64", _i8(j), tirx.address_of(acc[j * LANES]),
-                                        tirx.const(ACC_ROW * 4, "int64"))
-                    with I.serial(0, valid) as i:
-                        with I.serial(0, C_TILES) as j:
-                            with I.If(nt * C_TILES + j < blocks):
+        cfg = I.decl_buffer((64,), "uint8", align=64)  # one of each per chunk
+        acc = I.decl_buffer((TILE_ROWS * ACC_ROW,), "int32", align=64)
+        with I.serial(p * chunk, tirx.min((p + 1) * chunk, n_tasks)) as task:
+            if n_outer:
+                mt, nt = task % rows.count, task // rows.count
+            else:
+                mt, nt = task // n_blocks, task % n_blocks
+            valid = rows.valid(mt)
+            with I.If(rows.is_tail(mt)):
+                with I.Then():
+                    _tile_config(cfg, rows.tail, k_bytes)
+                with I.Else():
+                    _tile_config(cfg, TILE_ROWS, k_bytes)
+            _intrin("ldtilecfg", tirx.address_of(cfg[0]))
+            live = [nt * C_TILES + j < blocks for j in range(C_TILES)]
+            for j in range(C_TILES):
+                with I.If(live[j]):
+                    with I.Then():
+                        _intrin("tilezero", _i8(j))
+            with I.serial(0, kh) as r:
+                with I.serial(0, kw) as s:
+                    with I.serial(0, cp // k_bytes) as cc:
+                        _intrin("tileloadd64", _i8(A_TILE),
+                                tirx.address_of(src[rows.a_index(mt, r, s, cc * k_bytes)]),
+                                tirx.const(rows.a_stride, "int64"))
+                        kb = ((r * kw + s) * cp + cc * k_bytes) // KG
+                        for j in range(C_TILES):
+                            bt = B_TILES[j % len(B_TILES)]
+                            with I.If(live[j]):
                                 with I.Then():
-                                    with I.vectorized(0, LANES) as v:
-                                        n = (nt * C_TILES + j) * LANES + v
-                                        _store(out, ep, acc[i * ACC_ROW + j * LANES + v], bias, args,
-                                               rows.out_index(mt, i, n), n, n_out)
-                _intrin("tilerelease")
+                                    _intrin("tileloadd64", _i8(bt), tirx.address_of(
+                                        w[nt * C_TILES + j, kb, 0, 0]),
+                                        tirx.const(TILE_BYTES, "int64"))
+                                    _intrin("tdpbusd", _i8(j), _i8(A_TILE), _i8(bt))
+            for j in range(C_TILES):
+                with I.If(live[j]):
+                    with I.Then():
+                        _intrin("tilestored64", _i8(j), tirx.address_of(acc[j * LANES]),
+                                tirx.const(ACC_ROW * 4, "int64"))
+            with I.serial(0, valid) as i:
+                with I.serial(0, C_TILES) as j:
+                    with I.If(nt * C_TILES + j < blocks):
+                        with I.Then():
+                            with I.vectorized(0, LANES) as v:
+                                n = (nt * C_TILES + j) * LANES + v
+                                _store(out, ep, acc[i * ACC_ROW + j * LANES + v], bias, args,
+                                       rows.out_index(mt, i, n), n, n_out)
+        _intrin("tilerelease")
 
 
 def _store(out: tirx.Buffer, ep: Epilogue, a: tirx.PrimExpr, bias: tirx.Buffer,
@@ -270,6 +257,35 @@ def _im2col_stage(x: tirx.Buffer, geo: tuple, cp: int, in_dtype: str) -> tirx.Bu
     return col
 
 
+def _flat_out(OH: int, OW: int) -> Callable[..., tuple]:
+    """out_index of a flat task over NHWC output rows: row t*16 + i is pixel (b, oh, ow)."""
+    def out_index(t: tirx.PrimExpr, i: tirx.PrimExpr, n: tirx.PrimExpr) -> tuple:
+        row = t * TILE_ROWS + i
+        return (row // (OH * OW), row % (OH * OW) // OW, row % OW, n)
+    return out_index
+
+
+def _window(N: int, OH: int, OW: int, st: tuple[int, int], dil: tuple[int, int],
+            pixel_bytes: int) -> _Rows:
+    """Tasks of 16 pixels of one output row: task t is (image, output row, 16-pixel
+    segment); A row i reads input pixel (ow * sw + s * dw), ``pixel_bytes`` apart."""
+    segs = -(-OW // TILE_ROWS)
+    (sh, sw), (dh, dw) = st, dil
+
+    def where(t: tirx.PrimExpr) -> tuple:
+        return t // (OH * segs), t % (OH * segs) // segs, t % segs
+
+    def a_index(t: tirx.PrimExpr, r: tirx.PrimExpr, s: tirx.PrimExpr, c: tirx.PrimExpr) -> list:
+        b, oh, seg = where(t)
+        return [b, oh * sh + r * dh, seg * TILE_ROWS * sw + s * dw, c]
+
+    def out_index(t: tirx.PrimExpr, i: tirx.PrimExpr, n: tirx.PrimExpr) -> tuple:
+        b, oh, seg = where(t)
+        return (b, oh, seg * TILE_ROWS + i, n)
+    return _Rows(N * OH * segs, OW - (segs - 1) * TILE_ROWS, lambda t: t % segs == segs - 1,
+                 a_index, sw * pixel_bytes, out_index)
+
+
 def conv2d_nhwc_amx(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int,
                     strides: Sequence[int] = (1, 1), pads: Sequence[int] = (0, 0, 0, 0),
                     dilations: Sequence[int] = (1, 1), *, out_dtype: str = "int8",
@@ -277,63 +293,39 @@ def conv2d_nhwc_amx(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int,
                     hi: int | None = None, requant: str = "int64",
                     post: Sequence[Post] = ()) -> tirx.PrimFunc:
     """``conv2d_nhwc_vnni``'s contract (parameters, packed weights, bias, epilogue) on the
-    tile unit. Needs C % 64 == 0 or C % 4 == 0 and C < 64.
+    tile unit. Needs C % 64 == 0 or C % 4 == 0 and C < 64, or an image stem
+    (``merged_taps``).
 
     (Zero-padding C to 64 for C = 80, 112, 480, 672 was tried: no faster than VNNI on
     EfficientNet-Lite0's pointwise convs, up to 4x slower on the expanding ones.)"""
-    (sh, sw), (dh, dw) = _pair(strides), _pair(dilations)
-    if merged_taps(C, kw, dw):
-        return _stem(N, H, W, C, OC, kh, kw, (sh, sw), pads, dh, in_dtype, post, out_dtype,
-                     raw, lo, hi, requant)
+    st, dil = _pair(strides), _pair(dilations)
+    OH, OW = conv_out_hw(H, W, kh, kw, strides, pads, dilations)
+    ep = epilogue(out_dtype, raw, lo, hi, requant, post)
+    x_shape, out_shape, M, K = (N, H, W, C), (N, OH, OW, OC), N * OH * OW, kh * kw * C
+    if merged_taps(C, kw, dil[1]):
+        # The reduction: kh A tiles whose rows are whole kernel rows, kw pixels x 4
+        # channels; pack_conv_weights' K order (r, s, c) makes them consecutive there too.
+        return _gemm(lambda xp: _window(N, OH, OW, st, dil, KG), x_shape, in_dtype, out_shape,
+                     OC, kh, 1, kw * KG, ep, stage=lambda x: _pad_stage(x, pads, KG, in_dtype))
     if C % KG:
         raise ValueError(f"AMX conv needs C % {KG} == 0, got {C}")
-    OH, OW = conv_out_hw(H, W, kh, kw, strides, pads, dilations)
-    ep_kw = {"out_dtype": "int32" if raw else out_dtype, "raw": raw, "lo": lo, "hi": hi,
-             "requant": requant, "post": post}
-    out_shape = (N, OH, OW, OC)
-    flat = (kh == kw == 1 and (sh, sw) == (1, 1) and not any(pads) and in_dtype == "uint8")
-    if flat:
-        M = N * H * W
-
-        def flat_rows(x: tirx.Buffer) -> _Rows:
-            def a_index(t, r, s, c):
-                row = t * TILE_ROWS
-                return [row // (H * W), row % (H * W) // W, row % W, c]
-
-            def out_index(t, i, n):
-                row = t * TILE_ROWS + i
-                return (row // (OH * OW), row % (OH * OW) // OW, row % OW, n)
-            return _flat(M, a_index, C, out_index)
-        return _gemm(flat_rows, (N, H, W, C), in_dtype, out_shape, OC, 1, 1, C, ep_kw)
-
-    M, K = N * OH * OW, kh * kw * C
+    if kh == kw == 1 and st == (1, 1) and not any(pads) and in_dtype == "uint8":
+        # x itself is the (M, C) matrix; A rows are C bytes apart.
+        def flat_a(t: tirx.PrimExpr, r: tirx.PrimExpr, s: tirx.PrimExpr, c: tirx.PrimExpr) -> list:
+            row = t * TILE_ROWS
+            return [row // (H * W), row % (H * W) // W, row % W, c]
+        return _gemm(lambda x: _flat(M, flat_a, C, _flat_out(OH, OW)), x_shape, in_dtype,
+                     out_shape, OC, 1, 1, C, ep)
     if OW < MIN_ROW and (K % TILE_BYTES == 0 or K < TILE_BYTES):
         # 7x7 maps would fill 7 of 16 tile rows: gather the patches, run a flat GEMM.
-
-        def col_rows(col: tirx.Buffer) -> _Rows:
-            def out_index(t, i, n):
-                row = t * TILE_ROWS + i
-                return (row // (OH * OW), row % (OH * OW) // OW, row % OW, n)
-            return _flat(M, lambda t, r, s, c: [t * TILE_ROWS, c], K, out_index)
-        geo = ((kh, kw), (sh, sw), (dh, dw), (pads[0], pads[1]), (OH, OW))
-        return _gemm(col_rows, (N, H, W, C), in_dtype, out_shape, OC, 1, 1, K, ep_kw,
+        geo = ((kh, kw), st, dil, (pads[0], pads[1]), (OH, OW))
+        return _gemm(lambda col: _flat(M, lambda t, r, s, c: [t * TILE_ROWS, c], K,
+                                       _flat_out(OH, OW)),
+                     x_shape, in_dtype, out_shape, OC, 1, 1, K, ep,
                      stage=lambda x: _im2col_stage(x, geo, C, in_dtype))
-
-    segs = -(-OW // TILE_ROWS)
-
-    def window_rows(xp: tirx.Buffer) -> _Rows:
-        def a_index(t, r, s, c):
-            b, oh, seg = t // (OH * segs), t % (OH * segs) // segs, t % segs
-            return [b, oh * sh + r * dh, seg * TILE_ROWS * sw + s * dw, c]
-
-        def out_index(t, i, n):
-            b, oh, seg = t // (OH * segs), t % (OH * segs) // segs, t % segs
-            return (b, oh, seg * TILE_ROWS + i, n)
-        return _Rows(N * OH * segs, OW - (segs - 1) * TILE_ROWS,
-                     lambda t: t % segs == segs - 1, a_index, sw * C, out_index)
-
     need_pad = any(pads) or in_dtype != "uint8"
-    return _gemm(window_rows, (N, H, W, C), in_dtype, out_shape, OC, kh, kw, C, ep_kw,
+    return _gemm(lambda xp: _window(N, OH, OW, st, dil, C), x_shape, in_dtype, out_shape,
+                 OC, kh, kw, C, ep,
                  stage=(lambda x: _pad_stage(x, pads, C, in_dtype)) if need_pad else None)
 
 
@@ -345,33 +337,6 @@ def merged_taps(C: int, kw: int, dw: int) -> bool:
     return C <= KG and dw == 1 and MERGED_MIN_BYTES <= kw * KG <= TILE_BYTES
 
 
-def _stem(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int, st: tuple[int, int],
-          pads: Sequence[int], dh: int, in_dtype: str, post: Sequence[Post], out_dtype: str,
-          raw: bool, lo: int | None, hi: int | None, requant: str) -> tirx.PrimFunc:
-    """``merged_taps``: the reduction is kh A tiles of kw*Cp bytes a row, rows sw*Cp bytes
-    apart, against ``pack_conv_weights``' blocks unchanged (its K order is (r, s, c), so a
-    kernel row's kw*Cp values are consecutive)."""
-    sh, sw = st
-    cp = _ceil(C, KG)
-    OH, OW = conv_out_hw(H, W, kh, kw, st, pads, (dh, 1))
-    segs = -(-OW // TILE_ROWS)
-    ep_kw = {"out_dtype": "int32" if raw else out_dtype, "raw": raw, "lo": lo, "hi": hi,
-             "requant": requant, "post": post}
-
-    def rows(xp: tirx.Buffer) -> _Rows:
-        def a_index(t, r, s, c):
-            b, oh, seg = t // (OH * segs), t % (OH * segs) // segs, t % segs
-            return [b, oh * sh + r * dh, seg * TILE_ROWS * sw, c]
-
-        def out_index(t, i, n):
-            b, oh, seg = t // (OH * segs), t % (OH * segs) // segs, t % segs
-            return (b, oh, seg * TILE_ROWS + i, n)
-        return _Rows(N * OH * segs, OW - (segs - 1) * TILE_ROWS,
-                     lambda t: t % segs == segs - 1, a_index, sw * cp, out_index)
-    return _gemm(rows, (N, H, W, C), in_dtype, (N, OH, OW, OC), OC, kh, 1, kw * cp, ep_kw,
-                 stage=lambda x: _pad_stage(x, pads, cp, in_dtype))
-
-
 def dense_amx(M: int, N: int, K: int, *, out_dtype: str = "int8", raw: bool = False,
               in_dtype: str = "uint8", lo: int | None = None, hi: int | None = None,
               requant: str = "int64", post: Sequence[Post] = ()) -> tirx.PrimFunc:
@@ -379,10 +344,7 @@ def dense_amx(M: int, N: int, K: int, *, out_dtype: str = "int8", raw: bool = Fa
     K % 4 == 0 and K < 64."""
     if in_dtype != "uint8" or K % KG or (K % TILE_BYTES and K > TILE_BYTES):
         raise ValueError(f"AMX dense needs uint8 input and K % 64 == 0 or < 64, got {K}")
-    ep_kw = {"out_dtype": "int32" if raw else out_dtype, "raw": raw, "lo": lo, "hi": hi,
-             "requant": requant, "post": post}
-
-    def rows(x: tirx.Buffer) -> _Rows:
-        return _flat(M, lambda t, r, s, c: [t * TILE_ROWS, c], K,
-                     lambda t, i, n: (t * TILE_ROWS + i, n))
-    return _gemm(rows, (M, K), in_dtype, (M, N), N, 1, 1, K, ep_kw)
+    ep = epilogue(out_dtype, raw, lo, hi, requant, post)
+    return _gemm(lambda x: _flat(M, lambda t, r, s, c: [t * TILE_ROWS, c], K,
+                                 lambda t, i, n: (t * TILE_ROWS + i, n)),
+                 (M, K), in_dtype, (M, N), N, 1, 1, K, ep)

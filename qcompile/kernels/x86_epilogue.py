@@ -125,6 +125,7 @@ class FusedLut:
 
 
 Post = Union[FusedAdd, FusedClip, FusedLut]
+ParamSpec = tuple[str, tuple[int, ...], str]  # a kernel parameter: name, shape, dtype
 
 
 def _clip(v: tirx.PrimExpr, lo: int, hi: int) -> tirx.PrimExpr:
@@ -183,20 +184,26 @@ class Epilogue:
             dtype = dtype if isinstance(p, FusedClip) else p.out_dtype
         return dtype
 
-    def placeholders(self, q_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> EpilogueArgs:
-        """m, r, s of ``q_shape`` (none when raw), each fused add's other inputs (of the
-        output's shape) and each LUT's flat table."""
+    def params(self, q_shape: tuple[int, ...], out_shape: tuple[int, ...]
+               ) -> tuple[list[ParamSpec], list[ParamSpec]]:
+        """(name, shape, dtype) of m, r, s of ``q_shape`` (none when raw), then of each
+        fused add's other inputs (of the output's shape) and each LUT's flat table."""
         names = ["m", "pre", "rnd", "sh"] if self.requant == "mulhi_shl" else list("mrs")
         q_dtype = "int64" if self.requant == "int64" else "int32"
-        q = [] if self.raw else [te.placeholder(q_shape, q_dtype, name=f"q_{x}") for x in names]
-        extra = []
+        q = [] if self.raw else [(f"q_{x}", q_shape, q_dtype) for x in names]
+        extra: list[ParamSpec] = []
         for k, p in enumerate(self.post):
             if isinstance(p, FusedAdd):
-                extra += [te.placeholder(out_shape, dt, name=f"add{k}_x{j}")
-                          for j, dt in enumerate(p.others)]
+                extra += [(f"add{k}_x{j}", out_shape, dt) for j, dt in enumerate(p.others)]
             elif isinstance(p, FusedLut):
-                extra.append(te.placeholder((p.rows * p.width,), p.out_dtype, name=f"lut{k}"))
-        return EpilogueArgs(q, extra)
+                extra.append((f"lut{k}", (p.rows * p.width,), p.out_dtype))
+        return q, extra
+
+    def placeholders(self, q_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> EpilogueArgs:
+        """``params`` as TE placeholders."""
+        q, extra = self.params(q_shape, out_shape)
+        return EpilogueArgs(*([te.placeholder(shape, dt, name=nm) for nm, shape, dt in group]
+                              for group in (q, extra)))
 
     def apply(self, acc: tirx.PrimExpr, bias: tirx.PrimExpr | None, args: EpilogueArgs,
               q_idx: Sequence[tirx.PrimExpr], out_idx: Sequence[tirx.PrimExpr] = (),

@@ -119,9 +119,10 @@ def _conv_spec(d: LayerDesc, w_bits: int) -> KernelSpec | None:
 
 
 def _amx_ok(d: LayerDesc, c: int) -> bool:
-    """Whole 64-byte channel chunks. Narrower ones (C = 16..40, the pointwise convs of
-    EfficientNet-Lite0) leave the tile unit idle behind the epilogue: AMX there made the
-    model 2.3x slower than its VNNI kernels (5.14 vs 2.26 ms at batch 1)."""
+    """A group-1 layer on 8-bit activations whose channels come in whole 64-byte chunks.
+    Narrower ones (C = 16..40, the pointwise convs of EfficientNet-Lite0) leave the tile
+    unit idle behind the epilogue: AMX there made the model 2.3x slower than its VNNI
+    kernels (5.14 vs 2.26 ms at batch 1)."""
     return d.in_dtype in _ACT and d.group == 1 and c % amx.TILE_BYTES == 0
 
 
@@ -130,7 +131,7 @@ def rule_dense_amx(d: LayerDesc) -> KernelSpec | None:
     if d.op != "dense" or len(d.in_shape) != 2 or d.in_dtype != "uint8" or not _amx_ok(d, d.in_shape[1]):
         return None
     (m, k), kw = d.in_shape, _epilogue_kw(d)
-    return KernelSpec("dense_amx", lambda: amx.dense_amx(m, d.channels, k, **kw),
+    return KernelSpec(amx.DENSE_NAME, lambda: amx.dense_amx(m, d.channels, k, **kw),
                       "vnni16x4", False, amx.CPU_FLAGS)
 
 
@@ -142,10 +143,10 @@ def rule_conv_amx(d: LayerDesc) -> KernelSpec | None:
     if d.op != "conv2d" or len(d.in_shape) != 4:
         return None
     n, h, w, c = d.in_shape
-    stem = d.in_dtype in _ACT and d.group == 1 and amx.merged_taps(c, d.kernel[1], d.dilations[1])
-    if not (_amx_ok(d, c) or stem):
+    stem = amx.merged_taps(c, d.kernel[1], d.dilations[1])
+    if not _amx_ok(d, amx.TILE_BYTES if stem else c):  # a stem's 4 channels fill a row
         return None
-    return KernelSpec("conv2d_nhwc_amx", lambda: amx.conv2d_nhwc_amx(
+    return KernelSpec(amx.CONV_NAME, lambda: amx.conv2d_nhwc_amx(
         n, h, w, c, d.channels, *d.kernel, d.strides, d.pads, d.dilations,
         in_dtype=d.in_dtype, **_epilogue_kw(d)), "vnni16x4", d.in_dtype == "int8",
         amx.CPU_FLAGS)
