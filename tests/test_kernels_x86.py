@@ -235,14 +235,27 @@ def test_asm_uses_vpdpbusd_in_a_register_tile() -> None:
     assert "TVMBackendAllocWorkspace" not in asm.split(".L__tvm_parallel_lambda:")[-1]
 
 
+#: The VNNI CPUs whose code the rule chain emits; the asm test compiles for each (codegen
+#: only, nothing runs), so it asserts about the target it compiles for on any host.
+VNNI_MCPUS = ("cascadelake", "icelake-server", "sapphirerapids", "znver4")
+
+
+@pytest.mark.parametrize("mcpu", VNNI_MCPUS)
 @pytest.mark.parametrize("K", [40, 240])
-def test_three_block_tiles_keep_their_accumulators_in_registers(K: int) -> None:
+def test_three_block_tiles_keep_their_accumulators_in_registers(K: int, mcpu: str) -> None:
     """nb = 3 (N = 48): the tile's zero-init once was one <48 x i32> vector, which LLVM
-    legalized through the stack lane by lane (10x slower)."""
+    legalized through the stack lane by lane (10x slower): at least one vpinsrd/vpextrd per
+    accumulator lane, 237-254 of them at K = 240 on every mcpu here. The epilogue may still
+    assemble a few parameter vectors with them (znver4's schedule: 13-14, measured as fast
+    as cascadelake's code on a Zen 4), so the bound is one row of the tile's lanes."""
     tile = V.gemm_tile(784, 48, K)
     assert tile.nb == 3
-    asm = _asm(V.conv2d_nhwc_vnni(1, 28, 28, K, 40, 1, 1, requant="mulhi"))
-    assert "vpinsrd" not in asm and "vpextrd" not in asm
+    f = V.conv2d_nhwc_vnni(1, 28, 28, K, 40, 1, 1, requant="mulhi")
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": 2})
+    asm = tvm.compile(tvm.IRModule({"main": f}), target=target).mod.inspect_source("asm")
+    assert V.ISA.instruction in asm
+    lane_moves = asm.count("vpinsrd") + asm.count("vpextrd")
+    assert lane_moves < tile.nb * V.ISA.lanes, (mcpu, lane_moves)
 
 
 def _asm(f: tvm.tirx.PrimFunc) -> str:
