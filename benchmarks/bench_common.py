@@ -1,5 +1,6 @@
-"""Helpers shared by ``speedup.py`` and ``reproduce_resnet50.py``: machine labels,
-timing summaries, tables (build, check complete, render) and the Pareto plot.
+"""Helpers shared by the benchmarks: provenance (what every result file records of the
+command, commit, versions, CPU and threads), timing summaries, tables (build, check
+complete, render) and the Pareto plot.
 
 Benchmark-only code.  Light imports only (NumPy), so the smoke test stays fast;
 matplotlib is imported lazily and is optional (the ``plots`` extra).
@@ -11,6 +12,8 @@ import json
 import math
 import os
 import platform
+import shlex
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,32 +26,188 @@ NA = "n/a"        # a cell that does not apply (allowed); None/NaN/absent is mis
 REFERENCE = "ref"  # the configuration other cells are measured against
 
 
-# --- the machine ----------------------------------------------------------------------
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (falls back to platform.processor())."""
+# --- provenance -------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+UNRECORDED = "unrecorded"  # a fact nobody wrote down (reconstructed provenance only)
+# What every result file's "provenance" block holds (tests/test_provenance.py checks them).
+PROVENANCE_FIELDS = ("command", "date", "commit", "dirty", "versions", "cpu", "threads")
+CORE_PACKAGES = {"qcompile": "qcompile", "tvm": "apache-tvm", "onnxruntime": "onnxruntime",
+                 "onnx": "onnx", "numpy": "numpy"}  # key -> distribution
+PEER_PACKAGES = ("openvino", "nncf", "torch", "torchvision", "timm")  # recorded when installed
+# The /proc/cpuinfo flags that decide which x86 kernels run (qcompile/kernels/x86_rules.py).
+KERNEL_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "gfni", "amx_tile",
+                "amx_int8")
+# Written by the runs, never read by them: changes there do not make the tree dirty.
+OUTPUT_DIRS = ("out/", "benchmarks/results/")
+ORT_DEFAULT_THREADS = "0 (onnxruntime's default: its own choice)"
+
+
+def _cpuinfo() -> tuple[str, str, set[str]]:
+    """(model name, vendor, flags) of the first CPU in /proc/cpuinfo."""
+    model = vendor = ""
+    flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, val = line.partition(":")
+            key = key.strip().lower()
+            if key == "model name" and not model:
+                model = val.strip()
+            elif key == "vendor_id" and not vendor:
+                vendor = val.strip()
+            elif key == "flags" and not flags:
+                flags = set(val.split())
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return model or platform.processor() or platform.machine() or "unknown CPU", vendor, flags
 
 
-def machine_info() -> dict[str, Any]:
-    """Where a measurement was taken: host, CPU, thread counts, ISA hints."""
-    threads = os.cpu_count() or 1
+def _git(*args: str) -> str | None:
     try:
-        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                     if ln.startswith("flags")).split()
-    except (OSError, StopIteration):
-        flags = []
-    isa = [f for f in ("avx512_vnni", "avx512f", "avx2") if f in flags][:1]
-    cpu = cpu_model()
-    return {"node": platform.node() or "host", "cpu": cpu, "threads": threads,
-            "tvm_threads": int(os.environ.get("TVM_NUM_THREADS", threads)),
-            "isa": isa[0] if isa else "", "python": platform.python_version(),
-            "label": f"{cpu}, {threads} threads" + (f", {isa[0]}" if isa else "")}
+        r = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+def git_state() -> dict[str, Any]:
+    """``commit`` (full sha of HEAD), ``dirty`` (tracked changes or untracked files outside
+    OUTPUT_DIRS) and up to 20 ``dirty_paths``; "unrecorded" outside a qcompile checkout
+    (a GPU bundle)."""
+    head = _git("rev-parse", "HEAD") if (REPO / "qcompile").is_dir() else None
+    status = _git("status", "--porcelain", "--untracked-files=all") if head else None
+    if head is None or status is None:
+        return {"commit": UNRECORDED, "dirty": UNRECORDED, "dirty_paths": []}
+    paths = [ln[3:].split(" -> ")[-1].strip('"') for ln in status.splitlines() if ln.strip()]
+    paths = [q for q in paths if not q.startswith(OUTPUT_DIRS)]
+    return {"commit": head.strip(), "dirty": bool(paths), "dirty_paths": paths[:20]}
+
+
+def revision(state: Mapping[str, Any] | None = None) -> str:
+    """``<short sha>`` or ``<short sha>+dirty``: what a row or a Markdown line names."""
+    st = git_state() if state is None else state
+    commit = str(st.get("commit", UNRECORDED))
+    short = commit[:7] if commit != UNRECORDED else commit
+    return short + ("+dirty" if st.get("dirty") is True else "")
+
+
+def package_versions(extra: Sequence[str] = ()) -> dict[str, str]:
+    """Python and the core packages ("not installed" where absent), every installed peer of
+    PEER_PACKAGES, and ``extra``. A module already imported reports its own ``__version__``
+    (what ran: a bundle's TVM runtime, not the venv's); others their installed version."""
+    from importlib import metadata
+    out = {"python": platform.python_version()}
+    wanted = [*CORE_PACKAGES.items(), *((n, n) for n in (*PEER_PACKAGES, *extra))]
+    for key, dist in wanted:
+        mod = sys.modules.get(key.replace("-", "_"))
+        v = getattr(mod, "__version__", None)
+        if not isinstance(v, str):
+            try:
+                v = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                v = None if key in PEER_PACKAGES and key not in extra else "not installed"
+        if v is not None:
+            out[key] = v
+    return out
+
+
+def cpu_info(kernel_flags: bool = True) -> dict[str, Any]:
+    """Model, vendor, LLVM -mcpu, the KERNEL_FLAGS the CPU has, and those qcompile's kernels
+    may use here (``x86_rules.usable_flags``: AMX only where the OS grants its tile state
+    and QCOMPILE_NO_AMX is off). ``kernel_flags=False`` skips that import (it loads TVM),
+    for the GPU bundle, which must not import the compiler."""
+    model, vendor, flags = _cpuinfo()
+    out: dict[str, Any] = {"model": model, "vendor": vendor or UNRECORDED,
+                           "flags": {f: f in flags for f in KERNEL_FLAGS}}
+    try:
+        from qcompile.targets import host_mcpu
+        out["mcpu"] = host_mcpu() or "generic"
+    except ImportError:
+        out["mcpu"] = UNRECORDED
+    usable: Any = "not checked (the compiler is not imported here)"
+    if kernel_flags:
+        try:
+            from qcompile.kernels.x86_rules import usable_flags
+            usable = sorted(f for f in KERNEL_FLAGS if f in usable_flags(frozenset(flags)))
+        except Exception as e:  # noqa: BLE001 - provenance must not fail a finished run
+            usable = f"unknown ({type(e).__name__}: {e})"[:200]
+    out["kernel_flags"] = usable
+    out["amx"] = ("granted" if isinstance(usable, list) and "amx_int8" in usable else
+                  "absent" if "amx_int8" not in flags else
+                  "present, not granted" if isinstance(usable, list) else "present")
+    return out
+
+
+def thread_info(ort_threads: int | str | None = None) -> dict[str, Any]:
+    """CPU count, this process's affinity, TVM_NUM_THREADS, onnxruntime's intra-op threads
+    (as the caller configured them; "no onnxruntime session" when it made none)."""
+    n = os.cpu_count() or 1
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else n
+    return {"cpu_count": n, "affinity": affinity,
+            "tvm_num_threads": os.environ.get("TVM_NUM_THREADS", "unset (TVM's default)"),
+            "ort_intra_op_threads": "no onnxruntime session" if ort_threads is None else ort_threads}
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command as run: ``python benchmarks/x.py --flag ...`` (script path repo-relative)."""
+    args = [str(a) for a in (sys.argv if argv is None else argv)]
+    if args and args[0].endswith(".py"):
+        p = Path(args[0]).resolve()
+        args[0] = str(p.relative_to(REPO)) if p.is_relative_to(REPO) else args[0]
+        return "python " + shlex.join(args)
+    return shlex.join(args)
+
+
+def provenance(argv: Sequence[str] | None = None, *, peers: Sequence[str] = (),
+               ort_threads: int | str | None = None, kernel_flags: bool = True,
+               built: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Where a result came from, for its file's "provenance" key: the command (``argv``,
+    default ``sys.argv``), the UTC date, the git commit and whether the tree was dirty, the
+    versions (qcompile, TVM, onnxruntime, onnx, numpy, Python, installed peers and
+    ``peers``), the CPU and the flags that select kernels, and the thread counts.
+
+    Call it when the results are written: TVM_NUM_THREADS is then what the run used.
+    ``built``: the provenance of the build step, for a run outside the checkout (the GPU
+    bundle); its commit and dirty flag stand in for the missing ones.
+    """
+    state = git_state()
+    out: dict[str, Any] = {
+        "command": command_line(argv),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        **state, "host": platform.node() or "host", "versions": package_versions(peers),
+        "cpu": cpu_info(kernel_flags), "threads": thread_info(ort_threads),
+        "load_avg": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else UNRECORDED}
+    if built is not None:
+        out["built"] = dict(built)
+        if out["commit"] == UNRECORDED:
+            out["commit"] = built.get("commit", UNRECORDED)
+            out["dirty"] = built.get("dirty", UNRECORDED)
+    return out
+
+
+def machine_label(p: Mapping[str, Any]) -> str:
+    """``<CPU>, <n> threads, <best kernel ISA>`` for table notes and plot titles."""
+    cpu, th = p["cpu"], p["threads"]
+    n = th.get("tvm_num_threads")
+    n = n if isinstance(n, int) or str(n).isdigit() else th.get("cpu_count")
+    usable = cpu.get("kernel_flags")
+    have = usable if isinstance(usable, list) else [f for f, v in cpu["flags"].items() if v is True]
+    isa = next((f for f in ("amx_int8", "avx512_vnni", "avx_vnni", "avx2") if f in have), "")
+    return f"{cpu['model']}, {n} threads" + (f", {isa}" if isa else "")
+
+
+def provenance_line(p: Mapping[str, Any]) -> str:
+    """One Markdown line: command, commit (+dirty), date, CPU, threads, versions."""
+    v, th = p["versions"], p["threads"]
+    dirty = "" if isinstance(p.get("dirty"), bool) else f" (dirty: {p.get('dirty')})"
+    peers = "".join(f", {k} {x}" for k, x in v.items() if k not in (*CORE_PACKAGES, "python"))
+    return (f"Provenance{' (reconstructed)' if p.get('reconstructed') else ''}: "
+            f"`{p['command']}` at {revision(p)}{dirty}, {p['date']}; {machine_label(p)} "
+            f"(CPU flags: {', '.join(f for f, on in p['cpu']['flags'].items() if on is True) or 'none'}; "
+            f"AMX {p['cpu'].get('amx', UNRECORDED)}); threads: {th.get('cpu_count')} CPUs, "
+            f"TVM_NUM_THREADS={th.get('tvm_num_threads')}, onnxruntime intra-op: "
+            f"{th.get('ort_intra_op_threads')}; qcompile {v.get('qcompile')}, TVM {v.get('tvm')}, "
+            f"onnxruntime {v.get('onnxruntime')}, onnx {v.get('onnx')}, numpy {v.get('numpy')}, "
+            f"Python {v.get('python')}{peers}.")
 
 
 def result_stem(prefix: str, quick: bool = False, node: str | None = None) -> str:

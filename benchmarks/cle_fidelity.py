@@ -2,6 +2,7 @@
 
     python benchmarks/cle_fidelity.py --crops /tmp/cle-crops          # write the PNG crops
     python benchmarks/cle_fidelity.py --crops /tmp/cle-crops --run     # measure (oracle)
+    python benchmarks/cle_fidelity.py --crops /tmp/cle-crops --run --out benchmarks/results/cle-effnet-lite0
 
 The crops are random 256 px squares (random short-side scale in [256, 320], random
 horizontal flip) of the natural images ``effnet_fidelity.natural_images`` finds,
@@ -11,7 +12,8 @@ model's own preprocessing.  Images alternate between calib/ and eval/, so no
 evaluated crop comes from a calibration image.
 
 ``--run`` measures top-1 agreement with the float model and output SQNR for each
-bit width x {plain, --equalize, --bias-correction, both}.  It follows
+bit width x {plain, --bias-correction, --equalize, both, --equalize with data ranges
+(``eqd``)}; ``--out STEM`` writes STEM.json and STEM.md with the run's provenance.  It follows
 ``api.compile_model`` step by step up to the QGraph and runs the NumPy oracle
 instead of building TVM (the artifact is bit-exact with the oracle; the tests
 check that on a small model through the full compile).
@@ -28,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
+import bench_common as bc  # noqa: E402
 from effnet_fidelity import natural_images  # noqa: E402
 
 EQ_KW: dict = {}  # extra equalize_calibrated arguments (exploration)
@@ -58,7 +61,7 @@ def write_crops(out: Path, n_calib: int = 100, n_eval: int = 200, seed: int = 0)
 
 
 def measure(model: Path, crops: Path, bits: int, equalize: bool, correct: bool,
-            method: str, y_float: np.ndarray, x_eval: np.ndarray) -> dict:
+            method: str, y_float: np.ndarray, x_eval: np.ndarray, eq_kw: dict) -> dict:
     from qcompile import api
     from qcompile import reference as oracle
     from qcompile.bitplan import gather_inputs
@@ -73,7 +76,7 @@ def measure(model: Path, crops: Path, bits: int, equalize: bool, correct: bool,
     # the same steps as api.compile_model up to the QGraph
     graph, reader, stats = api._front(model, calib, False, calibrate=not quant.equalize)
     if quant.equalize:
-        graph, stats = equalize_calibrated(graph, reader, calib, False, **EQ_KW)
+        graph, stats = equalize_calibrated(graph, reader, calib, False, **eq_kw)
     qg = quantize_graph(graph, stats, quant)
     if quant.bias_correction:
         qg = bias_correction(graph, qg, gather_inputs(reader, calib.num_samples))
@@ -90,7 +93,7 @@ def measure(model: Path, crops: Path, bits: int, equalize: bool, correct: bool,
                  "float_eq_max_abs_diff": float(np.abs(yf - y_float).max())}
     y = np.concatenate([oracle.run(qg, x_eval[i:i + 8]) for i in range(0, len(x_eval), 8)])
     noise = float(((y_float - y) ** 2).sum())
-    return {"bits": bits, "equalize": equalize, "bias_correction": correct, **EQ_KW,
+    return {"bits": bits, "equalize": equalize, "bias_correction": correct, **eq_kw,
             "calibrator": method,
             "top1_agreement": float((y.argmax(1) == y_float.argmax(1)).mean()),
             "sqnr_db": float(10 * np.log10((y_float ** 2).sum() / noise)),
@@ -105,8 +108,8 @@ def main() -> None:
     ap.add_argument("--run", action="store_true")
     ap.add_argument("--bits", default="8,4")
     ap.add_argument("--calibrator", default="minmax")
-    ap.add_argument("--configs", default="none,eq,bc,eq+bc")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--configs", default="none,bc,eq,eq+bc,eqd")
+    ap.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     ap.add_argument("--eq-kw", default="{}", help="JSON: extra equalize_calibrated args")
     args = ap.parse_args()
     EQ_KW.update(json.loads(args.eq_kw))
@@ -127,13 +130,33 @@ def main() -> None:
     results = []
     for bits in (int(b) for b in args.bits.split(",")):
         for cfg in args.configs.split(","):
+            kw = {**EQ_KW, **({"data_ranges": True} if cfg == "eqd" else {})}
             r = measure(args.model, args.crops, bits, "eq" in cfg, "bc" in cfg,
-                        args.calibrator, y_float, x_eval)
+                        args.calibrator, y_float, x_eval, kw)
             r["eval_crops"] = len(x_eval)
             print(json.dumps(r), flush=True)
             results.append(r)
     if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+        prov = bc.provenance(ort_threads=ORT_THREADS)
+        bc.write_results(args.out.parent, args.out.name, {"provenance": prov, "rows": results},
+                         markdown(results, args, len(x_eval)) + "\n" + bc.provenance_line(prov) + "\n")
+
+
+ORT_THREADS = "0 (onnxruntime's default), the equalized float graph only"
+
+
+def markdown(rows: list[dict], args: argparse.Namespace, n_eval: int) -> str:
+    out = ["# EfficientNet-Lite0: --equalize / --bias-correction (NumPy oracle = artifact)", "",
+           f"100 calibration crops, {n_eval} evaluation crops from other images "
+           f"(`benchmarks/cle_fidelity.py`), {args.calibrator} calibrator.", "",
+           "| bits | equalize | bias corr. | top-1 agree | SQNR dB | equalized float top-1 vs float |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        eq = ("data ranges" if r.get("data_ranges") else "data-free") if r["equalize"] else "-"
+        f = r.get("float_eq_top1_agreement")
+        out.append(f"| W{r['bits']}A{r['bits']} | {eq} | {'yes' if r['bias_correction'] else '-'} "
+                   f"| {r['top1_agreement']:.3f} | {r['sqnr_db']:.2f} | {'' if f is None else f'{f:.3f}'} |")
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

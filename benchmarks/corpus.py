@@ -19,7 +19,10 @@ not bit-exact or not integer-only: a bug), ``refused`` (a ``QCompileError``: exi
 and its one line), ``crash`` (any other exception, or the process died: traceback),
 ``timeout``, ``skipped`` (the API lacks what the model needs, e.g. ``input_shape``).
 
-Writes ``benchmarks/results/corpus-<date>[-quick|-subset].{json,md}`` after every model.
+Writes ``benchmarks/results/corpus-<date>[-quick|-subset].{json,md}`` after every model,
+with the run's provenance (``bench_common.provenance``) and, per row, the commit that
+measured it. A README figure must come from one clean commit, so the run refuses a tree
+with uncommitted changes unless ``--allow-dirty`` (then every such row says ``+dirty``).
 Exits 1 unless every model is ``ok``.
 """
 from __future__ import annotations
@@ -41,7 +44,8 @@ if TYPE_CHECKING:
     from qcompile.results import BenchResult
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import NA, Stopwatch, finish, fmt_num, machine_info, write_results  # noqa: E402
+from bench_common import (NA, ORT_DEFAULT_THREADS, Stopwatch, finish, fmt_num, git_state,  # noqa: E402
+                          machine_label, provenance, provenance_line, revision, write_results)
 
 from qcompile.flags import cache_dir  # noqa: E402
 
@@ -204,17 +208,22 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     out = [f"# Real-world ONNX corpus ({meta['date']})", "",
            f"{len(rows)} models from `{meta['corpus']}`: INT8, llvm, synthetic calibration "
            f"({meta['samples']} samples), evaluation on {meta['samples']} synthetic inputs, "
-           f"latency median of {meta['repeat']} on {meta['machine']['label']}; "
+           f"latency median of {meta['repeat']} on {machine_label(meta['provenance'])}; "
            f"per-model timeout {meta['timeout_s']:.0f} s; compiler at "
            + ", ".join(f"`{c}` ({n} models)" for c, n in _revisions(rows, meta)) + ". "
            "Random (seeded) weights except "
            "`efficientnet_lite0_real`: agreement and SQNR measure quantization noise, "
            "not accuracy.", "",
-           "Status: " + ", ".join(f"{s} {n}" for s, n in counts.items() if n), ""]
+           "Status: " + ", ".join(f"{s} {n}" for s, n in counts.items() if n), "",
+           provenance_line(meta["provenance"]), ""]
+    dirty = sum(str(r.get("compiler", meta["compiler"])).endswith("+dirty") for r in rows)
+    if dirty:
+        out += [f"**{dirty} of {len(rows)} rows were measured on a tree with uncommitted "
+                "changes** (`+dirty`): they describe no commit.", ""]
     loads = [v for r in rows for v in r.get("load1", [])]
     if loads:
         out += [f"Load average (1 min) around the models: {min(loads):.1f}–{max(loads):.1f} "
-                f"on {meta['machine']['threads']} threads; above that, latencies are "
+                f"on {meta['provenance']['threads']['cpu_count']} CPUs; above that, latencies are "
                 "indicative only (`load1` per row in the JSON).", ""]
     out += [
            "| model | status | compile s | bit-exact | int-only | top-1 agr. | SQNR dB "
@@ -238,20 +247,6 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def compiler_revision() -> str:
-    """HEAD of the checkout, with "+dirty" when qcompile/ (the kernels included) has local edits:
-    the compiler changes under these runs, so each result says which one it measured."""
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo,
-                              capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "qcompile"],
-                               cwd=repo, capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -266,6 +261,8 @@ def main() -> int:
                     help="merge these models' rows into today's full results file "
                          "(rerun failures or new models without redoing the rest)")
     ap.add_argument("--keep", type=Path, help="keep the artifacts under this folder")
+    ap.add_argument("--allow-dirty", action="store_true",
+                    help="run on a tree with uncommitted changes (rows are marked +dirty)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     # internal: one model in this process
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -293,15 +290,25 @@ def main() -> int:
             print(f"error: not in the corpus: {unknown}", file=sys.stderr)
             return 2
         names = args.models
+    state = git_state()
+    if state["dirty"] is True:
+        paths = ", ".join(state["dirty_paths"][:5]) + (", ..." if len(state["dirty_paths"]) > 5 else "")
+        if not args.allow_dirty:
+            print(f"error: uncommitted changes ({paths}); results must name one commit: commit "
+                  "them, or pass --allow-dirty (BENCH_ARGS=--allow-dirty) to mark rows +dirty",
+                  file=sys.stderr)
+            return 2
+        print(f"warning: uncommitted changes ({paths}): every row is marked +dirty", file=sys.stderr)
     watch = Stopwatch()
     date = dt.date.today().isoformat()
     # A subset never overwrites the full run's file, unless --update merges it in.
     subset = args.models and not args.update
     stem = f"corpus-{date}" + ("-quick" if args.quick else "-subset" if subset else "")
-    meta = {"date": date, "compiler": compiler_revision(), "corpus": str(corpus),
-            "samples": args.samples, "repeat": args.repeat,
-            "timeout_s": args.timeout, "machine": machine_info(),
-            "versions": manifest.get("versions", {}), "quick": args.quick}
+    meta = {"date": date, "compiler": revision(state), "corpus": str(corpus),
+            "samples": args.samples, "repeat": args.repeat, "timeout_s": args.timeout,
+            "export_versions": manifest.get("versions", {}), "quick": args.quick,
+            "provenance": provenance(peers=("efficientnet-lite-pytorch",),
+                                     ort_threads=ORT_DEFAULT_THREADS)}
     rows: list[dict[str, Any]] = []
     if args.update and (args.out / f"{stem}.json").exists():
         # Keep the other models' rows (each says which compiler revision it measured).
@@ -320,12 +327,17 @@ def main() -> int:
         rec["load1"] = [round(load, 2), round(os.getloadavg()[0], 2)]
         row = {"name": name, "family": e["family"], "file": e["file"],
                "input_shape": e["input_shape"], "opset": e["opset"], "ops": e["ops"], **rec}
-        row["compiler"] = compiler_revision()
+        st = git_state()  # the tree may change under a long run: each row says what it measured
+        row.update(compiler=revision(st), commit=st["commit"], dirty=st["dirty"])
         rows.append(row)
         order = {n: k for k, n in enumerate(entries)}
         rows.sort(key=lambda r: order.get(r["name"], len(order)))
         print(f"    {row['status']} ({row['seconds']} s) {row.get('line') or ''}", flush=True)
         meta["seconds"] = watch.seconds
+        meta["provenance"].update(load_avg=[round(v, 2) for v in os.getloadavg()],
+                                  row_revisions=dict(_revisions(rows, meta)))
+        if st["dirty"] is True:  # the tree changed under the run
+            meta["provenance"]["dirty"] = True
         write_results(args.out, stem, {**meta, "models": rows}, render(rows, meta))
     meta["seconds"] = watch.seconds
     problems = [f"{r['name']}: {r['status']}: {r.get('line')}" for r in rows if r["status"] != "ok"]

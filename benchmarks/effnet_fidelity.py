@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import warnings
@@ -22,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
+import bench_common as bc  # noqa: E402
 from peers import ort_int8, ort_runner  # noqa: E402
 
 from qcompile import api  # noqa: E402
@@ -102,6 +104,7 @@ def main() -> None:
                              "bit_exact": ours.bit_exact, "integer_only": ours.integer_only},
            "ort_int8_qdq": {"top1_agreement": float((ref.argmax(1) == peer.argmax(1)).mean()),
                             "sqnr_db": float(10 * np.log10((ref ** 2).sum() / noise))}}
+    res["provenance"] = bc.provenance(ort_threads=f"{os.cpu_count()} (peers.ort_runner, spinning off)")
     print(json.dumps(res, indent=1))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"effnet-lite0-fidelity-{args.calibrator}.json").write_text(json.dumps(res, indent=1))

@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import finish, machine_info  # noqa: E402
+from bench_common import finish, machine_label, provenance, provenance_line  # noqa: E402
 
 from qcompile import api  # noqa: E402
 from qcompile.config import CalibSpec  # noqa: E402
@@ -72,9 +72,10 @@ def main() -> int:
         rows[k]["p90_ms"] = round(float(np.percentile(t, 90)), 3)
     ratio = rows["raw"]["median_ms"] / rows["simplified"]["median_ms"]
     same = rows["raw"]["ops"] == rows["simplified"]["ops"]
+    prov = provenance()
     md = [f"# EfficientNet-Lite0: raw torch export vs simplified file ({time.strftime('%Y-%m-%d')})",
           "", f"`python benchmarks/effnet_raw.py --raw {args.raw.name} --simplified "
-          f"{args.simplified.name} --repeat {args.repeat}` on {machine_info()['label']}; INT8, "
+          f"{args.simplified.name} --repeat {args.repeat}` on {machine_label(prov)}; INT8, "
           "llvm, 16 synthetic calibration samples, `Artifact.run` at batch 1, interleaved.", "",
           "| file | compile s | bit-exact | integer-only | SQNR dB | median ms | p90 ms | quantized ops |",
           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -82,8 +83,9 @@ def main() -> int:
         ops = ", ".join(f"{o} {c}" for o, c in sorted(r["ops"].items()))
         md.append(f"| {k} | {r['compile_s']} | {r['bit_exact']} | {r['integer_only']} | "
                   f"{r['sqnr_db']} | {r['median_ms']} | {r['p90_ms']} | {ops} |")
-    md += ["", f"Raw / simplified median latency: {ratio:.3f}. Same quantized graph: {same}.", ""]
-    data = {"machine": machine_info(), "repeat": args.repeat, "rows": rows,
+    md += ["", f"Raw / simplified median latency: {ratio:.3f}. Same quantized graph: {same}.", "",
+           provenance_line(prov), ""]
+    data = {"provenance": prov, "repeat": args.repeat, "rows": rows,
             "raw_over_simplified": ratio, "same_quantized_ops": same}
     return finish(RESULTS, f"effnet-raw-vs-simplified-{time.strftime('%Y-%m-%d')}", data,
                   "\n".join(md), problems, time.perf_counter() - t0)

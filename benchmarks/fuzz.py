@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tools"))
 import onnx_backend_sweep as obs  # noqa: E402
-from bench_common import Stopwatch, finish, machine_info  # noqa: E402
+from bench_common import Stopwatch, finish, machine_label, provenance, provenance_line, revision  # noqa: E402
 
 RESULTS = HERE / "results"
 CLASSES = obs.CLASSES
@@ -200,8 +200,8 @@ def render(results: dict[str, dict[str, Any]], manifest: dict[str, dict[str, str
            f"{len(results)} files from `tools/fuzz_corpus.py --seed {meta['seed']}`, each "
            f"compiled in-process by the CLI's `main` as `qcompile {' '.join(meta['cli'])}` "
            f"(per-file timeout {meta['timeout_s']:.0f} s, {meta['workers']} workers); took "
-           f"{meta['seconds']:.0f} s on {meta['machine']['label']}; compiler at "
-           f"`{meta['compiler']}`.", "",
+           f"{meta['seconds']:.0f} s on {machine_label(meta['provenance'])}; compiler at "
+           f"`{meta['compiler']}`.", "", provenance_line(meta["provenance"]), "",
            "| class | files |", "| --- | --- |"]
     out += [f"| {c} | {counts.get(c, 0)} |" for c in CLASSES]
     out.append(f"| total | {len(results)} |")
@@ -275,10 +275,10 @@ def main() -> int:
             if bugs:
                 bad.append(f"backend sweep ({sweep['file']}, {mode}): {bugs} traceback/hang/crash")
     date = dt.date.today().isoformat()
-    from corpus import compiler_revision
-    meta = {"date": date, "compiler": compiler_revision(), "seed": args.seed,
+    prov = provenance()
+    meta = {"date": date, "compiler": revision(prov), "seed": args.seed,
             "cli": cli_args(Path("FILE"), Path("OUT")), "timeout_s": args.timeout,
-            "workers": args.workers, "seconds": watch.seconds, "machine": machine_info(),
+            "workers": args.workers, "seconds": watch.seconds, "provenance": prov,
             "backend_sweep": sweep}
     counts = collections.Counter(r["class"] for r in results.values())
     data = {**meta, "counts": {c: counts.get(c, 0) for c in CLASSES},

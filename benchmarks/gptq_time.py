@@ -49,20 +49,19 @@ def main() -> int:
         rows.append({"bits": bits, "seconds": time.perf_counter() - t0})
         print(f"{args.model}: GPTQ over {len(layers)} layers at {bits} bits, "
               f"{args.samples} samples: {rows[-1]['seconds']:.1f} s", flush=True)
-    mi = bc.machine_info()
-    cmd = "python " + " ".join(sys.argv)
+    prov = bc.provenance()
     md = "\n".join([
         f"# GPTQ time: {args.model} ({len(layers)} conv/dense layers, 224 px)", "",
-        f"Command: `{cmd}`  ",
-        f"Machine: {mi['label']}, load average at the end {os.getloadavg()[0]:.1f}  ",
+        f"Machine: {bc.machine_label(prov)}, load average at the end {os.getloadavg()[0]:.1f}  ",
         f"{args.samples} calibration inputs; sequential GPTQ with bias correction and "
         "upstream-error compensation (`gptq.gptq_graph`, what `--rounding gptq` runs).", "",
         "| bits | seconds | target |", "| --- | --- | --- |",
-        *[f"| {r['bits']} | {r['seconds']:.1f} | < 120 |" for r in rows], ""])
+        *[f"| {r['bits']} | {r['seconds']:.1f} | < 120 |" for r in rows], "",
+        bc.provenance_line(prov), ""])
     stem = bc.result_stem("gptq-time")
     bc.write_results(args.out, stem, {"model": args.model, "samples": args.samples,
-                                      "layers": len(layers), "rows": rows, "command": cmd,
-                                      "machine": mi, "loadavg": os.getloadavg()}, md)
+                                      "layers": len(layers), "rows": rows, "provenance": prov,
+                                      "loadavg": os.getloadavg()}, md)
     print(md)
     return 0
 

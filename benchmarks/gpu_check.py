@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import bench_common as bc  # noqa: E402
 from gpu_common import INPUT_SEED, check_input, onnx_weights_sha  # noqa: E402
 
 BUNDLE_LIMIT_MIB = 64  # what the device tool carries, the repository included
@@ -152,14 +153,16 @@ def main(argv: list[str] | None = None) -> int:
                           "weights_sha256": onnx_weights_sha(args.work / f"{m}-{args.input_size}.onnx")}
                       for m in sorted(models)},
             "configs": [{"name": c.name, "model": c.model, "batch": c.batch,
-                         "options": list(c.options), "timed": c.timed} for c in cfgs]}
+                         "options": list(c.options), "timed": c.timed} for c in cfgs],
+            # the build's commit and versions: the GPU side records them beside its own
+            "provenance": bc.provenance(None if argv is None else [__file__, *argv])}
     (stage / "plan.json").write_text(json.dumps(plan, indent=1))
     (stage / "peers" / "qcompile" / "__init__.py").write_text("")  # zoo.py's package, no more
     extra = {"check/expected.npz": stage / "expected.npz", "check/plan.json": stage / "plan.json",
              "peers/qcompile/__init__.py": stage / "peers" / "qcompile" / "__init__.py"}
     for f in ("zoo.py", "errors.py"):
         extra[f"peers/qcompile/{f}"] = ROOT / "qcompile" / f
-    for f in ("gpu_side.py", "gpu_common.py", "onnx_torch.py"):
+    for f in ("gpu_side.py", "gpu_common.py", "onnx_torch.py", "bench_common.py"):
         extra[f] = ROOT / "benchmarks" / f
 
     from qcompile.bundle import make_bundle

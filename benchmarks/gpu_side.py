@@ -31,6 +31,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from bench_common import ORT_DEFAULT_THREADS, provenance, provenance_line  # noqa: E402
 from gpu_common import check_input, onnx_weights_sha  # noqa: E402
 
 
@@ -242,7 +243,7 @@ def markdown(res: dict) -> str:
     lines += [f"- Timing: {res['repeat']} runs after {res['warmup']} warm-up; qcompile through TVM's "
               "runtime-only time_evaluator (device sync per run), the peers with a device sync per run.",
               "- PyTorch: the zoo ONNX rebuilt as torch.nn (BatchNorm folded into the convs), eval mode, "
-              "inference_mode, channels_last, cudnn.benchmark.", ""]
+              "inference_mode, channels_last, cudnn.benchmark.", f"- {provenance_line(res['provenance'])}", ""]
     return "\n".join(lines)
 
 
@@ -285,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     res["peers"] = {} if args.no_peers else run_peers(args.device, args.repeat, args.warmup)
     res["targets"] = targets(res)
     res["seconds"] = round(time.perf_counter() - t0, 1)
+    # No checkout here: the commit is the build's (plan.json); never import the compiler.
+    res["provenance"] = provenance(None if argv is None else [__file__, *argv], kernel_flags=False,
+                                   ort_threads=None if args.no_peers else ORT_DEFAULT_THREADS,
+                                   built=plan.get("provenance"))
     slug = re.sub(r"[^a-z0-9]+", "-", dev.split(",")[0].lower()).strip("-")[:40]
     stem = f"gpu-{slug}-{res['date']}" if args.device == "cuda" else f"gpu-dryrun-{res['date']}"
     args.out.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -48,6 +47,9 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import tvm  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_common as bc  # noqa: E402
 
 from qcompile.kernels import x86_vnni as V  # noqa: E402
 from qcompile.targets import has_vnni, make_target  # noqa: E402
@@ -308,17 +310,17 @@ def main() -> None:
         print(json.dumps(convs[-1]), file=sys.stderr, flush=True)
     cols = (["implicit"] + (["im2col"] if args.im2col else []) + (["int4"] if args.int4 else [])
             + (["ort"] if ort_on else []))
-    md = table(gemms, convs, ceiling, cols)
-    print(f"{platform.processor() or platform.machine()}, {THREADS} threads, "
-          f"TVM {tvm.__version__}, onnxruntime {ort.__version__}, "
-          f"{'cold (weights flushed per call)' if args.cold else 'warm caches'}, "
-          f"1-min load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after\n")
+    prov = bc.provenance(ort_threads=THREADS if ort_on else None)
+    md = (table(gemms, convs, ceiling, cols) + "\n\n"
+          f"{'Cold (weights flushed per call)' if args.cold else 'Warm caches'}, 1-min load average "
+          f"{load0:.2f} before, {os.getloadavg()[0]:.2f} after.\n\n{bc.provenance_line(prov)}")
     print(md)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d")
     tag = ("-int4" if args.int4 else "") + ("-cold" if args.cold else "")
     (args.out / f"kernels-x86-{stamp}-t{THREADS}{tag}.md").write_text(md + "\n")
-    result = {"threads": THREADS, "load_avg": [load0, os.getloadavg()[0]], "cold": args.cold,
+    result = {"provenance": prov, "threads": THREADS, "load_avg": [load0, os.getloadavg()[0]],
+              "cold": args.cold,
               "ceiling_gops_per_thread": ceiling[8], "gemms": gemms, "convs": convs}
     if args.int4:
         result["ceiling_int4_gops_per_thread"] = ceiling[4]

@@ -9,10 +9,8 @@ benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -23,6 +21,7 @@ import numpy as np
 import tvm
 
 sys.path.insert(0, str(Path(__file__).parent))
+import bench_common as bc  # noqa: E402
 from peers import interleaved_times, ort_int8, ort_runner  # noqa: E402
 
 from qcompile import api, zoo  # noqa: E402
@@ -75,14 +74,11 @@ def main() -> None:
         cell = {k: f"{v['median_ms']:.1f} ({v['min_ms']:.1f}-{v['max_ms']:.1f})" for k, v in lat.items()}
         lines.append(f"| {r['model']} | {r['compile_s']:.1f} | {cell['qcompile INT8']} | "
                      f"{cell['ORT FP32']} | {cell['ORT INT8']} |")
-    table = "\n".join(lines)
+    prov = bc.provenance(ort_threads=f"{os.cpu_count()} (peers.ort_runner, spinning off)")
+    table = "\n".join(lines) + "\n\n" + bc.provenance_line(prov)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = f"{platform.node() or 'host'}-{dt.date.today().isoformat()}"
-    meta = {"date": dt.datetime.now().isoformat(timespec="seconds"), "threads": os.cpu_count(),
-            "command": " ".join(sys.argv), "results": results}
-    (args.out / f"latency-{stamp}.json").write_text(json.dumps(meta, indent=1))
-    (args.out / f"latency-{stamp}.md").write_text(table + "\n")
+    bc.write_results(args.out, bc.result_stem("latency"), {"provenance": prov, "results": results},
+                     table + "\n")
 
 
 if __name__ == "__main__":

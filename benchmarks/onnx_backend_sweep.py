@@ -48,8 +48,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import Stopwatch, finish, machine_info  # noqa: E402
-from corpus import compiler_revision  # noqa: E402
+from bench_common import Stopwatch, finish, machine_label, provenance, provenance_line, revision  # noqa: E402
 
 DEFAULT_ROOT = Path("/usr/share/libonnx-testdata/data")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -369,8 +368,8 @@ def render(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
            f"Models from `{meta['root']}` (suites: {', '.join(meta['suites'])}), each compiled "
            f"in-process by the CLI's `main` as `qcompile {' '.join(meta['cli'])}`; per-model "
            f"timeout {meta['timeout_s']:.0f} s; {meta['workers']} workers; took "
-           f"{meta['seconds']:.0f} s on {meta['machine']['label']}; compiler at "
-           f"`{meta['compiler']}`.", "",
+           f"{meta['seconds']:.0f} s on {machine_label(meta['provenance'])}; compiler at "
+           f"`{meta['compiler']}`.", "", provenance_line(meta["provenance"]), "",
            "*plain*: the test's model as shipped. *frozen*: the same model with every input "
            "but the first turned into an initializer holding the test's own "
            "`test_data_set_0` values (Conv(x, W) becomes a conv with weights); only models "
@@ -462,11 +461,12 @@ def main() -> int:
         results.update(sweep(models, args.root, args.workers, args.timeout, args.samples,
                              freeze=freeze))
     date = dt.date.today().isoformat()
-    meta = {"date": date, "compiler": compiler_revision(), "root": str(args.root),
+    prov = provenance()
+    meta = {"date": date, "compiler": revision(prov), "root": str(args.root),
             "suites": args.suites,
             "cli": _cli_args(Path("MODEL"), Path("OUT"), args.samples),
             "timeout_s": args.timeout, "workers": args.workers, "seconds": watch.seconds,
-            "machine": machine_info(), "quick": args.quick}
+            "provenance": prov, "quick": args.quick}
     counts = {m: collections.Counter(r["class"] for k, r in results.items() if mode_of(k) == m)
               for m in MODES}
     data = {**meta, "counts": {m: {c: counts[m].get(c, 0) for c in CLASSES} for m in MODES},

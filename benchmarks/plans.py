@@ -11,7 +11,6 @@ benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 import tempfile
@@ -118,12 +117,11 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         res = [run_model(m, args.repeat, args.calib_samples, Path(d)) for m in args.models]
-    table = markdown(res)
+    prov = bc.provenance()
+    table = markdown(res) + "\n\n" + bc.provenance_line(prov)
     print(table)
-    bc.write_results(args.out, bc.result_stem("plans"),
-                     {"date": dt.datetime.now().isoformat(timespec="seconds"),
-                      "command": " ".join(sys.argv), "machine": bc.machine_info(),
-                      "results": res}, table + "\n")
+    bc.write_results(args.out, bc.result_stem("plans"), {"provenance": prov, "results": res},
+                     table + "\n")
 
 
 if __name__ == "__main__":

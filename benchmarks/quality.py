@@ -452,16 +452,10 @@ def main() -> int:
             tmp.cleanup()
     if args.rows != "all":
         return 0
-    import onnxruntime
-    import tvm
-    from qcompile import __version__
-    mi = bc.machine_info()
-    meta = {"date": dt.date.today().isoformat(), "started": started,
-            "command": "make bench-quality" if len(sys.argv) == 1
-            else "python " + " ".join(sys.argv),
-            "machine": mi, "machine_line": f"{mi['label']} (shared with other jobs), host {mi['node']}",
-            "qcompile": __version__, "tvm": tvm.__version__,
-            "onnxruntime": onnxruntime.__version__,
+    prov = bc.provenance(ort_threads=f"{os.cpu_count()} (peers.ort_runner, spinning off)")
+    meta = {"date": dt.date.today().isoformat(), "started": started, "provenance": prov,
+            "command": "make bench-quality" if len(sys.argv) == 1 else prov["command"],
+            "machine_line": f"{bc.machine_label(prov)} (shared with other jobs), host {prov['host']}",
             "seconds": time.perf_counter() - t0, "png": f"{args.stem}.png"}
     args.out.mkdir(parents=True, exist_ok=True)
     plot(results, args.out / f"{args.stem}.png")

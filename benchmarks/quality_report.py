@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import bench_common as bc
+
 SIZE_FRACTION = 0.75  # the mixed-precision budget, x the W8A8 size (quality.py uses it)
 
 
@@ -75,7 +77,7 @@ def markdown(results: list[dict], meta: dict) -> str:
             " (`make bench-quality` computes every row in one process)") + "  ",
         f"Machine: {meta['machine_line']}  ",
          f"Date: {meta['started']} (UTC), {meta['seconds']:.0f} s in all  ",
-         f"qcompile {meta['qcompile']}, TVM {meta['tvm']}, onnxruntime {meta['onnxruntime']}",
+         bc.provenance_line(meta["provenance"]),
          "", "Agreement = top-1 agreement with the float model (onnxruntime FP32) over all "
          "evaluation inputs, from the compiled artifact's own output; SQNR of the output logits "
          "against FP32.  Size = weights + int32 biases of the conv/dense layers "

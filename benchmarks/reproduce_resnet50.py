@@ -148,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     clock = bc.Stopwatch()
     from tqdm import tqdm
-    machine = bc.machine_info()
     steps = 1 + len(CFGS) + 1 + len(CFGS) + 1 + len(CFGS)  # timing: ORT FP32 + ours, one block each
     with tempfile.TemporaryDirectory() as d, tqdm(total=steps, desc="resnet50", unit="step") as bar:
         work = Path(d)
@@ -177,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         timing = sp.time_alone(files, a.batch, by_key, None, runs=a.repeat, warmup=3,
                                progress=lambda i: bar.update(1))
     rows = build_rows(files, arts, fid, timing, t4)
+    prov = bc.provenance(None if argv is None else [__file__, *argv],
+                         ort_threads=bc.ORT_DEFAULT_THREADS)
+    label = bc.machine_label(prov)
     mixed = arts["mixed"]
     plan = mixed.get("plan") or {}
     budget = (plan.get("budgets") or {}).get("latency_ms")
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         f"never measured; FP32 row = all layers FP32. The mixed row's prediction is the plan "
         f"qcompile allocates for the T4 (α={ALPHA:g} under the T4 model, batch {T4_BATCH}): "
         f"{t4['n4']}/{t4['n_layers']} layers at 4 bits, {t4['size_mb']:.1f} MB, {t4['bops_g']:.0f} G BOPs.",
-        f"measured, {machine['label']}: batch {a.batch} latency, median (min–max) of {a.repeat} "
+        f"measured, {label}: batch {a.batch} latency, median (min–max) of {a.repeat} "
         "runs, each configuration timed alone in its own block after 3 warm-up runs; FP32 = "
         "onnxruntime FP32 with its default SessionOptions (spin-waiting on), "
         "W8A8/mixed/W4A4 = qcompile's compiled integer-only modules (llvm).",
@@ -204,12 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{a.calib_samples} synthetic calibration samples; bit-exact checked on "
         f"{a.eval_samples} inputs." + (" Quick run (--quick): fewer rounds and samples." if a.quick else ""),
     ]
-    table = bc.Table(columns(machine["label"], a.batch), rows,
+    table = bc.Table(columns(label, a.batch), rows,
                      f"ResNet-50, HAWQ-V3 table shape (batch {a.batch} measured)", tuple(notes))
     bad = validate(table, arts, fid)
-    markdown = bc.render_markdown(table)
+    markdown = bc.render_markdown(table) + "\n" + bc.provenance_line(prov) + "\n"
     wall = clock.seconds
-    data = {"command": " ".join(sys.argv), "machine": machine, "quick": a.quick,
+    data = {"provenance": prov, "quick": a.quick,
             "settings": {k: v for k, v in vars(a).items() if k != "out"}, "wall_seconds": wall,
             "published": PUBLISHED, "t4_plan": t4, "configs": arts, "fidelity": fid,
             "timing": timing, "mixed_budget_check": {"budget_ms": budget, "measured_ms": m_ms,

@@ -464,7 +464,6 @@ def main(argv: list[str] | None = None) -> int:
                   alone_runs={b: args.alone_runs for b in args.batch} if args.alone_runs else {},
                   alone_warmup=max(0, args.alone_warmup), alone_passes=max(1, args.alone_passes),
                   interleaved=not args.no_interleaved, quick=args.quick)
-    machine = bc.machine_info()
     results = []
     with tempfile.TemporaryDirectory() as d, \
             tqdm(total=st.steps() * len(args.models), desc="speedup", unit="step") as bar:
@@ -475,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         a, b = model_rows(r, st)
         rows += a
         mixed += b
+    prov = bc.provenance(None if argv is None else [__file__, *argv], ort_threads=(
+        bc.ORT_DEFAULT_THREADS + (f", interleaved {os.cpu_count()} (no spinning)" if st.interleaved else "")))
     where = ("" if args.target == "llvm" else
              f" (qcompile modules on {tvm.cuda().device_name}; ORT and TVM FP32 on the CPU)")
     runs = ", ".join(f"batch {b}: {st.runs_alone(b)}" for b in st.batches)
@@ -488,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
              f"workers do not steal the cores from the next configuration in the round."
              if st.interleaved else "Interleaved timing skipped (--no-interleaved): n/a.")
     notes = (
-        f"Measured on {machine['label']}{where}; batch latency in ms, median (min–max).",
+        f"Measured on {bc.machine_label(prov)}{where}; batch latency in ms, median (min–max).",
         f"Alone (the headline): each configuration timed by itself, in its own block, one "
         f"block after another (ORT FP32, ORT INT8, TVM FP32, then ours): {st.alone_warmup} "
         f"warm-up runs, then the median of back-to-back timed runs ({runs}{slow}){passes}. "
@@ -515,14 +516,13 @@ def main(argv: list[str] | None = None) -> int:
     stem = bc.result_stem("speedup" + ("-int8" if args.int8_only else ""), args.quick)
     series = plot_series(results)
     png = args.out / f"{stem}.png"
-    skipped = bc.plot_latency_vs_size(series, png, f"latency vs size, {machine['label']}")
+    skipped = bc.plot_latency_vs_size(series, png, f"latency vs size, {bc.machine_label(prov)}")
     plot_note = f"plot: {png.name}" if skipped is None else f"plot skipped: {skipped}"
-    markdown += f"\n{plot_note}\n"
+    markdown += f"\n{plot_note}\n\n{bc.provenance_line(prov)}\n"
     bad = problems(results)
     wall = clock.seconds
-    data = {"command": " ".join(sys.argv), "machine": machine, "quick": args.quick,
+    data = {"provenance": prov, "quick": args.quick, "wall_seconds": wall,
             "settings": {k: v for k, v in vars(args).items() if k != "out"},
-            "wall_seconds": wall,
             "timing_method": {"headline": "alone", "alone": notes[1],
                               "interleaved": notes[3] if st.interleaved else None},
             "results": results, "tables": {

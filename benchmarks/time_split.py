@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"model": name, "batch": batch, **r})
             print(f"{name} b{batch}: {r['total_ms']:.2f} ms; kernels {r['kernels_ms']:.2f}, "
                   f"rest {r['rest_ms']:.2f}", flush=True)
-    lines = ["**Where the time goes (qcompile INT8, 2 threads)**", "",
+    prov = bc.provenance(None if argv is None else [__file__, *argv])
+    lines = [f"**Where the time goes (qcompile INT8, {bc.machine_label(prov)})**", "",
              "| model | batch | main, median ms | kernel sum ms (instrumented) | rest ms | rest share "
              "| largest rest items (ms) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -110,12 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         top = ", ".join(f"{k} {v}" for k, v in r["rest_top"][:3])
         lines.append(f"| {r['model']} | {r['batch']} | {r['total_ms']:.2f} | {r['kernels_ms']:.2f} "
                      f"| {r['rest_ms']:.2f} | {share:.0%} | {top} |")
-    lines += ["", f"- {bc.machine_info()['label']}; {a.rounds} rounds. `main`'s median also holds "
-              "the VM's own dispatch and allocation builtins, which neither column counts. Made "
-              "by `python benchmarks/time_split.py`.", ""]
+    lines += ["", f"- {a.rounds} rounds. `main`'s median also holds the VM's own dispatch and "
+              "allocation builtins, which neither column counts.", f"- {bc.provenance_line(prov)}", ""]
     md = "\n".join(lines)
-    return bc.finish(a.out, bc.result_stem("time-split"), {"rows": rows, "machine": bc.machine_info()},
-                     md, [], clock.seconds)
+    return bc.finish(a.out, bc.result_stem("time-split"), {"provenance": prov, "rounds": a.rounds,
+                                                           "rows": rows}, md, [], clock.seconds)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,16 @@ random, so only agreement with float is meaningful, not accuracy).
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-from qcompile import api, zoo
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_common as bc  # noqa: E402
+
+from qcompile import api, zoo  # noqa: E402
 
 SMALL = {"resnet18": 64, "resnet50": 64, "inceptionv3": 75, "mobilenetv2": 64}
 FULL = {"resnet18": 224, "resnet50": 224, "inceptionv3": 299, "mobilenetv2": 224}
@@ -28,8 +31,9 @@ def main() -> None:
     args = ap.parse_args()
     sizes = FULL if args.full_size else SMALL
     rows = []
-    print("| model | input | compile (s) | integer-only | bit-exact | top-1 agreement | SQNR (dB) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    md = ["| model | input | compile (s) | integer-only | bit-exact | top-1 agreement | SQNR (dB) |",
+          "| --- | --- | --- | --- | --- | --- | --- |"]
+    print("\n".join(md))
     with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in args.models:
@@ -43,11 +47,12 @@ def main() -> None:
                    "samples": ev.num_samples, "top1_agreement": ev.top1_agreement,
                    "sqnr_db": round(ev.sqnr_db, 2)}
             rows.append(row)
-            print(f"| {name} | {sizes[name]} | {secs:.1f} | {res.integer_only} | {ev.bit_exact} "
-                  f"({ev.num_samples} inputs) | {ev.top1_agreement:.3f} | {ev.sqnr_db:.1f} |",
-                  flush=True)
-    out = Path(__file__).parent / "results" / "zoo-exact.json"
-    out.write_text(json.dumps(rows, indent=1))
+            md.append(f"| {name} | {sizes[name]} | {secs:.1f} | {res.integer_only} | {ev.bit_exact} "
+                      f"({ev.num_samples} inputs) | {ev.top1_agreement:.3f} | {ev.sqnr_db:.1f} |")
+            print(md[-1], flush=True)
+    prov = bc.provenance()
+    bc.write_results(Path(__file__).parent / "results", "zoo-exact", {"provenance": prov, "rows": rows},
+                     "\n".join(md) + "\n\n" + bc.provenance_line(prov) + "\n")
 
 
 if __name__ == "__main__":

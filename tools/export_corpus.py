@@ -46,6 +46,9 @@ import numpy as np
 
 from qcompile.flags import cache_dir
 
+# What the exports depend on beyond bench_common's core and peer packages (recorded too).
+EXPORT_PACKAGES = ("torch", "torchvision", "timm", "efficientnet-lite-pytorch")
+
 DEFAULT_OUT = cache_dir("corpus")  # $QCOMPILE_CACHE_DIR/corpus
 SEED = 0
 
@@ -357,17 +360,6 @@ def export_entry(e: Entry, out: Path) -> dict[str, Any]:
     }
 
 
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-    out = {}
-    for d in ("torch", "torchvision", "timm", "onnx", "onnxruntime", "efficientnet-lite-pytorch"):
-        try:
-            out[d] = metadata.version(d)
-        except metadata.PackageNotFoundError:
-            out[d] = "not installed"
-    return out
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -415,7 +407,9 @@ def main() -> int:
               f"{len(rec['ops'])} op types, ort-vs-torch {rec['ort_vs_torch_max_abs']:.2e}, "
               f"{rec['export_seconds']} s", flush=True)
     order = {e.name: i for i, e in enumerate(corpus())}
-    manifest = {"format": 1, "seed": SEED, "versions": _versions(),
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_common import package_versions  # the one version helper (results' provenance)
+    manifest = {"format": 1, "seed": SEED, "versions": package_versions(EXPORT_PACKAGES),
                 "export": "torch.onnx.export(model.eval(), (x,), path, opset_version=OPSET, "
                           "dynamo=False); no simplification",
                 "models": sorted(records.values(), key=lambda r: order.get(r["name"], 1e9)),
