@@ -20,7 +20,8 @@ from .backends import backend_of, check_options
 from .build import build
 from .calibrate import FloatRunner, collect_stats
 from .readers import Reader, load_inputs, make_reader
-from .config import (VERIFY_INPUTS, AllocSpec, CalibSpec, Preprocess, QuantSpec,
+from . import fidelity as fid
+from .config import (VERIFY_INPUTS, AllocSpec, CalibSpec, FidelitySpec, Preprocess, QuantSpec,
                      precision_name, resolve_auto)
 from .errors import BuildError, UsageError, VerificationError
 from .flags import THREADS_ENV, error_line, tvm_threads, write_json
@@ -30,9 +31,10 @@ from .graph import Graph
 from .prepare import prepare
 from .qgraph import QGraph
 from .quantize import calibration_tensors, layer_bits, quantize_graph
-from .report import layer_table, render_card, render_plan
+from .report import layer_table, render_card, render_fidelity, render_plan
 from .runtime import Artifact, summarize_ms
 from .serialize import qgraph_to_json
+from .shipcheck import prove_shipped
 
 from .results import (AllocateResult, BenchResult, CompileResult, EvalResult, LayerFidelity,
                       ParetoResult, Verified)
@@ -42,17 +44,23 @@ if TYPE_CHECKING:  # meta-schedule is imported only when --tune asks for it
     from .tune import TuneReport
 
 
-def _front(model: Path, calib: CalibSpec, progress: bool, calibrate: bool = True
-           ) -> tuple[Graph, Reader, dict]:
+def _front(model: Path, calib: CalibSpec, progress: bool, calibrate: bool = True,
+           fidelity: FidelitySpec | None = None
+           ) -> tuple[Graph, Reader, dict, "fid.HeldOut | None"]:
     """1. Import: load, check, shape-infer, canonicalize (BN folding, fusion).
-    2. Calibrate activation ranges on the float model in onnxruntime (unless not asked)."""
+    2. Set aside the fidelity guard's held-out inputs (``fidelity``), if any.
+    3. Calibrate activation ranges on the float model in onnxruntime (unless not asked)."""
     calib, _ = resolve_auto(calib)
     proto = load_model(model, calib.preprocess.input_shape)
     graph = prepare(import_onnx(proto, batch=1, source=model.name))
+    held = (fid.hold_out(calib, fidelity, graph.input, graph.input_shape)
+            if fidelity is not None else None)
+    if held is not None:
+        calib = held.calib
     reader = make_reader(calib, graph.input, graph.input_shape)
     stats = (collect_stats(proto, calibration_tensors(graph), reader, calib.method, calib,
                            progress) if calibrate else {})
-    return graph, reader, stats
+    return graph, reader, stats, held
 
 
 def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm",
@@ -62,7 +70,8 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
                   alloc: AllocSpec = AllocSpec(), tune: int = 0,
                   input_shape: tuple[int, ...] | None = None,
                   plan: Mapping[str, int | str] | None = None,
-                  verify: int = VERIFY_INPUTS) -> CompileResult:
+                  verify: int = VERIFY_INPUTS,
+                  fidelity: FidelitySpec = FidelitySpec()) -> CompileResult:
     """ONNX file -> integer-only artifact directory (written atomically).
 
     ``arch`` picks the CUDA architecture for ``target="cuda"`` (``targets.CUDA_ARCHS``,
@@ -81,6 +90,12 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
     oracle before the artifact is moved into place (see :func:`verify_artifact`); a
     difference raises ``VerificationError`` and nothing is written. The manifest's
     ``verified`` records the result, or why it was skipped.
+
+    ``fidelity``: the guard. Its held-out inputs (``fidelity.hold_out``: never used for
+    calibration) run through the artifact and onnxruntime FP32; output SQNR, top-1
+    agreement and the layer of the sharpest SQNR drop go into the manifest and the card,
+    and an output SQNR under ``fidelity.min_sqnr_db`` raises ``FidelityError`` (nothing
+    is written).
     """
     t0 = time.perf_counter()
     calib, quant = resolve_auto(calib, quant)
@@ -93,7 +108,10 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
     tgt = backend.target(target, arch, None)
     check_output_dir(out_dir, protect=(model,))
     # 1-2. Import (load, check, shape-infer, canonicalize), calibrate in onnxruntime.
-    graph, reader, stats = _front(model, calib, progress, calibrate=not quant.equalize)
+    graph, reader, stats, held = _front(model, calib, progress, calibrate=not quant.equalize,
+                                        fidelity=fidelity)
+    if held is not None:
+        calib = held.calib
     if quant.equalize:  # re-calibrate: equalization rescales activation channels
         from .equalize import equalize_calibrated
         graph, stats = equalize_calibrated(graph, reader, calib, progress)
@@ -134,12 +152,13 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
         "calibration": {"method": calib.method, "source": calib.source,
                         "num_samples": min(calib.num_samples, len(reader))},
     }
-    verified = None
+    verified, fidelity_rec = None, None
     with atomic_dir(out_dir) as tmp:
         try:
             built.executable.export_library(str(tmp / "module.so"))
         except Exception as e:
             raise BuildError(f"export_library failed: {error_line(e)}") from e
+        prove_shipped(tmp / "module.so", built)  # the proof again, on the file that ships
         # weights.npz: the module's inputs (possibly packed for a kernel);
         # qgraph.npz: the quantized graph's own integers, the oracle's truth.
         np.savez(tmp / "weights.npz", **dict(lowered.params))
@@ -174,7 +193,7 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
             "intcheck": {"prim_funcs": len(built.intcheck.prim_funcs),
                          "stores": built.intcheck.stores,
                          "stages": list(built.intcheck.stages),  # Relax+TIR, codegen, asm
-                         "asm": built.intcheck.asm},
+                         "asm": built.intcheck.asm, "shipped": built.intcheck.shipped},
             "tune": _tune_json(built.tune),
             "compile_seconds": round(seconds, 2),
             "verified": None}
@@ -184,8 +203,27 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
             verified = verify_artifact(tmp, qg, x, tgt, source=source)
             manifest["verified"] = verified.to_json()
             write_json(tmp / "manifest.json", manifest)
+        if held is not None:  # 8. The model, not just the compiler: the fidelity guard.
+            fidelity_rec = _measure_fidelity(model, calib, qg, held, fidelity, tmp, tgt,
+                                             layers=not quant.equalize)
+            manifest["fidelity"] = fidelity_rec.to_json()
+            write_json(tmp / "manifest.json", manifest)
+            (tmp / "report.md").write_text(card + render_fidelity(fidelity_rec))
+            fid.check(fidelity_rec)  # raises FidelityError: atomic_dir discards it all
     n_layers = sum(n.op in ("qconv", "qdense") for n in qg.nodes)
-    return CompileResult(out_dir, seconds, built.intcheck.ok, n_layers, verified)
+    return CompileResult(out_dir, seconds, built.intcheck.ok, n_layers, verified, fidelity_rec)
+
+
+def _measure_fidelity(model: Path, calib: CalibSpec, qg: QGraph, held: fid.HeldOut,
+                      spec: FidelitySpec, art_dir: Path, target: tvm.target.Target,
+                      layers: bool) -> fid.Fidelity:
+    """The guard's measurement: the written artifact's integer core where it runs here
+    (bit-exact with the oracle, and fast), the oracle elsewhere."""
+    proto = load_model(model, calib.preprocess.input_shape)
+    run_core = (Artifact.load(art_dir).run_core
+                if backend_of(target).cannot_run_here(target) is None else None)
+    return fid.measure(proto, qg, held.inputs(), held.source, min_sqnr_db=spec.min_sqnr_db,
+                       run_core=run_core, layers=layers)
 
 
 def _verify_inputs(qg: QGraph, reader: Reader, calib: CalibSpec, n: int
@@ -278,12 +316,6 @@ def run_artifact(art_dir: str | Path, x: np.ndarray) -> np.ndarray:
     return Artifact.load(art_dir).run(x)
 
 
-def _sqnr_db(signal: float, noise: float) -> float:
-    if noise == 0:
-        return float("inf")
-    return float(10 * np.log10(max(signal, 1e-30) / noise))
-
-
 def evaluate(model: str | Path, art_dir: str | Path, *, data: str | None = None,
              num_samples: int = 64, preprocess: Preprocess | None = None, progress: bool = True,
              inputs: np.ndarray | None = None, labels: np.ndarray | None = None,
@@ -307,9 +339,8 @@ def evaluate(model: str | Path, art_dir: str | Path, *, data: str | None = None,
     layer_names = [n.output for n in qg.nodes]
     fixed = art.qconfig["preprocess"].get("input_shape")
     runner = FloatRunner(load_model(model, fixed), layer_names)
-    sig: dict[str, float] = {}
-    err: dict[str, float] = {}
-    bit_exact, agree, correct, fcorrect = True, 0, 0, 0
+    tally = fid.Tally()
+    bit_exact, correct, fcorrect = True, 0, 0
     bar = tqdm(total=len(inputs), desc="evaluate", unit="sample", disable=None if progress else True)
     for i in range(0, len(inputs), batch_size):
         x = inputs[i:i + batch_size].astype(np.float32)
@@ -317,18 +348,9 @@ def evaluate(model: str | Path, art_dir: str | Path, *, data: str | None = None,
         diff, ref = _oracle_diff(art, qg, x, keep=True)
         bit_exact &= diff is None
         fl = runner.run(x)
-        for name in layer_names:
-            if name not in fl:
-                continue
-            f = fl[name].astype(np.float64)
-            d = qg.tensors[name].dequantize(ref[name])
-            sig[name] = sig.get(name, 0.0) + float((f ** 2).sum())
-            err[name] = err.get(name, 0.0) + float(((f - d) ** 2).sum())
-        y_float = fl[qg.output.name]
-        y_q = qg.output.dequantize(ref["output"])
-        # per sample: the fraction of output positions (1 for logits) whose argmax agrees
-        same = (y_float.argmax(1) == y_q.argmax(1)).reshape(len(x), -1)
-        agree += float(same.mean(axis=1).sum())
+        tally.add_layers(qg, fl, ref, (n for n in layer_names if n != qg.output.name))
+        y_float, y_q = fl[qg.output.name], qg.output.dequantize(ref["output"])
+        tally.add_output(y_float, y_q, qg.output.name)
         if labels is not None:
             lab = labels[i:i + batch_size]
             correct += int((y_q.argmax(1) == lab).sum())
@@ -336,12 +358,11 @@ def evaluate(model: str | Path, art_dir: str | Path, *, data: str | None = None,
     bar.close()
     n = len(inputs)
     return EvalResult(
-        bit_exact, bool(art.manifest.get("integer_only")), agree / n,
-        _sqnr_db(sig[qg.output.name], err[qg.output.name]), n,
+        bit_exact, bool(art.manifest.get("integer_only")), tally.agree / n,
+        tally.sqnr(qg.output.name), n,
         data or ("arrays" if labels is not None else "synthetic"),
-        tuple(LayerFidelity(node.name, node.output, node.op,
-                            _sqnr_db(sig[node.output], err[node.output]))
-              for node in qg.nodes if node.output in sig),
+        tuple(LayerFidelity(node.name, node.output, node.op, tally.sqnr(node.output))
+              for node in qg.nodes if node.output in tally.sig),
         accuracy=correct / n if labels is not None else None,
         float_accuracy=fcorrect / n if labels is not None else None)
 
@@ -416,7 +437,7 @@ def sensitivity_model(model: str | Path, *, method: str = "hessian", calib: Cali
     from .sensitivity import compute_sensitivity
 
     model = Path(model)
-    graph, reader, _ = _front(model, calib, progress, calibrate=False)
+    graph, reader, _, _ = _front(model, calib, progress, calibrate=False)
     x = gather_inputs(reader, num_samples)
     return compute_sensitivity(graph, model.read_bytes(), x, method=method, bits=(4, 8),
                                progress=progress)
@@ -443,7 +464,7 @@ def allocate_model(model: str | Path, *, target: str = "llvm", arch: str | None 
     backend = check_options(target, arch)
     tgt = backend.target(target, arch, None)
     _, quant = resolve_auto(calib, quant)  # the rounding compile would use ranks the layers
-    graph, reader, stats = _front(model, calib, progress)
+    graph, reader, stats, _ = _front(model, calib, progress)
     a = allocate_bits(graph, model.read_bytes(), reader, stats, tgt, spec=alloc, quant=quant,
                       batch=batch, progress=progress)
     swept = None

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-EXIT_USAGE, EXIT_ARTIFACT, EXIT_DEVICE, EXIT_PYTHON = 2, 7, 9, 12
+EXIT_USAGE, EXIT_ARTIFACT, EXIT_DEVICE, EXIT_PYTHON, EXIT_INPUT = 2, 7, 9, 12, 14
 
 # Runtime-only TVM from this folder, before any other tvm on the path.
 os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
@@ -88,8 +88,11 @@ def _run(args: argparse.Namespace) -> None:
         x = np.load(args.input, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise BundleError(f"--input {args.input}: not a readable .npy file ({e})", EXIT_USAGE)
+    import qloader
     try:
         y = model.run(x)
+    except qloader.BadInputError as e:
+        raise BundleError(f"--input {args.input}: {e}", EXIT_INPUT) from None
     except Exception as e:  # the loader's shape check, TVM errors: one line
         raise BundleError(f"{str(e).splitlines()[0]}", EXIT_ARTIFACT) from None
     tmp = Path(args.output).with_name(Path(args.output).name + ".tmp.npy")

@@ -23,10 +23,11 @@ import numpy as np
 
 from . import __version__
 from .artifact import check_output_dir
-from .config import AUTO, ROUNDINGS, VERIFY_INPUTS, CalibSpec, QuantSpec
+from .config import AUTO, ROUNDINGS, VERIFY_INPUTS, CalibSpec, FidelitySpec, QuantSpec
 from .cli_options import (QCompileCommand, alloc_options, alloc_spec, alloc_unless_dry_run,
                           arch_option, calib_options,
-                          data_option, preprocess, preprocess_options, sensitivity_options)
+                          data_option, fidelity_options, preprocess, preprocess_options,
+                          sensitivity_options)
 from .flags import atomic_open, debug, one_line
 from .results import EvalResult
 from .errors import ArtifactError, BadModelError, DataError, QCompileError, UsageError
@@ -237,6 +238,7 @@ def zoo_cmd(name: str | None, output: str | None, list_: bool, input_size: int |
                    "integer oracle and require them bit-exact (exit 11 otherwise); recorded in the "
                    "manifest's `verified`. Skipped, with a note, for --target cuda without "
                    "a GPU of the --arch.")
+@fidelity_options
 @alloc_options
 @preprocess_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
@@ -244,8 +246,8 @@ def compile_cmd(model: str, out: str, target: str, arch: str | None, bits: str, 
                 calib_samples: int, calibrator: str, percentile: float, batch: int,
                 kernels: bool, tune: int,
                 equalize: bool, bias_correction: bool, rounding: str, verify: bool,
-                size: int | None, resize: int, mean: str | None, std: str | None,
-                layout: str | None, input_shape: str | None,
+                min_sqnr: float, fidelity_samples: int, size: int | None, resize: int,
+                mean: str | None, std: str | None, layout: str | None, input_shape: str | None,
                 quiet: bool, budget_latency: str | None, budget_size: str | None, budget_bops: str | None,
                 pins: tuple[str, ...], pin_dry_run: bool, sens_method: str,
                 sensitivity_samples: int) -> None:
@@ -255,6 +257,7 @@ def compile_cmd(model: str, out: str, target: str, arch: str | None, bits: str, 
     layers' sensitivity and their latency measured on the target."""
     # Step 1. Everything cheap first: no TVM import or calibration before this passes.
     check_options(target, arch, tune=tune)
+    fidelity = FidelitySpec(min_sqnr, fidelity_samples)
     model_path, out_path = _check_model(model), Path(out)
     alloc = alloc_unless_dry_run(model_path, alloc_spec(budget_latency, budget_size, budget_bops,
                                                          pins, sens_method, sensitivity_samples),
@@ -272,7 +275,8 @@ def compile_cmd(model: str, out: str, target: str, arch: str | None, bits: str, 
     res = _api().compile_model(model_path, out_path, target=target, arch=arch, quant=quant,
                                calib=calib_spec, progress=not quiet, batch=batch, kernels=kernels,
                                alloc=alloc, tune=tune,
-                               verify=VERIFY_INPUTS if verify else 0)
+                               verify=VERIFY_INPUTS if verify else 0,
+                               fidelity=fidelity)
     if not quiet:
         core = "integer-only" if res.integer_only else "NOT integer-only"
         v = res.verified
@@ -282,6 +286,8 @@ def compile_cmd(model: str, out: str, target: str, arch: str | None, bits: str, 
         click.echo(f"compiled {model} -> {res.out_dir} in {res.compile_seconds:.1f} s "
                    f"({res.num_layers} layers, {core}, {checked}); "
                    f"see {Path(res.out_dir) / 'report.md'}")
+        if res.fidelity is not None:
+            click.echo(f"fidelity: {res.fidelity.line()}")
 
 
 @main.command("allocate")

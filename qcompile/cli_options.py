@@ -9,6 +9,7 @@ from typing import Any, Callable
 import click
 
 from .config import (AUTO, CALIBRATORS, LAYOUTS, SENSITIVITY_METHODS, AllocSpec, CalibSpec,
+                     FidelitySpec,
                      Preprocess, parse_shape)
 from .errors import UsageError
 from .targets import CUDA_ARCHS, DEFAULT_ARCH
@@ -153,6 +154,16 @@ calib_options = _options(
                  metavar="P", help="Used by --calibrator percentile."))
 
 # The sensitivity measure (compile, allocate, sensitivity).
+fidelity_options = _options(
+    click.option("--min-sqnr", type=float, default=FidelitySpec().min_sqnr_db, show_default=True,
+                 metavar="DB", help="Fidelity guard: refuse (exit 13, nothing written) when "
+                 "the output SQNR against onnxruntime FP32 on held-out inputs is under DB; "
+                 "0 records it without refusing."),
+    click.option("--fidelity-samples", type=click.IntRange(min=0),
+                 default=FidelitySpec().samples, show_default=True, metavar="N",
+                 help="Held-out inputs the guard runs: --data samples past --calib-samples, "
+                      "else a quarter of them held back from calibration (0: no guard)."),
+)
 sensitivity_options = _options(
     click.option("--sensitivity", "sens_method", type=click.Choice(SENSITIVITY_METHODS),
                  default="hessian", show_default=True,

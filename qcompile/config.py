@@ -85,6 +85,32 @@ class CalibSpec:
             raise UsageError(f"--percentile must be in (50, 100], got {self.percentile}")
 
 
+#: compile's fidelity floor (output SQNR against onnxruntime FP32, dB). An output that is
+#: all zeros, or constant, scores 0 dB; noise as strong as the signal scores 0 dB too. The
+#: weakest healthy INT8 models measured so far sit near 7 dB (timm repvgg_a0 with seeded
+#: weights on synthetic inputs: 6.9 dB at 100% top-1 agreement; a trained PP-LCNet on
+#: natural images: 6.8 dB), so 3 dB refuses a dead network and leaves them a 4 dB margin.
+MIN_SQNR_DB = 3.0
+#: Held-out samples the guard runs by default (output metrics on all, layers on 2).
+FIDELITY_SAMPLES = 8
+
+
+@dataclass(frozen=True)
+class FidelitySpec:
+    """compile's fidelity guard: ``samples`` held-out inputs (0: not measured) and the
+    output SQNR floor in dB (0: measured and recorded, never refused)."""
+
+    min_sqnr_db: float = MIN_SQNR_DB
+    samples: int = FIDELITY_SAMPLES
+
+    def __post_init__(self) -> None:
+        if not np.isfinite(self.min_sqnr_db) or self.min_sqnr_db < 0:
+            raise UsageError(f"--min-sqnr must be a finite number >= 0 (dB), got "
+                             f"{self.min_sqnr_db}")
+        if self.samples < 0:
+            raise UsageError(f"--fidelity-samples must be >= 0, got {self.samples}")
+
+
 WIDTHS: tuple[int, ...] = (4, 8)
 
 

@@ -73,9 +73,23 @@ class VerificationError(QCompileError):
     exit_code = 11
 
 
+class FidelityError(QCompileError):
+    """The compiled model is unfaithful to the float model (output SQNR under
+    ``--min-sqnr`` on held-out inputs): refused, nothing written."""
+
+    exit_code = 13
+
+
+class NonFiniteInputError(QCompileError):
+    """An input to run holds NaN or Inf values."""
+
+    exit_code = 14
+
+
 EXIT_CODES: dict[str, int] = {
     cls.__name__: cls.exit_code
     for cls in (UsageError, BadModelError, UnsupportedOpError, BuildError,
                 DataError, ArtifactError, InfeasibleBudgetError, DeviceError,
-                AccumulatorOverflowError, VerificationError)
+                AccumulatorOverflowError, VerificationError, FidelityError,
+                NonFiniteInputError)
 }

@@ -38,6 +38,19 @@ class NoDeviceError(LoadError):
     """The artifact needs a GPU this machine lacks."""
 
 
+class BadInputError(LoadError):
+    """An input the model cannot take: NaN or Inf values (onnxruntime would propagate
+    them; the integer core cannot represent them, so it refuses rather than guess)."""
+
+
+def check_finite(x: np.ndarray, error: type[Exception] = BadInputError) -> None:
+    """Refuse a float input holding NaN or Inf, in one line that counts them."""
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        nan, inf = int(np.isnan(x).sum()), int(np.isinf(x).sum())
+        raise error(f"the input holds {nan} NaN and {inf} Inf value(s) of {x.size}; the "
+                    "integer model takes finite floats only: clean or mask them first")
+
+
 def _preload_cuda(cudart_dirs: tuple[Path, ...] = ()) -> None:
     """Make CUDA modules loadable under the runtime-only library.
 
@@ -102,11 +115,13 @@ class Model:
     device: Any
     # Subclasses raise their own error types (qcompile's carry exit codes).
     error: type[Exception] = field(default=LoadError, repr=False)
+    input_error: type[Exception] = field(default=BadInputError, repr=False)
 
     @classmethod
     def open(cls, path: str | Path, *, weights: str | Path | None = None,
              cudart_dirs: tuple[Path, ...] = (), error: type[Exception] = LoadError,
-             device_error: type[Exception] = NoDeviceError, **extra: Any) -> "Model":
+             device_error: type[Exception] = NoDeviceError,
+             input_error: type[Exception] = BadInputError, **extra: Any) -> "Model":
         """``path`` holds manifest.json and module.so; ``weights`` defaults to its weights.npz."""
         path = Path(path)
         wfile = Path(weights) if weights is not None else path / "weights.npz"
@@ -138,7 +153,7 @@ class Model:
             raise error(f"{path}/module.so failed to load: {str(e).splitlines()[0]}") from e
         vm = VirtualMachine(lib, dev)
         params = [tvm.runtime.tensor(arrays[k], dev) for k in manifest["params"]]
-        return cls(path, manifest, vm, params, arrays, dev, error, **extra)
+        return cls(path, manifest, vm, params, arrays, dev, error, input_error, **extra)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -177,10 +192,14 @@ class Model:
         return np.ascontiguousarray(x)
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """Float input batch -> float output (quantize, integer core, dequantize)."""
+        """Float input batch -> float output (quantize, integer core, dequantize).
+        NaN or Inf in ``x`` raises ``input_error`` (the compiled ``main`` called directly
+        would map them to some integer silently, see docs)."""
+        check_finite(x, self.input_error)
         return self._chunked("main", self._check(x.astype(np.float32, copy=False)))
 
     def quantize(self, x: np.ndarray) -> np.ndarray:
+        check_finite(x, self.input_error)
         return self._chunked("quantize", self._check(x.astype(np.float32, copy=False)))
 
     def run_core(self, q: np.ndarray) -> np.ndarray:

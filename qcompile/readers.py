@@ -264,6 +264,13 @@ def make_reader(spec: CalibSpec, input_name: str, input_shape: tuple[int, ...]) 
                  spec.num_samples, spec.batch_size, spec.seed)
 
 
+def open_source(source: str, p: Preprocess, input_name: str, input_shape: Sequence[int],
+                limit: int | None, batch_size: int = 64) -> Reader:
+    """A reader over a folder's or file's samples in order (all of them when ``limit`` is
+    None): what compile's fidelity guard counts and holds back."""
+    return _open(source, p, input_name, input_shape, limit, batch_size, 0)
+
+
 def load_inputs(source: str, p: Preprocess, input_shape: tuple[int, ...], limit: int) -> np.ndarray:
     """All samples of ``source`` stacked to (N, ...) float32, for evaluation.
     ``limit`` > 0 caps N; 0 means every sample in the folder (not allowed for synthetic)."""

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .qgraph import QGraph
+
+if TYPE_CHECKING:
+    from .fidelity import Fidelity
 
 ACC_LIMIT = (1 << 31) - 1  # the quantizer refuses a layer whose bound exceeds this
 
@@ -103,6 +106,23 @@ def render_card(qg: QGraph, meta: dict[str, Any]) -> str:
                      f"| {log2:.1f} | {31 - log2:.1f} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def render_fidelity(f: "Fidelity") -> str:
+    """The card's fidelity section: what compile's guard measured, in eval's words."""
+    floor = (f"the guard refuses under {f.min_sqnr_db:g} dB, `--min-sqnr`" if f.min_sqnr_db > 0
+             else "guard off (`--min-sqnr 0`)")
+    lines = ["", "## Fidelity against the float model", "",
+             f"Measured at compile time on {f.samples} {f.source}, against onnxruntime FP32 "
+             f"({floor}).", "",
+             "| measure | value |", "| --- | --- |",
+             f"| output SQNR | {f.sqnr_db:.1f} dB |",
+             f"| top-1 agreement | {f.top1_agreement:.1%} |"]
+    d = f.sharpest_drop
+    if d is not None:
+        lines.append(f"| sharpest per-layer drop ({f.layer_samples} samples) | `{d.name}` "
+                     f"({d.op}): {d.input_sqnr_db:.1f} -> {d.sqnr_db:.1f} dB |")
+    return "\n".join(lines) + "\n"
 
 
 def render_plan(plan: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 if TYPE_CHECKING:
     from .bitplan import Allocation
+    from .fidelity import Fidelity
 
 
 class _Record:
@@ -41,6 +42,7 @@ class CompileResult:
     integer_only: bool
     num_layers: int
     verified: Verified | None = None  # None: --no-verify
+    fidelity: "Fidelity | None" = None  # None: no guard (--fidelity-samples 0)
 
 
 @dataclass(frozen=True)

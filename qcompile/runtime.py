@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ArtifactError, DeviceError
+from .errors import ArtifactError, DeviceError, NonFiniteInputError
 from .loader import Model, summarize_ms
 from .qgraph import QGraph
 from .serialize import qgraph_from_json
@@ -32,7 +32,8 @@ class Artifact(Model):
             raise ArtifactError(f"{path} is not a qcompile artifact (missing {', '.join(missing)}); "
                                 "create one with `qcompile compile MODEL -o DIR`")
         qconfig = json.loads((path / "qconfig.json").read_text())
-        art = cls.open(path, error=ArtifactError, device_error=DeviceError, qconfig=qconfig)
+        art = cls.open(path, error=ArtifactError, device_error=DeviceError,
+                       input_error=NonFiniteInputError, qconfig=qconfig)
         assert isinstance(art, Artifact)
         return art
 

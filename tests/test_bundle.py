@@ -83,14 +83,19 @@ def test_bundle_errors_are_one_line(arts, numpy_only_python, tmp_path) -> None:
     b = tmp_path / "b"
     make_bundle([arts["r18-b1"], arts["r18-b2"]], b)
     np.save(tmp_path / "bad.npy", np.zeros((1, 3, SIZE + 1, SIZE), np.float32))
+    nan = np.zeros((1, 3, SIZE, SIZE), np.float32)
+    nan[0, 0, 0, :2] = [np.nan, np.inf]
+    np.save(tmp_path / "nan.npy", nan)
     cases = {
         2: ["--input", str(tmp_path / "bad.npy"), "--output", str(tmp_path / "y.npy")],  # which model?
         7: ["--model", "r18-b1", "--input", str(tmp_path / "bad.npy"), "--output", str(tmp_path / "y.npy")],
+        14: ["--model", "r18-b1", "--input", str(tmp_path / "nan.npy"), "--output", str(tmp_path / "y.npy")],
     }
     for code, args in cases.items():
         r = _run(numpy_only_python, str(b / "run.py"), *args)
         assert r.returncode == code, r.stderr
         assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+        assert code != 14 or "1 NaN and 1 Inf" in r.stderr, r.stderr
         assert not (tmp_path / "y.npy").exists()
     r = _run(numpy_only_python, str(b / "run.py"), "--model", "nope", "--list")
     assert r.returncode == 0 and "r18-b2" in r.stdout
