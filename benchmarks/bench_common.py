@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -86,7 +87,7 @@ def revision(state: Mapping[str, Any] | None = None) -> str:
     """``<short sha>`` or ``<short sha>+dirty``: what a row or a Markdown line names."""
     st = git_state() if state is None else state
     commit = str(st.get("commit", UNRECORDED))
-    short = commit[:7] if commit != UNRECORDED else commit
+    short = commit[:7] if re.fullmatch(r"[0-9a-f]{40}", commit) else commit
     return short + ("+dirty" if st.get("dirty") is True else "")
 
 
@@ -200,9 +201,12 @@ def provenance_line(p: Mapping[str, Any]) -> str:
     v, th = p["versions"], p["threads"]
     dirty = "" if isinstance(p.get("dirty"), bool) else f" (dirty: {p.get('dirty')})"
     peers = "".join(f", {k} {x}" for k, x in v.items() if k not in (*CORE_PACKAGES, "python"))
+    flags = p["cpu"]["flags"]
+    on = ", ".join(f for f, x in flags.items() if x is True) or (
+        "none" if all(isinstance(x, bool) for x in flags.values()) else UNRECORDED)
     return (f"Provenance{' (reconstructed)' if p.get('reconstructed') else ''}: "
             f"`{p['command']}` at {revision(p)}{dirty}, {p['date']}; {machine_label(p)} "
-            f"(CPU flags: {', '.join(f for f, on in p['cpu']['flags'].items() if on is True) or 'none'}; "
+            f"(CPU flags: {on}; "
             f"AMX {p['cpu'].get('amx', UNRECORDED)}); threads: {th.get('cpu_count')} CPUs, "
             f"TVM_NUM_THREADS={th.get('tvm_num_threads')}, onnxruntime intra-op: "
             f"{th.get('ort_intra_op_threads')}; qcompile {v.get('qcompile')}, TVM {v.get('tvm')}, "
