@@ -21,15 +21,21 @@ from tqdm import tqdm
 
 from .config import CalibSpec
 from .errors import BadModelError, DataError, UsageError
+from .quantize import MIN_THRESHOLD
 
 from .readers import Reader
 
 _DEGENERATE_T = 1.0
-_TINY = 1e-12
 
 
-def _finish(t: float) -> float:
-    return float(t) if np.isfinite(t) and t > _TINY else _DEGENERATE_T
+def _finish(t: float, top: float) -> float:
+    """The rule's threshold ``t``; where it is not positive (a percentile of a tensor that
+    is 0 almost everywhere) the exact bound ``top``; the neutral 1.0 only for a tensor
+    that is 0 everywhere (its range does not matter then: every value is the code 0)."""
+    for v in (t, top):
+        if np.isfinite(v) and v > 0:
+            return max(float(v), MIN_THRESHOLD)
+    return _DEGENERATE_T
 
 
 class Observer(abc.ABC):
@@ -47,6 +53,10 @@ class Observer(abc.ABC):
             self.max = float(np.maximum(self.max, np.max(x)))
             self.count += x.size
 
+    def top(self, signed: bool) -> float:
+        """The exact bound: max|x| (signed) or max(x) (unsigned)."""
+        return max(-self.min, self.max) if signed else self.max
+
     @abc.abstractmethod
     def threshold(self, signed: bool, bits: int) -> float:
         """Clipping threshold T > 0 (finite); the quantizer uses scale = T / qmax with
@@ -63,7 +73,7 @@ class MinMaxObserver(Observer):
     def threshold(self, signed: bool, bits: int) -> float:
         if not self.count:
             return _DEGENERATE_T
-        return _finish(max(-self.min, self.max) if signed else self.max)
+        return _finish(self.top(signed), 0.0)
 
 
 class _SampledObserver(Observer):
@@ -105,7 +115,7 @@ class _SampledObserver(Observer):
             return _DEGENERATE_T
         key = (signed, bits)
         if key not in self._cache:
-            self._cache[key] = _finish(self._threshold(signed, bits))
+            self._cache[key] = _finish(self._threshold(signed, bits), self.top(signed))
         return self._cache[key]
 
     @abc.abstractmethod
@@ -147,13 +157,15 @@ class MSEObserver(_SampledObserver):
         return cls(seed=spec.seed)
 
     def _threshold(self, signed: bool, bits: int) -> float:
-        top = max(-self.min, self.max) if signed else self.max
-        if not np.isfinite(top) or top <= _TINY:
+        top = self.top(signed)
+        if not np.isfinite(top) or top <= 0:
             return top
-        a = self._buf
+        # Searched on x / top, so the choice does not depend on the tensor's magnitude
+        # (float32 squares of values near 1e-20 would underflow to 0 for every candidate).
+        a = (self._buf / np.float32(top)).astype(np.float32)
         qmax = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
         qmin = np.float32(-qmax - 1 if signed else 0)
-        cands = top * np.arange(1, self.grid + 1, dtype=np.float64) / self.grid
+        cands = np.arange(1, self.grid + 1, dtype=np.float64) / self.grid
         buf = np.empty_like(a)
         errs = np.empty(len(cands))
         for i, t in enumerate(cands):
@@ -165,7 +177,7 @@ class MSEObserver(_SampledObserver):
             buf *= s
             buf -= a
             errs[i] = float(np.dot(buf, buf))
-        return float(cands[int(np.argmin(errs))])
+        return float(top * cands[int(np.argmin(errs))])
 
 
 OBSERVERS: dict[str, Callable[[CalibSpec], Observer]] = {
