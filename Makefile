@@ -87,7 +87,9 @@ bench-gptq: venv
 # GitHub issue 9: real-world ONNX models. `make corpus` exports the corpus (raw torch
 # exports of torchvision/timm models, cached under ~/.cache/qcompile/corpus) and compiles,
 # checks and times each one; QUICK=1 for a representative subset. Torch first (the CPU
-# wheel), torchvision without its deps (they name the CUDA torch; see DATA.md).
+# wheel), torchvision without its deps (they name the CUDA torch; see DATA.md). The run
+# refuses a tree with uncommitted changes: its rows must name one commit (BENCH_ARGS=
+# --allow-dirty runs anyway and marks every row +dirty).
 corpus: venv
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet --no-deps torchvision==0.28.0
