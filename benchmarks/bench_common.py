@@ -153,7 +153,8 @@ def command_line(argv: Sequence[str] | None = None) -> str:
     args = [str(a) for a in (sys.argv if argv is None else argv)]
     if args and args[0].endswith(".py"):
         p = Path(args[0]).resolve()
-        args[0] = str(p.relative_to(REPO)) if p.is_relative_to(REPO) else args[0]
+        inside = (REPO / "qcompile").is_dir() and p.is_relative_to(REPO)  # not in a bundle
+        args[0] = str(p.relative_to(REPO)) if inside else args[0]
         return "python " + shlex.join(args)
     return shlex.join(args)
 
@@ -180,8 +181,8 @@ def provenance(argv: Sequence[str] | None = None, *, peers: Sequence[str] = (),
     if built is not None:
         out["built"] = dict(built)
         if out["commit"] == UNRECORDED:
-            out["commit"] = built.get("commit", UNRECORDED)
-            out["dirty"] = built.get("dirty", UNRECORDED)
+            for k, default in (("commit", UNRECORDED), ("dirty", UNRECORDED), ("dirty_paths", [])):
+                out[k] = built.get(k, default)
     return out
 
 
