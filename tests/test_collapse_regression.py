@@ -25,12 +25,13 @@ import pytest
 from onnx import helper
 
 from onnx_builders import conv_node, init, make_model, rng, run_ort
-from qcompile import reference
+from qcompile import gptq, reference
 from qcompile.bitplan import gather_inputs
 from qcompile.calibrate import (MinMaxObserver, MSEObserver, Observer, PercentileObserver,
                                 collect_stats)
 from qcompile.config import CalibSpec, QuantSpec
 from qcompile.gptq import gptq_graph
+from qcompile.graph import Node
 from qcompile.onnx_import import import_onnx
 from qcompile.prepare import prepare
 from qcompile.quantize import calibration_tensors, layer_bits, quantize_graph
@@ -132,3 +133,29 @@ def test_sparse_tensor_keeps_its_range() -> None:
     z = PercentileObserver(99.99)
     z.update(np.zeros(10, np.float32))  # identically 0: any range is exact
     assert z.threshold(True, 8) == 1.0
+
+
+@pytest.mark.parametrize("group", [1, 6])
+def test_gptq_does_not_depend_on_the_input_magnitude(group: int) -> None:
+    """GPTQ's damping and the compensation's ridge are relative to the layer's own H:
+    inputs 2^-40 (~1e-12) times smaller give the same integers and scales, and a bias
+    2^-40 times smaller (the output scales with the input).  An absolute floor of 1e-12
+    on the damping swamped H ~ 1e-24 there: GPTQ became round-to-nearest and the
+    compensation vanished."""
+    r = rng(3)
+    w = r.normal(0, 1, (12, 6 // group, 3, 3)).astype(np.float32)
+    b = r.normal(0, 1, 12).astype(np.float32)
+    node = Node("conv", "c", ("x",), "y", {"strides": (1, 1), "pads": (1, 1, 1, 1),
+                                           "dilations": (1, 1), "group": group, "act": None},
+                {"w": w, "b": b})
+    z = r.normal(0, 1, (16, 6, 10, 10))
+    xf = (z + np.roll(z, 1, axis=2) + 0.5).astype(np.float32)  # correlated, mean > 0
+    x = (xf + 0.1 * r.normal(0, 1, xf.shape)).astype(np.float32)  # upstream error
+    m = gptq.layer_moments(node, x, xf)
+    c = 2.0 ** -40  # exact in float64: the scaled moments are the same numbers
+    assert m.fx is not None
+    small = gptq.Moments(m.xx * c * c, m.mean * c, m.fx * c * c, m.mean_f * c)
+    q, s, bias = gptq.round_corrected(w, b, m, 4)
+    q2, s2, bias2 = gptq.round_corrected(w, b * c, small, 4)
+    assert np.array_equal(q, q2) and np.allclose(s, s2, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(bias2, bias * c, rtol=1e-9)
