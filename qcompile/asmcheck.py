@@ -1,10 +1,13 @@
 """Second line of evidence for the integer-only proof: scan the generated code.
 
 x86: the LLVM module's assembly (``inspect_source("asm")``) is split into
-functions (``.type NAME,@function``).  The core's functions are, for each PrimFunc
-reachable from Relax ``core``, ``__tvm_ffi_<name>``, ``<name>_compute_`` and the
-``.L__tvm_parallel_lambda*`` bodies they reference.  Every instruction of those is
-classified:
+functions (``.type NAME,@function``); ``compile`` then scans the exported ``module.so``
+the same way (``shipcheck``: objdump's disassembly, read by the same line grammar).  The
+core's functions are, for each PrimFunc reachable from Relax ``core``,
+``__tvm_ffi_<name>``, ``<name>_compute_`` and the ``.L__tvm_parallel_lambda*`` bodies
+they reference.  Every token of every instruction line of those is classified
+(:func:`classify_line`: prefixes such as ``{evex}`` and ``lock``, the mnemonic, each
+operand; a line it cannot read fails), the mnemonic so:
 
 * x87 (any mnemonic starting with ``f``): float, rejected;
 * any conversion ``cvt*``/``vcvt*`` (all x86 conversions have a float side): rejected;
@@ -41,12 +44,13 @@ estimate plus an exact integer fix-up.  The core's divisors are compile-time con
 (static shapes), so it does not occur; should it appear, the build fails and the
 sequence must be allow-listed here by name, with the reason.
 
-The scan is skipped (and says so in the manifest) when ``cuobjdump``/``nvdisasm`` are
-absent; a float opcode in a core kernel fails the build.  The boundary kernels
+Without ``cuobjdump``/``nvdisasm`` (the ``cuda`` extra) the CUDA build is refused; a
+float opcode in a core kernel fails the build.  The boundary kernels
 (``quantize``, ``dequantize``, softmax) are float by design and are not scanned.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,6 +88,23 @@ SASS_ALLOWED: frozenset[str] = frozenset()
 # "/*0450*/  @!P0 FFMA.FTZ R1, ..." -> FFMA (the opcode before its modifiers)
 _SASS_INSN = re.compile(r"/\*[0-9a-fA-F]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
 
+# The x86 line grammar of classify_line (AT&T, as objdump and LLVM print it).
+_OTHER_FLOAT = re.compile(r"^(pf|pi2f|v?p?dpph|.*bf16$)")  # 3DNow!, AVX10.2 fp16/bf16 math
+_PREFIX = re.compile(r"^(lock|rep|repn?[ez]|data(16|32)|addr(16|32)|[c-gs]s|notrack|bnd"
+                     r"|xacquire|xrelease|rex(64|\.[wrxb]+)?"
+                     r"|\{(vex[23]?|evex|rex2?|disp(8|16|32)|load|store|nf|nooverride)\})$")
+_COMMA = re.compile(r",(?![^(]*\))(?![^{]*\})(?![^<]*>)")
+_SPACE_BRACE = re.compile(r"\s+(?=\{)")
+_MNEMONIC = re.compile(r"^[a-z][a-z0-9]*(\.s)?(,p[nt])?$")
+_REG = (r"%(?:[re]?(?:ax|bx|cx|dx|si|di|bp|sp|ip)|[abcd][lh]|(?:si|di|bp|sp)l|[re]iz"
+        r"|r(?:[89]|[12][0-9]|3[01])[bwdl]?|[c-gs]s|[xyz]mm(?:[12]?[0-9]|3[01])|k[0-7]"
+        r"|tmm[0-7]|mm[0-7]|bnd[0-3]|[cd]r[0-9]+|st(?:\([0-7]\))?)")
+_NUM = r"-?(?:0x[0-9a-f]+|[0-9]+)"
+_DISP = rf"(?:{_NUM}|[A-Za-z_.$][\w.$@]*(?:[+-](?:0x[0-9a-f]+|[0-9]+))*)"  # or symbol+off
+_MEM = (rf"(?:%[c-gs]s:)?(?:{_DISP}?\((?:{_REG})?(?:,{_REG}(?:,[1248])?)?\)|{_DISP})")
+_OPERAND = re.compile(rf"\*?(?:{_REG}|\${_DISP}|{_MEM}|[0-9a-f]+ <[^<>]+>)"
+                      rf"(?:\{{(?:%k[0-7]|z|1to[0-9]+)\}})*|\{{(?:r[nduz]-)?sae\}}")
+
 _TYPE = re.compile(r"^\s*\.type\s+([^,\s]+),@function")
 _LAMBDA_REF = re.compile(r"(\.L__tvm_parallel_lambda[\w.]*)")
 
@@ -96,6 +117,7 @@ class AsmReport:
     instructions: int = 0
     violations: list[str] = field(default_factory=list)
     note: str = ""
+    missing_tools: tuple[str, ...] = ()  # CUDA: cuobjdump/nvdisasm not installed
 
     @property
     def ok(self) -> bool:
@@ -114,6 +136,8 @@ def classify_x86(mnemonic: str) -> str | None:
         return "x87"
     if _CONVERT.match(m):
         return "float conversion"
+    if _OTHER_FLOAT.match(m):
+        return "float arithmetic"
     if m.startswith(("p", "vp", "k")) or AMX_INT_OPS.match(m):
         return None  # packed-integer and mask families (vpdpbusd, vpmaddubsw, kmovw ...)
     if (_FP_SUFFIX.search(m) or _FP_LANE.search(m)) and not FP_DOMAIN_ALLOWED.match(m):
@@ -122,6 +146,47 @@ def classify_x86(mnemonic: str) -> str | None:
              "vucomisd", "ldmxcsr", "stmxcsr", "vldmxcsr", "vstmxcsr"):
         return "float compare/control"
     return None
+
+
+def _split_operands(ops: str) -> list[str]:
+    """AT&T operands, split at the commas outside ``()``, ``{}`` and ``<>``; LLVM's
+    ``%zmm1 {%k1} {z}`` is read as objdump's ``%zmm1{%k1}{z}``."""
+    return [_SPACE_BRACE.sub("", op.strip()) for op in _COMMA.split(ops)] if ops else []
+
+
+def classify_line(text: str) -> tuple[str, str | None]:
+    """One AT&T instruction line (``objdump -d`` or LLVM's assembly; a ``#`` comment
+    is dropped): its mnemonic, and why it is float or cannot be classified (None when it
+    is allowed). Every token is classified: the prefixes (:data:`_PREFIX`: ``{vex}``,
+    ``{evex}``, ``lock``, ``rep``, ``data16``, ``notrack``, ``{disp32}`` ...; a line of
+    prefixes alone is a stray prefix byte), the mnemonic (:func:`classify_x86`) and
+    each operand (:data:`_OPERAND`: registers, immediates, memory, branch targets and
+    their ``{%k1}{z}{1to16}`` decorations; an x87 ``%st`` register or an embedded
+    rounding ``{rn-sae}``/``{sae}`` is float). Anything else is unclassified."""
+    return _classify_words(" ".join(text.split("#", 1)[0].split()))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _classify_words(text: str) -> tuple[str, str | None]:
+    words = text.split()
+    i = 0
+    while i < len(words) and _PREFIX.match(words[i].lower()):
+        i += 1
+    if i == len(words):
+        return (words[-1] if words else "", None if words else "unclassified empty line")
+    mnem = words[i].lower()
+    if not _MNEMONIC.match(mnem):
+        return mnem, f"unclassified token {words[i]!r}"
+    mnem = mnem.split(",")[0].removesuffix(".s")
+    why = classify_x86(mnem)
+    for op in _split_operands(" ".join(words[i + 1:])):
+        if not _OPERAND.fullmatch(op):
+            return mnem, f"unclassified operand {op!r}"
+        if op.startswith("%st"):
+            why = why or "x87 register"
+        elif op.startswith("{"):
+            why = why or "embedded rounding (float only)"
+    return mnem, why
 
 
 def split_functions(asm: str) -> dict[str, list[str]]:
@@ -133,7 +198,7 @@ def split_functions(asm: str) -> dict[str, list[str]]:
         if t:
             cur = out.setdefault(t.group(1), [])
             continue
-        if cur is not None and line.startswith("\t") and not line.startswith("\t."):
+        if cur is not None and line.startswith("\t") and not line.startswith(("\t.", "\t#")):
             cur.append(line.strip())
     return out
 
@@ -152,9 +217,8 @@ def scan_x86_asm(asm: str, prim_funcs: list[str]) -> AsmReport:
         seen.add(sym)
         rep.functions.append(sym)
         for ins in funcs[sym]:
-            mnem = ins.split()[0]
             rep.instructions += 1
-            why = classify_x86(mnem)
+            why = classify_line(ins)[1]
             if why:
                 rep.violations.append(f"{sym}: {why}: {ins}")
             for lam in _LAMBDA_REF.findall(ins):
@@ -212,14 +276,14 @@ def scan_sass(sass: str, prim_funcs: list[str] | None = None) -> AsmReport:
 
 
 def scan_cuda_binaries(binaries: list[bytes], prim_funcs: list[str]) -> AsmReport:
-    """Disassemble the fatbins/cubins of a CUDA build and scan the core's kernels;
-    skipped (``scanned`` False, with a note) without ``cuobjdump``/``nvdisasm``."""
+    """Disassemble the fatbins/cubins of a CUDA build and scan the core's kernels; not
+    scanned (``scanned`` False, ``missing_tools``) without ``cuobjdump``/``nvdisasm``."""
     from .kernels.cuda_tools import sass_text, tool_path  # noqa: PLC0415
 
-    absent = [t for t in ("cuobjdump", "nvdisasm") if tool_path(t) is None]
+    absent = tuple(t for t in ("cuobjdump", "nvdisasm") if tool_path(t) is None)
     if absent:
-        return AsmReport(kind="sass", note=f"{' and '.join(absent)} not found (pip install "
-                         "nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm): SASS not scanned")
+        return AsmReport(kind="sass", note=f"{' and '.join(absent)} not found",
+                         missing_tools=absent)
     if not binaries:
         return AsmReport(kind="sass", note="the build holds no device code: SASS not scanned")
     return scan_sass("\n".join(sass_text(b) for b in binaries), prim_funcs)

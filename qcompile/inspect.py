@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .backends import backend
-from .errors import ArtifactError
+from .errors import ArtifactError, DeviceError
 from .runtime import REQUIRED
 
 CPU_HOT = ("vpdpbusd", "tdpbusd", "vpmaddubsw", "vpmaddwd", "vpmuldq", "vpmullq", "vmovdqu8",
@@ -83,9 +83,14 @@ def inspect_cuda(art: Path, manifest: Mapping[str, Any]) -> dict:
     """SASS of the fatbin embedded in module.so, per kernel (cuobjdump), with each kernel's
     tensor-core math for the artifact's arch: ``native``, ``emulated`` or ``-`` (none)."""
     funcs: dict[str, str] = manifest.get("kernel_funcs", {})
-    from .kernels.cuda_tools import elf_info
+    from .kernels.cuda_tools import elf_info, tool_path
     from .schedule_cuda import embedded_fatbins, sass_histogram
 
+    absent = [t for t in ("cuobjdump", "nvdisasm") if tool_path(t) is None]
+    if absent:
+        raise DeviceError(f"{' and '.join(absent)} not found: reading a CUDA artifact's SASS "
+                          "needs them; pip install 'qcompile[cuda]' (nvidia-cuda-cuobjdump, "
+                          "nvidia-cuda-nvdisasm)")
     fatbins = embedded_fatbins((art / "module.so").read_bytes())
     if not fatbins:
         raise ArtifactError(f"{art}/module.so embeds no fatbin; rebuild with `--target cuda`")

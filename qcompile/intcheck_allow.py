@@ -50,6 +50,7 @@ ALLOWED_CALLS: dict[str, str] = {
     "tirx.tvm_storage_sync": "barrier", "tirx.tvm_warp_shuffle": "integer warp shuffle",
     "tirx.tvm_warp_activemask": "warp mask",
     "tirx.cuda.__shfl_sync": "warp shuffle of an integer register (LowerWarpMemory)",
+    "tirx.cuda.__shfl_down_sync": "warp shuffle of an integer register (dlight reductions)",
     "tirx.cuda.__activemask": "warp mask", "tirx.tvm_thread_invariant": "hint",
     "tirx.tvm_global_barrier_kinit": "barrier", "tirx.tvm_thread_context": "threading",
     # x86 integer intrinsics (qcompile/kernels/x86_vnni.py, qcompile/kernels/x86_int4.py)

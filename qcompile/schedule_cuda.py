@@ -386,12 +386,18 @@ def build_cuda(mod: tvm.IRModule, target: tvm.target.Target, arch: str | None = 
 def record_sass(rep: IntCheckReport, binaries: list[bytes]) -> None:
     """Second line of evidence on CUDA: scan the SASS of the core's device kernels
     (``asmcheck.scan_cuda_binaries``) into ``rep`` (``sass`` stage). A float opcode is a
-    violation, so the build fails; without cuobjdump the scan is skipped and says so."""
+    violation, so the build fails; so is a scan that could not run. Without cuobjdump or
+    nvdisasm the build is refused (BuildError) naming the ``cuda`` extra that has them."""
     a = scan_cuda_binaries(binaries, rep.prim_funcs)
     rep.asm = a.as_dict()
-    if a.scanned:
-        rep.stages.append("sass")
-        rep.violations += [f"[sass] {v}" for v in a.violations]
+    if a.missing_tools:
+        raise BuildError(f"{a.note}: the CUDA core cannot be proven integer-only at the SASS "
+                         "level; pip install 'qcompile[cuda]' (nvidia-cuda-cuobjdump, "
+                         "nvidia-cuda-nvdisasm)")
+    rep.stages.append("sass")
+    if not a.scanned:
+        rep.violations.append(f"[sass] not scanned: {a.note}")
+    rep.violations += [f"[sass] {v}" for v in a.violations]
 
 
 # ======== 4. Reading the embedded code back (no GPU needed).

@@ -5,7 +5,7 @@ target's kind (see ``base.Backend`` for the fields):
 
     api.compile_model   target, rules, manifest, describe, cannot_run_here
     build               pipeline (TVM's per-backend default passes), schedule_rules,
-                        codegen, check_code, and intcheck's tir_replay_proven
+                        codegen, check_code (and check_shipped, on the exported library)
     bitplan             cost_model (measured on this CPU, or the arch's roofline model)
                         and precisions (the (weight, activation) pairs the ILP offers)
     tune                no_tune
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 BACKENDS: dict[str, Backend] = {
     "llvm": Backend.from_module(llvm, names=("llvm",), pipeline="cpu_generic",
-                                latency_source="measured", tir_replay_proven=True),
+                                latency_source="measured"),
     "cuda": Backend.from_module(cuda, names=tuple(CUDA_TARGETS), pipeline="cuda",
                                 latency_source="predicted", no_tune=cuda.NO_TUNE),
 }

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Mapping, Sequen
 if TYPE_CHECKING:  # the table is read before TVM is imported (CLI validation)
     from tvm.target import Target
 
+    from ..asmcheck import AsmReport
     from ..bitplan import CostModel
     from ..config import QuantSpec
     from ..costs import GpuSpec
@@ -44,6 +45,9 @@ class Backend:
     schedule_rules: Callable[[], list[Any]]
     codegen: Callable[["Target", "str | None"], "ContextManager[DeviceCode | None]"]
     check_code: Callable[["IntCheckReport", Any, "DeviceCode | None", "Target"], None]
+    # The same proof on the exported library that ships (shipcheck.prove_shipped): its
+    # path and the core's PrimFuncs -> one scan report per kind of code it holds.
+    check_shipped: Callable[[Path, list[str]], "list[AsmReport]"]
     # What the allocator budgets against: per-layer latency per width (latency_source).
     cost_model: Callable[["CostInputs"], "CostModel"]
     # arch -> the (weight, activation) bit pairs it runs and the allocator offers.
@@ -61,9 +65,6 @@ class Backend:
     inspect: Callable[[Path, Mapping[str, Any]], dict[str, Any]]
     # None: --tune works; else why it is refused (checked before any work).
     no_tune: str | None = None
-    # Whether intcheck's replay of TVM's TIR pipeline is proven here: a failed replay then
-    # fails the build; elsewhere it is only noted.
-    tir_replay_proven: bool = False
 
     @classmethod
     def from_module(cls, module: ModuleType, **facts: Any) -> "Backend":
@@ -80,8 +81,7 @@ class Backend:
 
 HOOKS: tuple[str, ...] = tuple(
     f.name for f in fields(Backend)
-    if f.name not in ("name", "names", "pipeline", "latency_source", "no_tune",
-                      "tir_replay_proven"))
+    if f.name not in ("name", "names", "pipeline", "latency_source", "no_tune"))
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from ..targets import DEFAULT_ARCH, PRECISIONS, Precisions, check_arch, cuda_arc
 if TYPE_CHECKING:
     import tvm
 
+    from ..asmcheck import AsmReport
     from ..bitplan import CostModel
     from ..costs import GpuSpec
     from ..intcheck import IntCheckReport
@@ -70,6 +71,14 @@ def check_code(rep: "IntCheckReport", ex: Any, device: "DeviceCode | None",
     if device is None or not device.binaries:
         raise BuildError("the CUDA build compiled no device code (was the source embedded?)")
     record_sass(rep, device.binaries)
+
+
+def check_shipped(so: Path, prim_funcs: list[str]) -> "list[AsmReport]":
+    """The exported library's host code for the core (x86, objdump) and the SASS of its
+    embedded fatbins (cuobjdump)."""
+    from ..shipcheck import scan_cuda_so, scan_x86_so
+
+    return [scan_x86_so(so, prim_funcs), scan_cuda_so(so, prim_funcs)]
 
 
 def cost_model(inputs: "CostInputs") -> "CostModel":

@@ -12,6 +12,7 @@ from ..targets import PRECISIONS, Precisions, check_arch, host_mcpu
 if TYPE_CHECKING:
     import tvm
 
+    from ..asmcheck import AsmReport
     from ..bitplan import CostModel
     from ..costs import GpuSpec
     from ..intcheck import IntCheckReport
@@ -51,6 +52,13 @@ def check_code(rep: "IntCheckReport", ex: Any, device: None, target: "tvm.target
     from ..intcheck import record_asm
 
     record_asm(rep, ex)
+
+
+def check_shipped(so: Path, prim_funcs: list[str]) -> "list[AsmReport]":
+    """The core's x86 code in the exported library, disassembled (objdump)."""
+    from ..shipcheck import scan_x86_so
+
+    return [scan_x86_so(so, prim_funcs)]
 
 
 def cost_model(inputs: "CostInputs") -> "CostModel":
