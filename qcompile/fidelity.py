@@ -154,8 +154,9 @@ def measure(proto: onnx.ModelProto, qg: QGraph, x: np.ndarray, source: str, *,
     q = oracle.quantize_input(qg, x)
     y_int = run_core(q) if run_core is not None else oracle.run_integer(qg, q)["output"]
     out = Tally()
-    out.add_output(FloatRunner(proto).run(x)[qg.output.name], qg.output.dequantize(y_int),
-                   qg.output.name)
+    # the integer output is the tensor before any exit softmax: compare that tensor
+    y_float = FloatRunner(proto, [qg.output.name]).run(x)[qg.output.name]
+    out.add_output(y_float, qg.output.dequantize(y_int), qg.output.name)
     drop, k = None, min(layer_samples, len(x)) if layers else 0
     if k:  # every intermediate, so only a few samples: a collapse shows on any of them
         names = [n.output for n in qg.nodes]
