@@ -8,7 +8,9 @@ Each model runs in its own subprocess with a timeout, so a crash or a hang costs
 one row, not the run:
 
 1. ``api.compile_model(model, out, target="llvm", calib=CalibSpec(num_samples=8))``
-   (INT8, synthetic calibration; ``input_shape=`` for the dynamic-H/W exports);
+   (INT8, synthetic calibration; ``input_shape=`` for the dynamic-H/W exports), with
+   compile's fidelity guard at its default floor: a model it refuses is a ``refused``
+   row with exit 13, and each row records the guard's held-out SQNR;
 2. ``api.evaluate(model, out, num_samples=8)``: bit-exact against the NumPy oracle,
    integer-only, top-1 agreement and SQNR against onnxruntime FP32 (synthetic inputs,
    random weights: agreement says little about accuracy);
@@ -127,6 +129,11 @@ def run_one(entry: dict[str, Any], corpus: Path, out: Path, samples: int, repeat
         res = api.compile_model(model, out, target="llvm", calib=calib, progress=False, **kw)
         rec.update(compile_s=round(time.perf_counter() - t, 1), layers=res.num_layers,
                    integer_only=res.integer_only)
+        if res.fidelity is not None:  # compile's guard (it refuses under --min-sqnr: exit 13)
+            rec.update(guard_sqnr_db=res.fidelity.sqnr_db,
+                       guard_top1=res.fidelity.top1_agreement,
+                       guard_drop=(res.fidelity.sharpest_drop.to_json()
+                                   if res.fidelity.sharpest_drop else None))
         stage = "evaluate"
         rec.update(stage=stage)
         _save(result, rec)
@@ -214,7 +221,9 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
            "Random (seeded) weights except "
            "`efficientnet_lite0_real`: agreement and SQNR measure quantization noise, "
            "not accuracy.", "",
-           "Status: " + ", ".join(f"{s} {n}" for s, n in counts.items() if n), "",
+           "Status: " + ", ".join(f"{s} {n}" for s, n in counts.items() if n)
+           + f"; compile's fidelity guard (exit 13) refused "
+             f"{sum(r.get('exit_code') == 13 for r in rows)}", "",
            provenance_line(meta["provenance"]), ""]
     dirty = sum(str(r.get("compiler", meta["compiler"])).endswith("+dirty") for r in rows)
     if dirty:
@@ -227,8 +236,8 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 "indicative only (`load1` per row in the JSON).", ""]
     out += [
            "| model | status | compile s | bit-exact | int-only | top-1 agr. | SQNR dB "
-           "| qcompile ms | ORT FP32 ms | speedup | error |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| guard SQNR dB | qcompile ms | ORT FP32 ms | speedup | error |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         line = (r.get("line") or "").replace("|", "/")
         if r["status"] == "refused":
@@ -236,7 +245,8 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         out.append(f"| {r['name']} | {r['status']} | {_fmt(r.get('compile_s'))} "
                    f"| {_fmt(r.get('bit_exact'))} | {_fmt(r.get('integer_only'))} "
                    f"| {_fmt(r.get('top1_agreement'), 2)} | {_fmt(r.get('sqnr_db'))} "
-                   f"| {_fmt(r.get('qc_ms'), 2)} | {_fmt(r.get('ort_ms'), 2)} "
+                   f"| {_fmt(r.get('guard_sqnr_db'))} | {_fmt(r.get('qc_ms'), 2)} "
+                   f"| {_fmt(r.get('ort_ms'), 2)} "
                    f"| {_fmt(r.get('speedup'), 2)} | {('`' + line[:300] + '`') if line else ''} |")
     crashes = [r for r in rows if r.get("traceback")]
     if crashes:
