@@ -8,18 +8,25 @@ post-pipeline TIR codegen receives, and through the x86 assembly scan.
 """
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import tvm
 from tvm import relax
 from tvm.script import tirx as T
 
-from qcompile.asmcheck import classify_x86, scan_sass, scan_x86_asm
+from qcompile.asmcheck import classify_line, classify_x86, scan_sass, scan_x86_asm
 from qcompile.build import build, legalize
 from qcompile.config import QuantSpec
+from qcompile.errors import BuildError
 from qcompile.intcheck import check_codegen_tir, check_integer_only, check_prim_func
 from qcompile.lower import lower
 from qcompile.quantize import quantize_graph
 from qcompile.schedule import x86_rules
+from qcompile.shipcheck import scan_x86_so
 from qcompile.targets import make_target
 from zoo_graphs import linspace_stats, zoo_graph
 
@@ -185,3 +192,200 @@ def test_evaluated_mma_operand_types_checked() -> None:
     assert check_prim_func("mma", _mma("int8")).violations == []
     rep = check_prim_func("mma", _mma("fp16"))
     assert any("fp16" in v for v in rep.violations)
+
+
+# ---------------------------------------------------------------------------------------
+# Issue 19: the holes closed. Each planted case below passed the checker before the fix.
+
+@T.prim_func
+def div_behind_let(A: T.Buffer((8,), "int32"), B: T.Buffer((8,), "int32")):
+    for i in range(8):
+        x: T.let[T.int32] = A[i] // 3
+        B[i] = x
+
+
+@T.prim_func
+def mod_behind_let_chain(A: T.Buffer((8,), "int32"), B: T.Buffer((8,), "int32")):
+    for i in range(8):
+        x: T.let[T.int32] = T.truncmod(A[i], 3)
+        y: T.let[T.int32] = x + 1
+        B[i] = y * 2
+
+
+@T.prim_func
+def div_behind_let_expr(A: T.Buffer((8,), "int32"), B: T.Buffer((8,), "int32")):
+    x = T.int32()
+    for i in range(8):
+        B[i] = T.Let(x + 1, where={x: A[i] // 3})
+
+
+@T.prim_func
+def division_in_index_let(A: T.Buffer((8,), "int32"), B: T.Buffer((8,), "int32")):
+    for i in range(8):
+        j: T.let[T.int32] = i // 2
+        B[j] = A[T.truncmod(i, 4)]
+
+
+@pytest.mark.parametrize("func", [div_behind_let, mod_behind_let_chain, div_behind_let_expr],
+                         ids=["bind", "bind_chain", "let_expr"])
+def test_division_on_data_behind_a_let_rejected(func) -> None:
+    """A let value was walked as an index: an integer division on data passed behind it."""
+    rep = check_prim_func("hidden", func)
+    assert any(" on data: " in v and "(through let x)" in v for v in rep.violations), \
+        rep.violations
+
+
+def test_division_in_an_index_let_allowed() -> None:
+    """Lets whose variables only address memory may divide (TVM's pipeline binds its
+    index arithmetic so)."""
+    rep = check_prim_func("ok", division_in_index_let)
+    assert rep.violations == [] and rep.stores == 1
+
+
+PREFIXED_FLOAT = ["{evex} vaddps %ymm1,%ymm2,%ymm3", "{vex} vcvtdq2ps %ymm1,%ymm2",
+                  "{vex3} vmulps %ymm1,%ymm2,%ymm3", "notrack {disp32} vfmadd231ps 0x40(%rax),%zmm1,%zmm2",
+                  "data16 rep fld1", "{evex}\tvaddps\t%ymm1, %ymm2, %ymm3"]
+UNCLASSIFIABLE = ["(bad)", "{vex} (bad)", "{weird} vpaddd %zmm1,%zmm2,%zmm3",
+                  "vpaddd %zmm1,%zmm2,%zmm3 junk", "mov (%rax,%rbx,3),%eax", "mov %eax,%ebx,",
+                  "vpaddd %zmm1,%zmm2,%zmm3{%k9}", "mov %foo,%eax", ""]
+# objdump's and LLVM's spellings of what the real kernels compile to (VNNI with its
+# {vex}/{evex} pseudo-prefixes, masked AVX-512, AMX tiles, padding, calls and jumps)
+ACCEPTED = ["{vex} vpdpbusd %ymm1,%ymm2,%ymm3", "{evex} vpdpbusd %ymm1,%ymm2,%ymm3",
+            "vpdpbusd 0x40(%rsi){1to16},%zmm0,%zmm1", "vmovdqu8 0x40(%rdi),%zmm2{%k1}{z}",
+            "vmovdqu8\t64(%rdi), %zmm2 {%k1} {z}", "tileloadd (%rsi,%rdx,1),%tmm0",
+            "tileloaddt1 0x0(%r13,%rcx,1),%tmm5", "tdpbusd %tmm2,%tmm1,%tmm0", "ldtilecfg (%rsp)",
+            "tilestored %tmm0,(%rsi,%rdx,1)", "tilezero %tmm1", "tilerelease",
+            "data16 cs nopw 0x0(%rax,%rax,1)", "notrack jmp *%rax", "call *0x0(%r13)",
+            "call   23670 <__tvm_set_raised_12>", "lea 0x8d(%rip),%rdi  # 237d0 <k_compute_+0x100>",
+            "rep stos %rax,%es:(%rdi)", "lock xadd %eax,(%rdx)", "rex.W", "endbr64", "ret",
+            "movq\t__TVMBackendParallelLaunch@GOTPCREL(%rip), %rax", "jmp\t.LBB0_3",
+            "mov %fs:0x28,%rax", "vpternlogd $0xff,%zmm0,%zmm0,%zmm0", "kmovw %k1,%eax",
+            "movabs $0x123456789,%rax", "vmovaps .LCPI0_0+32(%rip), %zmm1", "cltd", "idiv %ecx"]
+
+
+def test_every_token_of_a_line_is_classified() -> None:
+    """The old scan classified a line's first token only: a prefixed float instruction
+    and any line of unknown shape passed."""
+    for line in PREFIXED_FLOAT:
+        assert (classify_line(line)[1] or "").startswith(("float", "x87")), line
+    for line in UNCLASSIFIABLE:
+        assert (classify_line(line)[1] or "").startswith("unclassified"), line
+    for line in ACCEPTED:
+        assert classify_line(line)[1] is None, line
+    asm = ("\t.type\t__tvm_ffi_k,@function\n__tvm_ffi_k:\n\tvpdpbusd\t%zmm1, %zmm2, %zmm3\n"
+           "\t{evex}\tvaddps\t%ymm1, %ymm2, %ymm3\n\t(bad)\n")
+    assert [v.split(":")[1].strip() for v in scan_x86_asm(asm, ["k"]).violations] == [
+        "float arithmetic", "unclassified token '(bad)'"]
+
+
+# A library as the linker writes one: the core PrimFunc k's FFI wrapper calls its
+# (local) compute function, which passes an unnamed parallel lambda to the thread pool;
+# the lambda is laid out after a boundary function (q, float by design, not scanned), so
+# only following the lea finds it.
+TINY_SO = """
+    .text
+    .globl __tvm_ffi_k
+    .type __tvm_ffi_k,@function
+__tvm_ffi_k:
+    call k_compute_
+    ret
+    .type k_compute_,@function
+k_compute_:
+    {{vex}} vpdpbusd %ymm1, %ymm2, %ymm3
+    lea .Llambda(%rip), %rdi
+    ret
+    .globl __tvm_ffi_q
+    .type __tvm_ffi_q,@function
+__tvm_ffi_q:
+    vmulps %zmm1, %zmm2, %zmm3
+    ret
+.Llambda:
+    {plant}
+    ret
+"""
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None or shutil.which("objdump") is None,
+                              reason="needs a C compiler and binutils' objdump")
+
+
+def _tiny_so(tmp_path: Path, plant: str) -> Path:
+    (tmp_path / "k.s").write_text(TINY_SO.format(plant=plant))
+    subprocess.run(["cc", "-shared", "-nostdlib", "-o", str(tmp_path / "k.so"),
+                    str(tmp_path / "k.s")], check=True)
+    return tmp_path / "k.so"
+
+
+@needs_cc
+@pytest.mark.parametrize("plant,why", [
+    ("{evex} vaddps %ymm1, %ymm2, %ymm3", "float arithmetic"),
+    ("{vex} vcvtdq2ps %ymm1, %ymm2", "float conversion"),
+    (".byte 0x06", "unclassified token '(bad)'"),  # undecodable in 64-bit mode
+    ("call expf@PLT", "call of external expf"),
+])
+def test_shipped_library_scan_rejects_planted_code(tmp_path: Path, plant: str, why: str) -> None:
+    rep = scan_x86_so(_tiny_so(tmp_path, plant), ["k"])
+    assert len(rep.violations) == 1 and why in rep.violations[0], rep.violations
+    assert rep.violations[0].startswith("__tvm_ffi_q+0x")  # the lambda, by its lea's label
+
+
+@needs_cc
+def test_shipped_library_scan_follows_core_code_only(tmp_path: Path) -> None:
+    so = _tiny_so(tmp_path, "vpaddd %zmm1, %zmm2, %zmm3")
+    rep = scan_x86_so(so, ["k"])
+    assert rep.ok and rep.violations == [] and rep.instructions == 7
+    assert rep.functions[:2] == ["__tvm_ffi_k", "k_compute_"] and len(rep.functions) == 3
+    assert "vmulps" in scan_x86_so(so, ["q"]).violations[0]  # the boundary code is read
+    assert scan_x86_so(so, ["k", "gone"]).violations == [
+        "no code found in k.so for core PrimFuncs ['gone']"]
+
+
+VADDPS_ZMM = bytes.fromhex("62f16c4858d9")  # vaddps %zmm1,%zmm2,%zmm3
+
+
+def plant_float(so: Path, symbol: str) -> None:
+    """Overwrite the first instructions of ``symbol`` in ``so`` (at least 6 bytes) with
+    ``vaddps`` and one-byte nops: float code under a core symbol, in the file only."""
+    dis = subprocess.run(["objdump", "-d", "--insn-width=16", f"--disassemble={symbol}",
+                          str(so)], check=True, capture_output=True, text=True).stdout
+    insns = [line.split("\t") for line in dis.splitlines() if re.match(r"^ +[0-9a-f]+:\t", line)]
+    start, size = int(insns[0][0].strip(" :"), 16), 0
+    for ins in insns:
+        size += len(ins[1].split())
+        if size >= len(VADDPS_ZMM):
+            break
+    head = subprocess.run(["objdump", "-h", str(so)], check=True, capture_output=True,
+                          text=True).stdout
+    text = next(line.split() for line in head.splitlines() if " .text " in line)
+    offset = start - int(text[3], 16) + int(text[5], 16)  # VMA -> file offset
+    blob = bytearray(so.read_bytes())
+    blob[offset:offset + size] = VADDPS_ZMM + b"\x90" * (size - len(VADDPS_ZMM))
+    so.write_bytes(bytes(blob))
+
+
+@needs_cc
+def test_compile_refuses_float_code_only_in_the_shipped_library(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The in-memory module is clean, so the build's own scans pass; the exported
+    module.so gets a float instruction planted at a core conv's entry, and compile
+    refuses it naming the function, writing nothing."""
+    from kitchen_sink import kitchen_sink_model
+    from onnx_builders import save
+    from qcompile import api
+    from qcompile.config import FidelitySpec
+
+    export = tvm.runtime.Executable.export_library
+    planted: list[str] = []
+
+    def export_and_plant(self, path, *args, **kwargs):
+        out = export(self, path, *args, **kwargs)
+        syms = subprocess.run(["nm", str(path)], check=True, capture_output=True,
+                              text=True).stdout.split()
+        planted.append(next(s for s in syms if s.startswith("__tvm_ffi_") and "conv" in s))
+        plant_float(Path(path), planted[0])
+        return out
+
+    monkeypatch.setattr(tvm.runtime.Executable, "export_library", export_and_plant)
+    model = save(kitchen_sink_model(), tmp_path)
+    with pytest.raises(BuildError, match="exported module.so.*float arithmetic: vaddps"):
+        api.compile_model(model, tmp_path / "art", progress=False, verify=0,
+                          fidelity=FidelitySpec(samples=0))
+    assert planted and not (tmp_path / "art").exists()
