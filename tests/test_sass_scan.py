@@ -106,29 +106,83 @@ def test_record_sass_fails_the_build_on_a_float_op(monkeypatch: pytest.MonkeyPat
     assert rep.asm["kind"] == "sass" and rep.asm["instructions"] == 4 and not rep.asm["ok"]
 
 
-def test_scan_skipped_without_cuobjdump(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cuda_build_refused_without_cuobjdump(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without cuobjdump (a plain `pip install .`) the SASS scan was skipped without a word
+    and the artifact still said integer_only: true. Now the build is refused in one line
+    naming the extra that brings the tools; a scan that could not run fails the proof."""
+    from qcompile.schedule_cuda import record_sass
+
     monkeypatch.setattr(cuda_tools, "tool_path", lambda name: None)
     rep = scan_cuda_binaries([b"fatbin"], ["k"])
-    assert not rep.scanned and "cuobjdump" in rep.note and rep.violations == []
+    assert not rep.scanned and rep.missing_tools == ("cuobjdump", "nvdisasm")
+    ir = IntCheckReport(prim_funcs=["k"], stores=1, stages=["core", "codegen"])
+    with pytest.raises(BuildError, match=r"^cuobjdump and nvdisasm not found: .*"
+                                         r"pip install 'qcompile\[cuda\]'"):
+        record_sass(ir, [b"fatbin"])
+    monkeypatch.setattr(cuda_tools, "tool_path", lambda name: f"/fake/{name}")
+    record_sass(ir, [])
+    assert not ir.ok and ir.violations == ["[sass] not scanned: the build holds no device code: "
+                                           "SASS not scanned"]
+
+
+def test_failed_tir_replay_fails_the_proof_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed replay of TVM's TIR pipeline on CUDA landed in a field nothing read."""
+    from qcompile import intcheck
+    from qcompile.targets import make_target
+
+    def fail(*_args: object) -> None:
+        raise RuntimeError("InjectSoftwarePipeline: Check failed")
+
+    monkeypatch.setattr(intcheck, "check_codegen_tir", fail)
+    monkeypatch.setattr(intcheck, "check_integer_only",
+                        lambda *_a: IntCheckReport(prim_funcs=["k"], stores=1, stages=["core"]))
+    rep = intcheck.full_check(None, make_target("cuda"))
+    assert not rep.ok
+    assert rep.violations == ["[codegen] TIR pipeline failed: InjectSoftwarePipeline: Check failed"]
+
+
+@pytest.fixture(scope="module")
+def cuda_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from kitchen_sink import kitchen_sink_model
+    from onnx_builders import save
+
+    return save(kitchen_sink_model(), tmp_path_factory.mktemp("cuda"))
+
+
+def _compile_cuda(model: Path, out: Path) -> None:
+    from qcompile import api
+    from qcompile.config import FidelitySpec
+
+    api.compile_model(model, out, progress=False, target="cuda", verify=0,
+                      fidelity=FidelitySpec(samples=0))
+
+
+@pytest.fixture(scope="module")
+def cuda_art(cuda_model: Path) -> Path:
+    _compile_cuda(cuda_model, cuda_model.parent / "ok")
+    return cuda_model.parent / "ok"
 
 
 @needs_toolchain
-def test_cuda_compile_scans_sass_and_fails_on_planted_float(tmp_path: Path,
+def test_cuda_compile_scans_sass_and_fails_on_planted_float(cuda_art: Path, cuda_model: Path,
+                                                           tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A real --target cuda build (sm_75 with nvcc, no GPU needed): the manifest records
-    the SASS scan of every core kernel, clean; with an FFMA planted into one core kernel's
-    disassembly the same build fails with the kernel named, and writes nothing."""
-    from kitchen_sink import kitchen_sink_model
-    from onnx_builders import save
+    the SASS scan of every core kernel, clean, at build time and again on the exported
+    module.so (its host code and embedded fatbin); with an FFMA planted into one core
+    kernel's disassembly the same build fails with the kernel named, and writes nothing."""
     from qcompile import api
 
-    model = save(kitchen_sink_model(), tmp_path)
-    api.compile_model(model, tmp_path / "ok", progress=False, target="cuda", verify=0)
-    m = json.loads((tmp_path / "ok" / "manifest.json").read_text())
+    model = cuda_model
+    m = json.loads((cuda_art / "manifest.json").read_text())
     scan = m["intcheck"]["asm"]
     assert m["intcheck"]["stages"] == ["core", "codegen", "sass"]
     assert scan["kind"] == "sass" and scan["ok"] and scan["violations"] == []
     assert scan["functions"] >= m["intcheck"]["prim_funcs"] and scan["instructions"] > 500
+    shipped = m["intcheck"]["shipped"]
+    assert shipped["ok"] and [s["kind"] for s in shipped["scans"]] == ["x86 module.so",
+                                                                       "sass module.so"]
+    assert all(s["ok"] and s["instructions"] > 500 for s in shipped["scans"])
 
     real = cuda_tools.sass_text
 
@@ -144,3 +198,55 @@ def test_cuda_compile_scans_sass_and_fails_on_planted_float(tmp_path: Path,
     with pytest.raises(BuildError, match="dense_tc_fc_kernel: float instruction"):
         api.compile_model(model, tmp_path / "bad", progress=False, target="cuda", verify=0)
     assert not (tmp_path / "bad").exists()
+
+
+FLOAT_KERNEL = """extern "C" __global__ void dense_tc_fc_kernel(float* a) {
+    a[threadIdx.x] = a[threadIdx.x] * 0.5f + 1.0f;
+}"""
+
+
+@needs_toolchain
+def test_compile_refuses_float_kernel_only_in_the_shipped_library(
+        cuda_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The build's binaries are clean; the exported module.so gets a second fatbin holding
+    a float kernel under a core kernel's name, and compile refuses it, writing nothing."""
+    import tvm
+
+    from qcompile.schedule_cuda import nvcc_fatbin
+    from qcompile.shipcheck import scan_cuda_so
+
+    fatbin = nvcc_fatbin(FLOAT_KERNEL, "sm_75")
+    (tmp_path / "fake.so").write_bytes(b"\x7fELF" + bytes(60) + fatbin)
+    rep = scan_cuda_so(tmp_path / "fake.so", ["dense_tc_fc"])
+    assert rep.scanned and rep.violations
+    assert all(v.startswith("dense_tc_fc_kernel: float instruction") for v in rep.violations)
+
+    export = tvm.runtime.Executable.export_library
+
+    def export_and_append(self, path, *args, **kwargs):
+        out = export(self, path, *args, **kwargs)
+        with open(path, "ab") as f:
+            f.write(fatbin)
+        return out
+
+    monkeypatch.setattr(tvm.runtime.Executable, "export_library", export_and_append)
+    with pytest.raises(BuildError, match=r"exported module.so.*\[shipped sass module.so\] "
+                                         r"dense_tc_fc_kernel: float instruction"):
+        _compile_cuda(cuda_model, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+@needs_toolchain
+def test_inspect_without_cuobjdump_says_so_in_one_line(cuda_art: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`qcompile inspect --sass` without cuobjdump exited 70 ("internal error:
+    FileNotFoundError"); now one line naming the package, exit 9 (DeviceError)."""
+    from click.testing import CliRunner
+
+    from qcompile.cli import main
+
+    monkeypatch.setattr(cuda_tools, "tool_path", lambda name: None)
+    r = CliRunner().invoke(main, ["inspect", str(cuda_art), "--sass"])
+    assert r.exit_code == 9, r.output
+    (line,) = r.output.strip().splitlines()
+    assert "cuobjdump and nvdisasm not found" in line and "qcompile[cuda]" in line
