@@ -188,24 +188,26 @@ def schedule_gemm(sch: Schedule, tile: GemmTile, n_red: int, intrin: str = INTRI
     sch.vectorize(iinit[-1])
     sch.unroll(iinit[-2])
     sch.unroll(iinit[-3])
+    # Before the column loop is split: loop_partition (ragged columns) replaces the block.
+    _store_tail_rows_clamped(sch, out)
     rows, cols = epilogue_loops(sch, out, tile_loop)
     # Constant tile indices everywhere let LLVM keep the whole tile in registers
     # (no memset + store/reload of the accumulators around a predicated epilogue).
-    if cols is not None:
+    if cols is not None and int(sch.get(cols).extent) % LANES:
+        _vectorize_ragged_columns(sch, cols)
+    elif cols is not None:
         oc, ov = sch.split(cols, [None, LANES])
         if _predicated(sch, out, ov):
-            # N not a multiple of 16: the block keeps `where col < N`. Vectorized, TVM
-            # scalarizes it and LLVM 22 re-vectorizes it with masked stores, and its
-            # single-lane masked truncating store of the last column (mask <1,0,0,0> on
-            # v4i64 -> v4i8) is emitted as a full 8-byte `vmovq`: 7 bytes of sign fill
-            # past the row, into the next row's first channels (past the buffer on the
-            # last row). Inside a tile the next row overwrites them later; across
-            # parallel tiles that is a race (wrong first channels of a tile's first
-            # row whenever its thread stored it before the previous tile's last row).
-            # Unrolled, each column is a plain guarded scalar store (constant guards
-            # fold when the output has one N tile; LLVM's SLP may still vectorize
-            # them, without masks). Faster too (1 thread, 1x1 conv 28x28x24 -> 40:
-            # 11.3 -> 8.1 us; 56x56x16 -> 24: 25.5 -> 16.2 us).
+            # N not a multiple of 16 and several N tiles: the last tile's last block
+            # keeps `where col < N`. Vectorized, TVM scalarizes it and LLVM 22
+            # re-vectorizes it with masked stores, and its single-lane masked truncating
+            # store of the last column (mask <1,0,0,0> on v4i64 -> v4i8) is emitted as a
+            # full 8-byte `vmovq`: 7 bytes of sign fill past the row, into the next row's
+            # first channels (past the buffer on the last row). Inside a tile the next
+            # row overwrites them later; across parallel tiles that is a race (wrong
+            # first channels of a tile's first row whenever its thread stored it before
+            # the previous tile's last row). Unrolled, each column is a plain guarded
+            # scalar store (LLVM's SLP may still vectorize them, without masks).
             sch.unroll(ov)
         else:
             sch.vectorize(ov)
@@ -215,7 +217,36 @@ def schedule_gemm(sch: Schedule, tile: GemmTile, n_red: int, intrin: str = INTRI
     # to 300x slower there (dense 1x1000x512 int4: 4.7 us serial, 1.4 ms parallel on a
     # busy 2-vCPU VM: waking a thread costs more than the whole microsecond kernel).
     sch.unroll(rows if rows is not None else tile_loop)
-    _store_tail_rows_clamped(sch, out)
+
+
+def _vectorize_ragged_columns(sch: Schedule, cols: LoopRV) -> None:
+    """The epilogue's column loop of a GEMM with one N tile and N % 16 != 0 (its extent is
+    N itself, unpredicated): whole 16-lane vectors, then one vector of the N % 16 columns
+    left (N = 40: 16 + 16 + 8), each loop with constant bounds and no predicate.
+
+    Split by 16 instead, the last block kept ``where col < N``, so it had to be unrolled
+    to scalars (see schedule_gemm), and LLVM's SLP vectorizer re-vectorized the tile's
+    mr x N scalar stores as one contiguous run across its rows: vectors that straddle
+    rows, misaligned with the per-channel parameters. Under znver4's cost model it split
+    that run unevenly (scalar columns in between), assembled the parameter vectors lane by
+    lane (13-14 vpinsrd/vpextrd) and kept them on the stack: 1x1 conv 28x28x40 -> 40 ran
+    1.18x slower than cascadelake's code on a Zen 4. Per-row vectors read the parameters
+    as whole vectors; the short one is a narrower load and store (an odd width is stored
+    as 8 + 4 + 2 + 1 bytes), so nothing lands past the row. Zen 4, 1 thread, medians, 1x1
+    convs at 28x28: K = 40 -> 40, znver4 code 6.48 -> 5.69 us (cascadelake code 5.88 ->
+    5.82); K = 240 -> 40 23.3 -> 22.0 us; 40 -> 24 3.82 -> 3.59 us; 40 -> 15 equal. One
+    vector for the rest beat 8/4/2/1-lane loops 1.2-1.3x at N = 15, equal at N = 40."""
+    extent = int(sch.get(cols).extent)
+    full, rest = extent - extent % LANES, extent % LANES
+    if full:
+        cols, tail = sch.loop_partition(cols, [full, None])
+        oc, ov = sch.split(cols, [None, LANES])
+        sch.vectorize(ov)
+        sch.unroll(oc)
+    else:
+        tail = cols
+    if rest > 1:
+        sch.vectorize(tail)
 
 
 def _store_tail_rows_clamped(sch: Schedule, out: SBlockRV) -> None:
