@@ -47,8 +47,8 @@ def _silu(x: str, y: str) -> list[onnx.NodeProto]:
 
 def tiny_activation_model(dw_gain: float, seed: int = 0) -> onnx.ModelProto:
     """conv+SiLU -> depthwise 5x5 (weights times ``dw_gain``) + SiLU -> Sigmoid SE ->
-    1x1 conv + SiLU -> GAP -> dense.  With a tiny ``dw_gain`` everything after the
-    depthwise conv sits at that magnitude (the float function is otherwise ordinary)."""
+    1x1 conv + SiLU -> GAP -> dense.  With a tiny ``dw_gain`` every tensor after the
+    depthwise conv but the SE gate (then ~sigmoid of its bias) sits at that magnitude."""
     r = rng(seed)
     inits: list = []
     nodes = [conv_node("stem", "x", "a0", r.normal(0, 0.4, (C, 3, 3, 3)), r.normal(0, 0.1, C),
