@@ -20,12 +20,17 @@ import math
 from dataclasses import dataclass
 from functools import partial
 
+import tvm
+
 from ..tvm_compat import tirx
 from ..tvm_compat import SBlockRealize, Schedule, TensorIntrin
+from ..tvm_compat import s_tir
 from ..tvm_compat import LoopRV, SBlockRV
 from ..tvm_compat import T
 
 from .x86_int4 import dot_intrin_int4
+
+SBlock = s_tir.SBlock
 
 
 # ----------------------------------------------------------------------------- hardware
@@ -188,26 +193,30 @@ def schedule_gemm(sch: Schedule, tile: GemmTile, n_red: int, intrin: str = INTRI
     sch.vectorize(iinit[-1])
     sch.unroll(iinit[-2])
     sch.unroll(iinit[-3])
-    # Before the column loop is split: loop_partition (ragged columns) replaces the block.
-    _store_tail_rows_clamped(sch, out)
     rows, cols = epilogue_loops(sch, out, tile_loop)
     # Constant tile indices everywhere let LLVM keep the whole tile in registers
     # (no memset + store/reload of the accumulators around a predicated epilogue).
-    if cols is not None and int(sch.get(cols).extent) % LANES:
-        _vectorize_ragged_columns(sch, cols)
-    elif cols is not None:
+    split = cols is not None and _split_ragged_last_tile(sch, rows, cols)  # rows unrolled
+    if not split:
+        # Before the column loop is split: loop_partition (ragged columns) replaces it.
+        _store_tail_rows_clamped(sch, out)
+        rows, cols = epilogue_loops(sch, out, tile_loop)
+    if cols is None or split:
+        pass
+    elif int(sch.get(cols).extent) % LANES:
+        _vectorize_columns(sch, cols)  # one N tile, N % 16 != 0: no predicate
+    else:
         oc, ov = sch.split(cols, [None, LANES])
         if _predicated(sch, out, ov):
-            # N not a multiple of 16 and several N tiles: the last tile's last block
-            # keeps `where col < N`. Vectorized, TVM scalarizes it and LLVM 22
-            # re-vectorizes it with masked stores, and its single-lane masked truncating
-            # store of the last column (mask <1,0,0,0> on v4i64 -> v4i8) is emitted as a
-            # full 8-byte `vmovq`: 7 bytes of sign fill past the row, into the next row's
-            # first channels (past the buffer on the last row). Inside a tile the next
-            # row overwrites them later; across parallel tiles that is a race (wrong
-            # first channels of a tile's first row whenever its thread stored it before
-            # the previous tile's last row). Unrolled, each column is a plain guarded
-            # scalar store (LLVM's SLP may still vectorize them, without masks).
+            # A column predicate _split_ragged_last_tile does not take. Vectorized, TVM
+            # scalarizes it and LLVM 22 re-vectorizes it with masked stores, and its
+            # single-lane masked truncating store of the last column (mask <1,0,0,0> on
+            # v4i64 -> v4i8) is emitted as a full 8-byte `vmovq`: 7 bytes of sign fill
+            # past the row, into the next row's first channels (past the buffer on the
+            # last row). Inside a tile the next row overwrites them later; across
+            # parallel tiles that is a race (wrong first channels of a tile's first
+            # row whenever its thread stored it before the previous tile's last row).
+            # Unrolled, each column is a plain guarded scalar store.
             sch.unroll(ov)
         else:
             sch.vectorize(ov)
@@ -216,37 +225,157 @@ def schedule_gemm(sch: Schedule, tile: GemmTile, n_red: int, intrin: str = INTRI
     # unrolled then, one thread for all N tiles (as before): a parallel loop measured up
     # to 300x slower there (dense 1x1000x512 int4: 4.7 us serial, 1.4 ms parallel on a
     # busy 2-vCPU VM: waking a thread costs more than the whole microsecond kernel).
-    sch.unroll(rows if rows is not None else tile_loop)
+    if rows is None:
+        sch.unroll(tile_loop)
+    elif not split:
+        sch.unroll(rows)
 
 
-def _vectorize_ragged_columns(sch: Schedule, cols: LoopRV) -> None:
-    """The epilogue's column loop of a GEMM with one N tile and N % 16 != 0 (its extent is
-    N itself, unpredicated): whole 16-lane vectors, then one vector of the N % 16 columns
-    left (N = 40: 16 + 16 + 8), each loop with constant bounds and no predicate.
+def _vectorize_columns(sch: Schedule, cols: LoopRV) -> None:
+    """Vectorize an unpredicated epilogue column loop: whole 16-lane vectors, then one
+    vector of the columns left (N = 40 with one N tile: 16 + 16 + 8), no masks.
 
-    Split by 16 instead, the last block kept ``where col < N``, so it had to be unrolled
-    to scalars (see schedule_gemm), and LLVM's SLP vectorizer re-vectorized the tile's
-    mr x N scalar stores as one contiguous run across its rows: vectors that straddle
-    rows, misaligned with the per-channel parameters. Under znver4's cost model it split
-    that run unevenly (scalar columns in between), assembled the parameter vectors lane by
-    lane (13-14 vpinsrd/vpextrd) and kept them on the stack: 1x1 conv 28x28x40 -> 40 ran
-    1.18x slower than cascadelake's code on a Zen 4. Per-row vectors read the parameters
-    as whole vectors; the short one is a narrower load and store (an odd width is stored
-    as 8 + 4 + 2 + 1 bytes), so nothing lands past the row. Zen 4, 1 thread, medians, 1x1
+    With one N tile and N % 16 != 0 the loop's extent is N itself. Split by 16 instead,
+    the last block kept ``where col < N``, so it had to be unrolled to scalars (see
+    schedule_gemm), and LLVM's SLP vectorizer re-vectorized the tile's mr x N scalar
+    stores as one contiguous run across its rows: vectors that straddle rows, misaligned
+    with the per-channel parameters. Under znver4's cost model it split that run unevenly
+    (scalar columns in between), assembled the parameter vectors lane by lane (13-14
+    vpinsrd/vpextrd) and kept them on the stack: 1x1 conv 28x28x40 -> 40 ran 1.18x
+    slower than cascadelake's code on a Zen 4. Per-row vectors read the parameters as
+    whole vectors; the short one is a narrower load and store (an odd width is stored as
+    8 + 4 + 2 + 1 bytes), so nothing lands past the row. Zen 4, 1 thread, medians, 1x1
     convs at 28x28: K = 40 -> 40, znver4 code 6.48 -> 5.69 us (cascadelake code 5.88 ->
     5.82); K = 240 -> 40 23.3 -> 22.0 us; 40 -> 24 3.82 -> 3.59 us; 40 -> 15 equal. One
     vector for the rest beat 8/4/2/1-lane loops 1.2-1.3x at N = 15, equal at N = 40."""
     extent = int(sch.get(cols).extent)
     full, rest = extent - extent % LANES, extent % LANES
-    if full:
+    if full and rest:
         cols, tail = sch.loop_partition(cols, [full, None])
+        _renew_iter_vars(sch, sch.get_child_blocks(tail)[0])
+    else:
+        tail = cols
+    if full > LANES:
         oc, ov = sch.split(cols, [None, LANES])
         sch.vectorize(ov)
         sch.unroll(oc)
-    else:
-        tail = cols
+    elif full:
+        sch.vectorize(cols)
     if rest > 1:
         sch.vectorize(tail)
+
+
+def _split_ragged_last_tile(sch: Schedule, rows: LoopRV | None, cols: LoopRV) -> bool:
+    """Several N tiles of E = nb*16 columns, the last one ragged (N % E != 0): the
+    epilogue's column loop keeps ``where start + col < N`` (start, the tile's first
+    column, a multiple of E). Partition the columns at R = N % E, each part with its own
+    row loop: columns [0, R) exist in every tile (no predicate); [R, E) in every tile but
+    the last, so that part runs under one ``if start + E - 1 < N`` around all its rows
+    (a block over the rows with that predicate). Both parts are vectorized
+    (_vectorize_columns), their rows unrolled and tail rows clamped. Returns False
+    (nothing done) for any other epilogue.
+
+    Unrolled to guarded scalars, as before, every tile paid the ragged tile's price, and
+    a branch per row split the tile's straight-line code: LLVM then hoisted the GEMM's
+    activation broadcasts and spilled 55 of them. Zen 4, 1 thread, interleaved medians,
+    1x1 convs (znver4 code; cascadelake's alike): 28x28x40 -> 72 30.9 -> 12.1 us (-> 80:
+    9.6 us), -> 200 83.0 -> 33.0 us, 27x27x40 -> 72 34.6 -> 16.4 us, 14x14x80 -> 200
+    25.5 -> 14.8 us."""
+    loop = sch.get(cols)
+    realize, c, extent = loop.body, loop.loop_var, int(loop.extent)
+    if not isinstance(realize, SBlockRealize) or extent % LANES:
+        return False
+    terms = _conjuncts(realize.predicate)
+    on_col = [t for t in terms if any(u.same_as(c) for u in tirx.analysis.undefined_vars(t))]
+    if len(on_col) != 1:
+        return False
+    pred = on_col[0]
+    # start + col < N, start = x * (a multiple of E): anything else keeps the old path.
+    if not (isinstance(pred, tirx.LT) and isinstance(pred.b, tirx.IntImm)
+            and isinstance(pred.a, tirx.Add) and pred.a.b.same_as(c)):
+        return False
+    start, rest = pred.a.a, int(pred.b) % extent
+    if not (rest and isinstance(start, tirx.Mul) and isinstance(start.b, tirx.IntImm)
+            and int(start.b) % extent == 0):
+        return False
+    full_tile = start + (extent - 1) < pred.b
+    if rows is not None:
+        sch.reorder(cols, rows)
+    for k, part in enumerate(sch.loop_partition(cols, [rest, None])):
+        block = sch.get_child_blocks(part)[0]
+        if k:
+            _renew_iter_vars(sch, block)
+        if rows is not None:
+            sch.reorder(*sch.get_loops(block)[-1:-3:-1])
+        inner = sch.get(sch.get_loops(block)[-1])
+        others = [t for t in _conjuncts(inner.body.predicate) if not any(
+            u.same_as(inner.loop_var) for u in tirx.analysis.undefined_vars(t))]
+        _set_predicate(sch, sch.get_loops(block)[-1],
+                       tirx.all(*others) if others else tirx.const(True, "bool"))
+        if k:
+            _guard(sch, block, full_tile)
+        _store_tail_rows_clamped(sch, block)
+        loops = sch.get_loops(block)
+        if rows is not None:
+            sch.unroll(loops[-2])
+        _vectorize_columns(sch, loops[-1])
+    return True
+
+
+def _renew_iter_vars(sch: Schedule, block: SBlockRV) -> None:
+    """Give ``block`` iter vars of its own. loop_partition copies a block whose binding of
+    the partitioned loop is not the bare loop var (start + col here) with the original's
+    iter vars: two definitions of one var, which TVM's well-formedness check (any
+    Schedule of the result) rejects."""
+    sref = sch.get_sref(block)
+    blk = sref.stmt
+    vmap = {iv.var: tirx.Var(iv.var.name, iv.var.ty) for iv in blk.iter_vars}
+    params = list(vmap)
+
+    def expr(e: tirx.PrimExpr) -> tirx.PrimExpr:
+        return tirx.PrimFunc(params, tirx.Evaluate(e)).specialize(vmap).body.value
+
+    def regions(rs: list) -> list:
+        return [type(r)(r.source, [tvm.ir.Range.from_min_extent(expr(x.min), expr(x.extent))
+                                   for x in r.region], r.ty) for r in rs]
+
+    new = SBlock([tirx.IterVar(iv.dom, vmap[iv.var], iv.iter_type, iv.thread_tag)
+                  for iv in blk.iter_vars], regions(blk.reads), regions(blk.writes),
+                 blk.name_hint, tirx.PrimFunc(params, blk.body).specialize(vmap).body,
+                 blk.init, blk.alloc_buffers, blk.match_buffers, blk.annotations)
+    sch.state.replace(sref, new, {blk: new})
+
+
+def _guard(sch: Schedule, block: SBlockRV, pred: tirx.PrimExpr) -> None:
+    """Predicate the block loop_partition wrapped ``block``'s partition in (the whole
+    nest: one branch around it)."""
+    def block_above(sref: tirx.Stmt) -> tirx.Stmt:
+        sref = sref.parent
+        while not isinstance(sref.stmt, SBlock):
+            sref = sref.parent
+        return sref
+
+    wrapper = block_above(sch.get_sref(block))
+    common = block_above(wrapper)
+    parent = common.stmt
+    seq = parent.body.seq if isinstance(parent.body, tirx.SeqStmt) else [parent.body]
+    assert all(isinstance(r, SBlockRealize) for r in seq), parent.body
+    seq = [SBlockRealize(list(r.iter_values), pred, r.block) if r.block.same_as(wrapper.stmt)
+           else r for r in seq]
+    new = SBlock(parent.iter_vars, parent.reads, parent.writes, parent.name_hint,
+                 tirx.SeqStmt(seq), parent.init, parent.alloc_buffers, parent.match_buffers,
+                 parent.annotations)
+    sch.state.replace(common, new, {parent: new, **{r.block: r.block for r in seq}})
+
+
+def _set_predicate(sch: Schedule, loop: LoopRV, pred: tirx.PrimExpr) -> None:
+    """Replace the predicate of the block directly under ``loop``."""
+    f = sch.get(loop)
+    realize = f.body
+    new = SBlockRealize(list(realize.iter_values), pred, realize.block)
+    sch.state.replace(sch.get_sref(loop), tirx.For(f.loop_var, f.min, f.extent, f.kind, new,
+                                                   f.thread_binding, f.annotations),
+                      {realize.block: realize.block})
 
 
 def _store_tail_rows_clamped(sch: Schedule, out: SBlockRV) -> None:
@@ -263,29 +392,46 @@ def _store_tail_rows_clamped(sch: Schedule, out: SBlockRV) -> None:
     realize = sch.get(loop).body
     if not isinstance(realize, SBlockRealize):
         return  # a one-element epilogue: its loop is the tile loop itself
-    pred = realize.predicate
-    if not (isinstance(pred, tirx.LT) and isinstance(pred.b, tirx.IntImm)):
-        return  # no predicate, or one on columns (kept: those stores must not happen)
     # A row predicate: it does not read the innermost (column) loop, and the row iter's
     # extent is its bound, the iter's binding reading every loop the predicate reads.
     # (A column predicate, ragged N, stays: with N == M it once passed for a row one,
-    # and the dropped guard let the last column block write into the next row.)
+    # and the dropped guard let the last column block write into the next row.) With
+    # several N tiles, the last one ragged, it is one term of `rows and columns`.
     col = sch.get(loop).loop_var
-    pvars = tirx.analysis.undefined_vars(pred)
-    if any(u.same_as(col) for u in pvars):
+    values, keep = list(realize.iter_values), []
+    for term in _conjuncts(realize.predicate):
+        row = _row_bound(realize, term, col)
+        if row is None:
+            keep.append(term)
+        else:
+            values[row] = tirx.min(values[row], term.b - 1)
+    if len(keep) == len(_conjuncts(realize.predicate)):
         return
-    rows = [k for k, (iv, v) in enumerate(zip(realize.block.iter_vars, realize.iter_values))
-            if int(iv.dom.extent) == int(pred.b) and all(
-                any(u.same_as(p) for u in tirx.analysis.undefined_vars(v)) for p in pvars)]
-    if len(rows) != 1:
-        return
-    values = list(realize.iter_values)
-    values[rows[0]] = tirx.min(values[rows[0]], pred.b - 1)
-    new = SBlockRealize(values, True, realize.block)
+    pred = tirx.all(*keep) if keep else True
+    new = SBlockRealize(values, pred, realize.block)
     f = sch.get(loop)
     sch.state.replace(sch.get_sref(loop), tirx.For(f.loop_var, f.min, f.extent, f.kind, new,
                                                    f.thread_binding, f.annotations),
                       {realize.block: realize.block})
+
+
+def _conjuncts(pred: tirx.PrimExpr) -> list[tirx.PrimExpr]:
+    if isinstance(pred, tirx.And):
+        return _conjuncts(pred.a) + _conjuncts(pred.b)
+    return [] if isinstance(pred, tirx.IntImm) and int(pred) else [pred]
+
+
+def _row_bound(realize: SBlockRealize, term: tirx.PrimExpr, col: tirx.Var) -> int | None:
+    """The block iter ``term`` (``rows < M``) bounds, if it is a row predicate."""
+    if not (isinstance(term, tirx.LT) and isinstance(term.b, tirx.IntImm)):
+        return None
+    pvars = tirx.analysis.undefined_vars(term)
+    if any(u.same_as(col) for u in pvars):
+        return None
+    rows = [k for k, (iv, v) in enumerate(zip(realize.block.iter_vars, realize.iter_values))
+            if int(iv.dom.extent) == int(term.b) and all(
+                any(u.same_as(p) for u in tirx.analysis.undefined_vars(v)) for p in pvars)]
+    return rows[0] if len(rows) == 1 else None
 
 
 def _predicated(sch: Schedule, block: SBlockRV, loop: LoopRV) -> bool:
