@@ -162,7 +162,10 @@ class MSEObserver(_SampledObserver):
             return top
         # Searched on x / top, so the choice does not depend on the tensor's magnitude
         # (float32 squares of values near 1e-20 would underflow to 0 for every candidate).
-        a = (self._buf / np.float32(top)).astype(np.float32)
+        # Unsigned, values <= 0 quantize to 0 under every candidate: their error is a
+        # constant that only drowns the differences in float32 rounding, so it is left out.
+        a = (self._buf if signed else self._buf[self._buf > 0]) / np.float32(top)
+        a = a.astype(np.float32)
         qmax = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
         qmin = np.float32(-qmax - 1 if signed else 0)
         cands = np.arange(1, self.grid + 1, dtype=np.float64) / self.grid

@@ -159,3 +159,16 @@ def test_gptq_does_not_depend_on_the_input_magnitude(group: int) -> None:
     q2, s2, bias2 = gptq.round_corrected(w, b * c, small, 4)
     assert np.array_equal(q, q2) and np.allclose(s, s2, rtol=1e-12, atol=0)
     np.testing.assert_allclose(bias2, bias * c, rtol=1e-9)
+
+
+def test_unsigned_mse_threshold_is_the_float64_optimum() -> None:
+    """Unsigned, the negatives' error is the same under every candidate; searched without
+    it, the float32 search lands on the float64 optimum of the full MSE."""
+    x = np.random.default_rng(1).standard_normal(200_000).astype(np.float32) * 3
+    obs = MSEObserver()
+    obs.update(x)
+    a = x.astype(np.float64)
+    top = float(a.max())
+    cands = top * np.arange(1, 101) / 100
+    errs = [((np.clip(np.rint(a / (t / 255)), 0, 255) * (t / 255) - a) ** 2).sum() for t in cands]
+    assert obs.threshold(False, 8) == pytest.approx(cands[int(np.argmin(errs))], rel=1e-12)
