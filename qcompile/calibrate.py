@@ -180,7 +180,8 @@ class MSEObserver(_SampledObserver):
             buf *= s
             buf -= a
             errs[i] = float(np.dot(buf, buf))
-        return float(top * cands[int(np.argmin(errs))])
+        k = int(np.argmin(errs)) + 1
+        return float(top * k / self.grid)  # T = max * k / grid, rounded as documented
 
 
 OBSERVERS: dict[str, Callable[[CalibSpec], Observer]] = {
