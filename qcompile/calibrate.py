@@ -21,11 +21,15 @@ from tqdm import tqdm
 
 from .config import CalibSpec
 from .errors import BadModelError, DataError, UsageError
-from .quantize import MIN_THRESHOLD
 
 from .readers import Reader
 
 _DEGENERATE_T = 1.0
+# The smallest clipping threshold: its scale T / qmax (qmax < 2^8) stays a normal float32,
+# as the float entry and exit steps need.  No floor above that: a network's activations
+# may sit at any magnitude (efficientnet_b0 with default BN statistics runs at 1e-10 by
+# its middle stages), and an absolute floor above them rounds the whole tensor to 0.
+MIN_THRESHOLD = float(np.finfo(np.float32).tiny) * 2.0 ** 8
 
 
 def _finish(t: float, top: float) -> float:

@@ -280,17 +280,9 @@ def _cholesky(H: np.ndarray) -> np.ndarray:
     return L
 
 
-def _relative(damp: np.ndarray) -> np.ndarray:
-    """A damping term relative to H's own diagonal; 1 where H is 0 (any works there).
-    Never an absolute floor: a layer's inputs may sit at any magnitude (1e-9 in
-    efficientnet_b0 with default BN statistics, where H ~ 1e-18 and a floor of 1e-12 made
-    GPTQ round to nearest and switched the compensation off)."""
-    return np.where(damp > 0, damp, 1.0)
-
-
 def _damped_factor(H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Upper V with ``H + lambda I = V V^T`` (J L J for ``J H J = L L^T``, J the reversal),
-    lambda = ``DAMP`` * mean(diag H) as GPTQ, raised tenfold until H is positive definite.
+    lambda = ``DAMP`` * mean(diag H) as GPTQ (no absolute floor), raised tenfold until H is PD.
 
     GPTQ's factor is U = upper Cholesky of (H + lambda I)^-1, and U = V^-1: its updates
     ``w_j -= err_i U_ij`` with ``err_i = d_i / U_ii`` add up to ``w_j += sum_{i<j} d_i
@@ -298,7 +290,7 @@ def _damped_factor(H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Returns (V, lambda per group)."""
     K = H.shape[1]
     idx = np.arange(K)
-    extra = _relative(DAMP * H[:, idx, idx].mean(axis=1))
+    extra = np.where((d := DAMP * H[:, idx, idx].mean(axis=1)) > 0, d, 1.0)  # 1 where H is 0
     Hf = H[:, ::-1, ::-1]
     for _ in range(8):
         Hd = np.array(Hf)
@@ -439,7 +431,7 @@ def round_corrected(w: np.ndarray, b: np.ndarray, m: Moments, bits: int
     if m.fx is not None:
         cross = m.fx - m.mean_f[:, :, None] * m.mean[:, None, :]
         idx = np.arange(K)
-        lam = _relative(COMPENSATE_DAMP * cov[:, idx, idx].mean(axis=1))[:, None, None]
+        lam = np.where((v := COMPENSATE_DAMP * cov[:, idx, idx].mean(axis=1)) > 0, v, 1.0)[:, None, None]
         rhs = (W @ cross + lam * W).transpose(0, 2, 1)
         target = np.linalg.solve(cov + lam * np.eye(K), rhs).transpose(0, 2, 1)
     q, scale = round_layer(target.reshape(w.shape), 2.0 * cov, bits)

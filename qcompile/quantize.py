@@ -22,11 +22,6 @@ from .graph import LAYER_OPS, Graph, Node
 from .qgraph import INT32, QGraph, QNode, QTensor, QType
 
 M_BITS = 31      # dyadic multipliers are below 2^31
-# The smallest clipping threshold: its scale T / qmax (qmax < 2^8) stays a normal float32,
-# as the float entry and exit steps need.  No floor above that: a network's activations
-# may sit at any magnitude (efficientnet_b0 with default BN statistics runs at 1e-10 by
-# its middle stages), and an absolute floor above them rounds the whole tensor to 0.
-MIN_THRESHOLD = float(np.finfo(np.float32).tiny) * 2.0 ** 8
 MAX_SHIFT = 62   # keeps the rounding constant 2^(s-1) inside int64
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 
@@ -247,9 +242,7 @@ class _Quantizer:
             raise KeyError(f"no calibration statistics for tensor {name!r}")
         T = float(self.stats[name].threshold(qt.signed, qt.bits))
         T = min(T, cap) if cap > 0 else T
-        if not (math.isfinite(T) and T > 0):  # nothing measured: a neutral range
-            T = 1.0
-        return max(T, MIN_THRESHOLD) / qt.qmax
+        return (T if math.isfinite(T) and T > 0 else 1.0) / qt.qmax  # no floor: calibrate.py
 
     def add_tensor(self, name: str, qt: QType, scale: np.ndarray | float) -> QTensor:
         qtensor = QTensor(name, qt, tuple(self.g.shapes[name]), np.asarray(scale, np.float64))
