@@ -86,11 +86,12 @@ class CalibSpec:
 
 
 #: compile's fidelity floor (output SQNR against onnxruntime FP32, dB). An output that is
-#: all zeros, or constant, scores 0 dB; noise as strong as the signal scores 0 dB too. The
-#: weakest healthy INT8 models measured so far sit near 7 dB (timm repvgg_a0 with seeded
-#: weights on synthetic inputs: 6.9 dB at 100% top-1 agreement; a trained PP-LCNet on
-#: natural images: 6.8 dB), so 3 dB refuses a dead network and leaves them a 4 dB margin.
-MIN_SQNR_DB = 3.0
+#: all zeros, or constant, scores 0 dB; noise as strong as the signal scores 0 dB too.
+#: The lowest held-out SQNR over the 56 corpus models that compile (INT8, synthetic
+#: calibration, 8 held-out samples; benchmarks/results/corpus-2026-12-08) is 4.2 dB
+#: (efficientnet_b0 with seeded BN statistics); on another 8 samples the same model
+#: scored 5.2 dB. 2 dB refuses a dead network and leaves that model twice the spread.
+MIN_SQNR_DB = 2.0
 #: Held-out samples the guard runs by default (output metrics on all, layers on 2).
 FIDELITY_SAMPLES = 8
 
