@@ -113,7 +113,7 @@ def fuzz_one(main: Any, model: Path, samples: int, freeze: bool = False) -> dict
                                "stderr_lines": len(lines)}
         if code == 0:
             rec["class"] = "compiled"
-        elif code in (2, 3, 4, 5, 6, 7, 8, 9):
+        elif code in obs.REFUSAL_CODES:
             rec["class"] = "refused"
         else:
             rec["class"] = "traceback"

@@ -49,10 +49,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import Stopwatch, finish, machine_label, provenance, provenance_line, revision  # noqa: E402
+from qcompile.errors import EXIT_CODES  # noqa: E402  (errors.py imports nothing heavy)
 
 DEFAULT_ROOT = Path("/usr/share/libonnx-testdata/data")
 RESULTS = Path(__file__).resolve().parent / "results"
 CLASSES = ("compiled", "refused", "traceback", "hang", "crash")
+#: Every QCompileError's exit code (qcompile/errors.py): a refusal in one line, not a bug.
+REFUSAL_CODES: frozenset[int] = frozenset(EXIT_CODES.values())
 BUGS = ("traceback", "hang", "crash")
 
 
@@ -167,7 +170,7 @@ def compile_one(main: Any, model: Path, samples: int, freeze: bool = False) -> d
         if code == 0:
             rec["class"] = "compiled"
             rec.update(check_compiled(model, work / "out", test_dir))
-        elif code in (2, 3, 4, 5, 6, 7, 8, 9):
+        elif code in REFUSAL_CODES:
             rec["class"] = "refused"
         else:
             rec["class"] = "traceback"

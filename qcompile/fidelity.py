@@ -145,7 +145,8 @@ def measure(proto: onnx.ModelProto, qg: QGraph, x: np.ndarray, source: str, *,
             min_sqnr_db: float, run_core: Callable[[np.ndarray], np.ndarray] | None = None,
             layer_samples: int = 2, layers: bool = True) -> Fidelity:
     """Output SQNR and top-1 agreement of ``qg`` on every sample of ``x``, and the layer
-    of the sharpest drop from per-layer SQNR on the first ``layer_samples`` of them.
+    of the sharpest drop from per-layer SQNR on the ``layer_samples`` of them whose output
+    error is largest.
 
     ``run_core`` runs the compiled integer core on quantized inputs (bit-exact with the
     oracle once verified, and much faster); without it the oracle runs everything.
@@ -158,12 +159,15 @@ def measure(proto: onnx.ModelProto, qg: QGraph, x: np.ndarray, source: str, *,
     y_float = FloatRunner(proto, [qg.output.name]).run(x)[qg.output.name]
     out.add_output(y_float, qg.output.dequantize(y_int), qg.output.name)
     drop, k = None, min(layer_samples, len(x)) if layers else 0
-    if k:  # every intermediate, so only a few samples: a collapse shows on any of them
+    if k:  # every intermediate, so only the k samples with the worst output error: the
+        # layer named is the one that explains the failure, not a sample that went well
+        err = ((y_float - qg.output.dequantize(y_int)) ** 2).reshape(len(x), -1).sum(axis=1)
+        pick = np.sort(np.argsort(-err, kind="stable")[:k])
         names = [n.output for n in qg.nodes]
         tally = Tally()
-        tally.add_layers(qg, FloatRunner(proto, names).run(x[:k]),
-                         oracle.run_integer(qg, q[:k], keep=True), names)
-        drop = sharpest_drop(qg, tally, input_sqnr(qg, x[:k]))
+        tally.add_layers(qg, FloatRunner(proto, names).run(x[pick]),
+                         oracle.run_integer(qg, q[pick], keep=True), names)
+        drop = sharpest_drop(qg, tally, input_sqnr(qg, x[pick]))
     return Fidelity(len(x), source, round(out.sqnr(qg.output.name), 2),
                     round(out.agree / out.samples, 4), min_sqnr_db, drop, k)
 

@@ -120,7 +120,7 @@ def render_fidelity(f: "Fidelity") -> str:
              f"| top-1 agreement | {f.top1_agreement:.1%} |"]
     d = f.sharpest_drop
     if d is not None:
-        lines.append(f"| sharpest per-layer drop ({f.layer_samples} samples) | `{d.name}` "
+        lines.append(f"| sharpest per-layer drop (the {f.layer_samples} worst samples) | `{d.name}` "
                      f"({d.op}): {d.input_sqnr_db:.1f} -> {d.sqnr_db:.1f} dB |")
     return "\n".join(lines) + "\n"
 
