@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 if TYPE_CHECKING:
     from .bitplan import Allocation
-    from .fidelity import Fidelity
 
 
 class _Record:
@@ -36,13 +35,53 @@ class Verified(_Record):
 
 
 @dataclass(frozen=True)
+class LayerDrop(_Record):
+    """The layer whose SQNR falls most below its inputs' (the first such, in graph order)."""
+
+    name: str
+    op: str
+    tensor: str
+    sqnr_db: float
+    input_sqnr_db: float
+    drop_db: float
+
+
+@dataclass(frozen=True)
+class Fidelity(_Record):
+    """The manifest's ``fidelity``: the quantized graph against onnxruntime FP32."""
+
+    samples: int
+    source: str
+    sqnr_db: float
+    top1_agreement: float
+    min_sqnr_db: float
+    sharpest_drop: LayerDrop | None = None
+    layer_samples: int = 0
+    OPTIONAL = ("sharpest_drop",)
+
+    @property
+    def ok(self) -> bool:
+        return self.min_sqnr_db <= 0 or self.sqnr_db >= self.min_sqnr_db
+
+    def line(self) -> str:
+        """One line for the CLI, the card and the error."""
+        s = (f"output SQNR {self.sqnr_db:.1f} dB, top-1 agreement {self.top1_agreement:.0%} "
+             f"vs onnxruntime FP32 on {self.samples} {self.source}")
+        d = self.sharpest_drop
+        if d is not None:
+            s += (f"; sharpest drop at {d.name!r} ({d.op}): {d.input_sqnr_db:.1f} -> "
+                  f"{d.sqnr_db:.1f} dB")
+        return s
+
+
+@dataclass(frozen=True)
 class CompileResult:
     out_dir: Path
     compile_seconds: float
     integer_only: bool
     num_layers: int
     verified: Verified | None = None  # None: --no-verify
-    fidelity: "Fidelity | None" = None  # None: no guard (--fidelity-samples 0)
+    fidelity: Fidelity | None = None  # None: no guard (--fidelity-samples 0)
 
 
 @dataclass(frozen=True)
