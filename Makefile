@@ -25,6 +25,8 @@ lint: venv
 	  --disable-error-code=union-attr --disable-error-code=var-annotated --disable-error-code=index \
 	  --disable-error-code=return-value --disable-error-code=dict-item benchmarks/*.py
 	$(PY) tools/line_budget.py
+	@# imports only point down the stages, no cycles (pyproject.toml [tool.importlinter])
+	.venv/bin/lint-imports --no-cache
 
 test: venv lint
 	$(PY) -m pytest -q

@@ -35,7 +35,7 @@ PROVENANCE_FIELDS = ("command", "date", "commit", "dirty", "versions", "cpu", "t
 CORE_PACKAGES = {"qcompile": "qcompile", "tvm": "apache-tvm", "onnxruntime": "onnxruntime",
                  "onnx": "onnx", "numpy": "numpy"}  # key -> distribution
 PEER_PACKAGES = ("openvino", "nncf", "torch", "torchvision", "timm")  # recorded when installed
-# The /proc/cpuinfo flags that decide which x86 kernels run (qcompile/kernels/x86_rules.py).
+# The /proc/cpuinfo flags that decide which x86 kernels run (qcompile/targets/x86/kernel_rules.py).
 KERNEL_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "gfni", "amx_tile",
                 "amx_int8")
 # Written by the runs, never read by them: changes there do not make the tree dirty.
@@ -120,14 +120,14 @@ def cpu_info(kernel_flags: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {"model": model, "vendor": vendor or UNRECORDED,
                            "flags": {f: f in flags for f in KERNEL_FLAGS}}
     try:
-        from qcompile.targets import host_mcpu
+        from qcompile.hw.facts import host_mcpu
         out["mcpu"] = host_mcpu() or "generic"
     except ImportError:
         out["mcpu"] = UNRECORDED
     usable: Any = "not checked (the compiler is not imported here)"
     if kernel_flags:
         try:
-            from qcompile.kernels.x86_rules import usable_flags
+            from qcompile.targets.x86.kernel_rules import usable_flags
             usable = sorted(f for f in KERNEL_FLAGS if f in usable_flags(frozenset(flags)))
         except Exception as e:  # noqa: BLE001 - provenance must not fail a finished run
             usable = f"unknown ({type(e).__name__}: {e})"[:200]

@@ -63,11 +63,11 @@ def write_crops(out: Path, n_calib: int = 100, n_eval: int = 200, seed: int = 0)
 def measure(model: Path, crops: Path, bits: int, equalize: bool, correct: bool,
             method: str, y_float: np.ndarray, x_eval: np.ndarray, eq_kw: dict) -> dict:
     from qcompile import api
-    from qcompile import reference as oracle
-    from qcompile.bitplan import gather_inputs
+    from qcompile.verify import oracle
+    from qcompile.quant.readers import gather_inputs
     from qcompile.config import CalibSpec, Preprocess, QuantSpec
-    from qcompile.equalize import bias_correction, equalize_calibrated
-    from qcompile.quantize import quantize_graph
+    from qcompile.quant.equalize import bias_correction, equalize_calibrated
+    from qcompile.quant.quantize import quantize_graph
 
     t0 = time.perf_counter()
     calib = CalibSpec(source=str(crops / "calib"), method=method, num_samples=100,
@@ -84,7 +84,7 @@ def measure(model: Path, crops: Path, bits: int, equalize: bool, correct: bool,
     extra = {}
     if quant.equalize:  # how far the equalized *float* graph is from the model
         import onnxruntime as ort
-        from qcompile.equalize import canonical_model
+        from qcompile.quant.equalize import canonical_model
         sess = ort.InferenceSession(canonical_model(graph).SerializeToString(),
                                     providers=["CPUExecutionProvider"])
         yf = np.concatenate([sess.run(None, {graph.input: x_eval[i:i + 16]})[0]
@@ -118,10 +118,10 @@ def main() -> None:
         print(f"wrote crops to {args.crops}")
     if not args.run:
         return
-    from qcompile.calibrate import FloatRunner
+    from qcompile.quant.calibrate import FloatRunner
     from qcompile.config import Preprocess
-    from qcompile.onnx_import import load_model
-    from qcompile.readers import load_inputs
+    from qcompile.frontend.onnx_import import load_model
+    from qcompile.quant.readers import load_inputs
 
     x_eval = load_inputs(str(args.crops / "eval"), Preprocess(**PREPROCESS), (1, 3, 224, 224), 0)
     runner = FloatRunner(load_model(args.model, None))

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from qcompile.results import BenchResult
+    from qcompile.report.results import BenchResult
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (NA, ORT_DEFAULT_THREADS, Stopwatch, finish, fmt_num, git_state,  # noqa: E402
@@ -80,8 +80,8 @@ def _ort_bench(model: Path, shape: list[int], repeat: int) -> "BenchResult":
         return api.ort_bench(model, repeat=repeat)
     import numpy as np
     import onnxruntime as ort
-    from qcompile.results import BenchResult
-    from qcompile.runtime import summarize_ms
+    from qcompile.report.results import BenchResult
+    from qcompile.runtime.run import summarize_ms
 
     sess = ort.InferenceSession(str(model), api.ort_session_options(),  # ORT's defaults
                                 providers=["CPUExecutionProvider"])

@@ -28,7 +28,7 @@ from bench_common import finish, machine_label, provenance, provenance_line  # n
 
 from qcompile import api  # noqa: E402
 from qcompile.config import CalibSpec  # noqa: E402
-from qcompile.runtime import Artifact  # noqa: E402
+from qcompile.runtime.run import Artifact  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -22,11 +22,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_common as bc  # noqa: E402
 
-from qcompile import gptq  # noqa: E402
-from qcompile.graph import LAYER_OPS  # noqa: E402
-from qcompile.onnx_import import import_onnx, load_model  # noqa: E402
-from qcompile.prepare import prepare  # noqa: E402
-from qcompile import zoo  # noqa: E402
+from qcompile.quant import gptq  # noqa: E402
+from qcompile.ir.graph import LAYER_OPS  # noqa: E402
+from qcompile.frontend.onnx_import import import_onnx, load_model  # noqa: E402
+from qcompile.frontend.prepare import prepare  # noqa: E402
+from qcompile.frontend import zoo  # noqa: E402
 
 
 def main() -> int:

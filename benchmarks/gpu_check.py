@@ -70,7 +70,7 @@ def _qcompile(*args: str) -> None:
 def build(cfgs: list[Config], work: Path, target: str, arch: str | None, size: int,
           calib_samples: int) -> dict[str, Path]:
     """Compile each configuration (cached by its options under ``work``)."""
-    from qcompile import zoo
+    from qcompile.frontend import zoo
 
     arts: dict[str, Path] = {}
     for c in cfgs:
@@ -92,8 +92,8 @@ def build(cfgs: list[Config], work: Path, target: str, arch: str | None, size: i
 
 def expected(arts: dict[str, Path], cfgs: list[Config], x: np.ndarray) -> dict[str, np.ndarray]:
     """The oracle's quantized input, integer output and float output, per artifact."""
-    from qcompile import reference as oracle
-    from qcompile.runtime import artifact_qgraph
+    from qcompile.verify import oracle
+    from qcompile.runtime.run import artifact_qgraph
 
     out: dict[str, np.ndarray] = {}
     for c in cfgs:
@@ -157,15 +157,17 @@ def main(argv: list[str] | None = None) -> int:
             # the build's commit and versions: the GPU side records them beside its own
             "provenance": bc.provenance(None if argv is None else [__file__, *argv])}
     (stage / "plan.json").write_text(json.dumps(plan, indent=1))
-    (stage / "peers" / "qcompile" / "__init__.py").write_text("")  # zoo.py's package, no more
+    # zoo.py's packages (empty), zoo.py and the one module it imports, no more
+    (stage / "peers" / "qcompile" / "__init__.py").write_text("")
     extra = {"check/expected.npz": stage / "expected.npz", "check/plan.json": stage / "plan.json",
-             "peers/qcompile/__init__.py": stage / "peers" / "qcompile" / "__init__.py"}
-    for f in ("zoo.py", "errors.py"):
+             "peers/qcompile/__init__.py": stage / "peers" / "qcompile" / "__init__.py",
+             "peers/qcompile/frontend/__init__.py": stage / "peers" / "qcompile" / "__init__.py"}
+    for f in ("frontend/zoo.py", "errors.py"):
         extra[f"peers/qcompile/{f}"] = ROOT / "qcompile" / f
     for f in ("gpu_side.py", "gpu_common.py", "onnx_torch.py", "bench_common.py"):
         extra[f] = ROOT / "benchmarks" / f
 
-    from qcompile.bundle import make_bundle
+    from qcompile.runtime.bundle import make_bundle
     # The bundle names its models after their folders: stage them under the config names.
     named = stage / "arts"
     named.mkdir()

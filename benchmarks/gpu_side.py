@@ -155,7 +155,7 @@ def peers(plan: dict, device: str, repeat: int, warmup: int) -> dict:
     sys.path.insert(0, str(HERE / "peers"))
     out: dict = {}
     for model, p in plan["peers"].items():
-        from qcompile import zoo  # the bundled copy of qcompile/zoo.py (numpy + onnx)
+        from qcompile.frontend import zoo  # the bundled copy of qcompile/zoo.py (numpy + onnx)
         size = p["input_size"]
         batches = sorted({c["batch"] for c in plan["configs"] if c["model"] == model and c["timed"]})
         build = lambda b: zoo.build(p["zoo"], input_size=size, batch=b)  # noqa: E731

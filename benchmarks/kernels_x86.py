@@ -1,4 +1,4 @@
-"""GOPS of the AVX-512 VNNI kernels (qcompile/kernels/x86_vnni.py) vs onnxruntime INT8.
+"""GOPS of the AVX-512 VNNI kernels (qcompile/targets/x86/vnni.py) vs onnxruntime INT8.
 
     python benchmarks/kernels_x86.py                 # GEMM 256^3, RN50 fc + all convs
     python benchmarks/kernels_x86.py --quick         # 256^3, fc + 6 representative convs
@@ -19,7 +19,7 @@ count-weighted sum over ResNet-50 (224 px, batch 1) of all its convs.
 ``--int4`` also times each GEMM/conv with 4-bit weights (``w_bits=4``: two nibbles a
 byte, unpacked in-kernel), interleaved with the int8 kernel, and reports int8 time /
 int4 time (> 1: int4 faster) and where the int4 kernel unpacks ("tile" / "prologue",
-see qcompile/kernels/x86_int4.py). ``--cold`` flushes every argument but the activation (weights,
+see qcompile/targets/x86/int4.py). ``--cold`` flushes every argument but the activation (weights,
 bias, requant params, output) from the caches before each call (TVM's
 ``cache_flush_cpu_non_first_arg``): the weights then come from DRAM, as in a batch-1
 network whose weights outgrow the caches; ORT stays warm.
@@ -51,8 +51,8 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_common as bc  # noqa: E402
 
-from qcompile.kernels import x86_vnni as V  # noqa: E402
-from qcompile.targets import has_vnni, make_target  # noqa: E402
+from qcompile.targets.x86 import vnni as V  # noqa: E402
+from qcompile.hw.facts import has_vnni, make_target  # noqa: E402
 
 THREADS = int(os.environ["TVM_NUM_THREADS"])
 # ResNet-50 v1.5 (torchvision) convs at 224 px: (H, C, OC, k, stride, count in the network).

@@ -24,9 +24,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_common as bc  # noqa: E402
 from peers import interleaved_times, ort_int8, ort_runner  # noqa: E402
 
-from qcompile import api, zoo  # noqa: E402
+from qcompile import api
+from qcompile.frontend import zoo  # noqa: E402
 from qcompile.config import CalibSpec  # noqa: E402
-from qcompile.runtime import Artifact  # noqa: E402
+from qcompile.runtime.run import Artifact  # noqa: E402
 
 
 def bench_model(name: str, size: int | None, repeat: int, calib_n: int, work: Path) -> dict:

@@ -198,7 +198,7 @@ def _worker(conn: Connection, samples: int, job_fn: Any = None) -> None:
     os.environ.pop("QCOMPILE_DEBUG", None)
     import warnings
     warnings.simplefilter("ignore")
-    from qcompile.cli import main
+    from qcompile.cli.main import main
     import qcompile.api  # noqa: F401 - TVM's import (seconds) is not any model's time
     conn.send(("ready", None))
     while True:

@@ -23,9 +23,10 @@ import tvm
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_common as bc  # noqa: E402
 
-from qcompile import api, zoo  # noqa: E402
+from qcompile import api
+from qcompile.frontend import zoo  # noqa: E402
 from qcompile.config import AllocSpec, CalibSpec, QuantSpec, precision  # noqa: E402
-from qcompile.runtime import Artifact  # noqa: E402
+from qcompile.runtime.run import Artifact  # noqa: E402
 
 ALPHAS = (0.25, 0.5, 0.75)
 

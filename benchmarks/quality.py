@@ -62,13 +62,14 @@ from effnet_fidelity import natural_images  # noqa: E402
 from peers import ort_int8, ort_runner  # noqa: E402
 from quality_report import SIZE_FRACTION, markdown, plot, targets  # noqa: E402
 
-from qcompile import api, costs  # noqa: E402
+from qcompile import api
+from qcompile.mixed import costs  # noqa: E402
 from qcompile.config import AllocSpec, CalibSpec, Preprocess, QuantSpec  # noqa: E402
 from qcompile.errors import UsageError  # noqa: E402
-from qcompile.graph import Graph  # noqa: E402
-from qcompile.onnx_import import import_onnx, load_model  # noqa: E402
-from qcompile.prepare import prepare  # noqa: E402
-from qcompile.runtime import Artifact  # noqa: E402
+from qcompile.ir.graph import Graph  # noqa: E402
+from qcompile.frontend.onnx_import import import_onnx, load_model  # noqa: E402
+from qcompile.frontend.prepare import prepare  # noqa: E402
+from qcompile.runtime.run import Artifact  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 EFFNET = ROOT / "models" / "efficientnet_lite0.onnx"
@@ -134,7 +135,7 @@ def effnet_bench(n_calib: int, n_eval: int) -> Bench:
 
 
 def fashion_bench(n_calib: int) -> Bench:
-    from qcompile.datasets import fashion_mnist_dir, load_fashion_mnist
+    from qcompile.quant.datasets import fashion_mnist_dir, load_fashion_mnist
     if fashion_mnist_dir() is None:
         raise SystemExit("Fashion-MNIST missing: apt-get install -y dataset-fashion-mnist")
     xtr, _ = load_fashion_mnist("train")

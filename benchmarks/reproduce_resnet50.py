@@ -4,7 +4,7 @@
     python benchmarks/reproduce_resnet50.py --quick    # CI: 5 rounds, 4 calibration samples, kl
 
 Beside each row: HAWQ-V3's published T4 figures (batch 8), our T4 roofline prediction
-(qcompile.costs) and what this machine measured (FP32 with onnxruntime, the rest with
+(qcompile.mixed.costs) and what this machine measured (FP32 with onnxruntime, the rest with
 qcompile's compiled integer-only modules).  Every number says where it comes from.
 
 Exits 1 when a module is not bit-exact against the NumPy oracle or not integer-only,
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Model: {files.source}, input {'x'.join(map(str, files.input_shape[1:]))}; the weights are "
         "random, so only size, BOPs and latency are comparable with the paper, not accuracy.",
         f"{PUBLISHED_LABEL}: HAWQ-V3 (Yao et al., ICML 2021), ResNet-50, TVM on an NVIDIA T4.",
-        f"{PREDICTED_LABEL}: qcompile.costs model of a T4 (datasheet peaks, assumed efficiencies), "
+        f"{PREDICTED_LABEL}: qcompile.mixed.costs model of a T4 (datasheet peaks, assumed efficiencies), "
         f"never measured; FP32 row = all layers FP32. The mixed row's prediction is the plan "
         f"qcompile allocates for the T4 (α={ALPHA:g} under the T4 model, batch {T4_BATCH}): "
         f"{t4['n4']}/{t4['n_layers']} layers at 4 bits, {t4['size_mb']:.1f} MB, {t4['bops_g']:.0f} G BOPs.",

@@ -19,7 +19,7 @@ latency budgets.  Each is timed two ways, in one process:
 
 Fidelity (top-1 agreement, SQNR) is measured
 against ORT FP32 on the same synthetic inputs; ours are also checked bit-exact against
-the NumPy oracle.  Without a GPU a "T4 predicted" column comes from qcompile.costs.
+the NumPy oracle.  Without a GPU a "T4 predicted" column comes from qcompile.mixed.costs.
 
 Writes benchmarks/results/speedup-<machine>-<date>.{json,md} (+ .png with matplotlib).
 Exits 1 when a configuration failed or one of our modules is not bit-exact/integer-only.
@@ -113,9 +113,10 @@ def dynamic_batch(src: Path, dst: Path) -> Path:
 
 
 def prepare_model(name: str, work: Path, input_size: int | None) -> ModelFiles:
-    from qcompile import costs, zoo
-    from qcompile.onnx_import import import_onnx, load_model
-    from qcompile.prepare import prepare
+    from qcompile.mixed import costs
+    from qcompile.frontend import zoo
+    from qcompile.frontend.onnx_import import import_onnx, load_model
+    from qcompile.frontend.prepare import prepare
     if name == EFFNET:
         path, source = _effnet_path(), "pretrained EfficientNet-Lite0 (tools/export_efficientnet.py)"
     else:
@@ -129,7 +130,7 @@ def prepare_model(name: str, work: Path, input_size: int | None) -> ModelFiles:
 # --- cost model ----------------------------------------------------------------------------
 def plan_costs(files: ModelFiles, bits: dict[str, int] | int, batch: int) -> dict[str, float]:
     """Size, BOPs and the T4 roofline prediction for a plan (or uniform bits, 32 = FP32)."""
-    from qcompile import costs
+    from qcompile.mixed import costs
     plan = costs.uniform(files.layers, bits) if isinstance(bits, int) else bits
     if isinstance(bits, int) and bits in costs.FLOAT_BITS:
         t4 = costs.t4_float_ms(files.layers, batch, bits, costs.t4_other_ms(files.graph, batch, bits))
@@ -164,7 +165,7 @@ def compile_q(files: ModelFiles, cfg: QConfig, batch: int, out: Path, *, target:
 
 def float_vm(files: ModelFiles, batch: int) -> Any:
     """TVM FP32 through qcompile's own float Relax builder (relax_float), llvm."""
-    from qcompile.relax_float import FloatVM, build_float_module
+    from qcompile.mixed.float_model import FloatVM, build_float_module
     return FloatVM(build_float_module(files.graph, batch, grad=False))
 
 
@@ -211,7 +212,7 @@ def time_batch(files: ModelFiles, batch: int, arts: dict[str, dict], fvm: Any | 
                repeat: int, fp32_every: int, progress: Callable[[int], None]) -> dict[str, dict]:
     """Every configuration at ``batch``, round-robin in this process."""
     import tvm
-    from qcompile.runtime import Artifact
+    from qcompile.runtime.run import Artifact
     x = np.random.default_rng(0).normal(size=(batch, *files.input_shape[1:])).astype(np.float32)
     fp32 = ort_runner(files.dynamic)
     fns: dict[str, Callable[[], object]] = {ORT_FP32: lambda: fp32(x)}
@@ -246,7 +247,7 @@ def _time_artifact_alone(path: str, x: np.ndarray, runs: int, warmup: int) -> li
     """One of our modules, loaded for its block only (released before returning)."""
     def timed() -> list[float]:
         import tvm
-        from qcompile.runtime import Artifact
+        from qcompile.runtime.run import Artifact
         art = Artifact.load(path)
         xt = tvm.runtime.tensor(x, art.device)
 
@@ -447,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     clock = bc.Stopwatch()
     import tvm
     from tqdm import tqdm
-    from qcompile import zoo
+    from qcompile.frontend import zoo
     unknown = [m for m in args.models if m != EFFNET and m not in zoo.ZOO]
     if unknown:
         print(f"error: unknown model(s) {unknown}; choose from {sorted(zoo.ZOO)} or {EFFNET}",
@@ -500,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.environ.get('TVM_NUM_THREADS')}).",
         "latency / ORT INT8: this configuration's median over ORT INT8's median, same timing mode.",
         inter,
-        "T4 predicted: qcompile.costs roofline model of an NVIDIA T4 (not measured).",
+        "T4 predicted: qcompile.mixed.costs roofline model of an NVIDIA T4 (not measured).",
         f"Fidelity vs ORT FP32 on {st.eval_n} synthetic N(0,1) inputs; calibration: "
         f"{st.calib_n} synthetic samples for qcompile and ORT INT8 alike.",
         f"Mixed: relative latency budget α between all-INT4 and all-INT8 plans, sensitivity "

@@ -35,7 +35,8 @@ RUNS = (("resnet18", 1), ("resnet18", 8), ("resnet50", 1), ("resnet50", 8),
 
 
 def build(name: str, batch: int, work: Path) -> Path:
-    from qcompile import api, zoo
+    from qcompile import api
+    from qcompile.frontend import zoo
     from qcompile.config import CalibSpec
     model = EFFNET if name == "efficientnet_lite0" else zoo.save(zoo.build(name), work / f"{name}.onnx")
     out = work / f"{name}-b{batch}"
@@ -47,7 +48,7 @@ def build(name: str, batch: int, work: Path) -> Path:
 
 def split(art_dir: Path, batch: int, rounds: int) -> dict:
     import tvm
-    from qcompile.runtime import Artifact
+    from qcompile.runtime.run import Artifact
 
     art = Artifact.load(art_dir)
     x = np.random.default_rng(0).normal(size=(batch,) + tuple(art.input_shape[1:]))

@@ -17,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_common as bc  # noqa: E402
 
-from qcompile import api, zoo  # noqa: E402
+from qcompile import api
+from qcompile.frontend import zoo  # noqa: E402
 
 SMALL = {"resnet18": 64, "resnet50": 64, "inceptionv3": 75, "mobilenetv2": 64}
 FULL = {"resnet18": 224, "resnet50": 224, "inceptionv3": 299, "mobilenetv2": 224}

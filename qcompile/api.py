@@ -12,36 +12,42 @@ import numpy as np
 import tvm
 from tqdm import tqdm
 
-from . import __version__
-from . import costs
-from . import reference as oracle
-from .artifact import atomic_dir, check_output_dir
-from .backends import backend_of, check_options
-from .build import build
-from .calibrate import FloatRunner, collect_stats
-from .readers import Reader, load_inputs, make_reader
-from . import fidelity as fid
-from .config import (VERIFY_INPUTS, AllocSpec, CalibSpec, FidelitySpec, Preprocess, QuantSpec,
-                     precision_name, resolve_auto)
-from .errors import BuildError, UsageError, VerificationError
-from .flags import THREADS_ENV, error_line, tvm_threads, write_json
-from .lower import lower
-from .onnx_import import import_onnx, load_model
-from .graph import Graph
-from .prepare import prepare
-from .qgraph import QGraph
-from .quantize import calibration_tensors, layer_bits, quantize_graph
-from .report import layer_table, render_card, render_fidelity, render_plan
-from .runtime import Artifact, summarize_ms
-from .serialize import qgraph_to_json
-from .shipcheck import prove_shipped
+from qcompile import __version__
+from qcompile.mixed import costs
+from qcompile.verify import oracle
+from qcompile.runtime.artifact import atomic_dir, check_output_dir
+from qcompile.hw.backends import backend_of, check_options
+from qcompile.build.compile import build
+from qcompile.quant.calibrate import FloatRunner, collect_stats
+from qcompile.quant.readers import Reader, gather_inputs, load_inputs, make_reader
+from qcompile.quant.equalize import bias_correction, equalize_calibrated
+from qcompile.quant.gptq import gptq_graph
+from qcompile.mixed.ilp import parse_budgets, pareto, pin_dry_run, write_pareto
+from qcompile.mixed.plan import allocate_bits, problem_for
+from qcompile.mixed.sensitivity import Sensitivity, compute_sensitivity
+from qcompile.targets import code_of
+from qcompile.report import fidelity as fid
+from qcompile.config import (
+    VERIFY_INPUTS, AllocSpec, CalibSpec, FidelitySpec, Preprocess, QuantSpec, precision_name,
+    resolve_auto)
+from qcompile.errors import BuildError, UsageError, VerificationError
+from qcompile.flags import THREADS_ENV, error_line, tvm_threads, write_json
+from qcompile.lower.emit import lower
+from qcompile.frontend.onnx_import import import_onnx, load_model
+from qcompile.ir.graph import Graph
+from qcompile.frontend.prepare import prepare
+from qcompile.ir.qgraph import QGraph
+from qcompile.quant.quantize import calibration_tensors, layer_bits, quantize_graph
+from qcompile.report.card import layer_table, render_card, render_fidelity, render_plan
+from qcompile.runtime.run import Artifact, summarize_ms
+from qcompile.ir.serialize import qgraph_to_json
+from qcompile.build.ship import prove_shipped
 
-from .results import (AllocateResult, BenchResult, CompileResult, EvalResult, LayerFidelity,
-                      ParetoResult, Verified)
+from qcompile.report.results import (
+    AllocateResult, BenchResult, CompileResult, EvalResult, LayerFidelity, ParetoResult, Verified)
 
-if TYPE_CHECKING:  # meta-schedule is imported only when --tune asks for it
-    from .sensitivity import Sensitivity
-    from .tune import TuneReport
+if TYPE_CHECKING:
+    from qcompile.build.tune import TuneReport
 
 
 def _front(model: Path, calib: CalibSpec, progress: bool, calibrate: bool = True,
@@ -113,12 +119,10 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
     if held is not None:
         calib = held.calib
     if quant.equalize:  # re-calibrate: equalization rescales activation channels
-        from .equalize import equalize_calibrated
         graph, stats = equalize_calibrated(graph, reader, calib, progress)
     # 3. Mixed precision: sensitivity + per-layer latency + ILP under the budgets.
     allocation = None
     if alloc.active:
-        from .bitplan import allocate_bits  # imports the sensitivity/latency machinery
         # (an equalized graph has other weights: keep its cached sensitivity apart)
         allocation = allocate_bits(graph, model.read_bytes() + b"|equalized" * quant.equalize,
                                    reader, stats, tgt, spec=alloc,
@@ -130,16 +134,12 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
         plan = allocation.plan.precisions
     rounded, qgraph_src = None, graph
     if quant.rounding == "gptq":  # Hessian-aware rounding at the widths the plan uses;
-        from .bitplan import gather_inputs  # its biases absorb the rounding's mean error
-        from .gptq import gptq_graph
         qgraph_src, rounded = gptq_graph(graph, gather_inputs(reader, calib.num_samples),
                                          layer_bits(graph, quant, plan), progress=progress)
     qg = quantize_graph(qgraph_src, stats, quant, bits=plan, rounded=rounded)
     if quant.bias_correction:
-        from .bitplan import gather_inputs
-        from .equalize import bias_correction
         qg = bias_correction(graph, qg, gather_inputs(reader, calib.num_samples))
-    rules = backend.rules(batch, tgt) if kernels else []
+    rules = code_of(tgt).rules(batch, tgt) if kernels else []
     lowered = lower(qg, rules, batch=batch if rules else None)
     # 5. Legalize, prove integer-only, compile (CUDA: the arch's fatbin embedded at build time).
     built = build(lowered.mod, tgt, tune=tune, progress=progress)
@@ -189,7 +189,7 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
             "functions": ["main", "quantize", "core", "dequantize"],
             "params": [k for k, _ in lowered.params], "integer_only": built.intcheck.ok,
             "kernels": lowered.kernels, "kernel_funcs": lowered.funcs,
-            **backend.manifest(lowered, tgt),
+            **code_of(tgt).manifest(lowered, tgt),
             "intcheck": {"prim_funcs": len(built.intcheck.prim_funcs),
                          "stores": built.intcheck.stores,
                          "stages": list(built.intcheck.stages),  # Relax+TIR, codegen, asm
@@ -423,8 +423,6 @@ def ort_bench(model: str | Path, *, batch: int = 1, repeat: int = 50, warmup: in
 def pin_matches(model: str | Path, pins: tuple[str, ...],
                 input_shape: tuple[int, ...] | None = None) -> dict[str, list[str]]:
     """What each ``--pin`` glob matches (the dry run), without measuring anything."""
-    from .allocate import pin_dry_run
-
     proto = load_model(Path(model), input_shape)
     graph = prepare(import_onnx(proto, batch=1, source=Path(model).name))
     return pin_dry_run(costs.layers_of(graph), pins)
@@ -433,9 +431,6 @@ def pin_matches(model: str | Path, pins: tuple[str, ...],
 def sensitivity_model(model: str | Path, *, method: str = "hessian", calib: CalibSpec = CalibSpec(),
                       num_samples: int = 8, progress: bool = True) -> "Sensitivity":
     """Per-layer Omega for 4 and 8 bits (``qcompile sensitivity``)."""
-    from .bitplan import gather_inputs
-    from .sensitivity import compute_sensitivity
-
     model = Path(model)
     graph, reader, _, _ = _front(model, calib, progress, calibrate=False)
     x = gather_inputs(reader, num_samples)
@@ -457,9 +452,6 @@ def allocate_model(model: str | Path, *, target: str = "llvm", arch: str | None 
     given) from all-INT4 to all-INT8 and write the frontier there. ``arch``: as in
     :func:`compile_model` (on CUDA the latency model is that arch's GPU).
     """
-    from .allocate import parse_budgets, pareto, write_pareto
-    from .bitplan import allocate_bits, problem_for
-
     model = Path(model)
     backend = check_options(target, arch)
     tgt = backend.target(target, arch, None)

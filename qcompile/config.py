@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .errors import UsageError
+from qcompile.errors import UsageError
 
 def parse_shape(text: str) -> tuple[int, ...]:
     """``1x3x224x224`` (or with commas) -> (1, 3, 224, 224); UsageError otherwise."""

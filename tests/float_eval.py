@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from qcompile.graph import Graph, Node
+from qcompile.ir.graph import Graph, Node
 
 Array = np.ndarray
 

@@ -1,4 +1,4 @@
-"""Tests for qcompile.allocate: budget parsing, pins, ILP optimum == brute force, infeasibility."""
+"""Tests for qcompile.mixed.ilp: budget parsing, pins, ILP optimum == brute force, infeasibility."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qcompile import allocate as A
-from qcompile import costs
+from qcompile.mixed import ilp as A
+from qcompile.mixed import costs
 from qcompile.errors import InfeasibleBudgetError, UsageError
 from test_costs import tiny_residual
 

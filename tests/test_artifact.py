@@ -13,11 +13,11 @@ from tvm import relax
 from kitchen_sink import kitchen_sink_model
 from onnx_builders import save
 from qcompile import api
-from qcompile import reference as oracle
-from qcompile.artifact import atomic_dir, check_output_dir
+from qcompile.verify import oracle
+from qcompile.runtime.artifact import atomic_dir, check_output_dir
 from qcompile.errors import ArtifactError, UsageError
-from qcompile.runtime import Artifact
-from qcompile.serialize import qgraph_from_json, qgraph_to_json
+from qcompile.runtime.run import Artifact
+from qcompile.ir.serialize import qgraph_from_json, qgraph_to_json
 
 
 @pytest.fixture(scope="module")

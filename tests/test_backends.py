@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from qcompile import api
-from qcompile.backends import BACKENDS, backend, check_options
+from qcompile.hw.backends import BACKENDS, backend, check_options
 from qcompile.errors import UsageError
-from qcompile.targets import make_target, precisions
+from qcompile.hw.backends import make_target, precisions
 
 
 def test_table_reads_without_tvm() -> None:
     """The CLI validates options with the table before deciding to import TVM."""
-    code = ("import sys, qcompile.backends, qcompile.cli; "
+    code = ("import sys, qcompile.hw.backends, qcompile.cli.main; "
             "assert 'tvm' not in sys.modules, 'tvm imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qcompile import api, zoo
-from qcompile.bundle import make_bundle
+from qcompile import api
+from qcompile.frontend import zoo
+from qcompile.runtime.bundle import make_bundle
 from qcompile.errors import ArtifactError, UsageError
-from qcompile.runtime import Artifact
+from qcompile.runtime.run import Artifact
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 32
@@ -122,7 +123,7 @@ def test_bundle_refusals(arts, tmp_path) -> None:
 
 def test_bundle_cli(arts, tmp_path) -> None:
     from click.testing import CliRunner
-    from qcompile.cli import main
+    from qcompile.cli.main import main
 
     r = CliRunner().invoke(main, ["bundle", str(arts["r18-b1"]), "-o", str(tmp_path / "b")])
     assert r.exit_code == 0, r.output

@@ -1,4 +1,4 @@
-"""Tests for qcompile.calibrate: readers, preprocessing, observers, float collection."""
+"""Tests for qcompile.quant.calibrate: readers, preprocessing, observers, float collection."""
 from __future__ import annotations
 
 import warnings
@@ -10,10 +10,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from qcompile.calibrate import (OBSERVERS, FloatRunner, MinMaxObserver, MSEObserver,
-                                PercentileObserver, collect_stats, run_float, to_stats)
-from qcompile.readers import (ImageDirReader, NpyDirReader, SyntheticReader, load_inputs,
-                              make_reader, preprocess_image)
+from qcompile.quant.calibrate import (
+    OBSERVERS, FloatRunner, MinMaxObserver, MSEObserver, PercentileObserver, collect_stats,
+    run_float, to_stats)
+from qcompile.quant.readers import (
+    ImageDirReader, NpyDirReader, SyntheticReader, load_inputs, make_reader, preprocess_image)
 from qcompile.config import CalibSpec, Preprocess
 from qcompile.errors import BadModelError, DataError
 

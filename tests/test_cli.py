@@ -1,4 +1,4 @@
-"""Tests for qcompile.cli: dispatch, validation, exit codes and the real commands end to end.
+"""Tests for qcompile.cli.main: dispatch, validation, exit codes and the real commands end to end.
 
 Most tests drive ``main`` with click's CliRunner; one runs the installed console
 script to check the exit code and stderr a shell really sees.  The end-to-end tests
@@ -22,10 +22,10 @@ import pytest
 from click.testing import CliRunner, Result
 from onnx import TensorProto, helper, numpy_helper
 
-from qcompile import cli
+from qcompile.cli import main as cli
 from qcompile.config import CalibSpec, QuantSpec
 from qcompile.errors import UsageError
-from qcompile.results import BenchResult, CompileResult
+from qcompile.report.results import BenchResult, CompileResult
 from qcompile.errors import EXIT_CODES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +114,7 @@ def test_version() -> None:
 
 
 def test_zoo_list() -> None:
-    from qcompile import zoo
+    from qcompile.frontend import zoo
 
     r = invoke("zoo", "--list")
     assert r.exit_code == 0
@@ -317,7 +317,7 @@ def test_readme_exit_codes_match_errors() -> None:
 
 
 def test_readme_lists_supported_ops() -> None:
-    from qcompile.onnx_import import SUPPORTED_OPS
+    from qcompile.frontend.onnx_import import SUPPORTED_OPS
 
     text = (ROOT / "README.md").read_text()
     section = text.split("## Supported ONNX ops", 1)[1].split("\n## ", 1)[0]
@@ -368,7 +368,7 @@ def test_compile_oracle_mismatch_exits_11(artifact: tuple[Path, Path], tmp_path:
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A miscompiled core (planted: one output value off by one) is caught by compile's own
     check: exit 11, one line naming the step, and no artifact written."""
-    from qcompile.runtime import Artifact
+    from qcompile.runtime.run import Artifact
 
     run_core = Artifact.run_core
 

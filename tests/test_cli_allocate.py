@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from qcompile import api, cli
+from qcompile import api
+from qcompile.cli import main as cli
 from qcompile.errors import InfeasibleBudgetError
 
 MODEL = Path(__file__).parent / "data" / "fashion_resnet.onnx"

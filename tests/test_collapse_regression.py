@@ -25,17 +25,18 @@ import pytest
 from onnx import helper
 
 from onnx_builders import conv_node, init, make_model, rng, run_ort
-from qcompile import gptq, reference
-from qcompile.bitplan import gather_inputs
-from qcompile.calibrate import (MinMaxObserver, MSEObserver, Observer, PercentileObserver,
-                                collect_stats)
+from qcompile.quant import gptq
+from qcompile.verify import oracle as reference
+from qcompile.quant.readers import gather_inputs
+from qcompile.quant.calibrate import (
+    MinMaxObserver, MSEObserver, Observer, PercentileObserver, collect_stats)
 from qcompile.config import CalibSpec, QuantSpec
-from qcompile.gptq import gptq_graph
-from qcompile.graph import Node
-from qcompile.onnx_import import import_onnx
-from qcompile.prepare import prepare
-from qcompile.quantize import calibration_tensors, layer_bits, quantize_graph
-from qcompile.readers import make_reader
+from qcompile.quant.gptq import gptq_graph
+from qcompile.ir.graph import Node
+from qcompile.frontend.onnx_import import import_onnx
+from qcompile.frontend.prepare import prepare
+from qcompile.quant.quantize import calibration_tensors, layer_bits, quantize_graph
+from qcompile.quant.readers import make_reader
 
 C, HW = 8, 12
 

@@ -1,4 +1,4 @@
-"""Tests for qcompile.costs: layer extraction, tie groups, size/BOPs by hand, T4 model sanity."""
+"""Tests for qcompile.mixed.costs: layer extraction, tie groups, size/BOPs by hand, T4 model sanity."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,10 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qcompile import costs, zoo
-from qcompile.graph import Graph, Node
-from qcompile.onnx_import import import_onnx, load_model
-from qcompile.prepare import prepare
+from qcompile.mixed import costs
+from qcompile.frontend import zoo
+from qcompile.ir.graph import Graph, Node
+from qcompile.frontend.onnx_import import import_onnx, load_model
+from qcompile.frontend.prepare import prepare
 
 
 def _conv(name: str, x: str, y: str, cout: int, cin: int, k: int, *, stride: int = 1,

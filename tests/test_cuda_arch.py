@@ -19,12 +19,12 @@ from click.testing import CliRunner
 from kitchen_sink import kitchen_sink_model
 from onnx_builders import save
 from qcompile import api
-from qcompile.cli import main
+from qcompile.cli.main import main
 from qcompile.config import QuantSpec
-from qcompile.inspect import inspect_artifact, tensor_core_math
-from qcompile.kernels import cuda_tc as ct
-from qcompile.kernels.cuda_tools import elf_info
-from qcompile.schedule_cuda import embedded_fatbins
+from qcompile.cli.inspect import inspect_artifact, tensor_core_math
+from qcompile.targets.cuda import tensor_core as ct
+from qcompile.verify.cuda_tools import elf_info
+from qcompile.verify.cuda_tools import embedded_fatbins
 
 HAVE_TOOLS = all((shutil.which("nvcc"), ct.tool_path("cuobjdump"), ct.tool_path("nvdisasm")))
 needs_tools = pytest.mark.skipif(

@@ -12,16 +12,17 @@ from onnx import TensorProto, helper
 
 from onnx_builders import bn_node, conv_node, init, make_model, rng, save
 from qcompile import api
-from qcompile import reference as oracle
-from qcompile.calibrate import collect_stats
+from qcompile.verify import oracle
+from qcompile.quant.calibrate import collect_stats
 from qcompile.config import CalibSpec, QuantSpec
-from qcompile.equalize import (bias_correction, canonical_model, equalization_pairs, equalize,
-                               interval_ranges, preactivation_ranges)
-from qcompile.graph import Graph
-from qcompile.onnx_import import import_onnx
-from qcompile.prepare import prepare
-from qcompile.qgraph import QGraph
-from qcompile.quantize import calibration_tensors, quantize_graph
+from qcompile.quant.equalize import (
+    bias_correction, canonical_model, equalization_pairs, equalize, interval_ranges,
+    preactivation_ranges)
+from qcompile.ir.graph import Graph
+from qcompile.frontend.onnx_import import import_onnx
+from qcompile.frontend.prepare import prepare
+from qcompile.ir.qgraph import QGraph
+from qcompile.quant.quantize import calibration_tensors, quantize_graph
 
 SIZE = 12
 
@@ -245,8 +246,8 @@ def test_compile_with_equalize_and_bias_correction_is_bit_exact(tmp_path: Path) 
 
 
 def test_accumulator_unit_is_read_off_the_qgraph(graph) -> None:
-    from qcompile.equalize import _unit
-    from qcompile.quantize import quantize_weights
+    from qcompile.quant.equalize import _unit
+    from qcompile.quant.quantize import quantize_weights
 
     x = _data(16)
     qg = _quantize(graph, x, 8)

@@ -13,7 +13,7 @@ import pytest
 
 from qcompile import api
 from qcompile.config import CalibSpec, QuantSpec
-from qcompile.datasets import fashion_mnist_dir, load_fashion_mnist
+from qcompile.quant.datasets import fashion_mnist_dir, load_fashion_mnist
 
 DATA = Path(__file__).parent / "data"
 MODEL = DATA / "fashion_resnet.onnx"

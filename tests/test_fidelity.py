@@ -1,4 +1,4 @@
-"""qcompile/fidelity.py and compile's guard: the model against its float self, not just the
+"""qcompile/report/fidelity.py and compile's guard: the model against its float self, not just the
 compiler against its oracle; and NaN/Inf inputs refused at run time."""
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import pytest
 from click.testing import CliRunner, Result
 
 from onnx_builders import conv_node, make_model, rng, save
-from qcompile import api, cli
-from qcompile import fidelity as fid
+from qcompile import api
+from qcompile.cli import main as cli
+from qcompile.report import fidelity as fid
 from qcompile.config import CalibSpec, FidelitySpec, QuantSpec
 from qcompile.errors import FidelityError, NonFiniteInputError, UsageError
-from qcompile.runtime import Artifact
+from qcompile.runtime.run import Artifact
 
 SIZE = 8
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from qcompile import flags
-from qcompile.graph import Graph, Node
+from qcompile.ir.graph import Graph, Node
 
 
 @pytest.mark.parametrize("value, on", [(None, False), ("", False), ("0", False), ("1", True),
@@ -28,7 +28,7 @@ def test_build_ir_dump_follows_the_flag(value: str, dumps: bool, monkeypatch: py
     """build.py used to dump the IR for QCOMPILE_DEBUG=0 too."""
     import tvm
 
-    from qcompile import build
+    from qcompile.build import compile as build
 
     monkeypatch.setenv(flags.DEBUG_ENV, value)
     build._debug_dump("relax", tvm.IRModule())
@@ -94,10 +94,10 @@ def _dense_graph() -> Graph:
 def test_overhead_cache_survives_a_corrupt_file(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The bitplan overhead cache once crashed on a corrupt file (and was not atomic)."""
-    from qcompile import bitplan, latency
-    from qcompile.backends import CostInputs
+    from qcompile.mixed import plan as bitplan, latency
+    from qcompile.mixed.plan import CostInputs
     from qcompile.config import QuantSpec
-    from qcompile.targets import make_target
+    from qcompile.hw.backends import make_target
 
     monkeypatch.setenv(flags.CACHE_ENV, str(tmp_path))
     table = latency.LatencyTable({"fc": {4: 0.5, 8: 1.0}}, "llvm", 1, 2)

@@ -11,15 +11,16 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnx_builders import conv_node, init, make_model, rng, save
-from qcompile import api, gptq
+from qcompile import api
+from qcompile.quant import gptq
 from qcompile.config import CalibSpec, QuantSpec
 from qcompile.errors import UsageError
-from qcompile.graph import Node
-from qcompile.onnx_import import import_onnx
-from qcompile.prepare import prepare
-from qcompile.runtime import Artifact
-from qcompile.quantize import layer_bits, quantize_weights
-from qcompile.sensitivity import canonical_onnx
+from qcompile.ir.graph import Node
+from qcompile.frontend.onnx_import import import_onnx
+from qcompile.frontend.prepare import prepare
+from qcompile.runtime.run import Artifact
+from qcompile.quant.quantize import layer_bits, quantize_weights
+from qcompile.frontend.onnx_export import canonical_onnx
 
 SIZE = 12
 
@@ -222,8 +223,8 @@ def test_cli_rounding_reaches_the_api(tmp_path: Path, monkeypatch: pytest.Monkey
 
     from click.testing import CliRunner
 
-    from qcompile import cli
-    from qcompile.results import CompileResult
+    from qcompile.cli import main as cli
+    from qcompile.report.results import CompileResult
 
     calls: list[dict] = []
 

@@ -11,11 +11,12 @@ import pytest
 import tvm
 from tvm import relax
 
-from qcompile import reference as oracle
+from qcompile.verify import oracle
 from qcompile.config import QuantSpec
-from qcompile.lower import lower
-from qcompile.quantize import quantize_graph
-from qcompile.schedule_cuda import build_cuda, cuda_rules
+from qcompile.lower.emit import lower
+from qcompile.quant.quantize import quantize_graph
+from qcompile.build.compile import build_cuda
+from qcompile.targets.cuda.lowering import cuda_rules
 from zoo_graphs import linspace_stats, zoo_graph
 
 pytestmark = pytest.mark.gpu

@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from kitchen_sink import kitchen_sink_model
 from onnx_builders import save
 from qcompile import api
-from qcompile.cli import main
-from qcompile.inspect import inspect_artifact
-from qcompile.kernels.x86_amx import KERNEL_PREFIXES
-from qcompile.targets import has_vnni
+from qcompile.cli.main import main
+from qcompile.cli.inspect import inspect_artifact
+from qcompile.targets.x86.amx import KERNEL_PREFIXES
+from qcompile.hw.facts import has_vnni
 
 pytestmark = pytest.mark.skipif(not has_vnni(), reason="CPU lacks AVX-512 VNNI")
 

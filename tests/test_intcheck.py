@@ -7,15 +7,15 @@ from tvm import relax
 
 from kitchen_sink import kitchen_sink_model
 from onnx_builders import save
-from qcompile.build import build, legalize
-from qcompile.calibrate import MinMaxObserver
-from qcompile.intcheck import check_integer_only
-from qcompile.lower import lower
-from qcompile.onnx_import import import_onnx, load_model
-from qcompile.prepare import prepare
-from qcompile.quantize import calibration_tensors, quantize_graph
-from qcompile.schedule import x86_rules
-from qcompile.targets import make_target
+from qcompile.build.compile import build, legalize
+from qcompile.quant.calibrate import MinMaxObserver
+from qcompile.verify.intcheck import check_integer_only
+from qcompile.lower.emit import lower
+from qcompile.frontend.onnx_import import import_onnx, load_model
+from qcompile.frontend.prepare import prepare
+from qcompile.quant.quantize import calibration_tensors, quantize_graph
+from qcompile.targets.x86.lowering import x86_rules
+from qcompile.hw.backends import make_target
 
 TARGET = make_target("llvm")
 
@@ -85,8 +85,8 @@ def test_core_codegen_tir_and_asm_are_integer_only(lowered) -> None:
     """The allow-list walk of the TIR codegen receives (after TVM's TIR pipeline) and
     the x86 assembly scan of the core's kernels: no false positive on the real kernels
     (VNNI conv/dense, depthwise, pools, generic ops) while quantize's code is flagged."""
-    from qcompile.asmcheck import scan_executable
-    from qcompile.intcheck import check_codegen_tir
+    from qcompile.verify.asmcheck import scan_executable
+    from qcompile.verify.intcheck import check_codegen_tir
 
     post = check_codegen_tir(lowered, TARGET, "core")
     assert post.violations == [] and post.ok and post.nodes > 1000

@@ -2,7 +2,7 @@
 
 Each negative case below passed the old checker (a walk of stored values only, in
 scheduled TIR, and of ``call_tir`` targets only in Relax; see git history of
-qcompile/intcheck.py before the allow-list walker) and is rejected now.  The
+qcompile/verify/intcheck.py before the allow-list walker) and is rejected now.  The
 positive cases run the real kernels through the walker on scheduled TIR, on the
 post-pipeline TIR codegen receives, and through the x86 assembly scan.
 """
@@ -18,16 +18,16 @@ import tvm
 from tvm import relax
 from tvm.script import tirx as T
 
-from qcompile.asmcheck import classify_line, classify_x86, scan_sass, scan_x86_asm
-from qcompile.build import build, legalize
+from qcompile.verify.asmcheck import classify_line, classify_x86, scan_sass, scan_x86_asm
+from qcompile.build.compile import build, legalize
 from qcompile.config import QuantSpec
 from qcompile.errors import BuildError
-from qcompile.intcheck import check_codegen_tir, check_integer_only, check_prim_func
-from qcompile.lower import lower
-from qcompile.quantize import quantize_graph
-from qcompile.schedule import x86_rules
-from qcompile.shipcheck import scan_x86_so
-from qcompile.targets import make_target
+from qcompile.verify.intcheck import check_codegen_tir, check_integer_only, check_prim_func
+from qcompile.lower.emit import lower
+from qcompile.quant.quantize import quantize_graph
+from qcompile.targets.x86.lowering import x86_rules
+from qcompile.verify.shipcheck import scan_x86_so
+from qcompile.hw.backends import make_target
 from zoo_graphs import linspace_stats, zoo_graph
 
 TARGET = make_target("llvm")

@@ -1,4 +1,4 @@
-"""Tensor-core kernels (qcompile.kernels.cuda_tc): NumPy-exact definitions, T4 SASS, GPU runs.
+"""Tensor-core kernels (qcompile.targets.cuda.tensor_core): NumPy-exact definitions, T4 SASS, GPU runs.
 
 Three layers, because CI has no GPU:
 1. each kernel's unscheduled compute, built for CPU, is bit-exact against NumPy;
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tvm
 
-from qcompile.kernels import cuda_tc as ct
+from qcompile.targets.cuda import tensor_core as ct
 
 HAVE_NVCC = shutil.which("nvcc") is not None  # TVM runs plain `nvcc` from PATH
 HAVE_CUOBJDUMP = ct.tool_path("cuobjdump") is not None and ct.tool_path("nvdisasm") is not None

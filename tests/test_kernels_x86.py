@@ -1,4 +1,4 @@
-"""qcompile/kernels/x86_vnni.py: every kernel bit-exact against NumPy integers, and vpdpbusd in the asm.
+"""qcompile/targets/x86/vnni.py: every kernel bit-exact against NumPy integers, and vpdpbusd in the asm.
 
 Each case compiles one small PrimFunc for this CPU (~0.5 s each) and compares the
 whole output with ``np.array_equal``: integer kernels have no tolerance.
@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import tvm
 
-from qcompile.kernels import x86_rules as Rl
-from qcompile.kernels import x86_vnni as V
-from qcompile.kernels import x86_int4 as I4
-from qcompile.targets import cpu_flags, has_vnni, make_target
+from qcompile.targets.x86 import kernel_rules as Rl
+from qcompile.targets.x86 import vnni as V
+from qcompile.targets.x86 import int4 as I4
+from qcompile.hw.facts import cpu_flags, has_vnni
+from qcompile.hw.backends import make_target
 from x86_kernel_helpers import (Pads, _compile, _expected, _qparams, _rand, _requant,
                                 _requant_setup, _run, _weights, _windows, _wrap32)
 

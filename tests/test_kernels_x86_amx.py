@@ -1,4 +1,4 @@
-"""qcompile/kernels/x86_amx.py: AMX tile kernels bit-exact against NumPy integers, the rule
+"""qcompile/targets/x86/amx.py: AMX tile kernels bit-exact against NumPy integers, the rule
 that picks them, and what keeps an AMX artifact off a machine that cannot run it."""
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from typing import Sequence
 import numpy as np
 import pytest
 
-from qcompile import loader
-from qcompile.asmcheck import classify_x86
-from qcompile.kernels import x86_amx as A
-from qcompile.kernels import x86_rules as Rl
-from qcompile.kernels import x86_vnni as V
-from qcompile.kernels.x86_epilogue import FusedAdd, requant_arrays
-from qcompile.targets import cpu_flags
+from qcompile.runtime import loader
+from qcompile.verify.asmcheck import classify_x86
+from qcompile.targets.x86 import amx as A
+from qcompile.targets.x86 import kernel_rules as Rl
+from qcompile.targets.x86 import vnni as V
+from qcompile.targets.x86.epilogue import FusedAdd, requant_arrays
+from qcompile.hw.facts import cpu_flags
 from x86_kernel_helpers import Pads, _expected, _rand, _requant_setup, _run, _windows
 
 needs_amx = pytest.mark.skipif(

@@ -1,4 +1,4 @@
-"""qcompile/kernels/x86_depthwise.py and x86_window.py: depthwise convs (VNNI and int16)
+"""qcompile/targets/x86/depthwise.py and x86_window.py: depthwise convs (VNNI and int16)
 and pools, bit-exact against NumPy integers."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import tvm
 
-from qcompile.kernels import x86_depthwise as Dw
-from qcompile.kernels import x86_vnni as V
-from qcompile.kernels import x86_window as Wd
-from qcompile.targets import has_vnni
+from qcompile.targets.x86 import depthwise as Dw
+from qcompile.targets.x86 import vnni as V
+from qcompile.targets.x86 import window as Wd
+from qcompile.hw.facts import has_vnni
 from x86_kernel_helpers import (Pads, _expected, _qparams, _rand, _requant_setup, _run, _windows)
 
 pytestmark = pytest.mark.skipif(

@@ -18,18 +18,19 @@ from x86_kernel_helpers import DENSE_U8
 import tvm_ffi
 from tvm import tirx
 
-from qcompile import latency as L
-from qcompile.build import build
+from qcompile.mixed import latency as L
+from qcompile.build.compile import build
 from qcompile.config import QuantSpec
 from qcompile.errors import UsageError
-from qcompile.graph import Graph, Node
-from qcompile.lower import lower
-from qcompile.qgraph import QGraph
-from qcompile.schedule import x86_rules
-from qcompile.targets import cpu_flags, make_target
-from qcompile.onnx_import import import_onnx, load_model
-from qcompile.prepare import prepare
-from qcompile.quantize import calibration_tensors, quantize_graph
+from qcompile.ir.graph import Graph, Node
+from qcompile.lower.emit import lower
+from qcompile.ir.qgraph import QGraph
+from qcompile.targets.x86.lowering import x86_rules
+from qcompile.hw.facts import cpu_flags
+from qcompile.hw.backends import make_target
+from qcompile.frontend.onnx_import import import_onnx, load_model
+from qcompile.frontend.prepare import prepare
+from qcompile.quant.quantize import calibration_tensors, quantize_graph
 from test_ops import CASES as OPS_CASES
 
 REPEAT = 5  # samples per layer: enough for a median, keeps the file fast

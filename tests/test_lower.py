@@ -17,8 +17,8 @@ import pytest
 from kitchen_sink import kitchen_sink_model
 from onnx_builders import conv_bn_relu_model, save
 from qcompile import api
-from qcompile import reference as oracle
-from qcompile.runtime import Artifact
+from qcompile.verify import oracle
+from qcompile.runtime.run import Artifact
 
 CASES = {
     "stride2_asym_pad": dict(cin=3, cout=8, size=9, strides=[2, 2], pads=[0, 1, 1, 0]),

@@ -10,14 +10,14 @@ import pytest
 import tvm
 from tvm import relax
 
-from qcompile import reference as oracle
-from qcompile.build import build
+from qcompile.verify import oracle
+from qcompile.build.compile import build
 from qcompile.config import QuantSpec
-from qcompile.costs import tie_groups
-from qcompile.lower import lower
-from qcompile.quantize import quantize_graph
-from qcompile.schedule import x86_rules
-from qcompile.targets import make_target
+from qcompile.mixed.costs import tie_groups
+from qcompile.lower.emit import lower
+from qcompile.quant.quantize import quantize_graph
+from qcompile.targets.x86.lowering import x86_rules
+from qcompile.hw.backends import make_target
 from zoo_graphs import linspace_stats, zoo_graph
 
 

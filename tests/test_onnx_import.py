@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 
 from onnx_builders import conv_bn_relu_model, dense_model, init, make_model, rng, save
 from qcompile.errors import BadModelError, UnsupportedOpError, UsageError
-from qcompile.onnx_import import SUPPORTED_OPS, import_onnx, load_model
+from qcompile.frontend.onnx_import import SUPPORTED_OPS, import_onnx, load_model
 
 
 def _one_line(err: pytest.ExceptionInfo[BaseException]) -> str:

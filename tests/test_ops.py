@@ -13,11 +13,11 @@ from onnx import helper
 
 from onnx_builders import conv_node, init, make_model, rng, save
 from qcompile import api
-from qcompile.activations import UNARY_FUNCTIONS, evaluate
+from qcompile.ir.activations import UNARY_FUNCTIONS, evaluate
 from qcompile.config import QuantSpec
-from qcompile.graph import Graph, Node
-from qcompile.qgraph import QType
-from qcompile.quantize import quantize_graph
+from qcompile.ir.graph import Graph, Node
+from qcompile.ir.qgraph import QType
+from qcompile.quant.quantize import quantize_graph
 
 
 class _Stats:
@@ -207,8 +207,8 @@ def test_fusions(tmp_path: Path) -> None:
     ]:
         nodes, inits, in_shape, opset = build()
         m = make_model(nodes, inits, in_shape, opset=opset)
-        from qcompile.onnx_import import import_onnx, load_model
-        from qcompile.prepare import prepare
+        from qcompile.frontend.onnx_import import import_onnx, load_model
+        from qcompile.frontend.prepare import prepare
         g = prepare(import_onnx(load_model(save(m, tmp_path))))
         canon = {"lut": "lut", "conv": "qconv", "mul": "qmul", "transpose": "transpose",
                  "reshape": "reshape"}
@@ -251,7 +251,7 @@ def test_lut_within_half_a_step(fn: str, bits: int) -> None:
         {"x": shape, "y": shape})
     spec = QuantSpec(bits=bits, first_last_bits=bits)
     in_scale = 3.0
-    from qcompile import quantize as qz
+    from qcompile.quant import quantize as qz
     orig = qz.activation_bits
     qz.activation_bits = lambda graph, lbits: {"x": bits}  # a 4-bit input without a layer
     try:

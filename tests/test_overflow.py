@@ -11,12 +11,12 @@ from click.testing import CliRunner, Result
 from onnx import helper
 
 from onnx_builders import init, make_model, rng, save
-from qcompile import cli
+from qcompile.cli import main as cli
 from qcompile.errors import EXIT_CODES, AccumulatorOverflowError
-from qcompile.graph import Node
-from qcompile.qgraph import INT32, QGraph, QNode, QTensor, QType
-from qcompile.quantize import INT32_MAX, accumulator_bound, int32_bias
-from qcompile.report import render_card
+from qcompile.ir.graph import Node
+from qcompile.ir.qgraph import INT32, QGraph, QNode, QTensor, QType
+from qcompile.quant.quantize import INT32_MAX, accumulator_bound, int32_bias
+from qcompile.report.card import render_card
 
 EXIT_OVERFLOW = 10
 
@@ -115,7 +115,7 @@ def test_a_bias_too_big_for_its_weight_scale_widens_that_scale(tmp_path: Path) -
     model = save(_gemm_model(w, b), tmp_path)
     r = _invoke(model, "-o", tmp_path / "art", "--calib-samples", "2", "-q")
     assert r.exit_code == 0, r.output
-    from qcompile.runtime import Artifact
+    from qcompile.runtime.run import Artifact
     qg = Artifact.load(tmp_path / "art").qgraph()
     fc = next(n for n in qg.nodes if n.name == "fc")
     bias = fc.params["bias"].reshape(-1)

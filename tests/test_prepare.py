@@ -17,9 +17,9 @@ import float_eval
 from onnx_builders import (bn_node, conv_bn_relu_model, conv_node, dense_model, init, make_model,
                            rng, run_ort, save)
 from qcompile.errors import UnsupportedOpError
-from qcompile.graph import CANONICAL_OPS, Graph
-from qcompile.onnx_import import import_onnx, load_model
-from qcompile.prepare import REWRITES, prepare
+from qcompile.ir.graph import CANONICAL_OPS, Graph
+from qcompile.frontend.onnx_import import import_onnx, load_model
+from qcompile.frontend.prepare import REWRITES, prepare
 
 RTOL = 1e-4
 

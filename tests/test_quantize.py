@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qcompile.quantize import _window_counts, dyadic, quantize_weights, shared_shift
+from qcompile.quant.quantize import _window_counts, dyadic, quantize_weights, shared_shift
 
 
 @pytest.mark.parametrize("M", [1e-6, 3.7e-4, 0.0123, 0.5, 0.999, 1.0, 7.25, 1234.5])

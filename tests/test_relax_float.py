@@ -12,10 +12,11 @@ from onnx import helper
 
 from onnx_builders import bn_node, conv_node, init, make_model, rng, run_ort
 from qcompile.errors import UnsupportedOpError
-from qcompile.graph import Graph, Node
-from qcompile.onnx_import import import_onnx
-from qcompile.prepare import prepare
-from qcompile.relax_float import FloatVM, build_float_module, layer_nodes
+from qcompile.ir.graph import Graph, Node
+from qcompile.frontend.onnx_import import import_onnx
+from qcompile.frontend.prepare import prepare
+from qcompile.ir.graph import layer_nodes
+from qcompile.mixed.float_model import FloatVM, build_float_module
 
 BATCH = 4
 Case = tuple[onnx.ModelProto, Graph, np.ndarray]  # model, canonical graph, inputs

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from qcompile import asmcheck
-from qcompile.asmcheck import classify_sass, scan_cuda_binaries, scan_sass
+from qcompile.verify import asmcheck
+from qcompile.verify.asmcheck import classify_sass, scan_cuda_binaries, scan_sass
 from qcompile.errors import BuildError
-from qcompile.intcheck import IntCheckReport
-from qcompile.kernels import cuda_tools
+from qcompile.verify.intcheck import IntCheckReport
+from qcompile.verify import cuda_tools
 
 HAVE_TOOLS = (shutil.which("nvcc") is not None and cuda_tools.tool_path("cuobjdump") is not None
               and cuda_tools.tool_path("nvdisasm") is not None)
@@ -92,7 +92,7 @@ def test_classify_sass_allow_list_is_empty() -> None:
 def test_record_sass_fails_the_build_on_a_float_op(monkeypatch: pytest.MonkeyPatch) -> None:
     """The wiring: build_cuda's record_sass turns a float opcode into an intcheck violation
     (compile raises BuildError on it) and records the scan like the x86 asm scan."""
-    from qcompile.schedule_cuda import record_sass
+    from qcompile.targets.cuda.lowering import record_sass
 
     sass = _kernel("k_kernel", *INTEGER_OPS[:3], "FFMA R1, R2, R3, R4")
     monkeypatch.setattr(cuda_tools, "sass_text", lambda _b: sass)
@@ -110,7 +110,7 @@ def test_cuda_build_refused_without_cuobjdump(monkeypatch: pytest.MonkeyPatch) -
     """Without cuobjdump (a plain `pip install .`) the SASS scan was skipped without a word
     and the artifact still said integer_only: true. Now the build is refused in one line
     naming the extra that brings the tools; a scan that could not run fails the proof."""
-    from qcompile.schedule_cuda import record_sass
+    from qcompile.targets.cuda.lowering import record_sass
 
     monkeypatch.setattr(cuda_tools, "tool_path", lambda name: None)
     rep = scan_cuda_binaries([b"fatbin"], ["k"])
@@ -127,8 +127,8 @@ def test_cuda_build_refused_without_cuobjdump(monkeypatch: pytest.MonkeyPatch) -
 
 def test_failed_tir_replay_fails_the_proof_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     """A failed replay of TVM's TIR pipeline on CUDA landed in a field nothing read."""
-    from qcompile import intcheck
-    from qcompile.targets import make_target
+    from qcompile.verify import intcheck
+    from qcompile.hw.backends import make_target
 
     def fail(*_args: object) -> None:
         raise RuntimeError("InjectSoftwarePipeline: Check failed")
@@ -212,8 +212,8 @@ def test_compile_refuses_float_kernel_only_in_the_shipped_library(
     a float kernel under a core kernel's name, and compile refuses it, writing nothing."""
     import tvm
 
-    from qcompile.schedule_cuda import nvcc_fatbin
-    from qcompile.shipcheck import scan_cuda_so
+    from qcompile.targets.cuda.lowering import nvcc_fatbin
+    from qcompile.verify.shipcheck import scan_cuda_so
 
     fatbin = nvcc_fatbin(FLOAT_KERNEL, "sm_75")
     (tmp_path / "fake.so").write_bytes(b"\x7fELF" + bytes(60) + fatbin)
@@ -243,7 +243,7 @@ def test_inspect_without_cuobjdump_says_so_in_one_line(cuda_art: Path,
     FileNotFoundError"); now one line naming the package, exit 9 (DeviceError)."""
     from click.testing import CliRunner
 
-    from qcompile.cli import main
+    from qcompile.cli.main import main
 
     monkeypatch.setattr(cuda_tools, "tool_path", lambda name: None)
     r = CliRunner().invoke(main, ["inspect", str(cuda_art), "--sass"])

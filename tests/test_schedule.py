@@ -1,4 +1,4 @@
-"""qcompile/schedule.py: the x86 kernel rules inside the lowering, bit-exact end to end.
+"""qcompile/targets/x86/lowering.py: the x86 kernel rules inside the lowering, bit-exact end to end.
 
 A tiny model is quantized with 4-bit middle layers (first/last 8-bit), lowered with
 ``x86_rules`` and built; the compiled ``core`` must equal the NumPy oracle
@@ -17,18 +17,19 @@ from onnx import helper
 from tvm import relax
 
 from onnx_builders import conv_node, init, make_model, rng, save
-from qcompile import reference as oracle
-from qcompile import schedule
-from qcompile.build import build
-from qcompile.calibrate import MinMaxObserver
+from qcompile.verify import oracle
+from qcompile.targets.x86 import lowering as schedule
+from qcompile.build.compile import build
+from qcompile.quant.calibrate import MinMaxObserver
 from qcompile.config import QuantSpec
-from qcompile.lower import Lowered, lower
-from qcompile.onnx_import import import_onnx, load_model
-from qcompile.prepare import prepare
-from qcompile.qgraph import QGraph
-from qcompile.quantize import calibration_tensors, quantize_graph
-from qcompile.schedule import x86_rules
-from qcompile.targets import cpu_flags, make_target
+from qcompile.lower.emit import Lowered, lower
+from qcompile.frontend.onnx_import import import_onnx, load_model
+from qcompile.frontend.prepare import prepare
+from qcompile.ir.qgraph import QGraph
+from qcompile.quant.quantize import calibration_tensors, quantize_graph
+from qcompile.targets.x86.lowering import x86_rules
+from qcompile.hw.facts import cpu_flags
+from qcompile.hw.backends import make_target
 
 pytestmark = pytest.mark.skipif(
     not {"avx512_vnni", "gfni"} <= cpu_flags(),

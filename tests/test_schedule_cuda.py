@@ -1,4 +1,4 @@
-"""CUDA rules and build (qcompile.schedule_cuda) on a machine without a GPU.
+"""CUDA rules and build (qcompile.targets.cuda.lowering) on a machine without a GPU.
 
 ResNet-18 (zoo, 64x64, 10 classes) is lowered with the tensor-core rules, built for the T4
 with nvcc at build time, and exported; the .so must carry an sm_75 fatbin whose conv and dense
@@ -14,16 +14,18 @@ import numpy as np
 import pytest
 import tvm
 
-from qcompile import zoo
-from qcompile.calibrate import MinMaxObserver
+from qcompile.frontend import zoo
+from qcompile.quant.calibrate import MinMaxObserver
 from qcompile.config import QuantSpec
-from qcompile.kernels import cuda_tc as ct
-from qcompile.lower import lower
-from qcompile.onnx_import import import_onnx, load_model
-from qcompile.prepare import prepare
-from qcompile.quantize import calibration_tensors, quantize_graph
-from qcompile.schedule_cuda import build_cuda, cuda_rules, embedded_fatbins, sass_histogram
-from qcompile.targets import make_target
+from qcompile.targets.cuda import tensor_core as ct
+from qcompile.lower.emit import lower
+from qcompile.frontend.onnx_import import import_onnx, load_model
+from qcompile.frontend.prepare import prepare
+from qcompile.quant.quantize import calibration_tensors, quantize_graph
+from qcompile.build.compile import build_cuda
+from qcompile.targets.cuda.lowering import cuda_rules
+from qcompile.verify.cuda_tools import embedded_fatbins, sass_histogram
+from qcompile.hw.backends import make_target
 from zoo_graphs import linspace_stats, zoo_graph
 
 HAVE_NVCC = shutil.which("nvcc") is not None

@@ -7,9 +7,9 @@ import tvm
 import tvm_ffi
 from tvm import relax, tirx
 
-from qcompile import schedule_generic as sg
-from qcompile.build import _untuned_back, build, legalize
-from qcompile.targets import make_target
+from qcompile.build import default_schedules as sg
+from qcompile.build.compile import _untuned_back, build, legalize
+from qcompile.hw.backends import make_target
 
 R = relax.op
 TARGET = make_target("llvm")

@@ -11,10 +11,10 @@ import pytest
 from onnx import helper
 
 from onnx_builders import init, make_model, rng, run_ort
-from qcompile import sensitivity as S
+from qcompile.mixed import sensitivity as S
 from qcompile.errors import DataError, UsageError
-from qcompile.graph import Graph
-from qcompile.quantize import quantize_weights
+from qcompile.ir.graph import Graph
+from qcompile.quant.quantize import quantize_weights
 from test_relax_float import branchy_cnn, canonical, tiny_cnn
 
 N = 4
@@ -257,10 +257,10 @@ def test_cache_dir_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
 def test_kl_under_gptq_ranks_the_rounding_that_will_be_used(tmp_path: Path) -> None:
     """``rounding="gptq"`` measures each layer's KL with its GPTQ weights and corrected
     bias: no larger than nearest's at 4 bits on the layers GPTQ improves, cached apart."""
-    from qcompile.sensitivity import compute_sensitivity
+    from qcompile.mixed.sensitivity import compute_sensitivity
     from test_gptq import _images, _tiny_model
-    from qcompile.onnx_import import import_onnx
-    from qcompile.prepare import prepare
+    from qcompile.frontend.onnx_import import import_onnx
+    from qcompile.frontend.prepare import prepare
     graph = prepare(import_onnx(_tiny_model(), batch=1))
     x = _images(24, 0)
     kw = dict(method="kl", bits=(4, 8), cache_dir=tmp_path, progress=False)

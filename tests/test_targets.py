@@ -1,4 +1,4 @@
-"""qcompile.targets: the CUDA arch table, --target/--arch validation, and what the cost model
+"""qcompile.hw.facts: the CUDA arch table, --target/--arch validation, and what the cost model
 and the allocator make of each arch (int4 emulated on sm_90: no 4-bit speed gain)."""
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from qcompile import allocate as A
-from qcompile import costs
-from qcompile.cli import main
+from qcompile.mixed import ilp as A
+from qcompile.mixed import costs
+from qcompile.cli.main import main
 from qcompile.errors import UsageError
-from qcompile.kernels import cuda_tc as ct
-from qcompile.targets import (CUDA_ARCHS, CudaArch, check_arch, cuda_arch, make_target,
-                              precisions)
+from qcompile.targets.cuda import tensor_core as ct
+from qcompile.hw.facts import CUDA_ARCHS, CudaArch, check_arch, cuda_arch
+from qcompile.hw.backends import make_target, precisions
 from test_costs import tiny_residual
 
 
@@ -63,7 +63,7 @@ def test_make_target_carries_the_arch(arch: str) -> None:
 
 def test_targets_import_without_tvm() -> None:
     """The CLI validates --target/--arch before TVM (seconds to import) is loaded."""
-    code = "import sys, qcompile.targets, qcompile.costs; assert 'tvm' not in sys.modules"
+    code = "import sys, qcompile.hw.facts, qcompile.mixed.costs; assert 'tvm' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -132,7 +132,7 @@ def test_emulated_int4_is_never_faster(arch: str) -> None:
 def _plan_at_min_latency(arch: str) -> dict[str, int]:
     """The allocator under the tightest relative latency budget (alpha 0 = the all-4-bit
     plan's latency), on the arch's predicted table, with Omega(4) > Omega(8)."""
-    from qcompile.bitplan import predicted_cost_model
+    from qcompile.mixed.plan import predicted_cost_model
 
     graph = tiny_residual()
     cost = predicted_cost_model(graph, costs.gpu_spec(arch), batch=1)

@@ -1,4 +1,4 @@
-"""Tests for qcompile.tune: per-unique-PrimFunc tuning with a persisted database.
+"""Tests for qcompile.build.tune: per-unique-PrimFunc tuning with a persisted database.
 
 One tiny tuning run (a few trials on an int32 add/shift/clip) is shared by the module;
 everything else reuses its database or tunes nothing.
@@ -15,11 +15,11 @@ import tvm
 from tvm import relax, tirx
 from tvm.s_tir import meta_schedule as ms
 
-from qcompile import tune
-from qcompile.build import legalize
+from qcompile.build import tune
+from qcompile.build.compile import legalize
 from qcompile.errors import UsageError
-from qcompile.intcheck import check_integer_only
-from qcompile.targets import make_target
+from qcompile.verify.intcheck import check_integer_only
+from qcompile.hw.backends import make_target
 
 SHAPE = (64, 256)
 TRIALS = 4

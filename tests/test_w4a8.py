@@ -10,15 +10,15 @@ import pytest
 import tvm
 from tvm import relax
 
-from qcompile import reference as oracle
-from qcompile.build import build
+from qcompile.verify import oracle
+from qcompile.build.compile import build
 from qcompile.config import QuantSpec, precision, precision_name
 from qcompile.errors import UsageError
-from qcompile.lower import lower
-from qcompile.quantize import layer_precisions, quantize_graph
-from qcompile.schedule import x86_rules
-from qcompile.schedule_cuda import cuda_rules
-from qcompile.targets import make_target
+from qcompile.lower.emit import lower
+from qcompile.quant.quantize import layer_precisions, quantize_graph
+from qcompile.targets.x86.lowering import x86_rules
+from qcompile.targets.cuda.lowering import cuda_rules
+from qcompile.hw.backends import make_target
 from zoo_graphs import linspace_stats, zoo_graph
 
 BATCH = 2

@@ -1,4 +1,4 @@
-"""qcompile/kernels/x86_epilogue.py: the int32 ("mulhi", "mulhi_shl") requantizations equal the
+"""qcompile/targets/x86/epilogue.py: the int32 ("mulhi", "mulhi_shl") requantizations equal the
 int64 one bit for bit, and the ops fused into a kernel's epilogue (residual add, clip,
 table lookup) equal the unfused integer ops, in conv, dense and depthwise kernels.
 
@@ -14,11 +14,12 @@ import pytest
 import tvm
 from numpy.lib.stride_tricks import sliding_window_view
 
-from qcompile.kernels import x86_depthwise as Dw
-from qcompile.kernels import x86_epilogue as E
-from qcompile.kernels import x86_vnni as V
-from qcompile.kernels import x86_window as Wd
-from qcompile.targets import has_vnni, make_target
+from qcompile.targets.x86 import depthwise as Dw
+from qcompile.targets.x86 import epilogue as E
+from qcompile.targets.x86 import vnni as V
+from qcompile.targets.x86 import window as Wd
+from qcompile.hw.facts import has_vnni
+from qcompile.hw.backends import make_target
 
 needs_vnni = pytest.mark.skipif(
     not has_vnni(), reason="CPU lacks avx512_vnni (no 'avx512_vnni' in /proc/cpuinfo flags)")

@@ -1,4 +1,4 @@
-"""Tests for qcompile.zoo: valid ONNX, runs in onnxruntime, seeded, realistic BN stats.
+"""Tests for qcompile.frontend.zoo: valid ONNX, runs in onnxruntime, seeded, realistic BN stats.
 
 Models are built at small input sizes (the weights are full-size regardless), and each
 (name, seed) is built once per module to keep the file fast.
@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from qcompile import zoo
+from qcompile.frontend import zoo
 from qcompile.errors import UsageError
 
 # Small sizes that still keep every feature map >= 1 px.

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from qcompile import api, zoo
+from qcompile import api
+from qcompile.frontend import zoo
 
 SIZES = {"resnet18": 64, "resnet50": 64, "inceptionv3": 75, "mobilenetv2": 64}
 

@@ -8,8 +8,9 @@ import numpy as np
 import tvm
 from numpy.lib.stride_tricks import sliding_window_view
 
-from qcompile.kernels import x86_amx, x86_rules
-from qcompile.targets import cpu_flags, make_target
+from qcompile.targets.x86 import amx as x86_amx, kernel_rules as x86_rules
+from qcompile.hw.facts import cpu_flags
+from qcompile.hw.backends import make_target
 
 Pads = tuple[int, int, int, int]
 # Whether builds here pick AMX tile kernels (the CPU has them and the OS grants them).

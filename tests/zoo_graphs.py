@@ -5,12 +5,12 @@ from pathlib import Path
 
 import numpy as np
 
-from qcompile import zoo
-from qcompile.calibrate import MinMaxObserver
-from qcompile.graph import Graph
-from qcompile.onnx_import import import_onnx, load_model
-from qcompile.prepare import prepare
-from qcompile.quantize import calibration_tensors
+from qcompile.frontend import zoo
+from qcompile.quant.calibrate import MinMaxObserver
+from qcompile.ir.graph import Graph
+from qcompile.frontend.onnx_import import import_onnx, load_model
+from qcompile.frontend.prepare import prepare
+from qcompile.quant.quantize import calibration_tensors
 
 
 def zoo_graph(name: str, directory: Path, input_size: int = 32, num_classes: int = 10) -> Graph:

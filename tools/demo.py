@@ -21,7 +21,8 @@ import time
 import warnings
 from pathlib import Path
 
-from qcompile import api, zoo
+from qcompile import api
+from qcompile.frontend import zoo
 from qcompile.config import AllocSpec, CalibSpec
 from qcompile.errors import QCompileError
 

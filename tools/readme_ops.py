@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qcompile.onnx_import import ops_table  # noqa: E402
+from qcompile.frontend.onnx_import import ops_table  # noqa: E402
 
 TABLE = ("<!-- ops-table:begin -->\n", "<!-- ops-table:end -->")
 LIST = ("<!-- ops-list:begin -->\n", "<!-- ops-list:end -->")

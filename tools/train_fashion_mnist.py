@@ -30,7 +30,7 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from qcompile.datasets import (  # noqa: E402  (after sys.path so the script runs from a checkout)
+from qcompile.quant.datasets import (  # noqa: E402  (after sys.path so the script runs from a checkout)
     FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist)
 
 # The compiler's test suite relies on the exported graph staying inside this op set.

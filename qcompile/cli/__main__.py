@@ -1,0 +1,4 @@
+"""``python -m qcompile.cli``: the ``qcompile`` command."""
+from qcompile.cli.main import main
+
+main()
