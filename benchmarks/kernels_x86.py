@@ -52,7 +52,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_common as bc  # noqa: E402
 
 from qcompile.targets.x86 import vnni as V  # noqa: E402
-from qcompile.hw.facts import has_vnni, make_target  # noqa: E402
+from qcompile.hw.backends import make_target  # noqa: E402
+from qcompile.hw.facts import has_vnni  # noqa: E402
 
 THREADS = int(os.environ["TVM_NUM_THREADS"])
 # ResNet-50 v1.5 (torchvision) convs at 224 px: (H, C, OC, k, stride, count in the network).

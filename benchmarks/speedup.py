@@ -33,7 +33,7 @@ import os
 import sys
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,33 +42,14 @@ os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_common as bc  # noqa: E402
 from peers import block_times, ort_int8, ort_runner, time_ort_alone  # noqa: E402
-from speedup_report import (MAIN_COLUMNS, MIXED_COLUMNS, ORT_FP32, ORT_INT8, Q_INT4,  # noqa: E402,F401
-                            Q_INT8, TVM_FP32, model_rows, plot_series, problems)
+from speedup_config import (ORT_FP32, ORT_INT8, Q_INT4, Q_INT8, TVM_FP32,  # noqa: E402,F401
+                            QConfig, Settings, alone_runs, qconfigs)
+from speedup_report import MAIN_COLUMNS, MIXED_COLUMNS, model_rows, plot_series, problems  # noqa: E402,F401
 
 REPO = Path(__file__).resolve().parents[1]
 EFFNET = "efficientnet_lite0"
 EFFNET_PATH = REPO / "models" / "efficientnet_lite0.onnx"
 ZOO_MODELS = ("resnet18", "resnet50", "inceptionv3")
-
-
-@dataclass(frozen=True)
-class QConfig:
-    """One qcompile configuration: uniform bits, or a relative latency budget ``alpha``."""
-
-    key: str
-    bits: int = 8
-    alpha: float | None = None
-
-    def specs(self, sensitivity: str, samples: int) -> dict[str, Any]:
-        from qcompile.config import AllocSpec, QuantSpec
-        alloc = (AllocSpec(latency=f"{self.alpha:g}", sensitivity=sensitivity,
-                           sensitivity_samples=samples) if self.alpha is not None else AllocSpec())
-        return {"quant": QuantSpec(bits=self.bits), "alloc": alloc}
-
-
-def qconfigs(alphas: list[float]) -> list[QConfig]:
-    mixed = [QConfig(f"qcompile mixed α={a:g}", alpha=a) for a in sorted(alphas, reverse=True)]
-    return [QConfig(Q_INT8, 8), *mixed, QConfig(Q_INT4, 4)]
 
 
 @dataclass
@@ -238,11 +219,6 @@ def time_batch(files: ModelFiles, batch: int, arts: dict[str, dict], fvm: Any | 
     return {k: bc.summarize(v) for k, v in times.items()}
 
 
-def alone_runs(batch: int, quick: bool = False) -> int:
-    """Default timed runs per block at ``batch``: 30 at batch 1, 10 above (quick: 5/3)."""
-    return (5 if batch == 1 else 3) if quick else (30 if batch == 1 else 10)
-
-
 def _time_artifact_alone(path: str, x: np.ndarray, runs: int, warmup: int) -> list[float]:
     """One of our modules, loaded for its block only (released before returning)."""
     def timed() -> list[float]:
@@ -314,37 +290,6 @@ def time_alone(files: ModelFiles, batch: int, arts: dict[str, dict], fvm: Any | 
 
 
 # --- one model ------------------------------------------------------------------------
-@dataclass
-class Settings:
-    batches: list[int]
-    fp32_batches: list[int]
-    repeat: int
-    fp32_every: int
-    calib_n: int
-    eval_n: int
-    alphas: list[float]
-    target: str
-    sensitivity: str
-    sens_samples: int
-    input_size: int | None
-    cfgs: list[QConfig] = field(default_factory=list)
-    alone_runs: dict[int, int] = field(default_factory=dict)  # batch -> timed runs per block
-    alone_warmup: int = 5
-    alone_passes: int = 1
-    interleaved: bool = True
-    quick: bool = False
-
-    def runs_alone(self, batch: int) -> int:
-        return self.alone_runs.get(batch) or alone_runs(batch, self.quick)
-
-    def steps(self) -> int:
-        n = 2 + len(self.fp32_batches)
-        for b in self.batches:  # compile + evaluate, blocks (ORT FP32/INT8, TVM FP32, ours), rounds
-            blocks = (2 + (b in self.fp32_batches) + len(self.cfgs)) * self.alone_passes
-            n += 2 * len(self.cfgs) + blocks + (self.repeat if self.interleaved else 0)
-        return n
-
-
 def bench_model(name: str, st: Settings, work: Path, bar: Any) -> dict[str, Any]:
     def step(what: str) -> None:
         bar.set_postfix_str(f"{name}: {what}", refresh=True)

@@ -2,15 +2,11 @@
 the problems that fail the run. Data in (the measured results), rows out; no timing here."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import bench_common as bc
+from speedup_config import ORT_FP32, ORT_INT8, Q_INT4, Q_INT8, TVM_FP32, Settings  # noqa: F401
 
-if TYPE_CHECKING:
-    from speedup import Settings
-
-ORT_FP32, ORT_INT8, TVM_FP32 = "ORT FP32", "ORT INT8", "TVM FP32"
-Q_INT8, Q_INT4 = "qcompile INT8", "qcompile INT4"
 
 
 # --- tables -------------------------------------------------------------------------------

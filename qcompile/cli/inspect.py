@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 
 from qcompile.errors import ArtifactError, DeviceError
 from qcompile.runtime.run import REQUIRED
-from qcompile.verify.cuda_tools import elf_info, embedded_fatbins, sass_histogram, tool_path
+from qcompile.verify import cuda_tools  # read at call time: tests stand in for the tools
 
 CPU_HOT = ("vpdpbusd", "tdpbusd", "vpmaddubsw", "vpmaddwd", "vpmuldq", "vpmullq", "vmovdqu8",
            "vpbroadcastd")
@@ -87,20 +87,20 @@ def inspect_cuda(art: Path, manifest: Mapping[str, Any]) -> dict:
     """SASS of the fatbin embedded in module.so, per kernel (cuobjdump), with each kernel's
     tensor-core math for the artifact's arch: ``native``, ``emulated`` or ``-`` (none)."""
     funcs: dict[str, str] = manifest.get("kernel_funcs", {})
-    absent = [t for t in ("cuobjdump", "nvdisasm") if tool_path(t) is None]
+    absent = [t for t in ("cuobjdump", "nvdisasm") if cuda_tools.tool_path(t) is None]
     if absent:
         raise DeviceError(f"{' and '.join(absent)} not found: reading a CUDA artifact's SASS "
                           "needs them; pip install 'qcompile[cuda]' (nvidia-cuda-cuobjdump, "
                           "nvidia-cuda-nvdisasm)")
-    fatbins = embedded_fatbins((art / "module.so").read_bytes())
+    fatbins = cuda_tools.embedded_fatbins((art / "module.so").read_bytes())
     if not fatbins:
         raise ArtifactError(f"{art}/module.so embeds no fatbin; rebuild with `--target cuda`")
     sass: dict[str, dict[str, int]] = {}
     archs: set[str] = set()
     subs: dict[str, tuple[str, ...]] = {}
     for fb in fatbins:
-        sass.update(sass_histogram(fb))
-        info = elf_info(fb)
+        sass.update(cuda_tools.sass_histogram(fb))
+        info = cuda_tools.elf_info(fb)
         archs |= info.archs
         subs.update(info.subroutines)
     planned: dict[str, dict] = manifest.get("tensor_cores", {})

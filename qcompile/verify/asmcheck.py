@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qcompile.flags import error_line
-from qcompile.verify.cuda_tools import sass_text, tool_path
+from qcompile.verify import cuda_tools  # read at call time: tests stand in for the tools
 
 #: FP-domain x86 instructions allowed on integer data: pure moves (vmovsh included: LLVM
 #: moves int16 scalars with AVX512-FP16's 16-bit move on Sapphire Rapids), shuffles,
@@ -279,13 +279,13 @@ def scan_sass(sass: str, prim_funcs: list[str] | None = None) -> AsmReport:
 def scan_cuda_binaries(binaries: list[bytes], prim_funcs: list[str]) -> AsmReport:
     """Disassemble the fatbins/cubins of a CUDA build and scan the core's kernels; not
     scanned (``scanned`` False, ``missing_tools``) without ``cuobjdump``/``nvdisasm``."""
-    absent = tuple(t for t in ("cuobjdump", "nvdisasm") if tool_path(t) is None)
+    absent = tuple(t for t in ("cuobjdump", "nvdisasm") if cuda_tools.tool_path(t) is None)
     if absent:
         return AsmReport(kind="sass", note=f"{' and '.join(absent)} not found",
                          missing_tools=absent)
     if not binaries:
         return AsmReport(kind="sass", note="the build holds no device code: SASS not scanned")
-    return scan_sass("\n".join(sass_text(b) for b in binaries), prim_funcs)
+    return scan_sass("\n".join(cuda_tools.sass_text(b) for b in binaries), prim_funcs)
 
 
 def scan_executable(ex: Any, prim_funcs: list[str]) -> AsmReport:
