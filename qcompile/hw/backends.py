@@ -73,6 +73,10 @@ def _cpu_target(name: str = "llvm", arch: str | None = None,
     return tvm.target.Target(spec)
 
 
+def _cpu_precisions(arch: str | None = None) -> Precisions:
+    return PRECISIONS["llvm"]
+
+
 def _cpu_describe(target: "Target") -> str:
     return "llvm" + (f" -mcpu={target.attrs['mcpu']}" if "mcpu" in target.attrs else "")
 
@@ -122,7 +126,7 @@ def _cuda_cannot_run_here(target: "Target") -> str | None:
 BACKENDS: dict[str, Backend] = {
     "llvm": Backend(
         name="llvm", names=("llvm",), pipeline="cpu_generic", latency_source="measured",
-        target=_cpu_target, precisions=lambda arch=None: PRECISIONS["llvm"],
+        target=_cpu_target, precisions=_cpu_precisions,
         reference_gpu=lambda target: T4, describe=_cpu_describe,
         describe_json=lambda target: {}, cannot_run_here=lambda target: None),
     "cuda": Backend(
