@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (NA, ORT_DEFAULT_THREADS, Stopwatch, finish, fmt_num, git_state,  # noqa: E402
                           machine_label, provenance, provenance_line, revision, write_results)
 
-from qcompile.flags import cache_dir  # noqa: E402
+from qcompile.env import cache_dir  # noqa: E402
 
 DEFAULT_CORPUS = cache_dir("corpus")  # $QCOMPILE_CACHE_DIR/corpus
 RESULTS = Path(__file__).resolve().parent / "results"

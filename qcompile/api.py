@@ -31,7 +31,9 @@ from qcompile.config import (
     VERIFY_INPUTS, AllocSpec, CalibSpec, FidelitySpec, Preprocess, QuantSpec, precision_name,
     resolve_auto)
 from qcompile.errors import BuildError, UsageError, VerificationError
-from qcompile.flags import THREADS_ENV, error_line, tvm_threads, write_json
+from qcompile.env import THREADS_ENV, tvm_threads
+from qcompile.errors import error_line
+from qcompile.files import write_json
 from qcompile.lower.emit import lower
 from qcompile.frontend.onnx_import import import_onnx, load_model
 from qcompile.ir.graph import Graph

@@ -93,3 +93,17 @@ EXIT_CODES: dict[str, int] = {
                 AccumulatorOverflowError, VerificationError, FidelityError,
                 NonFiniteInputError)
 }
+
+
+def error_line(e: BaseException | str, *, last: bool = False) -> str:
+    """The first (or ``last``) non-empty line of an error, else the exception's class
+    name: TVM's messages carry whole tracebacks, and the CLI prints one line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return "" if isinstance(e, str) else type(e).__name__
+    return lines[-1] if last else lines[0]
+
+
+def one_line(text: str) -> str:
+    """All of ``text``'s lines joined into one (a multi-line message, printed whole)."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())

@@ -1,4 +1,4 @@
-"""flags: the debug flag, the cache directory, atomic writes, JSON caches and error lines."""
+"""env, files, errors: the debug flag, the cache directory, atomic writes, JSON caches and error lines."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qcompile import flags
+from qcompile import env, errors, files
 from qcompile.ir.graph import Graph, Node
 
 
@@ -16,10 +16,10 @@ from qcompile.ir.graph import Graph, Node
                                        ("yes", True), ("2", True)])
 def test_debug_flag(value: str | None, on: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     if value is None:
-        monkeypatch.delenv(flags.DEBUG_ENV, raising=False)
+        monkeypatch.delenv(env.DEBUG_ENV, raising=False)
     else:
-        monkeypatch.setenv(flags.DEBUG_ENV, value)
-    assert flags.debug() is on
+        monkeypatch.setenv(env.DEBUG_ENV, value)
+    assert env.debug() is on
 
 
 @pytest.mark.parametrize("value, dumps", [("0", False), ("", False), ("1", True)])
@@ -30,33 +30,33 @@ def test_build_ir_dump_follows_the_flag(value: str, dumps: bool, monkeypatch: py
 
     from qcompile.build import compile as build
 
-    monkeypatch.setenv(flags.DEBUG_ENV, value)
+    monkeypatch.setenv(env.DEBUG_ENV, value)
     build._debug_dump("relax", tvm.IRModule())
     assert ("=== relax ===" in capsys.readouterr().out) is dumps
 
 
 def test_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv(flags.CACHE_ENV, str(tmp_path))
-    assert flags.cache_dir() == tmp_path and flags.cache_dir("a", "b.json") == tmp_path / "a/b.json"
-    monkeypatch.delenv(flags.CACHE_ENV)
-    assert flags.cache_dir("x") == Path.home() / ".cache" / "qcompile" / "x"
+    monkeypatch.setenv(env.CACHE_ENV, str(tmp_path))
+    assert env.cache_dir() == tmp_path and env.cache_dir("a", "b.json") == tmp_path / "a/b.json"
+    monkeypatch.delenv(env.CACHE_ENV)
+    assert env.cache_dir("x") == Path.home() / ".cache" / "qcompile" / "x"
 
 
 def test_tvm_threads_defaults_to_every_core() -> None:
-    assert int(os.environ[flags.THREADS_ENV]) == flags.tvm_threads() >= 1
+    assert int(os.environ[env.THREADS_ENV]) == env.tvm_threads() >= 1
 
 
 def test_error_line() -> None:
-    assert flags.error_line(RuntimeError("\n  first\nsecond\n")) == "first"
-    assert flags.error_line(RuntimeError("first\nlast\n\n"), last=True) == "last"
-    assert flags.error_line(KeyError()) == "KeyError" and flags.error_line("") == ""
-    assert flags.one_line("a\n  b \n\nc") == "a b c"
+    assert errors.error_line(RuntimeError("\n  first\nsecond\n")) == "first"
+    assert errors.error_line(RuntimeError("first\nlast\n\n"), last=True) == "last"
+    assert errors.error_line(KeyError()) == "KeyError" and errors.error_line("") == ""
+    assert errors.one_line("a\n  b \n\nc") == "a b c"
 
 
 def test_atomic_open_keeps_the_old_file_on_error(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "f.bin"
-    flags.atomic_write_bytes(path, b"old")
-    with pytest.raises(ValueError), flags.atomic_open(path) as f:
+    files.atomic_write_bytes(path, b"old")
+    with pytest.raises(ValueError), files.atomic_open(path) as f:
         f.write(b"half")
         raise ValueError
     assert path.read_bytes() == b"old" and [p.name for p in path.parent.iterdir()] == ["f.bin"]
@@ -65,7 +65,7 @@ def test_atomic_open_keeps_the_old_file_on_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fmt", [None, 3])
 def test_json_cache_survives_a_corrupt_file(tmp_path: Path, fmt: int | None) -> None:
-    cache = flags.JsonCache(tmp_path / "c.json", fmt)
+    cache = files.JsonCache(tmp_path / "c.json", fmt)
     assert cache.load() == {}  # missing
     cache.path.write_text('{"format": 3, "entries": {"a": ')  # torn or corrupt
     assert cache.load() == {}
@@ -76,13 +76,13 @@ def test_json_cache_survives_a_corrupt_file(tmp_path: Path, fmt: int | None) -> 
     data = json.loads(cache.path.read_text())
     assert data == ({"b": 1, "c": [2]} if fmt is None else
                     {"format": 3, "entries": {"b": 1, "c": [2]}})
-    assert flags.JsonCache(cache.path, 4 if fmt else None).load() == ({} if fmt else data)
+    assert files.JsonCache(cache.path, 4 if fmt else None).load() == ({} if fmt else data)
 
 
 def test_unwritable_cache_warns(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.warns(UserWarning, match="cache not written"):
-        flags.JsonCache(tmp_path / "file" / "c.json").update({"a": 1})  # parent is a file
+        files.JsonCache(tmp_path / "file" / "c.json").update({"a": 1})  # parent is a file
 
 
 def _dense_graph() -> Graph:
@@ -99,7 +99,7 @@ def test_overhead_cache_survives_a_corrupt_file(tmp_path: Path,
     from qcompile.config import QuantSpec
     from qcompile.hw.backends import make_target
 
-    monkeypatch.setenv(flags.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(env.CACHE_ENV, str(tmp_path))
     table = latency.LatencyTable({"fc": {4: 0.5, 8: 1.0}}, "llvm", 1, 2)
     monkeypatch.setattr(latency, "measure_layers", lambda *a, **k: table)
     monkeypatch.setattr(bitplan, "_time_core", lambda *a, **k: 3.0)

@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from qcompile.flags import cache_dir
+from qcompile.env import cache_dir
 
 # What the exports depend on beyond bench_common's core and peer packages (recorded too).
 EXPORT_PACKAGES = ("torch", "torchvision", "timm", "efficientnet-lite-pytorch")

@@ -23,7 +23,8 @@ from tvm import relax
 
 from qcompile.hw.backends import backend_of
 from qcompile.errors import BuildError
-from qcompile.flags import debug, env_flag, error_line
+from qcompile.env import debug, env_flag
+from qcompile.errors import error_line
 from qcompile.verify.intcheck import IntCheckReport, full_check
 from qcompile.build.default_schedules import (
     ScheduleReport, apply_default_schedules, strip_schedules)

@@ -37,7 +37,9 @@ from tvm import relax
 from qcompile.hw.backends import backend_of
 from qcompile.build.tir import compile_tir
 from qcompile.errors import UsageError
-from qcompile.flags import JsonCache, cache_dir, error_line
+from qcompile.env import cache_dir
+from qcompile.errors import error_line
+from qcompile.files import JsonCache
 from qcompile.tvm_compat import (
     SCHEDULED, PrimFunc, RemoveWeightLayoutRewriteBlock, Schedule, derived_object,
     light_tensor_intrin)

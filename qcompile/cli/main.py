@@ -27,7 +27,9 @@ from qcompile.config import AUTO, ROUNDINGS, VERIFY_INPUTS, CalibSpec, FidelityS
 from qcompile.cli.options import (
     QCompileCommand, alloc_options, alloc_spec, alloc_unless_dry_run, arch_option, calib_options,
     data_option, fidelity_options, preprocess, preprocess_options, sensitivity_options)
-from qcompile.flags import atomic_open, debug, one_line
+from qcompile.env import debug
+from qcompile.errors import one_line
+from qcompile.files import atomic_open
 from qcompile.report.results import EvalResult
 from qcompile.errors import ArtifactError, BadModelError, DataError, QCompileError, UsageError
 from qcompile.hw.backends import BACKENDS, check_options

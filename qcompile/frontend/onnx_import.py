@@ -22,7 +22,7 @@ import onnxruntime as ort
 from onnx import external_data_helper, helper, numpy_helper, shape_inference, version_converter
 
 from qcompile.errors import BadModelError, UnsupportedOpError, UsageError
-from qcompile.flags import error_line
+from qcompile.errors import error_line
 from qcompile.ir.graph import Graph, Node
 from qcompile.frontend.onnx_ops import (
     _HANDLERS, _MULTI_OUTPUT, LOWERED_AS, SUPPORTED_OPS, _Ctx, ops_table)

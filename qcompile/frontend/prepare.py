@@ -23,7 +23,7 @@ import numpy as np
 
 from qcompile.ir.activations import UNARY_FUNCTIONS
 from qcompile.errors import UnsupportedOpError
-from qcompile.flags import debug
+from qcompile.env import debug
 from qcompile.ir.graph import CANONICAL_OPS, Graph, Node
 
 Rewrite = Callable[[Graph], Graph]

@@ -353,7 +353,7 @@ def build(name: str, *, input_size: int | None = None, num_classes: int = 1000, 
 def save(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
     """Write ``model`` atomically: a temp file in the same directory, then ``os.replace``.
 
-    Not ``flags.atomic_open``: benchmarks/gpu_check.py ships this file beside errors.py
+    Not ``files.atomic_open``: benchmarks/gpu_check.py ships this file beside errors.py
     alone, so it imports nothing else of qcompile."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from tvm import relax
 
 from qcompile.build.compile import compile_float
 from qcompile.errors import UnsupportedOpError
-from qcompile.flags import error_line
+from qcompile.errors import error_line
 from qcompile.ir.graph import Graph, Node, layer_nodes
 from qcompile.hw.backends import make_target
 from qcompile.tvm_compat import PrimFunc, Schedule, dlight, normalize_prim_func

@@ -28,7 +28,7 @@ Cache: one JSON file (``$QCOMPILE_CACHE_DIR/latency.json``, default
 
 An entry whose ``fingerprint`` (TVM version + hash of the kernel and lowering sources)
 differs from the current one is stale: it is re-measured and overwritten. New entries
-are written once per call (``flags.JsonCache``: re-read, merge, atomic replace).
+are written once per call (``files.JsonCache``: re-read, merge, atomic replace).
 
 Timings are medians; on a shared machine they move with other processes' load (see
 ``_time_interleaved``). Compare tables only when taken under similar conditions.
@@ -56,7 +56,8 @@ from qcompile.build.compile import build
 from qcompile.build.tir import compile_tir
 from qcompile.config import QuantSpec
 from qcompile.errors import UsageError
-from qcompile.flags import JsonCache, cache_dir
+from qcompile.env import cache_dir
+from qcompile.files import JsonCache
 from qcompile.ir.graph import LAYER_OPS, Graph
 from qcompile.lower.emit import GENERIC as GENERIC_RULES
 from qcompile.lower.emit import Lowered, LowerCtx, lower, stored_order

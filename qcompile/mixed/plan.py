@@ -30,7 +30,8 @@ from qcompile.hw.backends import backend_of
 from qcompile.mixed.ilp import Plan, Problem, parse_budgets, solve
 from qcompile.build.compile import build
 from qcompile.config import AllocSpec, QuantSpec
-from qcompile.flags import JsonCache, cache_dir
+from qcompile.env import cache_dir
+from qcompile.files import JsonCache
 from qcompile.ir.graph import Graph
 from qcompile.lower.emit import lower
 from qcompile.targets import code_of

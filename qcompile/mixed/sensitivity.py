@@ -40,7 +40,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 from tqdm import tqdm
 
-from qcompile import flags
+from qcompile import env, files
 from qcompile.errors import DataError, UnsupportedOpError, UsageError
 from qcompile.ir.graph import Graph
 from qcompile.quant.quantize import quantize_weights
@@ -297,7 +297,7 @@ def kl_omega(graph: Graph, inputs: np.ndarray, bits: Sequence[int], progress: bo
 # --- cache ---------------------------------------------------------------------------
 def cache_root(cache_dir: Path | None = None) -> Path:
     """``cache_dir``, else ``$QCOMPILE_CACHE_DIR/sensitivity``, else ``~/.cache/qcompile/...``."""
-    return Path(cache_dir) if cache_dir is not None else flags.cache_dir("sensitivity")
+    return Path(cache_dir) if cache_dir is not None else env.cache_dir("sensitivity")
 
 
 def data_hash(inputs: np.ndarray, labels: np.ndarray | None) -> str:
@@ -362,7 +362,7 @@ def compute_sensitivity(graph: Graph, model_bytes: bytes, inputs: np.ndarray,
                     "min_probes": MIN_PROBES, "batch_size": batch_size, "rel_eps": REL_EPS,
                     "central": central}
     path = cache_root(cache_dir) / f"{_cache_key(model_bytes, inputs, labels, settings)}.json"
-    hit = flags.read_json(path)  # missing or corrupt: recompute (and rewrite it)
+    hit = files.read_json(path)  # missing or corrupt: recompute (and rewrite it)
     if isinstance(hit, dict) and "omega" in hit:
         s = Sensitivity.from_json(hit, cached=True)
         if method == "kl":
@@ -394,5 +394,5 @@ def compute_sensitivity(graph: Graph, model_bytes: bytes, inputs: np.ndarray,
     if bad:  # e.g. a Log/Sqrt/Reciprocal table function of a value <= 0 in the float model
         raise DataError(f"{res.method} sensitivity is not finite for layer(s) {bad[:3]}: the "
                         "float model produces NaN/Inf on the sensitivity data")
-    flags.save_cache(path, res.to_json())
+    files.save_cache(path, res.to_json())
     return res

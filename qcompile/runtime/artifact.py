@@ -1,5 +1,5 @@
 """Atomic output: build a directory next to the target, then rename it into place.
-(Single files: ``flags.atomic_open``.)"""
+(Single files: ``files.atomic_open``.)"""
 from __future__ import annotations
 
 import contextlib

@@ -34,7 +34,8 @@ import numpy as np
 from qcompile import __version__
 from qcompile.runtime.artifact import atomic_dir, check_output_dir
 from qcompile.errors import ArtifactError, UsageError
-from qcompile.flags import cache_dir, write_json
+from qcompile.env import cache_dir
+from qcompile.files import write_json
 from qcompile.runtime.loader import CUDART
 
 MARKER = "bundle.json"

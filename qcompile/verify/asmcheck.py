@@ -55,7 +55,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from qcompile.flags import error_line
+from qcompile.errors import error_line
 from qcompile.verify import cuda_tools  # read at call time: tests stand in for the tools
 
 #: FP-domain x86 instructions allowed on integer data: pure moves (vmovsh included: LLVM

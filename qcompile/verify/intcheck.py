@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import tvm
 from tvm import relax
 
-from qcompile.flags import error_line
+from qcompile.errors import error_line
 from qcompile.verify.asmcheck import scan_executable
 from qcompile.tvm_compat import bind_target, split_host_device_mods, tir_pipeline, tirx
 from qcompile.verify.intcheck_allow import (

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from qcompile.flags import NO_AMX_ENV, env_flag
+from qcompile.env import NO_AMX_ENV, env_flag
 from qcompile.tvm_compat import tirx
 
 from qcompile.targets.x86 import amx

@@ -1,17 +1,5 @@
-"""Shared plumbing: environment flags, the cache directory, TVM's thread count, atomic
-writes, JSON caches that survive a corrupt file, and the one-line form of an error.
-
-Every stage reads these from here, so they behave the same everywhere:
-
-    QCOMPILE_DEBUG        "" / "0" / unset: off; anything else: on (tracebacks, IR dumps)
-    QCOMPILE_CACHE_DIR    the cache root (default ~/.cache/qcompile): latency, overhead,
-                          sensitivity, tuning databases
-    TVM_NUM_THREADS       defaulted to every core when this module is imported
-    QCOMPILE_NO_AMX       on: x86 builds keep to the VNNI kernels (for artifacts that must
-                          run on CPUs without AMX tiles)
-
-Standard library only: the CLI imports it before deciding whether TVM is needed.
-(``loader.py`` keeps its own TVM_NUM_THREADS default: bundles run it without qcompile.)
+"""Files written atomically (a reader never sees half a file, a failure leaves the old one),
+and JSON caches that survive a corrupt or concurrently rewritten file. Standard library only.
 """
 from __future__ import annotations
 
@@ -24,56 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator, Mapping
 
-DEBUG_ENV = "QCOMPILE_DEBUG"
-CACHE_ENV = "QCOMPILE_CACHE_DIR"
-THREADS_ENV = "TVM_NUM_THREADS"
-NO_AMX_ENV = "QCOMPILE_NO_AMX"
 
-
-def env_flag(name: str) -> bool:
-    """An on/off environment variable: unset, "" and "0" are off, anything else is on."""
-    return os.environ.get(name, "") not in ("", "0")
-
-
-def debug() -> bool:
-    """``QCOMPILE_DEBUG``: tracebacks instead of one-line internal errors, IR dumps."""
-    return env_flag(DEBUG_ENV)
-
-
-def cache_dir(*parts: str) -> Path:
-    """``$QCOMPILE_CACHE_DIR`` (default ``~/.cache/qcompile``) joined with ``parts``."""
-    root = os.environ.get(CACHE_ENV)
-    return (Path(root) if root else Path.home() / ".cache" / "qcompile").joinpath(*parts)
-
-
-def tvm_threads() -> int:
-    """TVM's thread-pool size, ``TVM_NUM_THREADS`` defaulted to every core.
-
-    TVM's pool defaults to half the hardware threads on x86 (1 of 2 here) and reads the
-    variable once, at its first parallel call: it must be set before any kernel runs,
-    or every timing and run is single-threaded on a 2-vCPU machine.
-    """
-    return int(os.environ.setdefault(THREADS_ENV, str(os.cpu_count() or 1)))
-
-
-tvm_threads()  # at import: every module that runs kernels imports this one first
-
-
-def error_line(e: BaseException | str, *, last: bool = False) -> str:
-    """The first (or ``last``) non-empty line of an error, else the exception's class
-    name: TVM's messages carry whole tracebacks, and the CLI prints one line."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    if not lines:
-        return "" if isinstance(e, str) else type(e).__name__
-    return lines[-1] if last else lines[0]
-
-
-def one_line(text: str) -> str:
-    """All of ``text``'s lines joined into one (a multi-line message, printed whole)."""
-    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
-
-
-# ----------------------------------------------------------------------------- files
 @contextlib.contextmanager
 def atomic_open(path: Path) -> Iterator[IO[bytes]]:
     """A binary file that appears at ``path`` whole, when the block succeeds.
