@@ -21,7 +21,7 @@ from onnx_builders import save
 from qcompile import api
 from qcompile.cli.main import main
 from qcompile.config import QuantSpec
-from qcompile.cli.inspect import inspect_artifact, tensor_core_math
+from qcompile.cli.inspect_artifact import inspect_artifact, tensor_core_math
 from qcompile.targets.cuda import tensor_core as ct
 from qcompile.verify.cuda_tools import elf_info
 from qcompile.verify.cuda_tools import embedded_fatbins

@@ -12,7 +12,7 @@ from kitchen_sink import kitchen_sink_model
 from onnx_builders import save
 from qcompile import api
 from qcompile.cli.main import main
-from qcompile.cli.inspect import inspect_artifact
+from qcompile.cli.inspect_artifact import inspect_artifact
 from qcompile.targets.x86.amx import KERNEL_PREFIXES
 from qcompile.hw.facts import has_vnni
 

@@ -459,7 +459,7 @@ def bench_cmd(art: str, batch: int | None, repeat: int, warmup: int, threads: in
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def inspect_cmd(art: str, sass: bool, as_json: bool) -> None:
     """List ART's kernels, the layer each serves, and their hot instructions."""
-    from qcompile.cli.inspect import inspect_artifact
+    from qcompile.cli.inspect_artifact import inspect_artifact
 
     res = inspect_artifact(_check_artifact(art))
     if not sass:

@@ -9,7 +9,7 @@ is found by kind through ``targets.TARGETS``. Stages above choose by these facts
 
     mixed/plan.py     latency_source -> the cost model ("measured" here, or "predicted")
     build/tune.py     no_tune
-    cli/inspect.py    name -> the inspector
+    cli/inspect_artifact.py  name -> the inspector
 
 A new target is one entry here plus a package under ``qcompile/targets``. Importing this
 module imports no TVM (the CLI validates options with it before any work).
