@@ -9,7 +9,6 @@ a bug: one line and exit 70, or the traceback with ``QCOMPILE_DEBUG=1``.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import warnings
@@ -40,9 +39,12 @@ F = Callable[..., Any]
 
 
 def _api() -> ModuleType:
-    # Imported on use: it pulls in TVM (~seconds), which `--help`, `--version` and
-    # `zoo` don't need. Tests swap this function for a fake.
-    return importlib.import_module("qcompile.api")
+    # Imported on use, like every TVM-bound module below: TVM takes seconds to import,
+    # which `--help`, `--version`, `zoo` and option errors don't need. (A plain import, so
+    # the layers contract sees it.) Tests swap this function for a fake.
+    import qcompile.api
+
+    return qcompile.api
 
 
 def _version() -> str:
