@@ -6,30 +6,30 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 import tvm
 from tqdm import tqdm
 
-from qcompile import __version__
 from qcompile.mixed import costs
 from qcompile.verify import oracle
-from qcompile.runtime.artifact import atomic_dir, check_output_dir
+from qcompile.runtime.artifact import MANIFEST, atomic_dir, check_output_dir
 from qcompile.hw.backends import backend_of, check_options
 from qcompile.build.compile import build
 from qcompile.quant.calibrate import FloatRunner, collect_stats
 from qcompile.quant.readers import Reader, gather_inputs, load_inputs, make_reader
 from qcompile.quant.equalize import bias_correction, equalize_calibrated
-from qcompile.quant.gptq import gptq_graph
+from qcompile.quant.rounding import Rounding, rounding_of
 from qcompile.mixed.ilp import parse_budgets, pareto, pin_dry_run, write_pareto
 from qcompile.mixed.plan import allocate_bits, problem_for
 from qcompile.mixed.sensitivity import Sensitivity, compute_sensitivity
 from qcompile.targets import code_of
 from qcompile.report import fidelity as fid
+from qcompile.report import manifest as records
+from qcompile.report.manifest import Compiled
 from qcompile.config import (
-    VERIFY_INPUTS, AllocSpec, CalibSpec, FidelitySpec, Preprocess, QuantSpec, precision_name,
-    resolve_auto)
+    VERIFY_INPUTS, AllocSpec, CalibSpec, FidelitySpec, Preprocess, QuantSpec, resolve_auto)
 from qcompile.errors import BuildError, UsageError, VerificationError
 from qcompile.env import THREADS_ENV, tvm_threads
 from qcompile.errors import error_line
@@ -39,22 +39,29 @@ from qcompile.frontend.onnx_import import import_onnx, load_model
 from qcompile.ir.graph import Graph
 from qcompile.frontend.prepare import prepare
 from qcompile.ir.qgraph import QGraph
-from qcompile.quant.quantize import calibration_tensors, layer_bits, quantize_graph
-from qcompile.report.card import layer_table, render_card, render_fidelity, render_plan
+from qcompile.quant.quantize import Observer, calibration_tensors, layer_bits, quantize_graph
+from qcompile.report.card import render_fidelity
 from qcompile.runtime.run import Artifact, summarize_ms
-from qcompile.ir.serialize import qgraph_to_json
 from qcompile.build.ship import prove_shipped
 
 from qcompile.report.results import (
     AllocateResult, BenchResult, CompileResult, EvalResult, LayerFidelity, ParetoResult, Verified)
 
-if TYPE_CHECKING:
-    from qcompile.build.tune import TuneReport
+
+class Front(NamedTuple):
+    """The pipeline's first stage: the canonical graph, the calibration reader, the
+    activation statistics, the guard's held-out inputs and the calibration actually used
+    (without the held-out samples)."""
+
+    graph: Graph
+    reader: Reader
+    stats: dict
+    held: fid.HeldOut | None
+    calib: CalibSpec
 
 
 def _front(model: Path, calib: CalibSpec, progress: bool, calibrate: bool = True,
-           fidelity: FidelitySpec | None = None
-           ) -> tuple[Graph, Reader, dict, "fid.HeldOut | None"]:
+           fidelity: FidelitySpec | None = None) -> Front:
     """1. Import: load, check, shape-infer, canonicalize (BN folding, fusion).
     2. Set aside the fidelity guard's held-out inputs (``fidelity``), if any.
     3. Calibrate activation ranges on the float model in onnxruntime (unless not asked)."""
@@ -68,7 +75,7 @@ def _front(model: Path, calib: CalibSpec, progress: bool, calibrate: bool = True
     reader = make_reader(calib, graph.input, graph.input_shape)
     stats = (collect_stats(proto, calibration_tensors(graph), reader, calib.method, calib,
                            progress) if calibrate else {})
-    return graph, reader, stats, held
+    return Front(graph, reader, stats, held, calib)
 
 
 def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm",
@@ -111,109 +118,94 @@ def compile_model(model: str | Path, out_dir: str | Path, *, target: str = "llvm
         calib = dataclasses.replace(calib, preprocess=dataclasses.replace(
             calib.preprocess, input_shape=tuple(input_shape)))
     model, out_dir = Path(model), Path(out_dir)
-    # First: a bad --target/--arch/--tune combination costs nothing.
+    # First: a bad --target/--arch/--tune/--rounding combination costs nothing.
     backend = check_options(target, arch, tune=tune)
     tgt = backend.target(target, arch, None)
+    rounding = rounding_of(quant.rounding)
+    if alloc.active and plan is not None:
+        raise UsageError("give either budgets or an explicit plan, not both")
     check_output_dir(out_dir, protect=(model,))
-    # 1-2. Import (load, check, shape-infer, canonicalize), calibrate in onnxruntime.
-    graph, reader, stats, held = _front(model, calib, progress, calibrate=not quant.equalize,
-                                        fidelity=fidelity)
-    if held is not None:
-        calib = held.calib
-    if quant.equalize:  # re-calibrate: equalization rescales activation channels
+    # 1. Import (load, check, shape-infer, canonicalize), hold out the guard's inputs,
+    # calibrate in onnxruntime (after equalization when asked: it rescales channels).
+    graph, reader, stats, held, calib = _front(model, calib, progress,
+                                               calibrate=not quant.equalize, fidelity=fidelity)
+    if quant.equalize:
         graph, stats = equalize_calibrated(graph, reader, calib, progress)
-    # 3. Mixed precision: sensitivity + per-layer latency + ILP under the budgets.
+    # 2. Allocate: sensitivity + per-layer latency + ILP under the budgets.
     allocation = None
-    if alloc.active:
-        # (an equalized graph has other weights: keep its cached sensitivity apart)
+    if alloc.active:  # (an equalized graph has other weights: keep its cached sensitivity apart)
         allocation = allocate_bits(graph, model.read_bytes() + b"|equalized" * quant.equalize,
-                                   reader, stats, tgt, spec=alloc,
-                                   quant=quant, batch=batch, progress=progress)
-    # 4. Quantize to an integer-only graph and lower it to Relax.
-    if allocation is not None:
-        if plan is not None:
-            raise UsageError("give either budgets or an explicit plan, not both")
+                                   reader, stats, tgt, spec=alloc, quant=quant, batch=batch,
+                                   progress=progress)
         plan = allocation.plan.precisions
-    rounded, qgraph_src = None, graph
-    if quant.rounding == "gptq":  # Hessian-aware rounding at the widths the plan uses;
-        qgraph_src, rounded = gptq_graph(graph, gather_inputs(reader, calib.num_samples),
-                                         layer_bits(graph, quant, plan), progress=progress)
-    qg = quantize_graph(qgraph_src, stats, quant, bits=plan, rounded=rounded)
-    if quant.bias_correction:
-        qg = bias_correction(graph, qg, gather_inputs(reader, calib.num_samples))
+    # 3. Quantize: round the weights at the plan's widths, then the integer-only graph.
+    qg = _quantize(graph, reader, stats, calib, quant, rounding, plan, progress)
+    # 4. Lower to Relax, on the target's kernels.
     rules = code_of(tgt).rules(batch, tgt) if kernels else []
     lowered = lower(qg, rules, batch=batch if rules else None)
     # 5. Legalize, prove integer-only, compile (CUDA: the arch's fatbin embedded at build time).
     built = build(lowered.mod, tgt, tune=tune, progress=progress)
     if not built.intcheck.ok:
         raise BuildError(f"integer-only check failed: {built.intcheck.violations[:3]}")
-    # 6. Write the artifact atomically.
-    meta = {
-        "target": backend.describe(tgt),
-        "integer_only": built.intcheck.ok,
-        "calibration": {"method": calib.method, "source": calib.source,
-                        "num_samples": min(calib.num_samples, len(reader))},
-    }
+    done = Compiled(model.name, backend, tgt, batch if rules else None, graph, qg, lowered,
+                    built, quant, calib, len(reader), allocation)
     verified, fidelity_rec = None, None
     with atomic_dir(out_dir) as tmp:
-        try:
-            built.executable.export_library(str(tmp / "module.so"))
-        except Exception as e:
-            raise BuildError(f"export_library failed: {error_line(e)}") from e
-        prove_shipped(tmp / "module.so", built)  # the proof again, on the file that ships
-        # weights.npz: the module's inputs (possibly packed for a kernel);
-        # qgraph.npz: the quantized graph's own integers, the oracle's truth.
-        np.savez(tmp / "weights.npz", **dict(lowered.params))
-        np.savez_compressed(tmp / "qgraph.npz", **dict(qg.param_items()))
-        write_json(tmp / "qconfig.json", {
-            "bits": quant.bits, "first_last_bits": quant.first_last_bits,
-            "rounding": quant.rounding, "equalize": quant.equalize,
-            "bias_correction": quant.bias_correction,
-            "preprocess": dataclasses.asdict(calib.preprocess),
-            "calibration": meta["calibration"],
-            "costs": cost_summary(graph, qg, backend.reference_gpu(tgt)),
-            "plan": allocation.to_json() if allocation else None, "layers": layer_table(qg),
-            "graph": qgraph_to_json(qg)})
-        card = render_card(qg, meta)
-        if allocation:
-            card += render_plan(allocation.to_json())
-        (tmp / "report.md").write_text(card)
-        seconds = time.perf_counter() - t0
-        manifest = {
-            "format": 1, "qcompile": __version__, "tvm": tvm.__version__,
-            "source": str(model.name),
-            "target": {"kind": backend.name, "str": meta["target"], **backend.describe_json(tgt)},
-            "batch": batch if rules else None,
-            "input": {"name": qg.input.name, "shape": ["N", *qg.input.shape[1:]],
-                      "dtype": "float32"},
-            "output": {"name": qg.output.name, "shape": ["N", *qg.output.shape[1:]],
-                       "dtype": "float32"},
-            "functions": ["main", "quantize", "core", "dequantize"],
-            "params": [k for k, _ in lowered.params], "integer_only": built.intcheck.ok,
-            "kernels": lowered.kernels, "kernel_funcs": lowered.funcs,
-            **code_of(tgt).manifest(lowered, tgt),
-            "intcheck": {"prim_funcs": len(built.intcheck.prim_funcs),
-                         "stores": built.intcheck.stores,
-                         "stages": list(built.intcheck.stages),  # Relax+TIR, codegen, asm
-                         "asm": built.intcheck.asm, "shipped": built.intcheck.shipped},
-            "tune": _tune_json(built.tune),
-            "compile_seconds": round(seconds, 2),
-            "verified": None}
-        write_json(tmp / "manifest.json", manifest)
+        # 6. Write the artifact (moved into place only if 7 and 8 pass).
+        manifest, card, seconds = _write(tmp, done, t0)
         if verify > 0:  # 7. Run the artifact as written beside the oracle.
             x, source = _verify_inputs(qg, reader, calib, verify)
             verified = verify_artifact(tmp, qg, x, tgt, source=source)
             manifest["verified"] = verified.to_json()
-            write_json(tmp / "manifest.json", manifest)
         if held is not None:  # 8. The model, not just the compiler: the fidelity guard.
             fidelity_rec = _measure_fidelity(model, calib, qg, held, fidelity, tmp, tgt,
                                              layers=not quant.equalize)
             manifest["fidelity"] = fidelity_rec.to_json()
-            write_json(tmp / "manifest.json", manifest)
             (tmp / "report.md").write_text(card + render_fidelity(fidelity_rec))
+        write_json(tmp / MANIFEST, manifest)  # with what 7 and 8 recorded
+        if fidelity_rec is not None:
             fid.check(fidelity_rec)  # raises FidelityError: atomic_dir discards it all
     n_layers = sum(n.op in ("qconv", "qdense") for n in qg.nodes)
     return CompileResult(out_dir, seconds, built.intcheck.ok, n_layers, verified, fidelity_rec)
+
+
+def _quantize(graph: Graph, reader: Reader, stats: Mapping[str, Observer], calib: CalibSpec,
+              quant: QuantSpec, rounding: Rounding, plan: Mapping[str, int | str] | None,
+              progress: bool) -> QGraph:
+    """The integer-only graph: weights rounded by ``rounding`` at the widths the plan gives
+    them (a method may correct the float biases), then quantized, then (when asked) its
+    int32 biases corrected on the calibration samples."""
+    data = (gather_inputs(reader, calib.num_samples)  # (the same samples for both)
+            if rounding.needs_data or quant.bias_correction else None)
+    src, rounded = rounding.round_graph(graph, data, layer_bits(graph, quant, plan),
+                                        progress=progress)
+    qg = quantize_graph(src, stats, quant, bits=plan, rounded=rounded)
+    if quant.bias_correction:
+        assert data is not None
+        qg = bias_correction(graph, qg, data)
+    return qg
+
+
+def _write(tmp: Path, done: Compiled, t0: float) -> tuple[dict[str, Any], str, float]:
+    """The artifact's files into ``tmp``; returns the manifest as written (``verified``
+    None) and the card, for verification and the guard to add to, and the seconds since
+    ``t0`` that the manifest records."""
+    try:
+        done.built.executable.export_library(str(tmp / "module.so"))
+    except Exception as e:
+        raise BuildError(f"export_library failed: {error_line(e)}") from e
+    prove_shipped(tmp / "module.so", done.built)  # the proof again, on the file that ships
+    # weights.npz: the module's inputs (possibly packed for a kernel);
+    # qgraph.npz: the quantized graph's own integers, the oracle's truth.
+    np.savez(tmp / "weights.npz", **dict(done.lowered.params))
+    np.savez_compressed(tmp / "qgraph.npz", **dict(done.qg.param_items()))
+    write_json(tmp / "qconfig.json", records.qconfig(done))
+    card = records.card(done)
+    (tmp / "report.md").write_text(card)
+    seconds = time.perf_counter() - t0
+    manifest = records.manifest(done, seconds)
+    write_json(tmp / MANIFEST, manifest)
+    return manifest, card, seconds
 
 
 def _measure_fidelity(model: Path, calib: CalibSpec, qg: QGraph, held: fid.HeldOut,
@@ -234,14 +226,7 @@ def _verify_inputs(qg: QGraph, reader: Reader, calib: CalibSpec, n: int
     samples when real data was given, else seeded uniform values over the input's whole
     calibrated range (``--data synthetic``)."""
     if calib.source != "synthetic":
-        reader.rewind()
-        parts, have = [], 0
-        while have < n and (batch := reader.get_next()) is not None:
-            parts.append(next(iter(batch.values()))[:n - have])
-            have += len(parts[-1])
-        reader.rewind()
-        if parts:
-            return np.concatenate(parts).astype(np.float32), "calibration"
+        return gather_inputs(reader, n), "calibration"
     t = qg.input.qtype
     q = np.random.default_rng(0).uniform(t.qmin, t.qmax, size=(n, *qg.input.shape[1:]))
     return qg.input.dequantize(q).astype(np.float32), "uniform"
@@ -290,27 +275,6 @@ def verify_artifact(art_dir: str | Path, qg: QGraph, inputs: np.ndarray,
                 f"verification input {i} ({source}): {diff}; nothing was written "
                 f"(--no-verify writes the artifact for debugging)")
     return Verified(len(inputs), True, source, round(time.perf_counter() - t0, 2))
-
-
-def _tune_json(report: "TuneReport | None") -> dict | None:
-    if report is None:
-        return None
-    return {"trials_per_task": report.trials, "seconds": round(report.seconds, 1),
-            "database": str(report.db_dir), "skipped": len(report.skipped),
-            "tasks": [dataclasses.asdict(t) for t in report.tasks]}
-
-
-def cost_summary(graph: Graph, qg: QGraph, gpu: costs.GpuSpec = costs.T4) -> dict:
-    """Size and BOPs of the compiled plan, plus ``gpu``'s model latency (labelled; the
-    artifact's arch for CUDA, the T4 as a reference otherwise). The ``t4_*`` keys stay for
-    readers of older artifacts."""
-    plan = {n.name: precision_name((int(n.attrs["bits"]), int(n.attrs["a_bits"])))
-            for n in qg.nodes if n.op in ("qconv", "qdense")}
-    c = costs.summarize(graph, plan, batch=1, gpu=gpu)
-    t4 = c if gpu is costs.T4 else costs.summarize(graph, plan, batch=1)
-    return {"bits": plan, "size_mb": c.size_mb, "bops_g": c.bops_g, "gpu": gpu.name,
-            "latency_ms_batch1": c.latency_ms, "latency_label": c.label,
-            "t4_latency_ms_batch1": t4.latency_ms, "t4_label": t4.label}
 
 
 def run_artifact(art_dir: str | Path, x: np.ndarray) -> np.ndarray:
@@ -434,7 +398,7 @@ def sensitivity_model(model: str | Path, *, method: str = "hessian", calib: Cali
                       num_samples: int = 8, progress: bool = True) -> "Sensitivity":
     """Per-layer Omega for 4 and 8 bits (``qcompile sensitivity``)."""
     model = Path(model)
-    graph, reader, _, _ = _front(model, calib, progress, calibrate=False)
+    graph, reader, *_ = _front(model, calib, progress, calibrate=False)
     x = gather_inputs(reader, num_samples)
     return compute_sensitivity(graph, model.read_bytes(), x, method=method, bits=(4, 8),
                                progress=progress)
@@ -458,7 +422,7 @@ def allocate_model(model: str | Path, *, target: str = "llvm", arch: str | None 
     backend = check_options(target, arch)
     tgt = backend.target(target, arch, None)
     _, quant = resolve_auto(calib, quant)  # the rounding compile would use ranks the layers
-    graph, reader, stats, _ = _front(model, calib, progress)
+    graph, reader, stats, *_ = _front(model, calib, progress)
     a = allocate_bits(graph, model.read_bytes(), reader, stats, tgt, spec=alloc, quant=quant,
                       batch=batch, progress=progress)
     swept = None

@@ -76,7 +76,7 @@ def test_failed_compile_leaves_previous_artifact(built, tmp_path: Path, monkeypa
     def boom(*a, **k):
         raise RuntimeError("simulated crash while writing")
 
-    monkeypatch.setattr("qcompile.api.render_card", boom)
+    monkeypatch.setattr("qcompile.report.manifest.render_card", boom)
     with pytest.raises(RuntimeError):
         api.compile_model(model, out, progress=False)
     after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()}

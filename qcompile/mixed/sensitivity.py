@@ -47,7 +47,7 @@ from qcompile.quant.quantize import quantize_weights
 from qcompile.frontend.onnx_export import canonical_onnx
 from qcompile.ir.graph import layer_nodes
 from qcompile.mixed.float_model import FloatVM, build_float_module
-from qcompile.quant.gptq import gptq_graph
+from qcompile.quant.rounding import Rounding, rounding_of
 
 METHODS: tuple[str, ...] = ("hessian", "kl")
 CACHE_FORMAT = 1  # bump when a method's numbers change meaning
@@ -227,14 +227,17 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
-def _gptq_layers(graph: Graph, inputs: np.ndarray, bits: Sequence[int]
-                 ) -> dict[int, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """Per width, every layer's GPTQ weights and corrected bias, each rounded on the float
-    model's input (one layer quantized at a time, as KL measures it)."""
+def _rounded_layers(rounding: Rounding, graph: Graph, inputs: np.ndarray, bits: Sequence[int]
+                    ) -> dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] | None:
+    """Per width, every layer's weights and bias as ``rounding`` makes them, each rounded on
+    the float model's input (one layer quantized at a time, as KL measures it); None when
+    the method is round-to-nearest (``fake_quant`` is that, with the float bias)."""
     names = [n.name for n in layer_nodes(graph)]
     out: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     for b in bits:
-        g, rounded = gptq_graph(graph, inputs, {n: b for n in names}, sequential=False)
+        g, rounded = rounding.round_graph(graph, inputs, {n: b for n in names}, sequential=False)
+        if rounded is None:
+            return None
         bias = {n.name: n.params["b"] for n in g.nodes if n.name in rounded}
         out[b] = {k: ((q * s.reshape((-1,) + (1,) * (q.ndim - 1))).astype(np.float32),
                       np.asarray(bias[k], np.float32)) for k, (q, s) in rounded.items()}
@@ -257,16 +260,17 @@ def kl_omega(graph: Graph, inputs: np.ndarray, bits: Sequence[int], progress: bo
              rounding: str = "nearest") -> dict[str, dict[int, float]]:
     """Mean KL(float || only-layer-l-quantized) per layer and bit width.
 
-    ``rounding="gptq"`` quantizes the layer as ``--rounding gptq`` will (GPTQ with its
-    bias correction, on the float input): GPTQ changes which layers 4 bits hurt (a
-    depthwise layer's error is mostly a mean shift that its bias absorbs), so a plan
-    for GPTQ-rounded weights should be ranked by GPTQ-rounded sensitivities."""
+    ``rounding`` (a name in ``quant.rounding.ROUNDINGS``) quantizes the layer as compile's
+    ``--rounding`` will (``gptq``: GPTQ with its bias correction, on the float input): GPTQ
+    changes which layers 4 bits hurt (a depthwise layer's error is mostly a mean shift
+    that its bias absorbs), so a plan for GPTQ-rounded weights should be ranked by
+    GPTQ-rounded sensitivities."""
     sess = ort.InferenceSession(_biases_as_inputs(canonical_onnx(graph)).SerializeToString(),
                                 providers=["CPUExecutionProvider"])
     layers = layer_nodes(graph)
     feeds = {f"{n.name}::w": np.asarray(n.params["w"], np.float32) for n in layers}
     feeds |= {f"{n.name}::b": np.asarray(n.params["b"], np.float32) for n in layers}
-    gq = _gptq_layers(graph, inputs.astype(np.float32), bits) if rounding == "gptq" else None
+    gq = _rounded_layers(rounding_of(rounding), graph, inputs.astype(np.float32), bits)
     x = inputs.astype(np.float32)
 
     def logp(f: dict[str, np.ndarray]) -> np.ndarray:
@@ -339,8 +343,9 @@ def compute_sensitivity(graph: Graph, model_bytes: bytes, inputs: np.ndarray,
     that are not 2-D logits) falls back to ``kl`` with a one-line warning when
     ``fallback``; without it the ``UnsupportedOpError`` propagates.
 
-    ``rounding="gptq"`` makes ``kl`` quantize each layer with GPTQ (``kl_omega``); the
-    Hessian's Omega stays HAWQ-V3's (trace times the nearest-rounding error).
+    ``rounding`` (``quant.rounding``; ``"gptq"``: GPTQ) is how ``kl`` quantizes each layer
+    (``kl_omega``); the Hessian's Omega stays HAWQ-V3's (trace times the nearest-rounding
+    error).
     """
     if method not in METHODS:
         raise UsageError(f"--sensitivity must be one of {METHODS}, got {method!r}")
@@ -354,8 +359,8 @@ def compute_sensitivity(graph: Graph, model_bytes: bytes, inputs: np.ndarray,
     _check_data(graph, inputs, labels)
     if method == "kl":  # labels play no part in KL
         settings: dict[str, object] = {"method": "kl", "bits": list(bits)}
-        if rounding == "gptq":  # (absent for nearest: older cache entries stay valid)
-            settings["rounding"] = "gptq"
+        if rounding_of(rounding).keyed:  # (absent for nearest: older cache entries stay valid)
+            settings["rounding"] = rounding
         labels = None
     else:  # bits are not in the key: Omega is recomputed from the cached trace
         settings = {"method": "hessian", "max_probes": max_probes, "tol": tol, "seed": seed,

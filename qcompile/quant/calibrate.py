@@ -24,6 +24,9 @@ from qcompile.errors import BadModelError, DataError, UsageError
 
 from qcompile.quant.readers import Reader
 
+# Degenerate tensors (all zero, or all negative when unsigned) get T = 1.0, not a tiny
+# floor: their values quantize exactly at any scale, and 1.0 keeps the requant
+# multipliers of the layers that write them in a representable range.
 _DEGENERATE_T = 1.0
 # The smallest clipping threshold: its scale T / qmax (qmax < 2^8) stays a normal float32,
 # as the float entry and exit steps need.  No floor above that: a network's activations

@@ -68,6 +68,7 @@ from qcompile.frontend.onnx_export import canonical_onnx
 from qcompile.ir.graph import Graph, Node, layer_nodes
 from qcompile.quant.calibrate import FloatRunner, collect_stats
 from qcompile.quant.quantize import calibration_tensors
+from qcompile.quant.readers import iter_inputs
 from qcompile.verify import oracle
 from qcompile.ir.qgraph import QGraph, QNode
 
@@ -345,10 +346,7 @@ def _iter_batches(batches: Any, batch_size: int = 8) -> Iterator[np.ndarray]:
             yield batches[i:i + batch_size]
         return
     if hasattr(batches, "get_next"):
-        batches.rewind()
-        while (b := batches.get_next()) is not None:
-            yield next(iter(b.values()))
-        batches.rewind()
+        yield from iter_inputs(batches)
         return
     yield from batches
 

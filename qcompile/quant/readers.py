@@ -281,15 +281,14 @@ def load_inputs(source: str, p: Preprocess, input_shape: tuple[int, ...], limit:
     return np.concatenate(batches) if batches else np.zeros((0, *input_shape[1:]), np.float32)
 
 
-# ----------------------------------------------------------------------------- observers
-
-# Degenerate tensors (all zero, or all negative when unsigned) get T = 1.0, not a tiny
-# floor: their values quantize exactly at any scale, and 1.0 keeps the requant
-# multipliers of the layers that write them in a representable range.
+# ----------------------------------------------------------------------------- consumers
+# The calibration reader is shared by the stages (calibrate, equalize, GPTQ, bias
+# correction, sensitivity, compile's check): each pass rewinds it first and after, so
+# whoever reads next starts from the first sample.
 
 
 def gather_inputs(reader: Reader, limit: int) -> np.ndarray:
-    """Up to ``limit`` calibration samples as one float32 batch."""
+    """Up to ``limit`` samples from the reader's first on, as one float32 batch."""
     reader.rewind()
     parts, n = [], 0
     while n < limit and (batch := reader.get_next()) is not None:
@@ -297,4 +296,17 @@ def gather_inputs(reader: Reader, limit: int) -> np.ndarray:
         parts.append(x[:limit - n])
         n += len(parts[-1])
     reader.rewind()
+    if not parts:
+        raise DataError("the calibration data yields no samples")
     return np.concatenate(parts).astype(np.float32)
+
+
+def iter_inputs(reader: Reader) -> Iterator[np.ndarray]:
+    """Every batch's input array, from the first sample on; the reader is rewound again
+    when the pass ends (also when the caller stops early and closes the iterator)."""
+    reader.rewind()
+    try:
+        while (batch := reader.get_next()) is not None:
+            yield next(iter(batch.values()))
+    finally:
+        reader.rewind()
