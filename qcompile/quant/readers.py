@@ -283,8 +283,8 @@ def load_inputs(source: str, p: Preprocess, input_shape: tuple[int, ...], limit:
 
 # ----------------------------------------------------------------------------- consumers
 # The calibration reader is shared by the stages (calibrate, equalize, GPTQ, bias
-# correction, sensitivity, compile's check): each pass rewinds it first and after, so
-# whoever reads next starts from the first sample.
+# correction, sensitivity, compile's check): every pass rewinds it first, and these two
+# rewind it after as well, so whoever reads next starts from the first sample.
 
 
 def gather_inputs(reader: Reader, limit: int) -> np.ndarray:
