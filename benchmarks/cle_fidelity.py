@@ -74,7 +74,7 @@ def measure(model: Path, crops: Path, bits: int, equalize: bool, correct: bool,
                       preprocess=Preprocess(**PREPROCESS))
     quant = QuantSpec(bits=bits, equalize=equalize, bias_correction=correct)
     # the same steps as api.compile_model up to the QGraph
-    graph, reader, stats = api._front(model, calib, False, calibrate=not quant.equalize)
+    graph, reader, stats = api._front(model, calib, False, calibrate=not quant.equalize)[:3]
     if quant.equalize:
         graph, stats = equalize_calibrated(graph, reader, calib, False, **eq_kw)
     qg = quantize_graph(graph, stats, quant)

@@ -27,10 +27,9 @@ from qcompile.cli.options import (
     QCompileCommand, alloc_options, alloc_spec, alloc_unless_dry_run, arch_option, calib_options,
     data_option, fidelity_options, preprocess, preprocess_options, sensitivity_options)
 from qcompile.env import debug
-from qcompile.errors import one_line
 from qcompile.files import atomic_open
 from qcompile.report.results import EvalResult
-from qcompile.errors import ArtifactError, BadModelError, DataError, QCompileError, UsageError
+from qcompile.errors import ArtifactError, BadModelError, DataError, QCompileError, UsageError, one_line
 from qcompile.hw.backends import BACKENDS, check_options
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE from sysexits.h
@@ -39,11 +38,9 @@ F = Callable[..., Any]
 
 
 def _api() -> ModuleType:
-    # Imported on use, like every TVM-bound module below: TVM takes seconds to import,
-    # which `--help`, `--version`, `zoo` and option errors don't need. (A plain import, so
-    # the layers contract sees it.) Tests swap this function for a fake.
+    # Imported on use (TVM takes seconds), like every TVM-bound module here; a plain import
+    # the layers contract sees. Tests swap this function for a fake.
     import qcompile.api
-
     return qcompile.api
 
 

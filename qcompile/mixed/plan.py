@@ -29,7 +29,7 @@ from qcompile.mixed import costs, latency
 from qcompile.hw.backends import backend_of
 from qcompile.mixed.ilp import Plan, Problem, parse_budgets, solve
 from qcompile.build.compile import build
-from qcompile.config import AllocSpec, QuantSpec
+from qcompile.config import AUTO, AllocSpec, QuantSpec
 from qcompile.env import cache_dir
 from qcompile.files import JsonCache
 from qcompile.ir.graph import Graph
@@ -149,7 +149,9 @@ def allocate_bits(graph: Graph, model_bytes: bytes, reader: Reader,
     # to kl (with a warning) where the graph has no Relax gradient.
     x = gather_inputs(reader, spec.sensitivity_samples)
     sens = compute_sensitivity(graph, model_bytes, x, method=spec.sensitivity, bits=(4, 8),
-                               progress=progress, fallback=True, rounding=quant.rounding)
+                               progress=progress, fallback=True,
+                               # an unresolved "auto" (a direct call) ranks as nearest, as before
+                               rounding="nearest" if quant.rounding == AUTO else quant.rounding)
     # Step 2. Latency per layer and width from the target's source (hw.backends.BACKENDS):
     # measured kernels on the CPU, the arch's GPU roofline model for cuda.
     backend = backend_of(target)
