@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.stamp
 PYTHON3 ?= python3
 
-.PHONY: venv lint test test-slow test-gpu gpu-check demo bench bench-effnet bench-quality bench-gptq clean corpus onnx-backend-sweep fuzz
+.PHONY: venv lint test test-unit test-slow test-gpu gpu-check demo bench bench-effnet bench-quality bench-gptq clean corpus onnx-backend-sweep fuzz
 
 venv: $(STAMP)
 
@@ -28,8 +28,17 @@ lint: venv
 	@# imports only point down the stages, no cycles (pyproject.toml [tool.importlinter])
 	.venv/bin/lint-imports --no-cache
 
+# Every test carries one marker (setup.cfg; tests/conftest.py refuses an unmarked one):
+#   unit      no TVM build: pure Python, NumPy, onnx, onnxruntime (well under a minute)
+#   tvm       builds with TVM on this CPU (compile_model, tvm.compile, a Relax VM, latency)
+#   hardware  needs VNNI, AMX, GFNI, nvcc/cuobjdump or a GPU; skipped with the reason elsewhere
+# `make test` runs them all but slow; e.g. `.venv/bin/python -m pytest -q -m "tvm and not slow"`
+# picks one kind. QCOMPILE_CHECK_MARKERS=1 fails a unit test that reaches TVM codegen.
 test: venv lint
 	$(PY) -m pytest -q
+
+test-unit: venv
+	$(PY) -m pytest -q -m "unit and not slow"
 
 # setup.cfg's addopts deselect slow tests; a later -m wins.
 test-slow: venv

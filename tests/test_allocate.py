@@ -12,7 +12,9 @@ import pytest
 from qcompile.mixed import ilp as A
 from qcompile.mixed import costs
 from qcompile.errors import InfeasibleBudgetError, UsageError
-from test_costs import tiny_residual
+from tests.test_costs import tiny_residual
+
+pytestmark = pytest.mark.unit
 
 KINDS = A.KINDS
 

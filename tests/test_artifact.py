@@ -10,8 +10,8 @@ import pytest
 import tvm
 from tvm import relax
 
-from kitchen_sink import kitchen_sink_model
-from onnx_builders import save
+from tests.helpers.kitchen_sink import kitchen_sink_model
+from tests.helpers.onnx_builders import save
 from qcompile import api
 from qcompile.verify import oracle
 from qcompile.runtime.artifact import atomic_dir, check_output_dir
@@ -28,6 +28,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return model, d / "out"
 
 
+@pytest.mark.tvm
 def test_layout_and_card(built) -> None:
     _, out = built
     assert {p.name for p in out.iterdir()} == {"module.so", "weights.npz", "qgraph.npz",
@@ -43,6 +44,7 @@ def test_layout_and_card(built) -> None:
     assert "preprocess" in q and q["calibration"]["method"] == "minmax"
 
 
+@pytest.mark.tvm
 def test_plain_tvm_runtime_loads_it(built) -> None:
     """What the README shows: no qcompile needed to run an artifact."""
     _, out = built
@@ -59,6 +61,7 @@ def test_plain_tvm_runtime_loads_it(built) -> None:
     np.testing.assert_array_equal(y, Artifact.load(out).run(x))
 
 
+@pytest.mark.tvm
 def test_serialize_round_trip(built) -> None:
     _, out = built
     art = Artifact.load(out)
@@ -68,6 +71,7 @@ def test_serialize_round_trip(built) -> None:
     np.testing.assert_array_equal(oracle.run(qg, x), oracle.run(again, x))
 
 
+@pytest.mark.tvm
 def test_failed_compile_leaves_previous_artifact(built, tmp_path: Path, monkeypatch) -> None:
     model, out = built
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()}
@@ -85,6 +89,7 @@ def test_failed_compile_leaves_previous_artifact(built, tmp_path: Path, monkeypa
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".out.")]  # no temp debris
 
 
+@pytest.mark.unit
 def test_atomic_dir_replaces_only_on_success(tmp_path: Path) -> None:
     out = tmp_path / "a"
     with atomic_dir(out) as t:
@@ -96,6 +101,7 @@ def test_atomic_dir_replaces_only_on_success(tmp_path: Path) -> None:
     assert [p.name for p in out.iterdir()] == ["manifest.json"]
 
 
+@pytest.mark.unit
 def test_output_dir_refusals(tmp_path: Path) -> None:
     model = tmp_path / "m.onnx"
     model.write_bytes(b"x")
@@ -110,11 +116,13 @@ def test_output_dir_refusals(tmp_path: Path) -> None:
         check_output_dir(other)
 
 
+@pytest.mark.unit
 def test_loading_a_non_artifact_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="not a qcompile artifact"):
         Artifact.load(tmp_path)
 
 
+@pytest.mark.tvm
 def test_wrong_input_shape_is_a_clear_error(built) -> None:
     with pytest.raises(ArtifactError, match="does not match"):
         Artifact.load(built[1]).run(np.zeros((1, 3, 12, 12), np.float32))

@@ -12,6 +12,8 @@ from qcompile.hw.backends import BACKENDS, backend, check_options
 from qcompile.errors import UsageError
 from qcompile.hw.backends import make_target, precisions
 
+pytestmark = pytest.mark.unit
+
 
 def test_table_reads_without_tvm() -> None:
     """The CLI validates options with the table before deciding to import TVM."""

@@ -13,6 +13,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import bench_common as bc  # noqa: E402
 
+pytestmark = pytest.mark.unit
+
 COLS = (("row", "precision"), ("size", "size MB"), ("ms", "latency ms"))
 
 

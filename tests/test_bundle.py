@@ -54,6 +54,7 @@ def _run(py: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedP
     return subprocess.run([str(py), *args], capture_output=True, text=True, cwd=cwd or "/", env=env)
 
 
+@pytest.mark.tvm
 def test_bundle_runs_with_numpy_alone(arts, numpy_only_python, tmp_path) -> None:
     b = tmp_path / "b"
     rep = make_bundle([arts["r18-b1"], arts["r18-b2"]], b)
@@ -80,6 +81,7 @@ def test_bundle_runs_with_numpy_alone(arts, numpy_only_python, tmp_path) -> None
     assert float(total) == pytest.approx(float(Artifact.load(arts["r18-b1"]).run(x).sum()), rel=1e-6)
 
 
+@pytest.mark.tvm
 def test_bundle_errors_are_one_line(arts, numpy_only_python, tmp_path) -> None:
     b = tmp_path / "b"
     make_bundle([arts["r18-b1"], arts["r18-b2"]], b)
@@ -108,6 +110,7 @@ def test_bundle_errors_are_one_line(arts, numpy_only_python, tmp_path) -> None:
     assert r.returncode == 12 and "--python" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.tvm
 def test_bundle_refusals(arts, tmp_path) -> None:
     (tmp_path / "keep").mkdir()
     (tmp_path / "keep" / "precious.txt").write_text("x")
@@ -121,6 +124,7 @@ def test_bundle_refusals(arts, tmp_path) -> None:
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.tvm
 def test_bundle_cli(arts, tmp_path) -> None:
     from click.testing import CliRunner
     from qcompile.cli.main import main
@@ -161,10 +165,12 @@ def _dry_run(tmp_path: Path, models: list[str], peers: bool) -> dict:
     return res
 
 
+@pytest.mark.tvm
 def test_gpu_check_dry_run(tmp_path) -> None:
     _dry_run(tmp_path, ["resnet18-int8-b1", "resnet18-int8-b8"], peers=False)
 
 
+@pytest.mark.tvm
 @pytest.mark.slow
 def test_gpu_check_dry_run_every_config_with_peers(tmp_path) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -176,6 +182,7 @@ def test_gpu_check_dry_run_every_config_with_peers(tmp_path) -> None:
         assert peers["resnet18"]["torch_fp32/b1"]["median_ms"] > 0
 
 
+@pytest.mark.tvm
 @pytest.mark.slow
 def test_bundle_of_resnet18_and_resnet50_int8_is_under_45_mib(numpy_only_python, tmp_path) -> None:
     """Issue 12's size bound, at the real 224 px, and the bundle still runs bit-identically."""
@@ -194,6 +201,7 @@ def test_bundle_of_resnet18_and_resnet50_int8_is_under_45_mib(numpy_only_python,
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), Artifact.load(arts[1]).run(x))
 
 
+@pytest.mark.unit
 def test_onnx_torch_peer_matches_onnxruntime() -> None:
     """The GPU check's PyTorch peer computes the ONNX model's function (same weights)."""
     torch = pytest.importorskip("torch")
@@ -211,6 +219,7 @@ def test_onnx_torch_peer_matches_onnxruntime() -> None:
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+@pytest.mark.tvm
 def test_cuda_bundle_without_a_gpu_says_so(numpy_only_python, tmp_path) -> None:
     """A CUDA bundle carries the CUDA runtime pieces; with no GPU here, run.py exits 9 in
     one line (the GPU check itself runs it where there is one)."""

@@ -18,6 +18,8 @@ from qcompile.quant.readers import (
 from qcompile.config import CalibSpec, Preprocess
 from qcompile.errors import BadModelError, DataError
 
+pytestmark = pytest.mark.unit
+
 SHAPE = (1, 3, 4, 4)
 
 

@@ -108,11 +108,13 @@ def fake_api(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple, dict]]:
 
 # ----------------------------------------------------------------------------- basics
 
+@pytest.mark.unit
 def test_version() -> None:
     r = invoke("--version")
     assert r.exit_code == 0 and r.output.startswith("qcompile 0.1.0")
 
 
+@pytest.mark.unit
 def test_zoo_list() -> None:
     from qcompile.frontend import zoo
 
@@ -121,6 +123,7 @@ def test_zoo_list() -> None:
     assert r.output.split() == sorted(zoo.ZOO)
 
 
+@pytest.mark.unit
 def test_zoo_writes_valid_onnx(tmp_path: Path) -> None:
     out = tmp_path / "sub" / "r18.onnx"
     r = invoke("zoo", "resnet18", "-o", out, "--input-size", "32", "--num-classes", "10")
@@ -131,6 +134,7 @@ def test_zoo_writes_valid_onnx(tmp_path: Path) -> None:
     assert dims == [1, 10] and str(out) in r.output
 
 
+@pytest.mark.unit
 def test_zoo_unknown_name_exits_2(tmp_path: Path) -> None:
     r = invoke("zoo", "resnet19", "-o", tmp_path / "x.onnx")
     assert r.exit_code == 2
@@ -141,6 +145,7 @@ def test_zoo_unknown_name_exits_2(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- compile validation
 
+@pytest.mark.unit
 def test_compile_missing_file_exits_3(tmp_path: Path) -> None:
     missing = tmp_path / "nope.onnx"
     r = invoke("compile", missing, "-o", tmp_path / "out")
@@ -148,6 +153,7 @@ def test_compile_missing_file_exits_3(tmp_path: Path) -> None:
     assert str(missing) in one_error_line(r)
 
 
+@pytest.mark.unit
 def test_compile_garbage_exits_3(tmp_path: Path) -> None:
     bad = tmp_path / "garbage.onnx"
     bad.write_bytes(np.random.default_rng(0).bytes(4096))
@@ -157,6 +163,7 @@ def test_compile_garbage_exits_3(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.unit
 def test_default_command_dispatches_to_compile(model_file: Path, tmp_path: Path,
                                                fake_api: list) -> None:
     out = tmp_path / "art"
@@ -169,17 +176,20 @@ def test_default_command_dispatches_to_compile(model_file: Path, tmp_path: Path,
     assert r.exit_code == 0 and len(fake_api) == 2
 
 
+@pytest.mark.unit
 def test_default_command_missing_model_is_compile_error(tmp_path: Path) -> None:
     # Not a command name and ends in .onnx: compile's own error (3), not "no such command" (2).
     r = invoke(tmp_path / "missing.onnx", "-o", tmp_path / "out")
     assert r.exit_code == 3 and "missing.onnx" in one_error_line(r)
 
 
+@pytest.mark.unit
 def test_unknown_command_is_a_usage_error() -> None:
     r = invoke("compil", "x")
     assert r.exit_code == 2 and "No such command" in r.output
 
 
+@pytest.mark.unit
 def test_options_reach_the_api(model_file: Path, tmp_path: Path, fake_api: list) -> None:
     r = invoke("compile", model_file, "-o", tmp_path / "art", "--bits", "4", "--data", "synthetic",
                "--calib-samples", "4", "--calibrator", "percentile", "--percentile", "99.9",
@@ -200,6 +210,7 @@ def test_options_reach_the_api(model_file: Path, tmp_path: Path, fake_api: list)
     assert fake_api[-1][2]["verify"] == 0  # ... and --no-verify turns it off
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("old, new", [(["--calib", "synthetic"], "--data"),
                                       (["--calib=synthetic"], "--data")])
 def test_old_spellings_warn_and_still_work(model_file: Path, tmp_path: Path, fake_api: list,
@@ -210,6 +221,7 @@ def test_old_spellings_warn_and_still_work(model_file: Path, tmp_path: Path, fak
     assert fake_api[-1][2]["calib"].source == "synthetic"
 
 
+@pytest.mark.unit
 def test_allocate_takes_compiles_calibration_options(model_file: Path, fake_api: list) -> None:
     """A compile line's calibration options work for allocate as they are."""
     r = invoke("allocate", model_file, "--budget-size", "0.5", "--data", "synthetic",
@@ -219,6 +231,7 @@ def test_allocate_takes_compiles_calibration_options(model_file: Path, fake_api:
     assert (calib.method, calib.num_samples, calib.percentile) == ("percentile", 4, 99.9)
 
 
+@pytest.mark.unit
 def test_bench_threads_and_percentiles(tmp_path: Path, fake_api: list) -> None:
     r = invoke("bench", tmp_path, "--threads", "1", "--repeat", "3")
     assert r.exit_code == 0, r.output
@@ -229,6 +242,7 @@ def test_bench_threads_and_percentiles(tmp_path: Path, fake_api: list) -> None:
     assert (res["p90_ms"], res["p99_ms"], res["threads"]) == (1.5, 1.9, 1)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("opts, needle", [
     (["--bits", "3"], "--bits"),
     (["--mean", "a,b,c"], "--mean"),
@@ -243,6 +257,7 @@ def test_bad_option_values_exit_2(model_file: Path, tmp_path: Path, fake_api: li
     assert not fake_api  # refused before any work
 
 
+@pytest.mark.unit
 def test_output_is_the_model_file_is_refused(model_file: Path, fake_api: list) -> None:
     before = model_file.read_bytes()
     r = invoke(model_file, "-o", model_file)
@@ -250,12 +265,14 @@ def test_output_is_the_model_file_is_refused(model_file: Path, fake_api: list) -
     assert model_file.read_bytes() == before and not fake_api
 
 
+@pytest.mark.unit
 def test_output_dir_holding_the_model_is_refused(model_file: Path, fake_api: list) -> None:
     r = invoke(model_file, "-o", model_file.parent)
     assert r.exit_code == 2 and not fake_api
     one_error_line(r)
 
 
+@pytest.mark.unit
 def test_output_foreign_nonempty_dir_is_refused(model_file: Path, tmp_path: Path,
                                                 fake_api: list) -> None:
     foreign = tmp_path / "photos"
@@ -271,6 +288,7 @@ def test_output_foreign_nonempty_dir_is_refused(model_file: Path, tmp_path: Path
 
 # ----------------------------------------------------------------------------- error policy
 
+@pytest.mark.unit
 def test_run_missing_artifact_exits_7(tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", np.zeros((1, 3, 16, 16), np.float32))
     r = invoke("run", tmp_path / "no-art", "--input", tmp_path / "x.npy",
@@ -279,6 +297,7 @@ def test_run_missing_artifact_exits_7(tmp_path: Path) -> None:
     assert not (tmp_path / "y.npy").exists()
 
 
+@pytest.mark.unit
 def test_unexpected_error_exits_70(model_file: Path, tmp_path: Path,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*args: Any, **kw: Any) -> None:
@@ -293,6 +312,7 @@ def test_unexpected_error_exits_70(model_file: Path, tmp_path: Path,
     assert isinstance(r.exception, RuntimeError)  # re-raised for the traceback
 
 
+@pytest.mark.unit
 def test_console_script_exit_code_and_stderr(tmp_path: Path) -> None:
     exe = shutil.which("qcompile", path=str(Path(sys.executable).parent))
     if exe is None:
@@ -309,6 +329,7 @@ def test_console_script_exit_code_and_stderr(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- README stays true
 
+@pytest.mark.unit
 def test_readme_exit_codes_match_errors() -> None:
     text = (ROOT / "README.md").read_text()
     table = dict((name, int(code)) for code, name in
@@ -316,6 +337,7 @@ def test_readme_exit_codes_match_errors() -> None:
     assert table == {**EXIT_CODES, "ok": 0, "internal": cli.EXIT_INTERNAL}
 
 
+@pytest.mark.unit
 def test_readme_lists_supported_ops() -> None:
     from qcompile.frontend.onnx_import import SUPPORTED_OPS
 
@@ -339,6 +361,7 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return model, d / "art"
 
 
+@pytest.mark.tvm
 def test_compile_records_its_checks(artifact: tuple[Path, Path]) -> None:
     """The manifest says what compile proved: every integer-only stage ran (the asm scan
     found and passed the core's code) and the oracle check ran on 2 inputs."""
@@ -356,6 +379,7 @@ def _calib_dir(d: Path) -> Path:
     return d
 
 
+@pytest.mark.tvm
 def test_compile_no_verify_records_null(artifact: tuple[Path, Path], tmp_path: Path) -> None:
     model, _ = artifact
     r = invoke(model, "-o", tmp_path / "art", "--data", _calib_dir(tmp_path / "c"),
@@ -364,6 +388,7 @@ def test_compile_no_verify_records_null(artifact: tuple[Path, Path], tmp_path: P
     assert json.loads((tmp_path / "art" / "manifest.json").read_text())["verified"] is None
 
 
+@pytest.mark.tvm
 def test_compile_oracle_mismatch_exits_11(artifact: tuple[Path, Path], tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A miscompiled core (planted: one output value off by one) is caught by compile's own
@@ -388,6 +413,7 @@ def test_compile_oracle_mismatch_exits_11(artifact: tuple[Path, Path], tmp_path:
     assert not out.exists() and not list(tmp_path.glob(".art.tmp-*"))
 
 
+@pytest.mark.tvm
 def test_run_writes_output_atomically(artifact: tuple[Path, Path], tmp_path: Path) -> None:
     import onnxruntime as ort
 
@@ -406,6 +432,7 @@ def test_run_writes_output_atomically(artifact: tuple[Path, Path], tmp_path: Pat
     assert np.abs(y - ref).max() <= 0.05 * np.abs(ref).max() + 1e-3
 
 
+@pytest.mark.tvm
 def test_run_bad_input_exits_6(artifact: tuple[Path, Path], tmp_path: Path) -> None:
     _, art = artifact
     (tmp_path / "x.npy").write_bytes(b"not an array")
@@ -413,6 +440,7 @@ def test_run_bad_input_exits_6(artifact: tuple[Path, Path], tmp_path: Path) -> N
     assert r.exit_code == 6 and "x.npy" in one_error_line(r)
 
 
+@pytest.mark.tvm
 def test_eval_json(artifact: tuple[Path, Path]) -> None:
     model, art = artifact
     r = invoke("eval", model, art, "--eval-samples", "4", "--json")
@@ -427,6 +455,7 @@ def test_eval_json(artifact: tuple[Path, Path]) -> None:
     assert all({"name", "sqnr_db"} <= set(layer) for layer in res["layers"])
 
 
+@pytest.mark.tvm
 def test_eval_table(artifact: tuple[Path, Path]) -> None:
     model, art = artifact
     r = invoke("eval", model, art, "--eval-samples", "2")
@@ -434,6 +463,7 @@ def test_eval_table(artifact: tuple[Path, Path]) -> None:
     assert "bit-exact vs NumPy oracle" in r.stdout and "SQNR" in r.stdout
 
 
+@pytest.mark.tvm
 def test_bench_json_and_table(artifact: tuple[Path, Path]) -> None:
     _, art = artifact
     r = invoke("bench", art, "--repeat", "3", "--warmup", "1", "--json")

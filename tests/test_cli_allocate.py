@@ -28,6 +28,7 @@ def _run(*args: str) -> tuple[int, str]:
     return r.exit_code, r.output
 
 
+@pytest.mark.tvm
 def test_allocate_json_honours_size_budget_pins_and_ties() -> None:
     code, out = _run("allocate", str(MODEL), "--budget-size", "0.3", "--pin", "*layers.3*=8",
                      "--json", *COMMON)
@@ -47,6 +48,7 @@ def test_allocate_json_honours_size_budget_pins_and_ties() -> None:
         assert key in plan
 
 
+@pytest.mark.unit
 def test_pin_dry_run_lists_matches() -> None:
     code, out = _run("allocate", str(MODEL), "--pin", "*conv1*=4", "--pin", "nothing*=8",
                      "--pin-dry-run")
@@ -54,6 +56,7 @@ def test_pin_dry_run_lists_matches() -> None:
     assert "*conv1*=4: 4 layer(s)" in out and "nothing*=8: 0 layer(s)" in out
 
 
+@pytest.mark.tvm
 def test_infeasible_budget_exits_8_with_the_minimum() -> None:
     code, out = _run("allocate", str(MODEL), "--budget-size", "1KB", *COMMON)
     assert code == InfeasibleBudgetError.exit_code, out
@@ -61,11 +64,13 @@ def test_infeasible_budget_exits_8_with_the_minimum() -> None:
     assert len(line) == 1 and "minimum achievable" in line[0] and "--budget-size" in line[0]
 
 
+@pytest.mark.tvm
 def test_bad_budget_is_a_usage_error() -> None:
     code, out = _run("allocate", str(MODEL), "--budget-latency", "fast", *COMMON)
     assert code == 2 and "--budget-latency" in out
 
 
+@pytest.mark.tvm
 def test_compiled_plan_meets_size_budget_and_is_bit_exact(tmp_path: Path) -> None:
     out = tmp_path / "mixed"
     code, text = _run(str(MODEL), "-o", str(out), "--budget-size", "0.5", "-q", *COMMON)
@@ -85,6 +90,7 @@ def test_compiled_plan_meets_size_budget_and_is_bit_exact(tmp_path: Path) -> Non
     assert ev.bit_exact
 
 
+@pytest.mark.unit
 def test_sensitivity_command_json() -> None:
     code, out = _run("sensitivity", str(MODEL), "--sensitivity", "kl",
                      "--sensitivity-samples", "4", "--json")

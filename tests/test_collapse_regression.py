@@ -24,7 +24,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from onnx_builders import conv_node, init, make_model, rng, run_ort
+from tests.helpers.onnx_builders import conv_node, init, make_model, rng, run_ort
 from qcompile.quant import gptq
 from qcompile.verify import oracle as reference
 from qcompile.quant.readers import gather_inputs
@@ -37,6 +37,8 @@ from qcompile.frontend.onnx_import import import_onnx
 from qcompile.frontend.prepare import prepare
 from qcompile.quant.quantize import calibration_tensors, layer_bits, quantize_graph
 from qcompile.quant.readers import make_reader
+
+pytestmark = pytest.mark.unit
 
 C, HW = 8, 12
 

@@ -12,6 +12,8 @@ from qcompile.ir.graph import Graph, Node
 from qcompile.frontend.onnx_import import import_onnx, load_model
 from qcompile.frontend.prepare import prepare
 
+pytestmark = pytest.mark.unit
+
 
 def _conv(name: str, x: str, y: str, cout: int, cin: int, k: int, *, stride: int = 1,
           group: int = 1) -> Node:

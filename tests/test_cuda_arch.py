@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from kitchen_sink import kitchen_sink_model
-from onnx_builders import save
+from tests.helpers.kitchen_sink import kitchen_sink_model
+from tests.helpers.onnx_builders import save
 from qcompile import api
 from qcompile.cli.main import main
 from qcompile.config import QuantSpec
@@ -49,6 +49,7 @@ def _arch(art: Path) -> str:
     return art.parent.name
 
 
+@pytest.mark.hardware
 @needs_tools
 def test_fatbin_holds_code_for_the_arch_only(art: Path) -> None:
     arch = _arch(art)
@@ -62,6 +63,7 @@ def test_fatbin_holds_code_for_the_arch_only(art: Path) -> None:
     assert not any(f".{a}." in listing for a in ("sm_75", "sm_90") if a != arch), listing
 
 
+@pytest.mark.hardware
 @needs_tools
 def test_manifest_and_costs_name_the_arch(art: Path) -> None:
     arch = _arch(art)
@@ -78,6 +80,7 @@ def test_manifest_and_costs_name_the_arch(art: Path) -> None:
     assert c["t4_label"] == "predicted (T4 roofline model)"
 
 
+@pytest.mark.hardware
 @needs_tools
 def test_inspect_reports_native_or_emulated_tensor_cores(art: Path) -> None:
     arch = _arch(art)
@@ -99,6 +102,7 @@ def test_inspect_reports_native_or_emulated_tensor_cores(art: Path) -> None:
     assert f"cuda -arch={arch}" in r.output.splitlines()[0]
 
 
+@pytest.mark.unit
 def test_tensor_core_math_rules() -> None:
     helper = ("$__internal_0_$__cuda_sm_9x_mma_sub_byte_internal_m8n8k32_u4_s4",)
     assert tensor_core_math({"CALL.REL.NOINC": 4, "IMMA.8816.U8.S8": 2}, helper, 4) == "emulated"

@@ -20,7 +20,9 @@ from qcompile.lower.emit import lower
 from qcompile.quant.quantize import quantize_graph
 from qcompile.targets.cuda.lowering import cuda_rules
 from qcompile.hw.backends import make_target
-from zoo_graphs import linspace_stats, zoo_graph
+from tests.helpers.zoo_graphs import linspace_stats, zoo_graph
+
+pytestmark = pytest.mark.tvm
 
 BATCH = 2
 

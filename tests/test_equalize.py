@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from onnx_builders import bn_node, conv_node, init, make_model, rng, save
+from tests.helpers.onnx_builders import bn_node, conv_node, init, make_model, rng, save
 from qcompile import api
 from qcompile.verify import oracle
 from qcompile.quant.calibrate import collect_stats
@@ -81,6 +81,7 @@ def graph() -> Graph:
     return prepare(import_onnx(separable_model(), batch=1))
 
 
+@pytest.mark.unit
 def test_pairs_cover_relu_relu6_and_depthwise(graph) -> None:
     names = {n.name: n for n in graph.nodes}
     pairs = equalization_pairs(graph)
@@ -89,6 +90,7 @@ def test_pairs_cover_relu_relu6_and_depthwise(graph) -> None:
     assert ((0.0, 6.0), True) in kinds and ((0.0, float("inf")), True) in kinds
 
 
+@pytest.mark.unit
 def test_float_output_unchanged_data_free(graph) -> None:
     eq = equalize(graph)
     assert eq is not graph and any(
@@ -99,6 +101,7 @@ def test_float_output_unchanged_data_free(graph) -> None:
     np.testing.assert_allclose(y1, y0, rtol=1e-4, atol=1e-4 * np.abs(y0).max())
 
 
+@pytest.mark.unit
 def test_interval_bounds_contain_the_data(graph) -> None:
     x = np.clip(_data(32, seed=3) * 2, -2, 2)
     bounds, seen = interval_ranges(graph, (-2.0, 2.0)), preactivation_ranges(graph, x)
@@ -108,6 +111,7 @@ def test_interval_bounds_contain_the_data(graph) -> None:
     assert "stem" not in interval_ranges(graph)  # unknown input: the stem is unbounded
 
 
+@pytest.mark.unit
 def test_float_output_unchanged_data_free_with_input_range(graph) -> None:
     eq = equalize(graph, input_range=(-2.0, 2.0))
     x = np.clip(_data(16, seed=4) * 2, -2, 2)
@@ -115,6 +119,7 @@ def test_float_output_unchanged_data_free_with_input_range(graph) -> None:
     np.testing.assert_allclose(y1, y0, rtol=1e-4, atol=1e-4 * np.abs(y0).max())
 
 
+@pytest.mark.unit
 def test_float_output_unchanged_on_calibrated_ranges(graph) -> None:
     x = _data(16)
     eq = equalize(graph, ranges=preactivation_ranges(graph, x))
@@ -127,6 +132,7 @@ def _spread(v: np.ndarray) -> float:
     return float(v.max() / v.min())
 
 
+@pytest.mark.unit
 def test_weight_ranges_balanced(graph) -> None:
     x = _data(16)
     eq = equalize(graph, absorb=False, iterations=100, tol=1e-6,
@@ -153,6 +159,7 @@ def ranges_before_dw2(graph: Graph, x: np.ndarray) -> np.ndarray:
     return preactivation_ranges(graph, x)["dw2"][1]
 
 
+@pytest.mark.unit
 def test_relu6_channels_that_saturate_are_left_alone(graph) -> None:
     x = _data(16)
     ranges = preactivation_ranges(graph, x)
@@ -168,6 +175,7 @@ def test_relu6_channels_that_saturate_are_left_alone(graph) -> None:
     assert np.all(after["dw2"][1][~sat] <= 6.0 * (1 + 1e-5))
 
 
+@pytest.mark.unit
 def test_bias_absorption_moves_bias_through_unpadded_conv(graph) -> None:
     x = _data(16)
     ranges = preactivation_ranges(graph, x)
@@ -205,6 +213,7 @@ class _ArrayReader:
         return len(self.x)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("bits", [8, 4])
 def test_bias_correction_reduces_mean_error_and_changes_only_biases(graph, bits) -> None:
     x = _data(64)
@@ -226,6 +235,7 @@ def test_bias_correction_reduces_mean_error_and_changes_only_biases(graph, bits)
     assert err(qc) < err(qg)
 
 
+@pytest.mark.tvm
 def test_compile_with_equalize_and_bias_correction_is_bit_exact(tmp_path: Path) -> None:
     model = save(separable_model(), tmp_path)
     (tmp_path / "calib").mkdir()
@@ -245,6 +255,7 @@ def test_compile_with_equalize_and_bias_correction_is_bit_exact(tmp_path: Path) 
     assert ev.bit_exact and ev.num_samples == 16
 
 
+@pytest.mark.unit
 def test_accumulator_unit_is_read_off_the_qgraph(graph) -> None:
     from qcompile.quant.equalize import _unit
     from qcompile.quant.quantize import quantize_weights

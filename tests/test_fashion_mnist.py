@@ -19,6 +19,7 @@ DATA = Path(__file__).parent / "data"
 MODEL = DATA / "fashion_resnet.onnx"
 
 pytestmark = [
+    pytest.mark.tvm,
     pytest.mark.skipif(fashion_mnist_dir() is None,
                        reason="Debian package dataset-fashion-mnist is not installed"),
     pytest.mark.skipif(not MODEL.exists(), reason="run tools/train_fashion_mnist.py first"),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
-from onnx_builders import conv_node, make_model, rng, save
+from tests.helpers.onnx_builders import conv_node, make_model, rng, save
 from qcompile import api
 from qcompile.cli import main as cli
 from qcompile.report import fidelity as fid
@@ -51,6 +51,7 @@ def _data(d: Path, n: int, shape: tuple[int, ...] = (1, SIZE, SIZE)) -> Path:
     return d
 
 
+@pytest.mark.tvm
 def test_guard_refuses_a_planted_collapse_naming_the_layer(tmp_path: Path) -> None:
     """Bit-exact, integer-only, and dead: exit 13, one line naming the reader, nothing
     written. --min-sqnr 0 keeps it, with the measurement in the manifest and the card."""
@@ -72,6 +73,7 @@ def test_guard_refuses_a_planted_collapse_naming_the_layer(tmp_path: Path) -> No
     assert "## Fidelity against the float model" in card and "`reader`" in card
 
 
+@pytest.mark.tvm
 def test_guard_passes_a_healthy_model_and_records_it(tmp_path: Path) -> None:
     inits: list = []
     r = rng(0)
@@ -85,6 +87,7 @@ def test_guard_passes_a_healthy_model_and_records_it(tmp_path: Path) -> None:
     assert res.fidelity.source.startswith("synthetic") and res.fidelity.layer_samples == 2
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("n_files,calib_samples,want_calib,want_held,source", [
     (16, 32, 12, 4, "held back from calibration"),   # a quarter held back
     (16, 8, 8, 8, "not used for calibration"),       # the samples past --calib-samples
@@ -108,6 +111,7 @@ def test_held_out_inputs_are_never_calibrated_on(tmp_path: Path, n_files: int,
     assert fid.hold_out(calib, FidelitySpec(samples=0), "x", (1, 1, SIZE, SIZE)) is None
 
 
+@pytest.mark.unit
 def test_sharpest_drop_names_the_first_collapse_not_its_echoes() -> None:
     """Per-layer SQNR 40 -> 38 -> 8 -> 2 (a chain): the 30 dB fall is named, not the last
     layer's 6 dB, nor an exact layer's infinite SQNR."""
@@ -123,6 +127,7 @@ def test_sharpest_drop_names_the_first_collapse_not_its_echoes() -> None:
     assert d is not None and (d.name, round(d.input_sqnr_db), round(d.sqnr_db)) == ("n1", 38, 8)
 
 
+@pytest.mark.unit
 def test_fidelity_spec_validation() -> None:
     with pytest.raises(UsageError, match="--min-sqnr"):
         FidelitySpec(min_sqnr_db=-1)
@@ -147,6 +152,7 @@ def art(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d / "art"
 
 
+@pytest.mark.tvm
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_inputs_are_refused(art: Path, tmp_path: Path, bad: float) -> None:
     x = np.zeros((2, 1, SIZE, SIZE), np.float32)

@@ -11,6 +11,8 @@ import pytest
 from qcompile import env, errors, files
 from qcompile.ir.graph import Graph, Node
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("value, on", [(None, False), ("", False), ("0", False), ("1", True),
                                        ("yes", True), ("2", True)])

@@ -26,6 +26,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return d, fuzz_corpus.generate(d, seed=0)
 
 
+@pytest.mark.unit
 def test_corpus_is_big_seeded_and_covers_every_category(corpus: tuple[Path, dict],
                                                         tmp_path: Path) -> None:
     d, manifest = corpus
@@ -41,6 +42,7 @@ def test_corpus_is_big_seeded_and_covers_every_category(corpus: tuple[Path, dict
             (d / case / "model.onnx").read_bytes()
 
 
+@pytest.mark.tvm
 def test_fuzz_sample_through_the_cli(corpus: tuple[Path, dict],
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     d, manifest = corpus

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from onnx_builders import conv_node, init, make_model, rng, save
+from tests.helpers.onnx_builders import conv_node, init, make_model, rng, save
 from qcompile import api
 from qcompile.quant import gptq
 from qcompile.config import CalibSpec, QuantSpec
@@ -63,6 +63,7 @@ def _nearest_vs_gptq(node: Node, x: np.ndarray, bits: int) -> tuple[float, float
     return _im2col_out_error(node, x, q0, s0), _im2col_out_error(node, x, q, s), (q, s)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("seed", range(4))
 def test_gptq_beats_nearest_on_conv_and_dense(seed: int) -> None:
     conv = _conv(16, 8, 3, seed=seed, stride=1 + seed % 2)
@@ -88,6 +89,7 @@ def test_gptq_beats_nearest_on_conv_and_dense(seed: int) -> None:
                         < _im2col_out_error(node, xh, q0, s0)), node.op
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("group", [2, 8])  # grouped, depthwise
 def test_grouped_and_depthwise_layers_round_per_group(group: int) -> None:
     node = _conv(8, 8, 3, group=group, dilation=2, pad=2, seed=3)
@@ -109,6 +111,7 @@ def test_grouped_and_depthwise_layers_round_per_group(group: int) -> None:
     np.testing.assert_array_equal(sg, s[g * 8 // group:(g + 1) * 8 // group])
 
 
+@pytest.mark.unit
 def test_hessian_matches_the_layer_output() -> None:
     """d^T H d / 2 * n is the layer's output error: the im2col follows ONNX Conv."""
     node = _conv(6, 4, 3, stride=2, dilation=2, pad=1, seed=5)
@@ -150,6 +153,7 @@ def _images(n: int, seed: int) -> np.ndarray:
     return _correlated_images(n, 3, seed) / 3
 
 
+@pytest.mark.unit
 def test_sequential_mode_feeds_the_quantized_earlier_layers() -> None:
     graph = prepare(import_onnx(_tiny_model(), batch=1))
     layers = [n for n in graph.nodes if n.op in ("conv", "dense")]
@@ -175,6 +179,7 @@ def test_sequential_mode_feeds_the_quantized_earlier_layers() -> None:
     np.testing.assert_allclose(seen["float"][layers[0].name], x)
 
 
+@pytest.mark.tvm
 def test_compile_with_gptq_is_bit_exact_and_integer_only(tmp_path: Path) -> None:
     model = save(_tiny_model(), tmp_path)
     (tmp_path / "calib").mkdir()
@@ -201,6 +206,7 @@ def test_compile_with_gptq_is_bit_exact_and_integer_only(tmp_path: Path) -> None
     assert "grp" in changed and "pw" in changed
 
 
+@pytest.mark.unit
 def test_auto_defaults_follow_the_calibration_data() -> None:
     from qcompile.config import resolve_auto
     real = CalibSpec(source="some/dir")
@@ -212,12 +218,14 @@ def test_auto_defaults_follow_the_calibration_data() -> None:
     assert (c.method, q.rounding) == ("percentile", "nearest")  # explicit choices stay
 
 
+@pytest.mark.unit
 def test_rounding_is_validated() -> None:
     with pytest.raises(UsageError, match="--rounding"):
         QuantSpec(rounding="stochastic")
     assert QuantSpec(rounding="gptq", bits=4).rounding == "gptq"
 
 
+@pytest.mark.unit
 def test_cli_rounding_reaches_the_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from types import SimpleNamespace
 
@@ -253,6 +261,7 @@ def _out(node: Node, x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
     return y.reshape(O, -1) + np.asarray(b, np.float64)[:, None]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("seed", range(3))
 def test_corrected_gptq_moves_the_mean_error_into_the_bias(seed: int) -> None:
     """After ReLU inputs are far from zero-mean: the corrected bias makes the output's mean
@@ -271,6 +280,7 @@ def test_corrected_gptq_moves_the_mean_error_into_the_bias(seed: int) -> None:
     assert (err ** 2).sum() < (plain ** 2).sum()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("seed", range(3))
 def test_compensation_corrects_the_upstream_error(seed: int) -> None:
     """The quantized stream's input x differs from the float x_f (earlier layers' error):
@@ -289,6 +299,7 @@ def test_compensation_corrects_the_upstream_error(seed: int) -> None:
     assert errs[1] < 0.5 * errs[0], errs
 
 
+@pytest.mark.unit
 def test_gptq_graph_returns_the_corrected_biases() -> None:
     graph = prepare(import_onnx(_tiny_model(), batch=1))
     x = _images(16, 0)

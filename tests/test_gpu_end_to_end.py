@@ -17,9 +17,9 @@ from qcompile.lower.emit import lower
 from qcompile.quant.quantize import quantize_graph
 from qcompile.build.compile import build_cuda
 from qcompile.targets.cuda.lowering import cuda_rules
-from zoo_graphs import linspace_stats, zoo_graph
+from tests.helpers.zoo_graphs import linspace_stats, zoo_graph
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.hardware, pytest.mark.gpu]
 BATCH = 8
 
 

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from kitchen_sink import kitchen_sink_model
-from onnx_builders import save
+from tests.helpers.kitchen_sink import kitchen_sink_model
+from tests.helpers.onnx_builders import save
 from qcompile import api
 from qcompile.cli.main import main
 from qcompile.cli.inspect_artifact import inspect_artifact
 from qcompile.targets.x86.amx import KERNEL_PREFIXES
 from qcompile.hw.facts import has_vnni
 
-pytestmark = pytest.mark.skipif(not has_vnni(), reason="CPU lacks AVX-512 VNNI")
+pytestmark = [pytest.mark.hardware, pytest.mark.skipif(not has_vnni(), reason="CPU lacks AVX-512 VNNI")]
 
 
 @pytest.fixture(scope="module")

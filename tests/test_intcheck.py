@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from tvm import relax
 
-from kitchen_sink import kitchen_sink_model
-from onnx_builders import save
+from tests.helpers.kitchen_sink import kitchen_sink_model
+from tests.helpers.onnx_builders import save
 from qcompile.build.compile import build, legalize
 from qcompile.quant.calibrate import MinMaxObserver
 from qcompile.verify.intcheck import check_integer_only
@@ -36,6 +36,7 @@ def lowered(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
     return legalize(low.mod, TARGET)
 
 
+@pytest.mark.unit
 def test_core_is_integer_only(lowered) -> None:
     rep = check_integer_only(lowered, "core")
     assert rep.violations == []
@@ -44,6 +45,7 @@ def test_core_is_integer_only(lowered) -> None:
     assert len(rep.prim_funcs) >= 8 and rep.stores >= len(rep.prim_funcs)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("func", ["quantize", "dequantize"])
 def test_checker_flags_the_float_boundary(lowered, func: str) -> None:
     """The same walk over the boundary functions must find their float math."""
@@ -69,18 +71,21 @@ def _core_with(op: str) -> relax.IRModule:
     return bb.get()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("op", ["divide", "mod", "float_multiply"])
 def test_checker_flags_division_and_float_in_core(op: str) -> None:
     rep = check_integer_only(legalize(_core_with(op), TARGET), "core")
     assert not rep.ok, f"{op} slipped through"
 
 
+@pytest.mark.tvm
 def test_build_reports_integer_only(lowered) -> None:
     """build() runs the same check on what it hands to codegen."""
     mod = _core_with("divide")
     assert not build(mod, TARGET).intcheck.ok
 
 
+@pytest.mark.tvm
 def test_core_codegen_tir_and_asm_are_integer_only(lowered) -> None:
     """The allow-list walk of the TIR codegen receives (after TVM's TIR pipeline) and
     the x86 assembly scan of the core's kernels: no false positive on the real kernels

@@ -28,7 +28,7 @@ from qcompile.quant.quantize import quantize_graph
 from qcompile.targets.x86.lowering import x86_rules
 from qcompile.verify.shipcheck import scan_x86_so
 from qcompile.hw.backends import make_target
-from zoo_graphs import linspace_stats, zoo_graph
+from tests.helpers.zoo_graphs import linspace_stats, zoo_graph
 
 TARGET = make_target("llvm")
 
@@ -84,6 +84,7 @@ def integer_ok(A: T.Buffer((8,), "int32"), B: T.Buffer((8,), "int32")):
             B[i] = T.shift_left(A[i], 2)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("func", [float_if, evaluate_extern, select_not_float,
                                   float_in_evaluated_call, float_loop_bound, float_let],
                          ids=lambda f: f.attrs["global_symbol"] if f.attrs else "f")
@@ -95,6 +96,7 @@ def test_tir_blind_spots_rejected(func) -> None:
     assert all(v.startswith("hidden:") for v in rep.violations)
 
 
+@pytest.mark.unit
 def test_integer_control_flow_allowed() -> None:
     rep = check_prim_func("ok", integer_ok)
     assert rep.violations == [] and rep.stores == 2
@@ -116,6 +118,7 @@ def _core(extra: str) -> tvm.IRModule:
     return legalize(bb.get(), TARGET)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("extra", ["call_dps_packed", "extern_func"])
 def test_relax_opaque_calls_rejected(extra: str) -> None:
     """The old checker collected only call_tir targets: with one integer call_tir
@@ -125,6 +128,7 @@ def test_relax_opaque_calls_rejected(extra: str) -> None:
     assert any("float_kernel" in v or "call_dps_packed" in v for v in rep.violations)
 
 
+@pytest.mark.unit
 def test_asm_classifier() -> None:
     for bad in ("vfmadd231ps", "vmulps", "vaddpd", "vsubss", "vcvtdq2ps", "vcvttps2dq",
                 "cvtsi2ss", "vdivps", "vsqrtss", "vrcp14ps", "vrsqrt14ps", "fld", "fstp",
@@ -156,6 +160,7 @@ def r18(tmp_path_factory: pytest.TempPathFactory):
     return quantize_graph(g, linspace_stats(g), QuantSpec(), bits=bits)
 
 
+@pytest.mark.tvm
 def test_resnet18_passes_every_stage(r18) -> None:
     """Whole ResNet-18 (32 px, W4A4/W4A8/W8A8 layers) on the x86 kernels: Relax, scheduled TIR, post-pipeline
     TIR and the assembly of every core kernel are integer-only; the boundary
@@ -187,6 +192,7 @@ def _mma(a_dtype: str):
     return f
 
 
+@pytest.mark.unit
 def test_evaluated_mma_operand_types_checked() -> None:
     """The old checker never looked inside Evaluate: an fp16 mma.sync passed."""
     assert check_prim_func("mma", _mma("int8")).violations == []
@@ -226,6 +232,7 @@ def division_in_index_let(A: T.Buffer((8,), "int32"), B: T.Buffer((8,), "int32")
         B[j] = A[T.truncmod(i, 4)]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("func", [div_behind_let, mod_behind_let_chain, div_behind_let_expr],
                          ids=["bind", "bind_chain", "let_expr"])
 def test_division_on_data_behind_a_let_rejected(func) -> None:
@@ -235,6 +242,7 @@ def test_division_on_data_behind_a_let_rejected(func) -> None:
         rep.violations
 
 
+@pytest.mark.unit
 def test_division_in_an_index_let_allowed() -> None:
     """Lets whose variables only address memory may divide (TVM's pipeline binds its
     index arithmetic so)."""
@@ -263,6 +271,7 @@ ACCEPTED = ["{vex} vpdpbusd %ymm1,%ymm2,%ymm3", "{evex} vpdpbusd %ymm1,%ymm2,%ym
             "movabs $0x123456789,%rax", "vmovaps .LCPI0_0+32(%rip), %zmm1", "cltd", "idiv %ecx"]
 
 
+@pytest.mark.unit
 def test_every_token_of_a_line_is_classified() -> None:
     """The old scan classified a line's first token only: a prefixed float instruction
     and any line of unknown shape passed."""
@@ -314,6 +323,7 @@ def _tiny_so(tmp_path: Path, plant: str) -> Path:
     return tmp_path / "k.so"
 
 
+@pytest.mark.unit
 @needs_cc
 @pytest.mark.parametrize("plant,why", [
     ("{evex} vaddps %ymm1, %ymm2, %ymm3", "float arithmetic"),
@@ -327,6 +337,7 @@ def test_shipped_library_scan_rejects_planted_code(tmp_path: Path, plant: str, w
     assert rep.violations[0].startswith("__tvm_ffi_q+0x")  # the lambda, by its lea's label
 
 
+@pytest.mark.unit
 @needs_cc
 def test_shipped_library_scan_follows_core_code_only(tmp_path: Path) -> None:
     so = _tiny_so(tmp_path, "vpaddd %zmm1, %zmm2, %zmm3")
@@ -361,14 +372,15 @@ def plant_float(so: Path, symbol: str) -> None:
     so.write_bytes(bytes(blob))
 
 
+@pytest.mark.tvm
 @needs_cc
 def test_compile_refuses_float_code_only_in_the_shipped_library(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The in-memory module is clean, so the build's own scans pass; the exported
     module.so gets a float instruction planted at a core conv's entry, and compile
     refuses it naming the function, writing nothing."""
-    from kitchen_sink import kitchen_sink_model
-    from onnx_builders import save
+    from tests.helpers.kitchen_sink import kitchen_sink_model
+    from tests.helpers.onnx_builders import save
     from qcompile import api
     from qcompile.config import FidelitySpec
 

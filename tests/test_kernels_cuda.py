@@ -166,6 +166,7 @@ def _tvm_cuda_intrin_source() -> str:
     return (Path(tvm.s_tir.__file__).parent / "tensor_intrin" / "cuda.py").read_text()
 
 
+@pytest.mark.unit
 def test_table_intrinsics_exist() -> None:
     """Ours register on demand; TVM's are checked in its source (importing it costs ~60 s)."""
     for bits, signed in ((8, False), (8, True), (4, False), (4, True)):
@@ -178,6 +179,7 @@ def test_table_intrinsics_exist() -> None:
                 assert f'"{name}"' in src, (shape, name)
 
 
+@pytest.mark.tvm
 @pytest.mark.slow
 def test_table_intrinsics_registered_in_tvm() -> None:
     import tvm.s_tir.tensor_intrin.cuda  # noqa: F401  (~60 s: registers TVM's CUDA intrinsics)
@@ -189,6 +191,7 @@ def test_table_intrinsics_registered_in_tvm() -> None:
             assert tvm.s_tir.TensorIntrin.get(name) is not None, (shape, name)
 
 
+@pytest.mark.unit
 def test_table_arch_rules() -> None:
     t4_8 = {(s.api, s.m, s.n, s.k) for s in ct.mma_shapes(75, 8)}
     assert ("mma.sync", 8, 8, 16) in t4_8 and ("wmma", 16, 16, 16) in t4_8
@@ -199,6 +202,7 @@ def test_table_arch_rules() -> None:
         ct.MmaShape("mma.sync", 8, 8, 16, ("u8",), ("s4",), True, 75, None, "IMMA", ())
 
 
+@pytest.mark.unit
 def test_accumulator_quadrants_are_ptx_m8n8_fragments() -> None:
     """Our mma writes quadrant (qi, qj) to regs 4*qj + 2*qi + {0, 1} of lane 4*row + col/2
     (PTX m8n8 C fragment); TVM's 16x16 fill/store layout must agree."""
@@ -208,12 +212,14 @@ def test_accumulator_quadrants_are_ptx_m8n8_fragments() -> None:
             assert (lane, reg) == (4 * (i % 8) + (j % 8) // 2, 4 * (j // 8) + 2 * (i // 8) + j % 2)
 
 
+@pytest.mark.unit
 def test_pack_int4_low_nibble_first() -> None:
     assert ct.pack_int4(np.array([1, -2, 15, 0])).tolist() == [0xE1, 0x0F]
 
 
 # --- 1. definitions vs NumPy (CPU) ----------------------------------------------------------
 
+@pytest.mark.tvm
 @pytest.mark.parametrize("name", list(CASES))
 def test_compute_matches_numpy_on_cpu(name: str) -> None:
     case = CASES[name]
@@ -231,6 +237,7 @@ def _sass(name: str, arch: str = "sm_75") -> dict[str, int]:
     return next(iter(hist.values()))
 
 
+@pytest.mark.hardware
 @needs_toolchain
 @pytest.mark.parametrize("name", TC_CASES)
 def test_sm75_sass_uses_native_imma(name: str) -> None:
@@ -243,12 +250,14 @@ def test_sm75_sass_uses_native_imma(name: str) -> None:
     assert not [op for op in ops if op.startswith(("LDL", "STL"))], f"{name}: spills: {ops}"
 
 
+@pytest.mark.hardware
 @needs_toolchain
 def test_depthwise_compiles_without_tensor_cores() -> None:
     ops = _sass("depthwise3x3")
     assert ops and not any(op.startswith(("IMMA", "CALL")) for op in ops)
 
 
+@pytest.mark.hardware
 @needs_toolchain
 def test_hopper_int8_native_int4_emulated() -> None:
     """The module docstring's claim: sm_90 keeps int8 IMMA, turns int4 mma into CALLs."""
@@ -261,6 +270,7 @@ def test_hopper_int8_native_int4_emulated() -> None:
 
 # --- 3. real GPU ----------------------------------------------------------------------------
 
+@pytest.mark.hardware
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(CASES))
 def test_gpu_bit_exact(name: str, monkeypatch: pytest.MonkeyPatch) -> None:

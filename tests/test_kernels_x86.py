@@ -16,8 +16,8 @@ from qcompile.targets.x86 import vnni as V
 from qcompile.targets.x86 import int4 as I4
 from qcompile.hw.facts import cpu_flags, has_vnni
 from qcompile.hw.backends import make_target
-from x86_kernel_helpers import (Pads, _compile, _expected, _qparams, _rand, _requant,
-                                _requant_setup, _run, _weights, _windows, _wrap32)
+from tests.helpers.x86_kernel_helpers import (Pads, _compile, _expected, _qparams, _rand, _requant,
+                                              _requant_setup, _run, _weights, _windows, _wrap32)
 
 pytestmark = pytest.mark.skipif(
     not has_vnni(), reason="CPU lacks avx512_vnni (no 'avx512_vnni' in /proc/cpuinfo flags)")
@@ -29,6 +29,7 @@ UNPACK = ["tile", "prologue"]  # where the int4 kernels unpack (x86_int4.unpack_
 
 
 # ----------------------------------------------------------------------------- packing
+@pytest.mark.unit
 def test_pack_weights_layout() -> None:
     w = np.arange(-60, 60, dtype=np.int8)[:35 * 3].reshape(35, 3)
     p = V.pack_weights(w)
@@ -37,6 +38,7 @@ def test_pack_weights_layout() -> None:
     assert not p[..., 3].any() and not p[2, 0, 3:].any()  # zero padding in K and N
 
 
+@pytest.mark.unit
 def test_pack_weights_int4_layout_and_round_trip() -> None:
     """Byte b = 4*r + k of a block holds element b (low nibble) and b + 32 (high)."""
     w = np.tile(np.arange(-8, 8, dtype=np.int8), 35 * 9 // 16 + 1)[:35 * 9].reshape(35, 9)
@@ -51,11 +53,13 @@ def test_pack_weights_int4_layout_and_round_trip() -> None:
                                   V.pack_conv_weights(wc))
 
 
+@pytest.mark.unit
 def test_pack_weights_int4_rejects_wide_values() -> None:
     with pytest.raises(ValueError, match=r"\[-8, 7\]"):
         V.pack_weights_int4(np.full((16, 4), 8, np.int8))
 
 
+@pytest.mark.hardware
 @needs_gfni
 @pytest.mark.parametrize("unpack", UNPACK)
 def test_int4_minus_eight_and_extremes_are_exact(unpack: str) -> None:
@@ -72,6 +76,7 @@ def test_int4_minus_eight_and_extremes_are_exact(unpack: str) -> None:
     np.testing.assert_array_equal(got, a.astype(np.int64) @ w.astype(np.int64).T)
 
 
+@pytest.mark.unit
 def test_signed_input_bias_folds_the_shift() -> None:
     rng = np.random.default_rng(0)
     w, x, b = _rand(rng, (5, 7), "int8"), _rand(rng, (3, 7), "int8"), _rand(rng, (5,), "int32")
@@ -80,6 +85,7 @@ def test_signed_input_bias_folds_the_shift() -> None:
 
 
 # ----------------------------------------------------------------------------- GEMM
+@pytest.mark.hardware
 @pytest.mark.parametrize("M,N,K,in_dtype,out_dtype,raw", [
     (256, 256, 256, "uint8", "int8", False),
     (64, 48, 128, "int8", "int32", True),
@@ -90,6 +96,7 @@ def test_dense_vnni_exact(M: int, N: int, K: int, in_dtype: str, out_dtype: str,
     _check_dense(M, N, K, in_dtype, out_dtype, raw, w_bits=8)
 
 
+@pytest.mark.hardware
 @needs_gfni
 @pytest.mark.parametrize("unpack", UNPACK)
 @pytest.mark.parametrize("M,N,K,in_dtype,out_dtype,raw", [
@@ -125,6 +132,7 @@ def _check_dense(M: int, N: int, K: int, in_dtype: str, out_dtype: str, raw: boo
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.hardware
 def test_dense_custom_clip_and_int32_wrap() -> None:
     """lo/hi narrower than the dtype (4-bit), and acc + bias wrapping past 2^31."""
     rng = np.random.default_rng(1)
@@ -154,6 +162,7 @@ def _conv_ref(x: np.ndarray, w: np.ndarray, strides: Sequence[int], pads: Pads,
     return np.einsum("bhwcij,ocij->bhwo", win, w.astype(np.int64))
 
 
+@pytest.mark.hardware
 @pytest.mark.parametrize("N,H,W,C,OC,kh,kw,st,pads,dil,in_dtype,out_dtype,raw,im2col", CONV_CASES)
 def test_conv2d_nhwc_vnni_exact(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int,
                                 st: tuple[int, int], pads: Pads, dil: tuple[int, int],
@@ -171,6 +180,7 @@ CONV_INT4_CASES = [  # same columns as CONV_CASES
 ]
 
 
+@pytest.mark.hardware
 @needs_gfni
 @pytest.mark.parametrize("unpack", UNPACK)
 @pytest.mark.parametrize("N,H,W,C,OC,kh,kw,st,pads,dil,in_dtype,out_dtype,raw,im2col",
@@ -198,6 +208,7 @@ def _check_conv(N: int, H: int, W: int, C: int, OC: int, kh: int, kw: int, st: t
     np.testing.assert_array_equal(got, _expected(acc, q, out_dtype))
 
 
+@pytest.mark.hardware
 @pytest.mark.parametrize("N,H,W,C,OC,k,group,st,pads,in_dtype,out_dtype,raw", [
     (1, 7, 7, 32, 32, 3, 8, (1, 1), (1, 1, 1, 1), "uint8", "uint8", False),  # RegNet-like
     (2, 9, 8, 64, 48, 3, 4, (2, 2), (1, 0, 1, 1), "int8", "int8", False),    # og 12 < 16
@@ -222,6 +233,7 @@ def test_conv2d_grouped_exact(N: int, H: int, W: int, C: int, OC: int, k: int, g
     np.testing.assert_array_equal(got, _expected(acc, q, out_dtype))
 
 
+@pytest.mark.unit
 def test_conv_1x1_reads_input_directly() -> None:
     """1x1 stride 1 on uint8 with C % 4 == 0 is a plain GEMM: no pad/im2col buffer."""
     script = V.conv2d_nhwc_vnni(1, 7, 7, 64, 64, 1, 1).script()
@@ -229,6 +241,7 @@ def test_conv_1x1_reads_input_directly() -> None:
 
 
 # ----------------------------------------------------------------------------- codegen, rules
+@pytest.mark.hardware
 def test_asm_uses_vpdpbusd_in_a_register_tile() -> None:
     asm = _compile(V.dense_vnni(64, 64, 64, out_dtype="int32", raw=True)).mod.inspect_source("asm")
     tile = V.gemm_tile(64, 64, 64)
@@ -241,6 +254,7 @@ def test_asm_uses_vpdpbusd_in_a_register_tile() -> None:
 VNNI_MCPUS = ("cascadelake", "icelake-server", "sapphirerapids", "znver4")
 
 
+@pytest.mark.hardware
 @pytest.mark.parametrize("mcpu", VNNI_MCPUS)
 @pytest.mark.parametrize("K", [40, 240])
 def test_three_block_tiles_keep_their_accumulators_in_registers(K: int, mcpu: str) -> None:
@@ -264,6 +278,7 @@ def _asm(f: tvm.tirx.PrimFunc) -> str:
     return _compile(f).mod.inspect_source("asm")
 
 
+@pytest.mark.hardware
 @needs_gfni
 def test_int4_asm_unpacks_once_per_block_with_gfni() -> None:
     """"tile": one vgf2p8affineqb per 16x4 weight block and K step, shared by the tile's
@@ -279,6 +294,7 @@ def test_int4_asm_unpacks_once_per_block_with_gfni() -> None:
     assert asm.count(V.ISA.instruction) == int8.count(V.ISA.instruction)
 
 
+@pytest.mark.unit
 def test_select_kernel_int4_rules() -> None:
     conv = Rl.LayerDesc("conv2d", (1, 8, 8, 16), channels=32, kernel=(3, 3), w_bits=4)
     spec = Rl.select_kernel(conv, cpu_flags=frozenset({"avx512_vnni", "gfni"}))
@@ -295,6 +311,7 @@ def test_select_kernel_int4_rules() -> None:
     assert Rl.select_kernel(dw).weight_layout == "hwc"  # depthwise keeps int8 weights
 
 
+@pytest.mark.unit
 def test_select_kernel_rules() -> None:
     conv = Rl.LayerDesc("conv2d", (1, 8, 8, 16), channels=32, kernel=(3, 3), pads=(1, 1, 1, 1))
     assert Rl.select_kernel(conv).name == "conv2d_nhwc_vnni"
@@ -315,6 +332,7 @@ def test_select_kernel_rules() -> None:
     assert Rl.select_kernel(Rl.LayerDesc("gap", (1, 7, 7, 8), raw=True, out_dtype="int32")) is not None
 
 
+@pytest.mark.hardware
 def test_kernel_runs_inside_relax_via_call_tir() -> None:
     """How lowering uses a kernel: add the PrimFunc to a Relax module, R.call_tir it."""
     from tvm import relax
@@ -356,6 +374,7 @@ def _run_guarded(f: tvm.tirx.PrimFunc, args: Sequence[np.ndarray], out_shape: tu
     return view.copy(), raw[start - GUARD:start], raw[start + nbytes:start + nbytes + GUARD]
 
 
+@pytest.mark.hardware
 @pytest.mark.parametrize("case", [
     # (M, N, K, in, out, raw, w_bits, unpack): N % 16 != 0, so the epilogue's last
     # 16-column block is predicated; several M tiles, so each row has a next row.
@@ -387,6 +406,7 @@ def test_ragged_n_epilogue_writes_only_its_output(case: tuple) -> None:
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.hardware
 @pytest.mark.parametrize("M,N,K", [(51, 32, 20), (289, 64, 64), (10, 48, 40), (51, 40, 20)])
 def test_tail_rows_store_row_m_minus_1_again_and_nothing_outside(M: int, N: int, K: int
                                                                   ) -> None:
@@ -422,6 +442,7 @@ def _epilogue_column_loops(f: tvm.tirx.PrimFunc) -> list[tuple[str, bool, int]]:
     return found
 
 
+@pytest.mark.hardware
 @pytest.mark.parametrize("M,N,K", [(50, 72, 20), (51, 200, 64), (1, 1000, 64), (50, 40, 20),
                                    (784, 72, 40)])
 def test_ragged_n_epilogue_is_vectorized(M: int, N: int, K: int) -> None:
@@ -438,6 +459,7 @@ def test_ragged_n_epilogue_is_vectorized(M: int, N: int, K: int) -> None:
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.hardware
 @needs_gfni
 def test_int4_1x1_conv_ragged_oc_writes_only_its_output() -> None:
     """test_schedule's failing layer itself: 2x9x9x20 -> 1x1 stride 2 -> 13 int4 channels."""

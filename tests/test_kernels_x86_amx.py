@@ -17,7 +17,7 @@ from qcompile.targets.x86 import kernel_rules as Rl
 from qcompile.targets.x86 import vnni as V
 from qcompile.targets.x86.epilogue import FusedAdd, requant_arrays
 from qcompile.hw.facts import cpu_flags
-from x86_kernel_helpers import Pads, _expected, _rand, _requant_setup, _run, _windows
+from tests.helpers.x86_kernel_helpers import Pads, _expected, _rand, _requant_setup, _run, _windows
 
 needs_amx = pytest.mark.skipif(
     not set(A.CPU_FLAGS) <= cpu_flags() or not A.request_amx(),
@@ -30,6 +30,7 @@ def _conv_ref(x: np.ndarray, w: np.ndarray, st: Sequence[int], pads: Pads,
     return np.einsum("bhwcij,ocij->bhwo", win, w.astype(np.int64))
 
 
+@pytest.mark.hardware
 @needs_amx
 @pytest.mark.parametrize("N,H,W,C,OC,k,st,pads,dil,in_dtype,out_dtype,raw", [
     (2, 6, 6, 64, 64, 1, (1, 1), (0, 0, 0, 0), (1, 1), "uint8", "int8", False),  # flat rows
@@ -58,6 +59,7 @@ def test_conv2d_nhwc_amx_exact(N: int, H: int, W: int, C: int, OC: int, k: int,
     np.testing.assert_array_equal(got, _expected(acc, q, out_dtype))
 
 
+@pytest.mark.hardware
 @needs_amx
 @pytest.mark.parametrize("M,N,K,raw", [(37, 80, 128, False), (5, 48, 32, True), (16, 1000, 64, False)])
 def test_dense_amx_exact(M: int, N: int, K: int, raw: bool) -> None:
@@ -71,6 +73,7 @@ def test_dense_amx_exact(M: int, N: int, K: int, raw: bool) -> None:
     np.testing.assert_array_equal(got, _expected(acc, q, "int8"))
 
 
+@pytest.mark.hardware
 @needs_amx
 def test_fused_residual_with_mulhi_requant_is_exact() -> None:
     """The epilogue a ResNet block's conv3 gets: mulhi requant, then the residual qadd and
@@ -98,6 +101,7 @@ def test_fused_residual_with_mulhi_requant_is_exact() -> None:
 AMX_FLAGS = frozenset({"avx512_vnni", "avx512f", *A.CPU_FLAGS})
 
 
+@pytest.mark.unit
 def test_rules_pick_amx_where_its_tiles_fill() -> None:
     def pick(d: Rl.LayerDesc, flags: frozenset[str] = AMX_FLAGS) -> str:
         spec = Rl.select_kernel(d, flags)
@@ -123,6 +127,7 @@ def test_rules_pick_amx_where_its_tiles_fill() -> None:
     assert pick(int4, AMX_FLAGS | {"gfni"}) == "conv2d_nhwc_vnni_int4"  # packed 4-bit first
 
 
+@pytest.mark.unit
 def test_no_amx_env_keeps_to_vnni(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(A, "request_amx", lambda: True)
     assert Rl.usable_flags(AMX_FLAGS) == AMX_FLAGS
@@ -133,6 +138,7 @@ def test_no_amx_env_keeps_to_vnni(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not set(A.CPU_FLAGS) & Rl.usable_flags(AMX_FLAGS)
 
 
+@pytest.mark.unit
 def test_loader_refuses_an_amx_artifact_where_amx_is_not_granted(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps(
@@ -144,6 +150,7 @@ def test_loader_refuses_an_amx_artifact_where_amx_is_not_granted(
         loader.Model.open(tmp_path)
 
 
+@pytest.mark.unit
 def test_asm_check_allows_integer_tile_ops_only() -> None:
     for op in ("tdpbusd", "tdpbssd", "tileloadd", "tilestored", "ldtilecfg", "tilezero",
                "tilerelease"):

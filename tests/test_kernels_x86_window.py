@@ -13,7 +13,8 @@ from qcompile.targets.x86 import depthwise as Dw
 from qcompile.targets.x86 import vnni as V
 from qcompile.targets.x86 import window as Wd
 from qcompile.hw.facts import has_vnni
-from x86_kernel_helpers import (Pads, _expected, _qparams, _rand, _requant_setup, _run, _windows)
+from tests.helpers.x86_kernel_helpers import (Pads, _expected, _qparams, _rand, _requant_setup, _run,
+                                              _windows)
 
 pytestmark = pytest.mark.skipif(
     not has_vnni(), reason="CPU lacks avx512_vnni (no 'avx512_vnni' in /proc/cpuinfo flags)")
@@ -30,6 +31,7 @@ DEPTHWISE_CASES = [
 ]
 
 
+@pytest.mark.hardware
 @pytest.mark.parametrize("N,H,W,C,k,st,pads,dil,in_dtype,out_dtype,raw", DEPTHWISE_CASES + [
     (2, 7, 11, 5, 3, (2, 2), (0, 1, 1, 0), (1, 1), "int8", "int8", False),   # C % 16 != 0
     (1, 9, 9, 7, 3, (1, 1), (2, 2, 2, 2), (2, 2), "int8", "uint8", False),
@@ -46,6 +48,7 @@ DEPTHWISE_VNNI_CASES = [(*case, pad) for case in DEPTHWISE_CASES + [
 ] for pad in ("copy", "mask") if pad == "copy" or case[8] == "uint8"]  # mask: uint8 only
 
 
+@pytest.mark.hardware
 @pytest.mark.parametrize("N,H,W,C,k,st,pads,dil,in_dtype,out_dtype,raw,pad", DEPTHWISE_VNNI_CASES)
 def test_depthwise_vnni_exact(N: int, H: int, W: int, C: int, k: int, st: tuple[int, int],
                               pads: Pads, dil: tuple[int, int], in_dtype: str, out_dtype: str,
@@ -55,6 +58,7 @@ def test_depthwise_vnni_exact(N: int, H: int, W: int, C: int, k: int, st: tuple[
                      dil, in_dtype, out_dtype, raw)
 
 
+@pytest.mark.unit
 def test_depthwise_pad_mode_masks_only_big_3x3_stride_2_inputs() -> None:
     big, small = (8, 28, 28, 240), (1, 28, 28, 240)
     assert Dw.pad_mode(big, (3, 3), (2, 2), (0, 0, 1, 1), "uint8") == "mask"
@@ -81,6 +85,7 @@ def _check_depthwise(kernel: Callable[..., tvm.tirx.PrimFunc], N: int, H: int, W
 
 
 # ----------------------------------------------------------------------------- pools
+@pytest.mark.hardware
 @pytest.mark.parametrize("shape,k,st,pads,dtype", [
     ((1, 11, 11, 64), (3, 3), (2, 2), (1, 1, 1, 1), "uint8"),
     ((2, 7, 7, 5), (3, 3), (2, 2), (0, 1, 1, 0), "int8"),
@@ -93,6 +98,7 @@ def test_max_pool_exact(shape: tuple[int, ...], k: tuple[int, int], st: tuple[in
     np.testing.assert_array_equal(got, ref)
 
 
+@pytest.mark.hardware
 @pytest.mark.parametrize("shape,k,st,pads,in_dtype,out_dtype,raw", [
     ((1, 11, 11, 16), (3, 3), (2, 2), (1, 1, 1, 1), "uint8", "int32", True),
     ((1, 7, 9, 5), (2, 3), (1, 2), (0, 1, 1, 0), "int8", "int8", False),
@@ -109,6 +115,7 @@ def test_sum_pool_exact(shape: tuple[int, ...], k: tuple[int, int], st: tuple[in
     np.testing.assert_array_equal(_run(f, [x, *(q or [])], acc.shape, exp.dtype.name), exp)
 
 
+@pytest.mark.hardware
 @pytest.mark.parametrize("shape,in_dtype,out_dtype,raw", [
     ((1, 7, 7, 64), "uint8", "int32", True), ((2, 5, 3, 7), "int8", "uint8", False)])
 def test_global_sum_pool_exact(shape: tuple[int, ...], in_dtype: str, out_dtype: str,

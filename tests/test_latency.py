@@ -13,8 +13,8 @@ import onnx
 import pytest
 from onnx import helper
 
-from onnx_builders import conv_node, init, make_model, rng, save
-from x86_kernel_helpers import DENSE_U8
+from tests.helpers.onnx_builders import conv_node, init, make_model, rng, save
+from tests.helpers.x86_kernel_helpers import DENSE_U8
 import tvm_ffi
 from tvm import tirx
 
@@ -31,7 +31,7 @@ from qcompile.hw.backends import make_target
 from qcompile.frontend.onnx_import import import_onnx, load_model
 from qcompile.frontend.prepare import prepare
 from qcompile.quant.quantize import calibration_tensors, quantize_graph
-from test_ops import CASES as OPS_CASES
+from tests.test_ops import CASES as OPS_CASES
 
 REPEAT = 5  # samples per layer: enough for a median, keeps the file fast
 _REAL_COMPILE = L._compile
@@ -97,6 +97,7 @@ def _io(t: L.TimedKernel) -> tuple[tuple[int, ...], str, tuple[int, ...], str]:
 
 
 # ----------------------------------------------------------------------------- what is timed
+@pytest.mark.unit
 def test_dtypes_and_shapes_traced(tmp_path: Path) -> None:
     timed = L.timed_kernels(_graph(_chain_model(), tmp_path), TARGET, batch=2)
     assert list(timed) == ["c1", "c2", "c3", "fc"]
@@ -111,6 +112,7 @@ def test_dtypes_and_shapes_traced(tmp_path: Path) -> None:
     assert all(isinstance(a, np.ndarray) for a in c1.args[1:-1])  # the model's own arrays
 
 
+@pytest.mark.unit
 def test_cache_key_is_the_timed_function(tmp_path: Path) -> None:
     """Layers whose kernels are the same function share a key, whatever their names."""
     c0, c1, c2 = L.timed_kernels(_graph(_dup_model(), tmp_path), TARGET).values()
@@ -119,6 +121,7 @@ def test_cache_key_is_the_timed_function(tmp_path: Path) -> None:
     assert key == f"llvm -threads=2|{c1.key}|n1" and c1.key.startswith(c1.kernel + ":")
 
 
+@pytest.mark.tvm
 def test_timed_kernel_is_the_compiled_kernel(tmp_path: Path) -> None:
     """The table times the very function ``compile`` builds for each layer (structurally
     equal PrimFunc), with the model's own parameters, at 8 and at 4 bits."""
@@ -138,6 +141,7 @@ def test_timed_kernel_is_the_compiled_kernel(tmp_path: Path) -> None:
             assert got and all(any(np.array_equal(a, v) for _, v in low.params) for a in got)
 
 
+@pytest.mark.tvm
 def test_generic_layer_is_the_compiled_generic_function(tmp_path: Path) -> None:
     """A layer no kernel serves is timed as its generic lowering, scheduled as the model's
     own generic functions are: every PrimFunc timed for it is one the model compiles."""
@@ -156,6 +160,7 @@ def test_generic_layer_is_the_compiled_generic_function(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- measuring
+@pytest.mark.tvm
 def test_measure_dedupes_and_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     g = _graph(_dup_model(), tmp_path)
     cache = tmp_path / "lat.json"
@@ -190,6 +195,7 @@ def test_measure_dedupes_and_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert len(calls) == 4
 
 
+@pytest.mark.tvm
 def test_default_cache_and_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert L.default_cache_path() == tmp_path / "cache" / "latency.json"
     g = _graph(_dup_model(), tmp_path)
@@ -200,6 +206,7 @@ def test_default_cache_and_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert len(calls) == 2  # no cache: measured again
 
 
+@pytest.mark.tvm
 def test_corrupt_cache_is_ignored_and_rewritten(tmp_path: Path) -> None:
     cache = tmp_path / "lat.json"
     cache.write_text('{"format": 1, "entries": {')
@@ -208,6 +215,7 @@ def test_corrupt_cache_is_ignored_and_rewritten(tmp_path: Path) -> None:
     assert len(json.loads(cache.read_text())["entries"]) == 2 and table.ms
 
 
+@pytest.mark.tvm
 def test_generic_fallback_for_grouped_conv(tmp_path: Path) -> None:
     # group=4 with 4 or 8 input channels: 1 or 2 per group, too few for the grouped VNNI
     # kernel (a multiple of 4 per group), and not depthwise: no kernel applies.
@@ -217,6 +225,7 @@ def test_generic_fallback_for_grouped_conv(tmp_path: Path) -> None:
     assert all(per[8] > 0 for per in table.ms.values())
 
 
+@pytest.mark.tvm
 def test_four_bit_layers(tmp_path: Path) -> None:
     """4 bits is the target's 4-bit pair (llvm: W4A8), on the int4 kernels where the CPU
     has them (GFNI), else on the int8 ones, which then serve both widths."""
@@ -230,6 +239,7 @@ def test_four_bit_layers(tmp_path: Path) -> None:
     assert L.timed_kernels(g, TARGET, 2) == {}  # no 2-bit pair on this target
 
 
+@pytest.mark.unit
 def test_cuda_target_refused(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="CPU target"):
         L.measure_layers(_graph(_dup_model(), tmp_path), "cuda", cache=None, progress=False)
@@ -243,6 +253,7 @@ def _table() -> L.LatencyTable:
                                    "c": {4: L.UNAVAILABLE, 8: L.GENERIC}})
 
 
+@pytest.mark.unit
 def test_table_total_and_json() -> None:
     t = _table()
     assert t.total({"a": 4, "b": 8, "c": 8}) == pytest.approx(5.5)
@@ -257,6 +268,7 @@ def test_table_total_and_json() -> None:
     assert back == t
 
 
+@pytest.mark.unit
 def test_overhead_and_report_rows() -> None:
     t = _table()
     plan = L.uniform_plan(t, 8)
@@ -297,6 +309,7 @@ def _ops_graph(case: str) -> Graph:
     return prepare(import_onnx(make_model(nodes, inits, shape, opset=opset), batch=1))
 
 
+@pytest.mark.unit
 def test_latency_dtypes_are_the_quantizers() -> None:
     """Every layer's in/out dtype is that of the quantized tensors (lut, mul, add ...)."""
     for case in ("squeeze_excite", "silu_prelu", "add_sub_sum", "affine", "reductions"):
@@ -316,6 +329,7 @@ def test_latency_dtypes_are_the_quantizers() -> None:
     assert _dtype(g, "hs") == "uint8" and _dtype(g, "y") == "uint8"
 
 
+@pytest.mark.unit
 def test_lut_dtype_follows_calibrated_range() -> None:
     """Cos is >= 0 on [-1, 1] but not on [-4, 4]: the stats decide the table's sign."""
     shape = (1, 2, 4, 4)

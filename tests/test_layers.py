@@ -17,8 +17,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LINT = Path(sys.executable).with_name("lint-imports")
 
-pytestmark = pytest.mark.skipif(not LINT.exists(), reason="import-linter not installed "
-                                "(pip install -e '.[test]')")
+pytestmark = [pytest.mark.unit,
+              pytest.mark.skipif(not LINT.exists(), reason="import-linter not installed "
+                                 "(pip install -e '.[test]')")]
 
 
 def _lint(root: Path) -> subprocess.CompletedProcess:

@@ -4,6 +4,10 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 SPEC = importlib.util.spec_from_file_location(
     "line_budget", Path(__file__).resolve().parent.parent / "tools" / "line_budget.py")
 assert SPEC is not None and SPEC.loader is not None

@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kitchen_sink import kitchen_sink_model
-from onnx_builders import conv_bn_relu_model, save
+from tests.helpers.kitchen_sink import kitchen_sink_model
+from tests.helpers.onnx_builders import conv_bn_relu_model, save
 from qcompile import api
 from qcompile.verify import oracle
 from qcompile.runtime.run import Artifact
+
+pytestmark = pytest.mark.tvm
 
 CASES = {
     "stride2_asym_pad": dict(cin=3, cout=8, size=9, strides=[2, 2], pads=[0, 1, 1, 0]),

@@ -22,7 +22,7 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 from onnx import helper, numpy_helper
 
-from onnx_builders import conv_node, init, make_model, rng, run_ort, save
+from tests.helpers.onnx_builders import conv_node, init, make_model, rng, run_ort, save
 from qcompile import api
 from qcompile.mixed import sensitivity as S
 from qcompile.ir.activations import TIMES_X, UNARY_FUNCTIONS, evaluate
@@ -32,7 +32,7 @@ from qcompile.ir.graph import Graph, Node
 from qcompile.frontend.onnx_import import import_onnx
 from qcompile.frontend.prepare import prepare
 from qcompile.mixed.float_model import NO_GRADIENT_FUNCTIONS, FloatVM, build_float_module
-from test_ops import CASES
+from tests.test_ops import CASES
 
 N = 3
 
@@ -55,6 +55,7 @@ def _case(name: str) -> tuple[onnx.ModelProto, Graph, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- kl export
+@pytest.mark.unit
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_canonical_onnx_matches_original(case: str) -> None:
     model, g, x = _case(case)
@@ -65,6 +66,7 @@ def test_canonical_onnx_matches_original(case: str) -> None:
     np.testing.assert_allclose(got, _ort_per_sample(model, x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.unit
 def test_canonical_onnx_signs_and_negated_first_term() -> None:
     """add with signs (-1, 1, -1) and a clipped act; affine with a broadcast scale."""
     shape = (1, 2, 3, 3)
@@ -85,6 +87,7 @@ def test_canonical_onnx_signs_and_negated_first_term() -> None:
 
 # ----------------------------------------------------------------------------- relax float
 # The 25 s "luts" model is covered function by function below.
+@pytest.mark.tvm
 @pytest.mark.parametrize("case", sorted(set(CASES) - {"luts"}))
 def test_relax_forward_matches_original(case: str) -> None:
     model, g, x = _case(case)
@@ -105,6 +108,7 @@ def _lut_graph(fns: list[tuple[str, dict, bool]], shape: tuple[int, ...]) -> Gra
     return Graph("x", shape, "y", tuple(nodes), {"x": shape, "y": cat, **{o: shape for o in outs}})
 
 
+@pytest.mark.tvm
 def test_every_table_function_matches_its_definition() -> None:
     fns = [(f, {}, False) for f in sorted(UNARY_FUNCTIONS) if f not in NO_GRADIENT_FUNCTIONS]
     fns += [("PRelu", {}, False), ("Gelu", {"approximate": "tanh"}, False),
@@ -150,6 +154,7 @@ def _head(model: onnx.ModelProto, classes: int = 5) -> onnx.ModelProto:
     return make_model(nodes, inits, in_shape, opset=model.opset_import[0].version)
 
 
+@pytest.mark.tvm
 @pytest.mark.parametrize("case", ["lrn", "pads", "silu_prelu", "squeeze_excite"] + [
     pytest.param(c, marks=pytest.mark.slow)
     for c in ("add_sub_sum", "affine", "shuffle_resize", "nhwc_transpose", "slices_and_shapes")])
@@ -223,6 +228,7 @@ def _second_difference_traces(p: dict[str, np.ndarray], x: np.ndarray, labels: n
     return np.array(out)
 
 
+@pytest.mark.tvm
 def test_hessian_trace_with_a_lut_matches_exact() -> None:
     """Hutchinson on conv -> SiLU -> conv -> PRelu -> gap -> fc, and the finite-difference
     HVP it samples, agree with the trace of an independent float64 NumPy loss."""
@@ -257,6 +263,7 @@ def test_hessian_trace_with_a_lut_matches_exact() -> None:
     assert np.all(np.abs(tr - exact) < 4 * se * np.abs(tr) + 1e-12), (tr, exact, se)
 
 
+@pytest.mark.unit
 def test_no_gradient_refused_then_kl_fallback(tmp_path: Path) -> None:
     model = _head(_case("squeeze_excite")[0])
     g = _canonical(model)
@@ -277,6 +284,7 @@ def test_no_gradient_refused_then_kl_fallback(tmp_path: Path) -> None:
     assert s.method == "kl" and set(s.omega) == {m.name for m in S.layer_nodes(bad)}
 
 
+@pytest.mark.unit
 def test_non_finite_sensitivity_is_a_clear_error(tmp_path: Path) -> None:
     """Log of a conv output that goes negative: NaN logits, no silent NaN Omega."""
     shape = (1, 2, 3, 3)
@@ -293,6 +301,7 @@ def test_non_finite_sensitivity_is_a_clear_error(tmp_path: Path) -> None:
         S.compute_sensitivity(g, b"log", x, method="kl", cache_dir=tmp_path, progress=False)
 
 
+@pytest.mark.unit
 def test_four_d_output_forward_only_and_hessian_refused() -> None:
     _, g, x = _case("lrn")
     fm = build_float_module(g, N, grad=False)
@@ -341,6 +350,7 @@ def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("QCOMPILE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "qc-cache"))
 
 
+@pytest.mark.unit
 def test_se_model_canonical_form(se_model: Path) -> None:
     g = _canonical(onnx.load(str(se_model)))
     ops = [n.op for n in g.nodes]
@@ -349,6 +359,7 @@ def test_se_model_canonical_form(se_model: Path) -> None:
     assert sum(n.op == "lut" and n.attrs["times_x"] for n in g.nodes) == 1
 
 
+@pytest.mark.tvm
 @pytest.mark.parametrize("method", ["hessian", "kl"])
 def test_mixed_compile_bit_exact(se_model: Path, tmp_path: Path, method: str) -> None:
     art = tmp_path / "art"

@@ -18,7 +18,7 @@ from qcompile.lower.emit import lower
 from qcompile.quant.quantize import quantize_graph
 from qcompile.targets.x86.lowering import x86_rules
 from qcompile.hw.backends import make_target
-from zoo_graphs import linspace_stats, zoo_graph
+from tests.helpers.zoo_graphs import linspace_stats, zoo_graph
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,7 @@ def _random_plan(g, seed: int) -> dict[str, int]:
     return {name: b for grp in tie_groups(g) for b in [int(rng.choice([4, 8]))] for name in grp}
 
 
+@pytest.mark.unit
 def test_uniform_int4_widths(graph) -> None:
     qg = quantize_graph(graph, _stats(graph), QuantSpec(bits=4))
     layers = [n for n in qg.nodes if n.op in ("qconv", "qdense")]
@@ -52,6 +53,7 @@ def test_uniform_int4_widths(graph) -> None:
     assert any(qg.tensors[a.output].qtype.bits == 4 for a in adds)
 
 
+@pytest.mark.unit
 def test_readers_of_a_tensor_share_its_width(graph) -> None:
     plan = _random_plan(graph, 1)
     qg = quantize_graph(graph, _stats(graph), QuantSpec(), bits=plan)
@@ -63,11 +65,13 @@ def test_readers_of_a_tensor_share_its_width(graph) -> None:
             assert {plan[r.name] for r in readers} == {qg.tensors[t].qtype.bits}, t
 
 
+@pytest.mark.unit
 def test_unknown_layer_in_plan_is_refused(graph) -> None:
     with pytest.raises(ValueError, match="unknown layers"):
         quantize_graph(graph, _stats(graph), QuantSpec(), bits={"no_such_conv": 4})
 
 
+@pytest.mark.tvm
 @pytest.mark.parametrize("plan,kernels", [("int4", True), ("mixed0", True), ("mixed1", False)])
 def test_plans_bit_exact_on_cpu(graph, plan: str, kernels: bool) -> None:
     if plan == "int4":

@@ -9,9 +9,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from onnx_builders import conv_bn_relu_model, dense_model, init, make_model, rng, save
+from tests.helpers.onnx_builders import conv_bn_relu_model, dense_model, init, make_model, rng, save
 from qcompile.errors import BadModelError, UnsupportedOpError, UsageError
 from qcompile.frontend.onnx_import import SUPPORTED_OPS, import_onnx, load_model
+
+pytestmark = pytest.mark.unit
 
 
 def _one_line(err: pytest.ExceptionInfo[BaseException]) -> str:

@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from onnx_builders import conv_node, init, make_model, rng, save
+from tests.helpers.onnx_builders import conv_node, init, make_model, rng, save
 from qcompile import api
 from qcompile.ir.activations import UNARY_FUNCTIONS, evaluate
 from qcompile.config import QuantSpec
@@ -177,6 +177,7 @@ CASES: dict[str, tuple[Callable, set[str]]] = {
 }
 
 
+@pytest.mark.tvm
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_op_bit_exact_integer_only_and_faithful(case: str, tmp_path: Path) -> None:
     build, want_ops = CASES[case]
@@ -198,6 +199,7 @@ def test_op_bit_exact_integer_only_and_faithful(case: str, tmp_path: Path) -> No
     assert ev.sqnr_db > 20, ev.layers
 
 
+@pytest.mark.unit
 def test_fusions(tmp_path: Path) -> None:
     """SiLU is one table, a zero Pad folds into the conv, the channel shuffle is one gather."""
     for build, check in [
@@ -216,6 +218,7 @@ def test_fusions(tmp_path: Path) -> None:
         assert check(ops), (build.__name__, ops)
 
 
+@pytest.mark.unit
 def test_batch_axis_reshape_refused(tmp_path: Path) -> None:
     ins: list = [init("ax0", np.array([0]))]
     nodes = [_conv("c", "x", "c", 3, 4, ins),
@@ -227,6 +230,7 @@ def test_batch_axis_reshape_refused(tmp_path: Path) -> None:
         api.compile_model(path, tmp_path / "art", progress=False)
 
 
+@pytest.mark.tvm
 def test_dynamic_hw_with_input_shape(tmp_path: Path) -> None:
     ins: list = []
     nodes = [_conv("c", "x", "c", 3, 4, ins), helper.make_node("Relu", ["c"], ["y"])]
@@ -239,6 +243,7 @@ def test_dynamic_hw_with_input_shape(tmp_path: Path) -> None:
         assert api.evaluate(path, art, num_samples=8, progress=False).bit_exact
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("fn", sorted(UNARY_FUNCTIONS) + ["PRelu"])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_lut_within_half_a_step(fn: str, bits: int) -> None:
@@ -273,6 +278,7 @@ def test_lut_within_half_a_step(fn: str, bits: int) -> None:
     assert err.max() <= sy / 2 + 1e-9, f"{fn}: max error {err.max()} > half step {sy / 2}"
 
 
+@pytest.mark.unit
 def test_readme_ops_table_in_sync() -> None:
     """README's table is generated from the registry: `python tools/readme_ops.py`."""
     import subprocess
@@ -283,6 +289,7 @@ def test_readme_ops_table_in_sync() -> None:
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+@pytest.mark.tvm
 @pytest.mark.parametrize("opset", [7, 9])
 def test_old_opsets(opset: int, tmp_path: Path) -> None:
     """Opset 7/9 spellings (Clip/Pad/Slice attributes, Upsample) compile bit-exact."""

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner, Result
 from onnx import helper
 
-from onnx_builders import init, make_model, rng, save
+from tests.helpers.onnx_builders import init, make_model, rng, save
 from qcompile.cli import main as cli
 from qcompile.errors import EXIT_CODES, AccumulatorOverflowError
 from qcompile.ir.graph import Node
@@ -50,6 +50,7 @@ def _node(k: int, b: float = 0.0) -> Node:
                                                  "b": np.array([b], np.float32)})
 
 
+@pytest.mark.unit
 def test_exit_code_is_its_own() -> None:
     assert EXIT_CODES["AccumulatorOverflowError"] == EXIT_OVERFLOW
     assert sorted(EXIT_CODES.values()) == sorted(set(EXIT_CODES.values()))
@@ -57,6 +58,7 @@ def test_exit_code_is_its_own() -> None:
 
 # ----------------------------------------------------------------------------- the quantizer
 
+@pytest.mark.unit
 def test_bound_at_int32_max_passes_one_more_is_refused() -> None:
     # 127 * K * 128 + |bias| with K = 132104 is 2^31 - 1 - 1023
     k = 132104
@@ -70,6 +72,7 @@ def test_bound_at_int32_max_passes_one_more_is_refused() -> None:
         accumulator_bound(_node(k), wq // 2 + 1, np.zeros(1, np.int32), 8, 8, False)
 
 
+@pytest.mark.unit
 def test_advice_follows_the_layer_precision() -> None:
     w4, near = np.full((1, 4), 7, np.int8), np.array([INT32_MAX - 10], np.int32)
     with pytest.raises(AccumulatorOverflowError, match="4-bit activations") as e:
@@ -81,6 +84,7 @@ def test_advice_follows_the_layer_precision() -> None:
     assert accumulator_bound(_node(4), w4, near + 10 - 7 * 4 * 8, 4, 4, True) == INT32_MAX
 
 
+@pytest.mark.unit
 def test_bias_that_does_not_fit_int32_is_refused_not_clipped() -> None:
     sw = np.array([1e-9])
     assert int32_bias(_node(4, 2.0), sw, 1.0)[0] == 2_000_000_000
@@ -92,6 +96,7 @@ def test_bias_that_does_not_fit_int32_is_refused_not_clipped() -> None:
 
 # ----------------------------------------------------------------------------- the CLI
 
+@pytest.mark.unit
 def test_cli_refuses_an_overflowing_layer(tmp_path: Path) -> None:
     """K = 140000 products of |w_q| = 127 and |x_q| <= 128: 2.28e9 > 2^31 - 1."""
     k = 140_000
@@ -105,6 +110,7 @@ def test_cli_refuses_an_overflowing_layer(tmp_path: Path) -> None:
     assert not (tmp_path / "art").exists() or not any((tmp_path / "art").iterdir())
 
 
+@pytest.mark.tvm
 def test_a_bias_too_big_for_its_weight_scale_widens_that_scale(tmp_path: Path) -> None:
     """Channel 1's weights are ~1e-7 next to a bias of 1000 (its bias_q would be ~1e13,
     as in EfficientNet-Lite0's stem): that channel's weight scale grows until the bias
@@ -137,6 +143,7 @@ def _card_graph(bound: int) -> QGraph:
     return QGraph(x, (node,), y, {"x": x, "y": y})
 
 
+@pytest.mark.unit
 def test_card_shows_headroom_never_overflow() -> None:
     meta = {"target": "llvm", "integer_only": True,
             "calibration": {"method": "minmax", "num_samples": 1, "source": "synthetic"}}

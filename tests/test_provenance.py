@@ -22,6 +22,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_common as bc  # noqa: E402
 
+pytestmark = pytest.mark.unit
+
 LABEL = "provenance reconstructed"
 WINDOW = 200  # characters after a citation in which its label must stand
 CORE_VERSIONS = ("python", *bc.CORE_PACKAGES)

@@ -6,6 +6,8 @@ import pytest
 
 from qcompile.quant.quantize import _window_counts, dyadic, quantize_weights, shared_shift
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("M", [1e-6, 3.7e-4, 0.0123, 0.5, 0.999, 1.0, 7.25, 1234.5])
 def test_dyadic_is_accurate_and_fits_31_bits(M: float) -> None:

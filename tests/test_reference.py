@@ -12,6 +12,8 @@ import qcompile.ir.qgraph
 import qcompile.verify.oracle as ref
 from qcompile.ir.qgraph import INT32, QGraph, QNode, QTensor, QType
 
+pytestmark = pytest.mark.unit
+
 
 def _imports(module) -> set[str]:
     tree = ast.parse(Path(module.__file__).read_text())

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from onnx_builders import bn_node, conv_node, init, make_model, rng, run_ort
+from tests.helpers.onnx_builders import bn_node, conv_node, init, make_model, rng, run_ort
 from qcompile.errors import UnsupportedOpError
 from qcompile.ir.graph import Graph, Node
 from qcompile.frontend.onnx_import import import_onnx
@@ -94,6 +94,7 @@ def vm64(case: Case) -> FloatVM:
     return FloatVM(build_float_module(case[1], BATCH, dtype="float64"))
 
 
+@pytest.mark.unit
 def test_layers_are_conv_and_dense_in_order(case: Case) -> None:
     g = case[1]
     fm = build_float_module(g, BATCH, grad=False)
@@ -102,6 +103,7 @@ def test_layers_are_conv_and_dense_in_order(case: Case) -> None:
     assert fm.num_classes == 5
 
 
+@pytest.mark.tvm
 def test_forward_matches_onnxruntime(case: Case,
                                      vm32: FloatVM) -> None:
     model, g, x = case
@@ -113,12 +115,14 @@ def test_forward_matches_onnxruntime(case: Case,
     np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.tvm
 def test_float64_forward_matches_float32(case: Case,
                                          vm32: FloatVM, vm64: FloatVM) -> None:
     x = case[2]
     np.testing.assert_allclose(vm64.forward(x), vm32.forward(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.tvm
 def test_gradient_matches_finite_differences(case: Case,
                                              vm64: FloatVM) -> None:
     """Central differences, h = 1e-6, on 5 random weights of every layer (float64)."""
@@ -141,6 +145,7 @@ def test_gradient_matches_finite_differences(case: Case,
             assert grads[li].flat[i] == pytest.approx(fd, rel=1e-4, abs=1e-8), (li, i)
 
 
+@pytest.mark.tvm
 def test_sample_weight_masks_padding(vm64: FloatVM,
                                      case: Case) -> None:
     """Zero-weight rows (padding to the static batch) change neither loss nor gradient."""
@@ -161,6 +166,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+@pytest.mark.unit
 def test_unsupported_op_is_a_clear_error() -> None:
     """Round has no Relax gradient (nor an expression through ops that have one)."""
     g = canonical(tiny_cnn())

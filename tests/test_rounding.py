@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from onnx_builders import conv_node, make_model, rng
+from tests.helpers.onnx_builders import conv_node, make_model, rng
 from qcompile import config
 from qcompile.cli import main as cli_main
 from qcompile.config import CalibSpec, QuantSpec
@@ -23,6 +23,8 @@ from qcompile.quant.quantize import calibration_tensors, layer_bits, quantize_gr
 from qcompile.quant.readers import gather_inputs, iter_inputs, make_reader
 from qcompile.quant.rounding import ROUNDINGS, RoundGraph, Rounding, rounding_of
 from qcompile.verify import oracle
+
+pytestmark = pytest.mark.unit
 
 
 def _model() -> tuple[object, Graph]:

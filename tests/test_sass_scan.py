@@ -42,6 +42,7 @@ INTEGER_OPS = ("IMAD.MOV.U32 R1, RZ, RZ, c[0x0][0x28]", "S2R R0, SR_TID.X",
                "PRMT R8, R8, 0x7610, R8", "STG.E.U8.SYS [R2], R8", "EXIT", "BRA 0x1d0")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("op", ["FFMA R1, R2, R3, R4", "@P0 FFMA.FTZ R1, R2, R3, R4",
                                 "FFMA32I R1, R2, 0.5, R1", "FMUL R1, R2, 0.5", "FADD.FTZ R1, R2, R3",
                                 "MUFU.RCP R1, R2", "I2F.U32.RP R1, R2", "F2I.FTZ.U32.TRUNC.NTZ R1, R2",
@@ -58,6 +59,7 @@ def test_float_instruction_in_a_core_kernel_is_flagged(op: str) -> None:
     assert v.startswith("dense_tc_fc_kernel: float instruction:") and op in v
 
 
+@pytest.mark.unit
 def test_integer_kernels_pass_and_boundary_kernels_are_not_scanned() -> None:
     """The boundary kernels are float by design (quantize's floor, softmax's exp): the scan
     restricted to the core skips them, and finds every core PrimFunc's kernels."""
@@ -81,6 +83,7 @@ def test_integer_kernels_pass_and_boundary_kernels_are_not_scanned() -> None:
         "no device kernel found for core PrimFuncs ['fused_add_clip']"]
 
 
+@pytest.mark.unit
 def test_classify_sass_allow_list_is_empty() -> None:
     assert asmcheck.SASS_ALLOWED == frozenset()
     for op in ("IMMA.8832.U4.S4", "IMAD.WIDE.U32", "IADD3.X", "I2I.S8.S32.SAT", "LDSM.16.M88.4",
@@ -89,6 +92,7 @@ def test_classify_sass_allow_list_is_empty() -> None:
     assert classify_sass("FSEL") and classify_sass("I2FP.F32.S32") and classify_sass("DSETP.GT.AND")
 
 
+@pytest.mark.unit
 def test_record_sass_fails_the_build_on_a_float_op(monkeypatch: pytest.MonkeyPatch) -> None:
     """The wiring: build_cuda's record_sass turns a float opcode into an intcheck violation
     (compile raises BuildError on it) and records the scan like the x86 asm scan."""
@@ -106,6 +110,7 @@ def test_record_sass_fails_the_build_on_a_float_op(monkeypatch: pytest.MonkeyPat
     assert rep.asm["kind"] == "sass" and rep.asm["instructions"] == 4 and not rep.asm["ok"]
 
 
+@pytest.mark.unit
 def test_cuda_build_refused_without_cuobjdump(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without cuobjdump (a plain `pip install .`) the SASS scan was skipped without a word
     and the artifact still said integer_only: true. Now the build is refused in one line
@@ -125,6 +130,7 @@ def test_cuda_build_refused_without_cuobjdump(monkeypatch: pytest.MonkeyPatch) -
                                            "SASS not scanned"]
 
 
+@pytest.mark.unit
 def test_failed_tir_replay_fails_the_proof_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     """A failed replay of TVM's TIR pipeline on CUDA landed in a field nothing read."""
     from qcompile.verify import intcheck
@@ -143,8 +149,8 @@ def test_failed_tir_replay_fails_the_proof_on_cuda(monkeypatch: pytest.MonkeyPat
 
 @pytest.fixture(scope="module")
 def cuda_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from kitchen_sink import kitchen_sink_model
-    from onnx_builders import save
+    from tests.helpers.kitchen_sink import kitchen_sink_model
+    from tests.helpers.onnx_builders import save
 
     return save(kitchen_sink_model(), tmp_path_factory.mktemp("cuda"))
 
@@ -163,6 +169,7 @@ def cuda_art(cuda_model: Path) -> Path:
     return cuda_model.parent / "ok"
 
 
+@pytest.mark.hardware
 @needs_toolchain
 def test_cuda_compile_scans_sass_and_fails_on_planted_float(cuda_art: Path, cuda_model: Path,
                                                            tmp_path: Path,
@@ -205,6 +212,7 @@ FLOAT_KERNEL = """extern "C" __global__ void dense_tc_fc_kernel(float* a) {
 }"""
 
 
+@pytest.mark.hardware
 @needs_toolchain
 def test_compile_refuses_float_kernel_only_in_the_shipped_library(
         cuda_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -236,6 +244,7 @@ def test_compile_refuses_float_kernel_only_in_the_shipped_library(
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.hardware
 @needs_toolchain
 def test_inspect_without_cuobjdump_says_so_in_one_line(cuda_art: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,7 +16,7 @@ import tvm
 from onnx import helper
 from tvm import relax
 
-from onnx_builders import conv_node, init, make_model, rng, save
+from tests.helpers.onnx_builders import conv_node, init, make_model, rng, save
 from qcompile.verify import oracle
 from qcompile.targets.x86 import lowering as schedule
 from qcompile.build.compile import build
@@ -80,6 +80,7 @@ def compiled(tmp_path_factory: pytest.TempPathFactory
     return qg, low, relax.VirtualMachine(built.executable, tvm.cpu())
 
 
+@pytest.mark.hardware
 def test_4bit_layers_use_the_int4_kernels(compiled) -> None:
     qg, low, _ = compiled
     bits = {n.name: n.attrs["bits"] for n in qg.nodes if n.op in ("qconv", "qdense")}
@@ -101,6 +102,7 @@ def test_4bit_layers_use_the_int4_kernels(compiled) -> None:
     assert params["stem.w_vnni16x4"].dtype == np.int8
 
 
+@pytest.mark.hardware
 def test_core_matches_the_oracle_bit_exactly(compiled) -> None:
     qg, low, vm = compiled
     params = [tvm.runtime.tensor(a) for _, a in low.params]
@@ -112,6 +114,7 @@ def test_core_matches_the_oracle_bit_exactly(compiled) -> None:
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.unit
 def test_without_gfni_4bit_layers_fall_back_to_int8_layout(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The int4 rule needs GFNI; without it the int8 kernel takes the 4-bit weights."""
@@ -149,6 +152,7 @@ def residual_model(seed: int = 3, size: int = 8) -> onnx.ModelProto:
     return make_model(n, inits, [1, 3, size, size], [1, 5])
 
 
+@pytest.mark.hardware
 def test_residual_add_sigmoid_fuse_into_their_conv_bit_exactly(tmp_path: Path) -> None:
     qg = _quantized(save(residual_model(), tmp_path), bits=8)
     low = lower(qg, x86_rules(BATCH), batch=BATCH)
@@ -170,6 +174,7 @@ def test_residual_add_sigmoid_fuse_into_their_conv_bit_exactly(tmp_path: Path) -
     np.testing.assert_array_equal(vm["core"](tvm.runtime.tensor(q), *params).numpy(), want)
 
 
+@pytest.mark.hardware
 def test_a_declined_chain_is_lowered_node_by_node(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """No kernel takes the fused ops (here: the rules refuse every ``post``): the chain's

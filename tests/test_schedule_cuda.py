@@ -26,14 +26,14 @@ from qcompile.build.compile import build_cuda
 from qcompile.targets.cuda.lowering import cuda_rules
 from qcompile.verify.cuda_tools import embedded_fatbins, sass_histogram
 from qcompile.hw.backends import make_target
-from zoo_graphs import linspace_stats, zoo_graph
+from tests.helpers.zoo_graphs import linspace_stats, zoo_graph
 
 HAVE_NVCC = shutil.which("nvcc") is not None
 HAVE_CUOBJDUMP = ct.tool_path("cuobjdump") is not None and ct.tool_path("nvdisasm") is not None
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.hardware, pytest.mark.skipif(
     not (HAVE_NVCC and HAVE_CUOBJDUMP),
     reason="needs nvcc (CUDA toolkit) and cuobjdump + nvdisasm "
-           "(pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
+           "(pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")]
 
 
 @pytest.fixture(scope="module")

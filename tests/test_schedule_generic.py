@@ -89,6 +89,7 @@ def case(request: pytest.FixtureRequest):
     return shape, build(_core(shape), TARGET)
 
 
+@pytest.mark.tvm
 def test_bit_exact(case) -> None:
     shape, built = case
     args = _inputs(shape)
@@ -99,6 +100,7 @@ def test_bit_exact(case) -> None:
         np.testing.assert_array_equal(g, w, err_msg=f"output {k}")
 
 
+@pytest.mark.tvm
 def test_every_generic_func_scheduled(case) -> None:
     shape, built = case
     rep = built.schedules
@@ -118,6 +120,7 @@ def test_every_generic_func_scheduled(case) -> None:
     assert built.intcheck.ok, built.intcheck.violations
 
 
+@pytest.mark.tvm
 def test_even_shape_parallel_and_vectorized(case) -> None:
     shape, built = case
     if shape[3] != 64:
@@ -135,6 +138,7 @@ def test_even_shape_parallel_and_vectorized(case) -> None:
     assert any("vectorized" in kinds[n] for n in sums), kinds
 
 
+@pytest.mark.unit
 def test_intermediates_inlined() -> None:
     """The requant chain's five fused ops become one block: no intermediate buffers."""
     mod = legalize(_core((2, 12, 12, 64)), TARGET)
@@ -146,6 +150,7 @@ def test_intermediates_inlined() -> None:
     assert "alloc_buffer" not in new.script()
 
 
+@pytest.mark.unit
 def test_tiny_tensors_stay_single_threaded() -> None:
     mod = legalize(_core((1, 2, 3, 16)), TARGET)
     out, rep = sg.apply_default_schedules(mod, TARGET)
@@ -154,6 +159,7 @@ def test_tiny_tensors_stay_single_threaded() -> None:
         assert "parallel" not in _loop_kinds(out[name]), name
 
 
+@pytest.mark.unit
 def test_lanes() -> None:
     assert sg.lanes_for(64, 8) == 64
     assert sg.lanes_for(64, 64) == 16
@@ -162,6 +168,7 @@ def test_lanes() -> None:
     assert sg.lanes_for(tirx.Var("n", "int64"), 8) is None
 
 
+@pytest.mark.unit
 def test_failing_rule_leaves_function_alone() -> None:
     mod = legalize(_core((2, 4, 4, 16)), TARGET)
 
@@ -174,6 +181,7 @@ def test_failing_rule_leaves_function_alone() -> None:
     assert tvm_ffi.structural_equal(out, mod)
 
 
+@pytest.mark.unit
 def test_kernels_and_scheduled_funcs_skipped() -> None:
     mod = legalize(_core((2, 4, 4, 16)), TARGET)
     out, rep = sg.apply_default_schedules(mod, TARGET)
@@ -186,6 +194,7 @@ def test_kernels_and_scheduled_funcs_skipped() -> None:
     assert sg.skip_reason(f.with_attr("tirx.is_scheduled", True)) == "already scheduled"
 
 
+@pytest.mark.unit
 def test_untuned_record_falls_back_to_default() -> None:
     """A tuned function whose best record is the untuned loop nest gets the default."""
     mod = legalize(_core((2, 4, 4, 16)), TARGET)
@@ -196,6 +205,7 @@ def test_untuned_record_falls_back_to_default() -> None:
     assert "tirx.is_scheduled" not in (back[gv.name_hint].attrs or {})
 
 
+@pytest.mark.tvm
 def test_intcheck_sees_inlined_float() -> None:
     """Scheduling inlines, and the checker still finds float arithmetic inside."""
     x = relax.Var("x", relax.TensorType((4, 64, 64), "int32"))
@@ -211,6 +221,7 @@ def test_intcheck_sees_inlined_float() -> None:
     assert any("float32" in v for v in built.intcheck.violations)
 
 
+@pytest.mark.tvm
 def test_compile_failure_falls_back_to_unscheduled(monkeypatch: pytest.MonkeyPatch) -> None:
     """If TVM cannot compile a default schedule, the build warns and compiles without."""
     real = tvm.compile

@@ -10,12 +10,12 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from onnx_builders import init, make_model, rng, run_ort
+from tests.helpers.onnx_builders import init, make_model, rng, run_ort
 from qcompile.mixed import sensitivity as S
 from qcompile.errors import DataError, UsageError
 from qcompile.ir.graph import Graph
 from qcompile.quant.quantize import quantize_weights
-from test_relax_float import branchy_cnn, canonical, tiny_cnn
+from tests.test_relax_float import branchy_cnn, canonical, tiny_cnn
 
 N = 4
 Case = tuple[onnx.ModelProto, Graph, np.ndarray]  # model, canonical graph, inputs
@@ -51,6 +51,7 @@ def basis_traces(o: S.GradOracle, central: bool) -> np.ndarray:
     return np.array(out)
 
 
+@pytest.mark.tvm
 def test_forward_and_central_differences_agree(oracle: S.GradOracle) -> None:
     fwd, cen = basis_traces(oracle, False), basis_traces(oracle, True)
     assert np.all(np.abs(cen) > 0)
@@ -109,6 +110,7 @@ def mlp() -> tuple[S.GradOracle, np.ndarray]:
     return o, traces
 
 
+@pytest.mark.tvm
 def test_hvp_matches_analytic_hessian(mlp: tuple[S.GradOracle, np.ndarray]) -> None:
     """The finite-difference HVP the estimator uses, summed over the basis, is the
     analytic trace (this would catch a wrong step, a wrong loss scale or a sign)."""
@@ -118,6 +120,7 @@ def test_hvp_matches_analytic_hessian(mlp: tuple[S.GradOracle, np.ndarray]) -> N
     np.testing.assert_allclose(basis_traces(o, central=False), exact, rtol=1e-5)
 
 
+@pytest.mark.tvm
 def test_hutchinson_matches_analytic_trace(mlp: tuple[S.GradOracle, np.ndarray]) -> None:
     o, exact = mlp
     tr, se, k = S.hutchinson(o, max_probes=TRACE_PROBES, tol=0.001, seed=0, progress=False)
@@ -127,12 +130,14 @@ def test_hutchinson_matches_analytic_trace(mlp: tuple[S.GradOracle, np.ndarray])
     assert np.all(np.abs(tr - exact) < 4 * se * np.abs(tr)), (tr, exact, se)
 
 
+@pytest.mark.tvm
 def test_hutchinson_stops_at_tolerance(oracle: S.GradOracle) -> None:
     tr, se, k = S.hutchinson(oracle, max_probes=4096, tol=0.5, seed=1, progress=False)
     assert S.MIN_PROBES <= k < 4096
     assert np.all(se < 0.5)
 
 
+@pytest.mark.unit
 def test_fake_quant_is_quantize_weights() -> None:
     w = np.random.default_rng(0).normal(size=(6, 3, 3, 3)).astype(np.float32)
     for b in range(2, 9):
@@ -141,6 +146,7 @@ def test_fake_quant_is_quantize_weights() -> None:
     assert S.quant_error(w, 16) < 1e-6 * float((w * w).sum())
 
 
+@pytest.mark.unit
 def test_canonical_onnx_matches_original(tiny: Case) -> None:
     for model in (tiny[0], branchy_cnn()):
         g = canonical(model)
@@ -156,6 +162,7 @@ def test_canonical_onnx_matches_original(tiny: Case) -> None:
         np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.unit
 def test_kl(tiny: Case, tmp_path: Path) -> None:
     model, g, x = tiny
     s = S.compute_sensitivity(g, model.SerializeToString(), x, method="kl", bits=(16, 4, 8),
@@ -168,6 +175,7 @@ def test_kl(tiny: Case, tmp_path: Path) -> None:
         assert om[4] > om[8] > om[16]
 
 
+@pytest.mark.tvm
 def test_hessian_omega(tiny: Case, tmp_path: Path) -> None:
     model, g, x = tiny
     s = S.compute_sensitivity(g, model.SerializeToString(), x, bits=(4, 8), max_probes=64,
@@ -181,6 +189,7 @@ def test_hessian_omega(tiny: Case, tmp_path: Path) -> None:
             assert om[4] == om[8] == 0.0
 
 
+@pytest.mark.tvm
 def test_labels_change_the_loss(oracle: S.GradOracle) -> None:
     assert np.array_equal(oracle.labels, oracle.logits().argmax(axis=1))
     given = copy.copy(oracle)  # same compiled module, other labels
@@ -189,6 +198,7 @@ def test_labels_change_the_loss(oracle: S.GradOracle) -> None:
     assert any(not np.allclose(p, q) for p, q in zip(a, b))
 
 
+@pytest.mark.tvm
 def test_padded_chunks_equal_one_batch(tiny: Case,
                                        oracle: S.GradOracle) -> None:
     _, g, x = tiny
@@ -198,6 +208,7 @@ def test_padded_chunks_equal_one_batch(tiny: Case,
         np.testing.assert_allclose(p, q, rtol=1e-9, atol=1e-14)
 
 
+@pytest.mark.tvm
 def test_cache_hit_and_miss(tiny: Case, tmp_path: Path,
                             monkeypatch: pytest.MonkeyPatch) -> None:
     model, g, x = tiny
@@ -219,6 +230,7 @@ def test_cache_hit_and_miss(tiny: Case, tmp_path: Path,
                                  progress=False).cached
 
 
+@pytest.mark.unit
 def test_bad_arguments(tiny: Case, tmp_path: Path) -> None:
     model, g, x = tiny
     mb = model.SerializeToString()
@@ -230,6 +242,7 @@ def test_bad_arguments(tiny: Case, tmp_path: Path) -> None:
         S.compute_sensitivity(g, mb, x, np.zeros(3, np.int64), cache_dir=tmp_path)
 
 
+@pytest.mark.unit
 def test_non_positive_trace_gives_zero_omega(tiny: Case) -> None:
     g = tiny[1]
     names = [n.name for n in S.layer_nodes(g)]
@@ -239,6 +252,7 @@ def test_non_positive_trace_gives_zero_omega(tiny: Case) -> None:
     assert om[names[2]][4] == pytest.approx(2.0 / w.size * S.quant_error(w, 4))
 
 
+@pytest.mark.unit
 def test_data_hash_ignores_dtype_but_not_values() -> None:
     x = np.random.default_rng(0).normal(size=(2, 3, 4, 4)).astype(np.float32)
     assert S.data_hash(x, None) == S.data_hash(x.astype(np.float64), None)
@@ -246,6 +260,7 @@ def test_data_hash_ignores_dtype_but_not_values() -> None:
     assert S.data_hash(x, None) != S.data_hash(x[::-1], None)
 
 
+@pytest.mark.unit
 def test_cache_dir_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("QCOMPILE_CACHE_DIR", raising=False)
     assert S.cache_root() == Path.home() / ".cache" / "qcompile" / "sensitivity"
@@ -254,11 +269,12 @@ def test_cache_dir_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     assert S.cache_root(tmp_path / "x") == tmp_path / "x"
 
 
+@pytest.mark.unit
 def test_kl_under_gptq_ranks_the_rounding_that_will_be_used(tmp_path: Path) -> None:
     """``rounding="gptq"`` measures each layer's KL with its GPTQ weights and corrected
     bias: no larger than nearest's at 4 bits on the layers GPTQ improves, cached apart."""
     from qcompile.mixed.sensitivity import compute_sensitivity
-    from test_gptq import _images, _tiny_model
+    from tests.test_gptq import _images, _tiny_model
     from qcompile.frontend.onnx_import import import_onnx
     from qcompile.frontend.prepare import prepare
     graph = prepare(import_onnx(_tiny_model(), batch=1))

@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 from onnx import helper
 
-from onnx_builders import conv_bn_relu_model, conv_node, dense_model, make_model, rng, save
+from tests.helpers.onnx_builders import conv_bn_relu_model, conv_node, dense_model, make_model, rng, save
 from qcompile import api
+
+pytestmark = pytest.mark.tvm
 
 # 2 and 5 add no new kind of remainder to 1, 3 and 7: slow, to keep `make test` short
 OUTPUTS = (1, pytest.param(2, marks=pytest.mark.slow), 3, pytest.param(5, marks=pytest.mark.slow), 7)

@@ -87,6 +87,7 @@ def tuned(tmp_path_factory: pytest.TempPathFactory) -> tuple[tvm.IRModule, tune.
     return mod, tune.tune_module(mod, TARGET, TRIALS, db_dir, progress=False)
 
 
+@pytest.mark.unit
 def test_default_db_dir_keyed_by_target_and_env(monkeypatch: pytest.MonkeyPatch,
                                                 tmp_path: Path) -> None:
     monkeypatch.setenv("QCOMPILE_CACHE_DIR", str(tmp_path))
@@ -98,6 +99,7 @@ def test_default_db_dir_keyed_by_target_and_env(monkeypatch: pytest.MonkeyPatch,
     assert tune.default_db_dir(TARGET).parent == Path.home() / ".cache" / "qcompile" / "tune"
 
 
+@pytest.mark.unit
 def test_extract_dedups_and_skips_kernels() -> None:
     mod = tiny_module()
     tasks, skipped = tune.extract_tasks(mod)
@@ -108,6 +110,7 @@ def test_extract_dedups_and_skips_kernels() -> None:
     assert tune.extract_tasks(mod, min_elements=10**6)[0] == []
 
 
+@pytest.mark.unit
 def test_symbolic_shapes_are_skipped() -> None:
     """Without kernels the batch is symbolic; meta-schedule measures static shapes only."""
     n = tirx.Var("n", "int64")
@@ -121,6 +124,7 @@ def test_symbolic_shapes_are_skipped() -> None:
     assert tasks == [] and [why for _, why in skipped] == ["symbolic shape"]
 
 
+@pytest.mark.tvm
 def test_tune_writes_database(tuned: tuple[tvm.IRModule, tune.TuneReport]) -> None:
     _, rep = tuned
     (task,) = rep.tasks
@@ -135,6 +139,7 @@ def test_tune_writes_database(tuned: tuple[tvm.IRModule, tune.TuneReport]) -> No
     assert task.name in rep.summary()
 
 
+@pytest.mark.tvm
 def test_applied_module_is_bit_exact_and_leaves_kernels(
         tuned: tuple[tvm.IRModule, tune.TuneReport]) -> None:
     mod, rep = tuned
@@ -161,10 +166,12 @@ def _check_every_record(db_dir: Path, inputs: tuple[np.ndarray, ...], want: np.n
     return len(records)
 
 
+@pytest.mark.tvm
 def test_every_tuned_schedule_is_bit_exact(tuned: tuple[tvm.IRModule, tune.TuneReport]) -> None:
     assert _check_every_record(tuned[1].db_dir, _inputs(), _reference()) >= 2
 
 
+@pytest.mark.tvm
 def test_second_run_reuses_database(tuned: tuple[tvm.IRModule, tune.TuneReport]) -> None:
     mod, rep = tuned
     n_records = len((rep.db_dir / "database_tuning_record.json").read_text().splitlines())
@@ -179,6 +186,7 @@ def test_second_run_reuses_database(tuned: tuple[tvm.IRModule, tune.TuneReport])
     assert len((rep.db_dir / "database_tuning_record.json").read_text().splitlines()) == n_records
 
 
+@pytest.mark.tvm
 def test_corrupt_ledger_is_ignored(tuned: tuple[tvm.IRModule, tune.TuneReport],
                                    tmp_path: Path) -> None:
     """A torn ledger reads as empty: the database's own valid records count instead (at
@@ -193,11 +201,13 @@ def test_corrupt_ledger_is_ignored(tuned: tuple[tvm.IRModule, tune.TuneReport],
         assert json.loads((db / tune.LEDGER).read_text())[task.structural_hash]["trials"] == TRIALS
 
 
+@pytest.mark.unit
 def test_apply_without_database_is_identity(tmp_path: Path) -> None:
     mod = tiny_module()
     assert tune.apply_database(mod, TARGET, tmp_path / "none").same_as(mod)
 
 
+@pytest.mark.unit
 def test_rejects_cuda_and_bad_trials(tmp_path: Path) -> None:
     mod = tiny_module()
     cuda = tvm.target.Target("nvidia/nvidia-t4", host=TARGET)
@@ -207,6 +217,7 @@ def test_rejects_cuda_and_bad_trials(tmp_path: Path) -> None:
         tune.tune_module(mod, TARGET, 0, tmp_path)
 
 
+@pytest.mark.tvm
 @pytest.mark.slow
 def test_grouped_int8_conv_tuned_bit_exact(tmp_path: Path) -> None:
     """A layer no kernel covers (grouped int8 conv, int32 accumulate): real tiling choices."""

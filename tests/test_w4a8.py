@@ -19,7 +19,7 @@ from qcompile.quant.quantize import layer_precisions, quantize_graph
 from qcompile.targets.x86.lowering import x86_rules
 from qcompile.targets.cuda.lowering import cuda_rules
 from qcompile.hw.backends import make_target
-from zoo_graphs import linspace_stats, zoo_graph
+from tests.helpers.zoo_graphs import linspace_stats, zoo_graph
 
 BATCH = 2
 
@@ -29,6 +29,7 @@ def graph(tmp_path_factory: pytest.TempPathFactory):
     return zoo_graph("resnet18", tmp_path_factory.mktemp("r18"))
 
 
+@pytest.mark.unit
 def test_precision_spellings() -> None:
     assert precision(8) == precision("8") == precision("w8a8") == (8, 8)
     assert precision(4) == (4, 4) and precision("W4A8") == (4, 8)
@@ -38,6 +39,7 @@ def test_precision_spellings() -> None:
             precision(bad)
 
 
+@pytest.mark.unit
 def test_w4a8_quantizes_weights_only(graph) -> None:
     qg = quantize_graph(graph, linspace_stats(graph), QuantSpec(bits="w4a8"))
     layers = [n for n in qg.nodes if n.op in ("qconv", "qdense")]
@@ -66,6 +68,7 @@ def _run(qg, rules, target: str = "llvm") -> None:
     return low
 
 
+@pytest.mark.tvm
 @pytest.mark.parametrize("plan,lowering", [("w4a8", "x86"), ("w4a8", "generic"),
                                            ("mixed", "x86"), ("mixed", "cuda_computes")])
 def test_w4a8_bit_exact(graph, lowering: str, plan: str) -> None:

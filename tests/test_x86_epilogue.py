@@ -70,6 +70,7 @@ def _windows(x: np.ndarray, k: int, st: int, pad: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- NumPy identity
+@pytest.mark.unit
 def test_mulhi_equals_int64_on_random_and_extreme_values() -> None:
     rng = np.random.default_rng(0)
     n = 4096
@@ -82,6 +83,7 @@ def test_mulhi_equals_int64_on_random_and_extreme_values() -> None:
     np.testing.assert_array_equal(_mulhi_requant(acc, q), _int64_requant(acc, m, r, s))
 
 
+@pytest.mark.unit
 def test_mulhi_shl_brings_small_shifts_up_when_the_bound_allows() -> None:
     rng = np.random.default_rng(1)
     n = 2048
@@ -97,6 +99,7 @@ def test_mulhi_shl_brings_small_shifts_up_when_the_bound_allows() -> None:
     np.testing.assert_array_equal(_mulhi_requant(acc, q), _int64_requant(acc, m, r, s))
 
 
+@pytest.mark.unit
 def test_requant_mode_refuses_what_mulhi_cannot_do() -> None:
     m, r, s = np.array([1 << 30]), np.array([1 << 39]), np.array([40])
     assert E.requant_mode(m, r, s) == "mulhi"
@@ -108,6 +111,7 @@ def test_requant_mode_refuses_what_mulhi_cannot_do() -> None:
         E.requant_arrays("mulhi", m, r + 1, s)
 
 
+@pytest.mark.unit
 def test_epilogue_rejects_bounds_outside_its_dtype_and_ops_on_raw() -> None:
     with pytest.raises(ValueError, match="outside"):
         E.Epilogue("int8", False, lo=0, hi=255)
@@ -183,6 +187,7 @@ def _lut(rng: np.random.Generator, rows: int) -> tuple[E.FusedLut, np.ndarray]:
     return E.FusedLut(128, rows, 256, "uint8"), rng.integers(0, 256, (rows, 256)).astype(np.uint8)
 
 
+@pytest.mark.hardware
 @needs_vnni
 @pytest.mark.parametrize("requant,small_s", [("mulhi", 0), ("mulhi_shl", 3)])
 @pytest.mark.parametrize("n,h,c,oc,k,st,pad,in_dtype", [
@@ -206,6 +211,7 @@ def test_conv_int32_requant_exact(n: int, h: int, c: int, oc: int, k: int, st: i
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.hardware
 @needs_vnni
 @pytest.mark.parametrize("case", ["add_relu", "add64_clip_lut", "lut_per_channel"])
 def test_conv_fused_ops_exact(case: str) -> None:
@@ -232,6 +238,7 @@ def test_conv_fused_ops_exact(case: str) -> None:
     np.testing.assert_array_equal(got, _post_ref(y, post, extra))
 
 
+@pytest.mark.hardware
 @needs_vnni
 def test_dense_fused_add_exact() -> None:
     rng = np.random.default_rng(7)
@@ -248,6 +255,7 @@ def test_dense_fused_add_exact() -> None:
     np.testing.assert_array_equal(got, _post_ref(_expected(acc, q, -128, 127), (add,), [skip]))
 
 
+@pytest.mark.hardware
 @needs_vnni
 @pytest.mark.parametrize("kernel", [Wd.depthwise_conv2d_nhwc, Dw.depthwise_conv2d_nhwc_vnni])
 @pytest.mark.parametrize("fused", [False, True])
@@ -270,6 +278,7 @@ def test_depthwise_int32_requant_and_fused_ops_exact(fused: bool, kernel: Callab
     np.testing.assert_array_equal(got, _post_ref(_expected(acc, q, -128, 127), post, extra))
 
 
+@pytest.mark.hardware
 @needs_vnni
 def test_pools_int32_requant_exact() -> None:
     rng = np.random.default_rng(13)

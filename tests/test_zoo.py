@@ -18,6 +18,8 @@ from onnx import numpy_helper
 from qcompile.frontend import zoo
 from qcompile.errors import UsageError
 
+pytestmark = pytest.mark.unit
+
 # Small sizes that still keep every feature map >= 1 px.
 SIZES = {"resnet18": 32, "resnet50": 32, "inceptionv3": 75, "mobilenetv2": 32}
 ALLOWED_OPS = {"Conv", "BatchNormalization", "Relu", "Clip", "Add", "MaxPool", "AveragePool",

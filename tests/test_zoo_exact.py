@@ -12,6 +12,8 @@ import pytest
 from qcompile import api
 from qcompile.frontend import zoo
 
+pytestmark = pytest.mark.tvm
+
 SIZES = {"resnet18": 64, "resnet50": 64, "inceptionv3": 75, "mobilenetv2": 64}
 
 

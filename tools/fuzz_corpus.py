@@ -6,7 +6,7 @@ Every case is its own folder ``DIR/<case>/model.onnx`` (external-data cases keep
 data files, and symlinks, next to it); ``DIR/manifest.json`` maps each case to its
 ``category`` and ``expect`` ("compile" for the valid controls, "refuse" for the broken
 ones, "any" for valid-but-weird models that may compile or be refused).  Most cases are
-small valid models from ``tests/onnx_builders.py`` with one mutation; the rest are byte
+small valid models from ``tests/helpers/onnx_builders.py`` with one mutation; the rest are byte
 level (truncated, random, bad varints, bit flips).  The same seed gives the same files.
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-import onnx_builders as ob  # noqa: E402
+sys.path.insert(0, str(ROOT))  # the checkout: tests.helpers
+from tests.helpers import onnx_builders as ob  # noqa: E402
 
 Case = tuple[str, str, str, Callable[[Path], None]]  # name, category, expect, writer
 

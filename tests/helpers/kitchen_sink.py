@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnx_builders import bn_node, conv_node, init, make_model, rng
+from .onnx_builders import bn_node, conv_node, init, make_model, rng
 
 
 def kitchen_sink_model(seed: int = 0, size: int = 11, softmax: bool = True) -> onnx.ModelProto:
