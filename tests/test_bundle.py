@@ -219,7 +219,7 @@ def test_onnx_torch_peer_matches_onnxruntime() -> None:
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-@pytest.mark.tvm
+@pytest.mark.hardware  # --target cuda builds need nvcc and cuobjdump
 def test_cuda_bundle_without_a_gpu_says_so(numpy_only_python, tmp_path) -> None:
     """A CUDA bundle carries the CUDA runtime pieces; with no GPU here, run.py exits 9 in
     one line (the GPU check itself runs it where there is one)."""
