@@ -25,13 +25,13 @@ from onnx import helper, numpy_helper
 from tests.helpers.onnx_builders import conv_node, init, make_model, rng, run_ort, save
 from qcompile import api
 from qcompile.mixed import sensitivity as S
-from qcompile.ir.activations import TIMES_X, UNARY_FUNCTIONS, evaluate
+from qcompile.ops.activations import NO_GRADIENT_FUNCTIONS, TIMES_X, UNARY_FUNCTIONS, evaluate
 from qcompile.config import AllocSpec, CalibSpec
 from qcompile.errors import DataError, UnsupportedOpError
 from qcompile.ir.graph import Graph, Node
 from qcompile.frontend.onnx_import import import_onnx
 from qcompile.frontend.prepare import prepare
-from qcompile.mixed.float_model import NO_GRADIENT_FUNCTIONS, FloatVM, build_float_module
+from qcompile.mixed.float_model import FloatVM, build_float_module
 from tests.test_ops import CASES
 
 N = 3

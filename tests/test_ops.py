@@ -13,7 +13,7 @@ from onnx import helper
 
 from tests.helpers.onnx_builders import conv_node, init, make_model, rng, save
 from qcompile import api
-from qcompile.ir.activations import UNARY_FUNCTIONS, evaluate
+from qcompile.ops.activations import UNARY_FUNCTIONS, evaluate
 from qcompile.config import QuantSpec
 from qcompile.ir.graph import Graph, Node
 from qcompile.ir.qgraph import QType

@@ -17,7 +17,8 @@ from tests.helpers import float_eval
 from tests.helpers.onnx_builders import (bn_node, conv_bn_relu_model, conv_node, dense_model, init,
                                          make_model, rng, run_ort, save)
 from qcompile.errors import UnsupportedOpError
-from qcompile.ir.graph import CANONICAL_OPS, Graph
+from qcompile.ir.graph import Graph
+from qcompile.ops import CANONICAL_OPS
 from qcompile.frontend.onnx_import import import_onnx, load_model
 from qcompile.frontend.prepare import REWRITES, prepare
 

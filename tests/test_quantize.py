@@ -4,7 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qcompile.quant.quantize import _window_counts, dyadic, quantize_weights, shared_shift
+from qcompile.ops.pool import _window_counts
+from qcompile.ops.quantizing import dyadic, shared_shift
+from qcompile.quant.quantize import quantize_weights
 
 pytestmark = pytest.mark.unit
 

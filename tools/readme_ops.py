@@ -1,4 +1,4 @@
-"""Regenerate the supported-ops listings from the importer's registry.
+"""Regenerate the supported-ops listings from the op registry (``qcompile.ops``).
 
 docs/ops.md holds the full table (ONNX op -> what it becomes inside the integer core),
 between its ``<!-- ops-table:begin -->`` / ``<!-- ops-table:end -->`` markers; README.md
@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qcompile.frontend.onnx_import import ops_table  # noqa: E402
+from qcompile.ops import ops_table  # noqa: E402
 
 TABLE = ("<!-- ops-table:begin -->\n", "<!-- ops-table:end -->")
 LIST = ("<!-- ops-list:begin -->\n", "<!-- ops-list:end -->")

@@ -5,9 +5,10 @@ Two steps, both refusing anything qcompile cannot lower with one actionable line
 * ``load_model`` reads a file (never writing it), refuses hostile external data,
   runs the full checker, converts to opset 17 and infers shapes strictly.
 * ``import_onnx`` fixes a symbolic batch dimension, re-infers static shapes and
-  builds ``Node``s that keep their ONNX ``op_type`` through the handlers of
-  ``onnx_ops``; constants move to ``params`` by role and window ops get explicit
-  ``pads`` with ``auto_pad`` and ``ceil_mode`` resolved.  ``prepare`` canonicalises.
+  builds ``Node``s that keep their ONNX ``op_type`` through the handlers of the op
+  registry (``qcompile.ops.ONNX_OPS``); constants move to ``params`` by role and window
+  ops get explicit ``pads`` with ``auto_pad`` and ``ceil_mode`` resolved.  ``prepare``
+  canonicalises.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ from onnx import external_data_helper, helper, numpy_helper, shape_inference, ve
 from qcompile.errors import BadModelError, UnsupportedOpError, UsageError
 from qcompile.errors import error_line
 from qcompile.ir.graph import Graph, Node
-from qcompile.frontend.onnx_ops import (
-    _HANDLERS, _MULTI_OUTPUT, LOWERED_AS, SUPPORTED_OPS, _Ctx, ops_table)
+from qcompile.frontend.onnx_ops import _Ctx, imported
+from qcompile.ops import LOWERED_AS, ONNX_OPS, SUPPORTED_OPS, ops_table
 
 __all__ = ["load_model", "import_onnx", "SUPPORTED_OPS", "LOWERED_AS", "ops_table"]
 
@@ -396,8 +397,8 @@ def import_onnx(model: onnx.ModelProto, *, batch: int = 1, source: str = "") -> 
             consts[onode.output[0]] = _constant_value(onode, i)
             continue
         name = _node_name(onode, i)
-        handler = _HANDLERS.get(onode.op_type)
-        if handler is None:
+        entry = ONNX_OPS.get(onode.op_type)
+        if entry is None:
             raise UnsupportedOpError(_unsupported_msg(name, onode.op_type))
         if onode.output[0] not in shapes:
             raise BadModelError(f"{src}: node {name!r} output {onode.output[0]!r} has no "
@@ -408,10 +409,9 @@ def import_onnx(model: onnx.ModelProto, *, batch: int = 1, source: str = "") -> 
                                 "node's attributes")
         ctx = _Ctx(name, onode, _parse_attrs(onode), consts, shapes)
         for extra in list(onode.output)[1:]:
-            if extra in used and onode.op_type not in _MULTI_OUTPUT:
+            if extra in used and not entry.multi_output:
                 ctx.unsupported(f"output {extra!r}", "only the first output may be used")
-        made = handler(ctx)
-        nodes.extend(made if isinstance(made, list) else [made])
+        nodes.extend(imported(entry, ctx))
     if len(nodes) == 0:
         raise UnsupportedOpError(f"{src}: the graph does nothing after constant folding "
                                  "(its output does not depend on the input)")

@@ -2,39 +2,14 @@
 
 A ``Graph`` is a single-input, single-output DAG of ``Node``s (``node.py``: the record
 the quantized graph's ``QNode`` shares) in topological order.  The importer produces it
-with ONNX-like ops; ``prepare`` rewrites it into the canonical op set below, whose float
+with ONNX-like ops; ``prepare`` rewrites it into the canonical op set, whose float
 semantics are what calibration measures and what quantization approximates.
 
-Canonical ops after ``prepare`` (``attrs`` / ``params``):
-
-=========  ==================================================================
-conv       params w (O, I/group, kh, kw) f32, b (O,) f32;
-           attrs strides (2), pads (top, left, bottom, right), dilations (2),
-           group, act (lo, hi) floats or None (relu = (0, inf), relu6 = (0, 6))
-dense      params w (N, K) f32, b (N,) f32; attrs act.  y = x @ w.T + b
-add        n activation inputs (numpy broadcasting, equal ranks); attrs signs (+-1 each,
-           Sub is (1, -1)), act
-mul        two activation inputs (broadcasting, equal ranks); attrs act.  y = a * b
-affine     one activation input; params scale, shift (float32, broadcastable to the
-           output, same rank); attrs act.  y = x * scale + shift  (Mul/Add/Sub/Div by
-           a constant, a BatchNormalization that follows no conv)
-lut        attrs fn (an ONNX op in activations.UNARY_FUNCTIONS, or PRelu), fn_attrs,
-           times_x (y = x * f(x): SiLU, HardSwish patterns), act; params slope (PRelu)
-clip       attrs lo, hi (a standalone Relu/Clip that could not be fused)
-maxpool    attrs kernel (2), strides (2), pads (4), dilations (2)
-avgpool    attrs kernel, strides, pads, count_include_pad (bool)
-gap        global average (mean=True) or sum pool over H, W; attrs mean, keepdims
-lrn        attrs size, alpha, beta, bias (ONNX LRN across channels)
-pad        constant padding; attrs pads (begin..., end...) per axis, value (float)
-transpose  attrs perm
-slice      attrs begin, end, step (one entry per axis, non-negative, clamped)
-gather     attrs axes; params idx<axis> (int64): y = x.take(idx, axis) per axis in turn
-           (nearest Resize, reflect/edge Pad, channel shuffle)
-flatten    attrs axis
-reshape    attrs shape (fully resolved, no -1 / 0)
-concat     attrs axis
-softmax    attrs axis; only allowed as the graph's last node
-=========  ==================================================================
+The canonical op set is the op registry, ``qcompile.ops.OPS`` (a stage above this one):
+one module per op there documents the op's ``attrs`` and ``params`` and holds every
+stage's code for it.  The conventions they share: ``pads`` are (top, left, bottom,
+right), ``act`` is None or a (lo, hi) float pair fused into the op's output, and axis 0
+is the batch, which no op moves.
 
 Tensor names are the ONNX tensor names.  When a rewrite fuses nodes, the fused
 node keeps the name of the *last* fused tensor (e.g. Conv+BN+Relu writes the Relu
@@ -47,13 +22,11 @@ from typing import Mapping
 
 from qcompile.ir.node import Node, frozen_mapping
 
-CANONICAL_OPS: frozenset[str] = frozenset(
-    {"conv", "dense", "add", "mul", "affine", "lut", "clip", "maxpool", "avgpool", "gap",
-     "lrn", "pad", "transpose", "slice", "gather", "flatten", "reshape", "concat", "softmax"})
 # The layers: what carries weights, gets a bit width, and costs MACs.
 LAYER_OPS: frozenset[str] = frozenset({"conv", "dense"})
 # Ops whose output keeps the input's integer type and scale: a tensor's precision is
-# decided where it is requantized and flows through these unchanged.
+# decided where it is requantized and flows through these unchanged (``OpDef.passthrough``
+# says the same per op; tests/test_opdefs.py keeps the two equal).
 PASSTHROUGH_OPS: frozenset[str] = frozenset(
     {"maxpool", "clip", "flatten", "reshape", "pad", "transpose", "slice", "gather"})
 

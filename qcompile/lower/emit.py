@@ -34,10 +34,8 @@ from qcompile.tvm_compat import tirx
 
 from qcompile.errors import UnsupportedOpError
 from qcompile.ir.qgraph import QGraph, QNode
-
-R = relax.op
-NCHW_TO_NHWC = (0, 2, 3, 1)
-NHWC_TO_NCHW = (0, 3, 1, 2)
+from qcompile.ops import LOWERINGS
+from qcompile.ops.lowering import NHWC_TO_NCHW, R, compose, stored_order, to_nhwc
 
 
 @dataclass(frozen=True)
@@ -46,27 +44,6 @@ class Lowered:
     params: list[tuple[str, np.ndarray]]   # core/main inputs after x, in order
     kernels: dict[str, str]                # node name -> rule that lowered it
     funcs: dict[str, str]                  # kernel PrimFunc name -> node name
-
-
-def to_nhwc(a: np.ndarray) -> np.ndarray:
-    """A per-channel/per-position array broadcast for NCHW, re-laid for NHWC."""
-    return np.ascontiguousarray(a.transpose(NCHW_TO_NHWC)) if a.ndim == 4 else a
-
-
-def stored_order(rank: int) -> tuple[int, ...]:
-    """Logical (ONNX) axes in the order ``core`` stores them: 4-D tensors are NHWC,
-    every other rank keeps its logical order."""
-    return NCHW_TO_NHWC if rank == 4 else tuple(range(rank))
-
-
-def stored_axis(axis: int, rank: int) -> int:
-    """Where logical ``axis`` sits in the stored tensor."""
-    return stored_order(rank).index(axis)
-
-
-def _compose(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
-    """x.transpose(a).transpose(b) == x.transpose(_compose(a, b))."""
-    return tuple(a[i] for i in b)
 
 
 class LowerCtx:
@@ -86,7 +63,7 @@ class LowerCtx:
         """permute_dims that folds into a permute_dims it directly follows (an NHWC model
         input followed by its Transpose costs nothing)."""
         src, before = self._perms.get(x, (x, tuple(range(len(axes)))))
-        total = _compose(before, axes)
+        total = compose(before, axes)
         if total == tuple(range(len(total))):
             return src
         v = self.emit(R.permute_dims(src, list(total)))
@@ -171,168 +148,9 @@ def chain_inputs(chain: Sequence[QNode]) -> list[str]:
     return names
 
 
-# --- generic rules: TVM's legalization in NHWC, always applicable -----------------------
-def generic_conv(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
-    a = n.attrs
-    w = ctx.param(f"{n.name}.w", np.ascontiguousarray(n.params["w"].transpose(0, 2, 3, 1)))
-    acc = ctx.emit(R.nn.conv2d(xs[0], w, strides=a["strides"], padding=a["pads"],
-                               dilation=a["dilations"], groups=a["group"], data_layout="NHWC",
-                               kernel_layout="OHWI", out_dtype="int32"))
-    acc = ctx.emit(R.add(acc, ctx.qparam(n, "bias")))
-    return acc if a["raw"] else ctx.requant(acc, n)
-
-
-def generic_dense(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
-    acc = ctx.emit(R.matmul(xs[0], ctx.qparam(n, "w"), out_dtype="int32"))
-    acc = ctx.emit(R.add(acc, ctx.qparam(n, "bias")))
-    return acc if n.attrs["raw"] else ctx.requant(acc, n)
-
-
-def generic_qadd(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
-    # quantize.py proved |sum x_i*m_i + r| < 2^31 when it chose int32 lanes
-    acc = n.attrs.get("acc_dtype", "int64")
-    v = None
-    for i, x in enumerate(xs):
-        term = ctx.emit(R.multiply(R.astype(x, acc), ctx.param(f"{n.name}.m{i}",
-                                                              n.params[f"m{i}"].astype(acc))))
-        v = term if v is None else ctx.emit(R.add(v, term))
-    v = ctx.emit(R.add(v, ctx.param(f"{n.name}.r", n.params["r"].astype(acc))))
-    return ctx.clip_cast(ctx.emit(R.right_shift(v, ctx.param(f"{n.name}.s",
-                                                               n.params["s"].astype(acc)))), n)
-
-
-def generic_qmul(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
-    prod = ctx.emit(R.multiply(R.astype(xs[0], "int32"), R.astype(xs[1], "int32")))  # < 2^16
-    return ctx.requant(prod, n)
-
-
-def generic_qaffine(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
-    v = ctx.emit(R.multiply(R.astype(xs[0], "int64"), ctx.qparam(n, "m")))
-    v = ctx.emit(R.add(v, ctx.qparam(n, "c")))
-    return ctx.clip_cast(ctx.emit(R.right_shift(v, ctx.qparam(n, "s"))), n)
-
-
-def _channel_offsets(rank: int, channels: int, stride: int) -> relax.Expr:
-    """c * stride laid out to broadcast along the stored channel axis."""
-    shape = [1] * rank
-    shape[stored_axis(1, rank)] = channels
-    return relax.const((np.arange(channels, dtype=np.int32) * stride).reshape(shape))
-
-
-def generic_lut(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
-    table = n.params["table"]
-    rows, width = table.shape
-    idx = ctx.emit(R.add(R.astype(xs[0], "int32"), relax.const(np.int32(n.attrs["offset"]))))
-    if rows > 1:  # one table per channel (PRelu)
-        rank = len(ctx.qg.tensors[n.output].shape)
-        idx = ctx.emit(R.add(idx, _channel_offsets(rank, rows, width)))
-    flat = ctx.param(f"{n.name}.table", table.reshape(-1))
-    return ctx.emit(R.take(flat, idx, axis=0))
-
-
-def generic_lrn(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
-    size, c = n.attrs["size"], ctx.qg.tensors[n.output].shape[1]
-    sq = ctx.emit(R.astype(xs[0], "int32"))
-    sq = ctx.emit(R.multiply(sq, sq))
-    sq = ctx.emit(R.nn.pad(sq, [0, 0, 0, 0, 0, 0, (size - 1) // 2, size // 2]))
-    total = None
-    for i in range(size):
-        part = ctx.emit(R.strided_slice(sq, [3], [i], [i + c]))
-        total = part if total is None else ctx.emit(R.add(total, part))
-    idx = ctx.emit(R.right_shift(total, relax.const(np.int32(n.attrs["k"]))))
-    mult = ctx.emit(R.take(ctx.qparam(n, "table", nhwc=False), idx, axis=0))
-    v = ctx.emit(R.multiply(R.astype(xs[0], "int64"), mult))
-    v = ctx.emit(R.add(v, ctx.qparam(n, "r")))
-    return ctx.clip_cast(ctx.emit(R.right_shift(v, ctx.qparam(n, "s"))), n)
-
-
-def generic_pad(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
-    p = n.attrs["pads"]
-    rank = len(p) // 2
-    width = [w for a in stored_order(rank) for w in (p[a], p[rank + a])]
-    return ctx.emit(R.nn.pad(xs[0], width, "constant", int(n.attrs["value"])))
-
-
-def generic_transpose(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Expr:
-    perm = tuple(n.attrs["perm"])
-    order = stored_order(len(perm))
-    inverse = tuple(int(i) for i in np.argsort(order))
-    return ctx.permute(xs[0], _compose(_compose(inverse, perm), order))
-
-
-def generic_slice(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
-    a = n.attrs
-    order = stored_order(len(a["begin"]))
-    axes = [j for j, ax in enumerate(order) if (a["begin"][ax], a["step"][ax]) != (0, 1)
-            or a["end"][ax] != ctx.qg.tensors[n.inputs[0]].shape[ax]]
-    if not axes:
-        return xs[0]
-    return ctx.emit(R.strided_slice(xs[0], axes, [a["begin"][order[j]] for j in axes],
-                                    [a["end"][order[j]] for j in axes],
-                                    [a["step"][order[j]] for j in axes], assume_inbound=True))
-
-
-def generic_gather(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
-    x = xs[0]
-    rank = len(ctx.qg.tensors[n.output].shape)
-    for axis in n.attrs["axes"]:
-        idx = relax.const(n.params[f"idx{axis}"].astype(np.int32))
-        x = ctx.emit(R.take(x, idx, axis=stored_axis(axis, rank)))
-    return x
-
-
-def generic_clip(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
-    return ctx.emit(R.clip(xs[0], int(n.attrs["lo"]), int(n.attrs["hi"])))
-
-
-def generic_maxpool(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
-    a = n.attrs
-    return ctx.emit(R.nn.max_pool2d(xs[0], a["kernel"], a["strides"], a["pads"],
-                                    a.get("dilations", (1, 1)), layout="NHWC"))
-
-
-def generic_avgpool(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
-    # Window sum as a depthwise conv with a ones kernel: integer-only, and the
-    # per-position divisor becomes the dyadic multiplier m[oh, ow].
-    a = n.attrs
-    c = ctx.qg.tensors[n.inputs[0]].shape[1]
-    ones = relax.const(np.ones((c,) + tuple(a["kernel"]) + (1,), np.int8))
-    acc = ctx.emit(R.nn.conv2d(xs[0], ones, strides=a["strides"], padding=a["pads"], groups=c,
-                               data_layout="NHWC", kernel_layout="OHWI", out_dtype="int32"))
-    return ctx.requant(acc, n)
-
-
-def generic_gap(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
-    keep = n.attrs.get("keepdims", True)
-    acc = ctx.emit(R.sum(R.astype(xs[0], "int32"), axis=[1, 2], keepdims=keep))
-    return ctx.requant(acc, n)
-
-
-def generic_reshape(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Expr:
-    x = xs[0]
-    batch = x.ty.shape[0]
-    if len(x.ty.shape) == 4:  # back to NCHW so the element order is ONNX's
-        x = ctx.permute(x, NHWC_TO_NCHW)
-    out = list(n.attrs["shape"][1:])
-    y = ctx.emit(R.reshape(x, [batch] + out))
-    return ctx.permute(y, NCHW_TO_NHWC) if len(out) == 3 else y
-
-
-def generic_concat(n: QNode, ctx: LowerCtx, xs: Sequence[relax.Expr]) -> relax.Var:
-    parts = [x if n.attrs["identity"][k] else ctx.requant(x, n, str(k)) for k, x in enumerate(xs)]
-    rank = len(ctx.qg.tensors[n.output].shape)
-    axis = {1: 3, 2: 1, 3: 2}[n.attrs["axis"]] if rank == 4 and n.attrs["axis"] else n.attrs["axis"]
-    return ctx.emit(R.concat(parts, axis=axis))
-
-
-GENERIC: dict[str, Rule] = {
-    "qconv": generic_conv, "qdense": generic_dense, "qadd": generic_qadd, "clip": generic_clip,
-    "qmul": generic_qmul, "qaffine": generic_qaffine, "lut": generic_lut, "lrn": generic_lrn,
-    "pad": generic_pad, "transpose": generic_transpose, "slice": generic_slice,
-    "gather": generic_gather,
-    "maxpool": generic_maxpool, "avgpool": generic_avgpool, "gap": generic_gap,
-    "flatten": generic_reshape, "reshape": generic_reshape, "concat": generic_concat,
-}
+# The generic rules (TVM's legalization in NHWC, always applicable): each integer op's
+# lowering lives with its canonical op (``qcompile.ops``, ``OpDef.lower``).
+GENERIC: dict[str, Rule] = dict(LOWERINGS)
 
 
 def lower(qg: QGraph, rules: Sequence[tuple[str, Rule | FuseRule]] = (),
