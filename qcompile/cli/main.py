@@ -508,7 +508,7 @@ def bundle_cmd(arts: tuple[str, ...], out: str, pythons: tuple[str, ...],
 @main.command("ops")
 def ops_cmd() -> None:
     """Print the supported ONNX ops and what each becomes inside the integer core."""
-    from qcompile.frontend.onnx_import import ops_table
+    from qcompile.ops import ops_table
 
     click.echo(ops_table(), nl=False)
 
