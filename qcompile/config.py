@@ -23,7 +23,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
 CALIBRATORS: tuple[str, ...] = ("minmax", "percentile", "mse")
 # The names of quant.rounding.ROUNDINGS (the methods themselves), for the layers that
 # cannot import quant: this ground floor and the CLI's choices, which would load GPTQ's
-# onnx/onnxruntime at startup. tests/test_rounding.py keeps the two equal.
+# onnx/onnxruntime at startup. tests/quant/test_rounding.py keeps the two equal.
 ROUNDINGS: tuple[str, ...] = ("nearest", "gptq")
 # "auto" picks what measured best (benchmarks/results/quality-*.md) for the data at hand:
 # with real calibration data mse ranges and GPTQ rounding, with synthetic data (a smoke

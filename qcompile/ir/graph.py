@@ -26,7 +26,7 @@ from qcompile.ir.node import Node, frozen_mapping
 LAYER_OPS: frozenset[str] = frozenset({"conv", "dense"})
 # Ops whose output keeps the input's integer type and scale: a tensor's precision is
 # decided where it is requantized and flows through these unchanged (``OpDef.passthrough``
-# says the same per op; tests/test_opdefs.py keeps the two equal).
+# says the same per op; tests/ops/test_opdefs.py keeps the two equal).
 PASSTHROUGH_OPS: frozenset[str] = frozenset(
     {"maxpool", "clip", "flatten", "reshape", "pad", "transpose", "slice", "gather"})
 

@@ -91,5 +91,5 @@ PASSTHROUGH: frozenset[str] = frozenset(k for k, d in OPS.items() if d.passthrou
 
 
 def check(ops: Mapping[str, OpDef] = OPS) -> list[str]:
-    """Gaps in the registry, one line each (tests/test_opdefs.py keeps it empty)."""
+    """Gaps in the registry, one line each (tests/ops/test_opdefs.py keeps it empty)."""
     return problems(ops, elided.ONNX)

@@ -203,7 +203,7 @@ def concat(n: QNode, *xs: np.ndarray) -> np.ndarray:
 
 # Each canonical op's OpDef (qcompile.ops) points to its function here; this module may not
 # import the registry (its independence is what makes it an oracle), so it keeps its own
-# table and tests/test_opdefs.py checks the two agree.
+# table and tests/ops/test_opdefs.py checks the two agree.
 OPS: dict[str, Callable[..., np.ndarray]] = {
     "qconv": qconv, "qdense": qdense, "qadd": qadd, "qmul": qmul, "qaffine": qaffine,
     "lut": lut, "lrn": lrn, "clip": clip, "maxpool": maxpool, "avgpool": avgpool, "gap": gap,

@@ -28,7 +28,7 @@ from qcompile.errors import UsageError
 from qcompile.report.results import BenchResult, CompileResult
 from qcompile.errors import EXIT_CODES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def invoke(*args: str, env: dict[str, str] | None = None) -> Result:

@@ -18,7 +18,7 @@ from qcompile.runtime.bundle import make_bundle
 from qcompile.errors import ArtifactError, UsageError
 from qcompile.runtime.run import Artifact
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SIZE = 32
 
 

@@ -283,7 +283,7 @@ def test_readme_ops_table_in_sync() -> None:
     """README's table is generated from the registry: `python tools/readme_ops.py`."""
     import subprocess
     import sys
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     res = subprocess.run([sys.executable, str(root / "tools" / "readme_ops.py"), "--check"],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -13,7 +13,7 @@ from qcompile import api
 from qcompile.cli import main as cli
 from qcompile.errors import InfeasibleBudgetError
 
-MODEL = Path(__file__).parent / "data" / "fashion_resnet.onnx"
+MODEL = Path(__file__).parents[1] / "data" / "fashion_resnet.onnx"
 COMMON = ["--sensitivity", "kl", "--calib-samples", "8", "--sensitivity-samples", "4"]
 
 

@@ -12,7 +12,7 @@ import pytest
 from qcompile.mixed import ilp as A
 from qcompile.mixed import costs
 from qcompile.errors import InfeasibleBudgetError, UsageError
-from tests.test_costs import tiny_residual
+from tests.mixed.test_costs import tiny_residual
 
 pytestmark = pytest.mark.unit
 

@@ -32,7 +32,7 @@ from qcompile.ir.graph import Graph, Node
 from qcompile.frontend.onnx_import import import_onnx
 from qcompile.frontend.prepare import prepare
 from qcompile.mixed.float_model import FloatVM, build_float_module
-from tests.test_ops import CASES
+from tests.ops.test_ops import CASES
 
 N = 3
 

@@ -31,7 +31,7 @@ from qcompile.hw.backends import make_target
 from qcompile.frontend.onnx_import import import_onnx, load_model
 from qcompile.frontend.prepare import prepare
 from qcompile.quant.quantize import calibration_tensors, quantize_graph
-from tests.test_ops import CASES as OPS_CASES
+from tests.ops.test_ops import CASES as OPS_CASES
 
 REPEAT = 5  # samples per layer: enough for a median, keeps the file fast
 _REAL_COMPILE = L._compile

@@ -15,7 +15,7 @@ from qcompile.errors import UsageError
 from qcompile.targets.cuda import tensor_core as ct
 from qcompile.hw.facts import CUDA_ARCHS, CudaArch, check_arch, cuda_arch
 from qcompile.hw.backends import make_target, precisions
-from tests.test_costs import tiny_residual
+from tests.mixed.test_costs import tiny_residual
 
 pytestmark = pytest.mark.unit
 

@@ -15,7 +15,7 @@ from qcompile.mixed import sensitivity as S
 from qcompile.errors import DataError, UsageError
 from qcompile.ir.graph import Graph
 from qcompile.quant.quantize import quantize_weights
-from tests.test_relax_float import branchy_cnn, canonical, tiny_cnn
+from tests.mixed.test_relax_float import branchy_cnn, canonical, tiny_cnn
 
 N = 4
 Case = tuple[onnx.ModelProto, Graph, np.ndarray]  # model, canonical graph, inputs
@@ -274,7 +274,7 @@ def test_kl_under_gptq_ranks_the_rounding_that_will_be_used(tmp_path: Path) -> N
     """``rounding="gptq"`` measures each layer's KL with its GPTQ weights and corrected
     bias: no larger than nearest's at 4 bits on the layers GPTQ improves, cached apart."""
     from qcompile.mixed.sensitivity import compute_sensitivity
-    from tests.test_gptq import _images, _tiny_model
+    from tests.quant.test_gptq import _images, _tiny_model
     from qcompile.frontend.onnx_import import import_onnx
     from qcompile.frontend.prepare import prepare
     graph = prepare(import_onnx(_tiny_model(), batch=1))
