@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -17,6 +18,7 @@ from qcompile.frontend import zoo
 from qcompile.runtime.bundle import make_bundle
 from qcompile.errors import ArtifactError, UsageError
 from qcompile.runtime.run import Artifact
+from qcompile.verify import cuda_tools
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 32
@@ -220,6 +222,9 @@ def test_onnx_torch_peer_matches_onnxruntime() -> None:
 
 
 @pytest.mark.hardware  # --target cuda builds need nvcc and cuobjdump
+@pytest.mark.skipif(not (shutil.which("nvcc") and cuda_tools.tool_path("cuobjdump")
+                         and cuda_tools.tool_path("nvdisasm")),
+                    reason="nvcc, cuobjdump or nvdisasm not installed (--target cuda builds)")
 def test_cuda_bundle_without_a_gpu_says_so(numpy_only_python, tmp_path) -> None:
     """A CUDA bundle carries the CUDA runtime pieces; with no GPU here, run.py exits 9 in
     one line (the GPU check itself runs it where there is one)."""
