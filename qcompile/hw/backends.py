@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from qcompile.errors import UsageError
 from qcompile.hw.facts import (
-    CUDA_TARGETS, DEFAULT_ARCH, PRECISIONS, CudaArch, Precisions, check_arch, cuda_arch,
-    host_mcpu)
+    CUDA_TARGETS, PRECISIONS, Precisions, check_arch, cuda_arch, host_mcpu, target_arch)
 from qcompile.hw.gpus import T4, GpuSpec, gpu_spec
 
 if TYPE_CHECKING:  # the table is read before TVM is imported (CLI validation)
@@ -82,10 +81,6 @@ def _cpu_describe(target: "Target") -> str:
 
 
 # ======== cuda: NVIDIA GPUs per --arch, built without a GPU, the arch's roofline model.
-def _row(target: "Target") -> CudaArch:
-    return cuda_arch(str(target.attrs.get("arch", DEFAULT_ARCH)))
-
-
 def _cuda_target(name: str = "cuda", arch: str | None = None,
                  num_threads: int | None = None) -> "tvm.target.Target":
     """The arch's TVM tag (or launch limits), with this CPU as the host."""
@@ -101,12 +96,12 @@ def _cuda_precisions(arch: str | None = None) -> Precisions:
 
 
 def _cuda_describe(target: "Target") -> str:
-    row = _row(target)
+    row = target_arch(target)
     return f"cuda -arch={row.arch} ({row.gpu}; {row.arch} fatbin embedded)"
 
 
 def _cuda_describe_json(target: "Target") -> dict[str, Any]:
-    row = _row(target)
+    row = target_arch(target)
     return {"arch": row.arch, "gpu": row.gpu, "int4_tensor_cores": row.int4_native}
 
 
@@ -114,7 +109,7 @@ def _cuda_cannot_run_here(target: "Target") -> str | None:
     """The artifact holds one arch's SASS (no PTX): it runs on a GPU of that arch only."""
     import tvm  # heavy (seconds): the table is read without it
 
-    arch = _row(target).arch
+    arch = target_arch(target).arch
     dev = tvm.cuda()
     here = f"sm_{dev.compute_version.replace('.', '')}" if dev.exist else None
     if here == arch:
@@ -132,7 +127,7 @@ BACKENDS: dict[str, Backend] = {
     "cuda": Backend(
         name="cuda", names=tuple(CUDA_TARGETS), pipeline="cuda", latency_source="predicted",
         target=_cuda_target, precisions=_cuda_precisions,
-        reference_gpu=lambda target: gpu_spec(_row(target)), describe=_cuda_describe,
+        reference_gpu=lambda target: gpu_spec(target_arch(target)), describe=_cuda_describe,
         describe_json=_cuda_describe_json, cannot_run_here=_cuda_cannot_run_here,
         # meta-schedule measures every candidate on the device
         no_tune="--tune supports --target llvm only: meta-schedule measures every candidate "

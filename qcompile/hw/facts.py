@@ -78,7 +78,7 @@ CUDA_LIMITS: Mapping[str, int] = {"max_threads_per_block": 1024, "max_num_thread
 @dataclass(frozen=True)
 class CudaArch:
     """One ``--arch``: the GPU the cost model stands it for, its TVM target, its tensor-core
-    shapes and the datasheet rates of the roofline (``costs.gpu_spec``).
+    shapes and the datasheet rates of the roofline (``gpus.gpu_spec``).
 
     Rates are *dense* tensor-core peaks in T(FL)OPS: NVIDIA's datasheets for A100, A10, L4
     and H100 headline 2:4-sparse figures (marked *), twice the dense ones used here.

@@ -19,7 +19,7 @@ import numpy as np
 
 from qcompile.config import precision
 from qcompile.ir.graph import LAYER_OPS, Graph
-from qcompile.hw.gpus import PREDICTED, T4, GpuSpec, gpu_spec, predicted_label  # noqa: F401
+from qcompile.hw.gpus import PREDICTED, T4, GpuSpec, predicted_label
 
 # Non-layer ops that cost nothing at run time: views, or fused into the producer.
 FREE_OPS: frozenset[str] = frozenset({"flatten", "reshape", "clip"})

@@ -32,6 +32,7 @@ from qcompile.build.compile import build
 from qcompile.config import AUTO, AllocSpec, QuantSpec
 from qcompile.env import cache_dir
 from qcompile.files import JsonCache
+from qcompile.hw.gpus import GpuSpec, predicted_label
 from qcompile.ir.graph import Graph
 from qcompile.lower.emit import lower
 from qcompile.targets import code_of
@@ -121,12 +122,12 @@ def measured_cost_model(inputs: CostInputs) -> CostModel:
                       "overhead_ms": overhead})
 
 
-def predicted_cost_model(graph: Graph, gpu: costs.GpuSpec, batch: int) -> CostModel:
+def predicted_cost_model(graph: Graph, gpu: GpuSpec, batch: int) -> CostModel:
     """The roofline table of ``gpu`` (4 and 8 bits as the CUDA pairs W4A4 / W8A8) plus its
     non-layer ops: what a cuda allocation budgets against."""
     layers = costs.layers_of(graph)
     return CostModel(costs.t4_latency_table(layers, batch, (4, 8), gpu),
-                     costs.t4_other_ms(graph, batch, gpu=gpu), costs.predicted_label(gpu), {})
+                     costs.t4_other_ms(graph, batch, gpu=gpu), predicted_label(gpu), {})
 
 
 def _predicted(inputs: CostInputs) -> CostModel:

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from qcompile.mixed import ilp as A
+from qcompile.hw import gpus
 from qcompile.mixed import costs
 from qcompile.cli.main import main
 from qcompile.errors import UsageError
@@ -110,17 +111,17 @@ def test_precisions_follow_the_arch() -> None:
 
 
 def test_gpu_specs_and_labels() -> None:
-    h100 = costs.gpu_spec("sm_90")
-    assert costs.T4 == costs.gpu_spec() and costs.T4.peak_ops[4] == 260e12
+    h100 = gpus.gpu_spec("sm_90")
+    assert costs.T4 == gpus.gpu_spec() and costs.T4.peak_ops[4] == 260e12
     assert h100.name == "NVIDIA H100 SXM" and dict(h100.emulated) == {4: 8}
     assert 4 not in h100.peak_ops and h100.peak_ops[8] == 1979e12 and h100.sms == 132
-    assert costs.predicted_label(h100) == "predicted (H100 SXM roofline model)"
-    assert costs.predicted_label(costs.T4) == costs.PREDICTED
+    assert gpus.predicted_label(h100) == "predicted (H100 SXM roofline model)"
+    assert gpus.predicted_label(costs.T4) == costs.PREDICTED
 
 
 @pytest.mark.parametrize("arch", list(CUDA_ARCHS))
 def test_emulated_int4_is_never_faster(arch: str) -> None:
-    gpu = costs.gpu_spec(arch)
+    gpu = gpus.gpu_spec(arch)
     for la in costs.layers_of(tiny_residual()):
         for batch in (1, 64):
             t4, t8 = (costs.t4_layer_ms(la, b, batch, gpu) for b in (4, 8))
@@ -137,7 +138,7 @@ def _plan_at_min_latency(arch: str) -> dict[str, int]:
     from qcompile.mixed.plan import predicted_cost_model
 
     graph = tiny_residual()
-    cost = predicted_cost_model(graph, costs.gpu_spec(arch), batch=1)
+    cost = predicted_cost_model(graph, gpus.gpu_spec(arch), batch=1)
     omega = {la.name: {4: 1.0 + i, 8: 0.01} for i, la in enumerate(costs.layers_of(graph))}
     problem = A.Problem.from_graph(graph, omega, latency=cost.latency,
                                    overhead_ms=cost.overhead_ms, pin_first=None, pin_last=None,

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ContextManager, Sequence
 
 from qcompile.errors import BuildError
-from qcompile.hw.facts import DEFAULT_ARCH, CudaArch, cuda_arch
+from qcompile.hw.facts import target_arch
 from qcompile.lower.emit import FuseRule, Lowered, Rule
 from qcompile.targets.cuda.lowering import (
     DeviceCode, cuda_rules, nvcc_at_build_time, record_sass, tensor_core_kernels)
@@ -20,12 +20,8 @@ if TYPE_CHECKING:
     import tvm
 
 
-def _row(target: "tvm.target.Target") -> CudaArch:
-    return cuda_arch(str(target.attrs.get("arch", DEFAULT_ARCH)))
-
-
 def rules(batch: int, target: "tvm.target.Target") -> Sequence[tuple[str, Rule | FuseRule]]:
-    return cuda_rules(batch, arch=_row(target).arch)
+    return cuda_rules(batch, arch=target_arch(target).arch)
 
 
 def schedule_rules() -> list[Any]:
@@ -37,7 +33,7 @@ def schedule_rules() -> list[Any]:
 
 def codegen(target: "tvm.target.Target", arch: str | None) -> ContextManager[DeviceCode]:
     """nvcc compiles the device code at build time, for ``arch`` (default the target's)."""
-    return nvcc_at_build_time(arch or _row(target).arch)
+    return nvcc_at_build_time(arch or target_arch(target).arch)
 
 
 def check_code(rep: IntCheckReport, ex: Any, device: DeviceCode | None,
@@ -55,4 +51,4 @@ def check_shipped(so: Path, prim_funcs: list[str]) -> list[AsmReport]:
 
 
 def manifest(lowered: Lowered, target: "tvm.target.Target") -> dict[str, Any]:
-    return {"tensor_cores": tensor_core_kernels(lowered.mod, lowered.funcs, _row(target).arch)}
+    return {"tensor_cores": tensor_core_kernels(lowered.mod, lowered.funcs, target_arch(target).arch)}
